@@ -1,0 +1,5 @@
+import sys
+
+from glsd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""The ``glsd`` command line: pretrain, eval, study, bench, pictures."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from glsd.config import ConfigError, load_config, preset_names
+
+
+def _cmd_pretrain(args) -> int:
+    from glsd.train.pretrain import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = pretrain(cfg)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from glsd.eval.runner import run_eval
+
+    result = run_eval(args.kind, args.path, args.overrides, random_init=args.random_init,
+                      device=args.device)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_presets(args) -> int:
+    for name in preset_names():
+        print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glsd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain a backbone (resumes if the run folder has a checkpoint)")
+    p.add_argument("config", help="preset name (see `glsd presets`) or path to a YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("eval", help="evaluate a run folder or an exported backbone.safetensors")
+    p.add_argument("kind", choices=["knn", "linear", "dense"])
+    p.add_argument("path", help="run folder or backbone.safetensors")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (eval.k=10, eval.model=student, ...)")
+    p.add_argument("--random-init", action="store_true",
+                   help="evaluate a randomly initialised backbone of the same architecture (the floor)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("presets", help="list the shipped presets")
+    p.set_defaults(func=_cmd_presets)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"glsd: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""Typed configuration: dataclasses, YAML presets shipped in the package, dotted overrides.
+
+One system only: a preset (or YAML path) is merged onto the dataclass defaults, then
+``key=value`` overrides are applied; every key is checked against the dataclasses so a typo
+is an error that lists the valid keys instead of a silently ignored setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names it and the fix."""
+
+
+@dataclass
+class DataConfig:
+    # auto: a .zip -> zip, a folder with class sub-folders -> imagefolder, else folder.
+    source: Literal["auto", "imagefolder", "folder", "zip", "cifar10", "cifar100", "stl10",
+                    "fashion_mnist", "synthetic"] = "auto"
+    root: str = ""
+    split: str = "train"
+    download: bool = False
+    # Low-data regime: a class-balanced seeded subset (fraction of the split or a count).
+    fraction: float = 1.0
+    num_images: Optional[int] = None
+    subset_seed: int = 0
+    on_error: Literal["skip", "fail"] = "skip"
+    num_workers: int = 2
+    # Synthetic source (tests, benchmarks): images of random shapes, one class per shape.
+    synthetic_num_images: int = 64
+    synthetic_image_size: int = 40
+    synthetic_num_classes: int = 4
+
+
+@dataclass
+class CropConfig:
+    global_size: int = 32
+    local_size: int = 16
+    num_global: int = 2
+    num_local: int = 6
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    flip_p: float = 0.5
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    # DINO: blur 1.0 on the first global view, 0.1 on the second, 0.5 on locals.
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    solarize_p: float = 0.2
+    # DINO's blur radius range, stated for 224 px and scaled with the crop size (a 2 px
+    # radius would wipe out a 32 px crop).
+    blur_radius: tuple[float, float] = (0.1, 2.0)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    # Any timm model name, or "glsd_convnet" (a small conv net for CPU-scale runs).
+    backbone: str = "vit_tiny_patch16_224"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    # ViT only: overrides the patch size of the named model (e.g. 4 for 32 px images).
+    patch_size: Optional[int] = None
+    global_feature: Literal["auto", "cls", "pooled"] = "auto"
+    out_dim: int = 4096
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    local_out_dim: Optional[int] = None  # None: same as out_dim
+    local_hidden_dim: Optional[int] = None  # None: same as hidden_dim
+    norm_last_layer: bool = False
+    drop_path_rate: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    matching: Literal["none", "similarity", "geometric"] = "geometric"
+    # "half_diagonal" (the original), a distance in original-image pixels, or "none".
+    match_threshold: Union[str, float] = "half_diagonal"
+    # all: masked cells count as zero in the mean over student cells (the original);
+    # valid: mean over valid matches only (does not shrink with the match rate).
+    local_normalize: Literal["all", "valid"] = "all"
+    global_weight: Optional[float] = None  # None: 0.5 with a local loss, 1.0 without
+    local_weight: Optional[float] = None  # None: 0.5
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30.0
+    center_momentum: float = 0.9
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    max_steps: Optional[int] = None  # stop early (tests, benchmarks); schedules keep epochs
+    batch_size: int = 64  # per process
+    lr: float = 5e-4  # for a global batch of 256; scaled linearly
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    warmup_steps: Optional[int] = None  # overrides warmup_epochs (short schedules)
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0
+    clip_grad: Optional[float] = 3.0
+    freeze_last_layer_epochs: float = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every_epochs: int = 10  # keep a numbered copy every N epochs (0: only last.pt)
+    checkpoint_every_steps: int = 0  # also refresh last.pt every N steps (long epochs)
+    resume: bool = True
+    deterministic: bool = False
+    compile: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 0  # online k-NN during pretraining; 0 = off
+    model: Literal["teacher", "student"] = "teacher"
+    features: Literal["auto", "cls", "pooled"] = "auto"
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 256
+    # Labelled train split for k-NN / linear: fraction of the pretraining subset (1.0 = it all).
+    train_fraction: Optional[float] = None
+    test_split: str = "test"
+    image_size: Optional[int] = None  # None: crops.global_size
+    linear_epochs: int = 100
+    linear_lr: float = 1e-3
+    dense_num_images: int = 256
+    dense_seed: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    preset: str = ""  # the name it came from, for the record
+
+    # Keys whose change makes a checkpoint incompatible (resume refuses, naming the key).
+    IDENTITY_SECTIONS: typing.ClassVar[tuple[str, ...]] = ("data", "crops", "model", "loss")
+
+
+# ----------------------------------------------------------------------------------------
+# Loading and overrides
+
+def preset_names() -> list[str]:
+    files = resources.files("glsd").joinpath("presets").iterdir()
+    return sorted(p.name[:-5] for p in files if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> tuple[dict, str]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return yaml.safe_load(path.read_text()) or {}, str(path)
+    res = resources.files("glsd").joinpath("presets", f"{name_or_path}.yaml")
+    if not res.is_file():
+        close = difflib.get_close_matches(name_or_path, preset_names(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown preset '{name_or_path}'.{hint} "
+                          f"Presets: {', '.join(preset_names())}; or give a path to a YAML file.")
+    return yaml.safe_load(res.read_text()) or {}, name_or_path
+
+
+def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- preset or YAML file <- ``key=value`` overrides; strictly validated."""
+    raw: dict = {}
+    preset = ""
+    if name_or_path:
+        raw, preset = _read_yaml(name_or_path)
+    raw = _merge(raw, parse_overrides(overrides))
+    cfg = from_dict(raw)
+    if preset and not cfg.preset:
+        cfg.preset = preset
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """``a.b=1`` -> {"a": {"b": 1}}; values are parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.epochs=5)")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "backbone_kwargs":
+            out[k] = _merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def from_dict(raw: dict, cls: type = Config, prefix: str = "") -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown config key '{prefix}{key}'.{hint} "
+                          f"Valid keys under '{prefix.rstrip('.') or 'config'}': {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(raw[name], tp, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(raw[name], tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"bad value {value!r} for '{key}': expected {_type_name(tp)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"bad value {value!r} for '{key}'. Valid values: {', '.join(map(str, args))}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"bad value {value!r} for '{key}': expected a list like [0.4, 1.0]")
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ConfigError(f"bad value {value!r} for '{key}': expected {len(args)} items")
+        item_types = args if origin is tuple and args and args[-1] is not Ellipsis else [args[0] if args else Any] * len(value)
+        return origin(_coerce(v, t, key) for v, t in zip(value, item_types))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"bad value {value!r} for '{key}': expected a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"bad value {value!r} for '{key}': expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"bad value {value!r} for '{key}': expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"bad value {value!r} for '{key}': expected a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"bad value {value!r} for '{key}': expected a string")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    names = []
+    for a in args:
+        if typing.get_origin(a) is Literal:
+            names.append(" | ".join(map(str, typing.get_args(a))))
+        else:
+            names.append(getattr(a, "__name__", str(a)))
+    return " or ".join(names) + (" or null" if type(None) in typing.get_args(tp) else "")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types cannot express; each message names the key and a fix."""
+    d, c, m, l, t = cfg.data, cfg.crops, cfg.model, cfg.loss, cfg.train
+    if not 0.0 < d.fraction <= 1.0:
+        raise ConfigError(f"data.fraction={d.fraction} must be in (0, 1]")
+    if d.num_images is not None and d.num_images <= 0:
+        raise ConfigError(f"data.num_images={d.num_images} must be positive (or null for all)")
+    if c.num_local < 0:
+        raise ConfigError(f"crops.num_local={c.num_local} must be >= 0")
+    if c.num_global < 1:
+        raise ConfigError(f"crops.num_global={c.num_global} must be >= 1")
+    if c.num_global + c.num_local < 2:
+        raise ConfigError("need at least two views: raise crops.num_global or crops.num_local")
+    for name, (lo, hi) in (("global_scale", c.global_scale), ("local_scale", c.local_scale)):
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"crops.{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
+    if m.patch_size is not None:
+        for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
+            if size % m.patch_size:
+                raise ConfigError(f"crops.{name}={size} is not a multiple of model.patch_size="
+                                  f"{m.patch_size}; pick sizes divisible by the patch size")
+    if isinstance(l.match_threshold, str) and l.match_threshold not in ("half_diagonal", "none"):
+        raise ConfigError(f"loss.match_threshold={l.match_threshold!r}: use half_diagonal, none, "
+                          "or a distance in original-image pixels")
+    if isinstance(l.match_threshold, float) and l.match_threshold <= 0:
+        raise ConfigError("loss.match_threshold must be positive")
+    if t.batch_size < 1 or t.epochs < 1:
+        raise ConfigError("train.batch_size and train.epochs must be >= 1")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr={t.lr} must be positive")
+    if not 0.0 <= t.momentum_teacher <= t.momentum_teacher_end <= 1.0:
+        raise ConfigError("need 0 <= train.momentum_teacher <= train.momentum_teacher_end <= 1")
+    if cfg.eval.train_fraction is not None and not 0.0 < cfg.eval.train_fraction <= 1.0:
+        raise ConfigError("eval.train_fraction must be in (0, 1]")
+
+
+# ----------------------------------------------------------------------------------------
+# Serialisation
+
+def to_dict(cfg: Config) -> dict:
+    def conv(v):
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def identity(cfg: Config) -> dict:
+    """The part of the config a checkpoint is bound to (model, data, loss, crops)."""
+    d = to_dict(cfg)
+    ident = {k: d[k] for k in Config.IDENTITY_SECTIONS}
+    # Workers and error policy do not change what is learned.
+    for k in ("num_workers", "on_error", "download"):
+        ident["data"].pop(k, None)
+    return ident
+
+
+def config_hash(cfg: Config) -> str:
+    payload = json.dumps({**identity(cfg), "train": to_dict(cfg)["train"]}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return keys
+

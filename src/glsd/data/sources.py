@@ -1,0 +1,270 @@
+"""Image sources: where images come from, as a list of (key, label) items plus a reader.
+
+Every source resolves to ``ImageSource(keys, labels, classes, read)``; ``read(key)`` returns an
+RGB PIL image. Keys are stable strings (relative paths, zip members, dataset indices) so the
+chosen subset can be written to the run folder and reused by evaluation.
+"""
+from __future__ import annotations
+
+import os
+import random
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from glsd.config import ConfigError, DataConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+TORCHVISION_SOURCES = ("cifar10", "cifar100", "stl10", "fashion_mnist")
+
+
+@dataclass
+class ImageSource:
+    name: str
+    keys: list[str]
+    labels: list[int]  # -1 when unlabeled
+    classes: list[str]
+    read: Callable[[str], Image.Image]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, keys: list[str]) -> "ImageSource":
+        index = {k: i for i, k in enumerate(self.keys)}
+        missing = [k for k in keys if k not in index]
+        if missing:
+            raise ConfigError(f"{len(missing)} recorded images (e.g. {missing[0]!r}) are not in "
+                              f"source {self.name}; was the data changed since the run?")
+        return ImageSource(self.name, list(keys), [self.labels[index[k]] for k in keys],
+                           self.classes, self.read)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale, palette, RGBA (composited on black, as most loaders do) -> RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def open_source(cfg: DataConfig, split: Optional[str] = None) -> ImageSource:
+    """Build the source named by the config; every misuse is a clear error, raised here."""
+    split = cfg.split if split is None else split
+    kind = cfg.source
+    if kind == "auto":
+        kind = _detect_kind(cfg.root)
+    if kind == "synthetic":
+        return synthetic_source(cfg.synthetic_num_images, cfg.synthetic_image_size,
+                                cfg.synthetic_num_classes, seed=0 if split == "train" else 1)
+    if kind in TORCHVISION_SOURCES:
+        return torchvision_source(kind, cfg.root or "data", split, cfg.download)
+    root = Path(cfg.root)
+    if not root.exists():
+        raise ConfigError(f"data.root={cfg.root!r} does not exist; point it at an image folder or zip")
+    if kind == "zip":
+        return zip_source(root, split)
+    if kind == "imagefolder":
+        return imagefolder_source(root, split)
+    return flat_folder_source(root)
+
+
+def _detect_kind(root: str) -> str:
+    if not root:
+        raise ConfigError("data.root is empty; give a folder, a zip, or set data.source "
+                          f"(one of: imagefolder, folder, zip, {', '.join(TORCHVISION_SOURCES)}, synthetic)")
+    path = Path(root)
+    if path.suffix.lower() == ".zip":
+        return "zip"
+    if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
+        return "imagefolder"
+    return "folder"
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def imagefolder_source(root: Path, split: str) -> ImageSource:
+    """``root/<class>/*`` or ``root/<split>/<class>/*`` (ImageNet layout)."""
+    base = root / split if (root / split).is_dir() else root
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    if not classes:
+        raise ConfigError(f"{base} has no class sub-folders; use data.source=folder for a flat folder")
+    keys, labels = [], []
+    for label, cls in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(base / cls)):
+            for f in sorted(files):
+                if _is_image(f):
+                    keys.append(str(Path(dirpath, f).relative_to(base)))
+                    labels.append(label)
+    if not keys:
+        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {base}")
+    return ImageSource(f"imagefolder:{base}", keys, labels, classes,
+                       lambda key: _read_file(base / key))
+
+
+def flat_folder_source(root: Path) -> ImageSource:
+    """Every image under ``root`` (recursively), unlabeled."""
+    if root.is_file():
+        raise ConfigError(f"data.root={root} is a file; give a folder of images or a .zip")
+    keys = sorted(str(Path(d, f).relative_to(root)) for d, _, fs in os.walk(root) for f in fs if _is_image(f))
+    if not keys:
+        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return ImageSource(f"folder:{root}", keys, [-1] * len(keys), [], lambda key: _read_file(root / key))
+
+
+def _read_file(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+class _ZipReader:
+    """Random access to zip members; one handle per process (handles do not survive fork)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle: Optional[zipfile.ZipFile] = None
+        self._pid = -1
+
+    def __call__(self, member: str) -> Image.Image:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = zipfile.ZipFile(self.path)
+            self._pid = os.getpid()
+        with self._handle.open(member) as f, Image.open(f) as img:
+            img.load()
+            return to_rgb(img)
+
+    def __getstate__(self):
+        return {"path": self.path, "_handle": None, "_pid": -1}
+
+
+def zip_source(path: Path, split: str) -> ImageSource:
+    """A zip holding ``<split>/<class>/*`` (or ``<class>/*``), read in place."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if _is_image(n)]
+    except zipfile.BadZipFile as e:
+        raise ConfigError(f"{path} is not a readable zip file ({e})") from None
+    if not names:
+        raise ConfigError(f"zip {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    tops = sorted({n.split("/")[0] for n in names if n.count("/") >= 2})
+    if tops:
+        if split not in tops:
+            raise ConfigError(f"split '{split}' not in {path}; available: {', '.join(tops)} "
+                              "(set data.split)")
+        names = [n for n in names if n.startswith(split + "/")]
+        depth = 1
+    else:
+        depth = 0
+    classes = sorted({n.split("/")[depth] for n in names if n.count("/") > depth})
+    index = {c: i for i, c in enumerate(classes)}
+    names.sort()
+    labels = [index[n.split("/")[depth]] if n.count("/") > depth else -1 for n in names]
+    return ImageSource(f"zip:{path}:{split}", names, labels, classes, _ZipReader(path))
+
+
+def torchvision_source(kind: str, root: str, split: str, download: bool) -> ImageSource:
+    from torchvision import datasets
+
+    ctor = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100,
+            "fashion_mnist": datasets.FashionMNIST}
+    try:
+        if kind == "stl10":
+            splits = ("train", "test", "unlabeled", "train+unlabeled")
+            if split not in splits:
+                raise ConfigError(f"split '{split}' is not an STL-10 split; use one of {splits}")
+            ds = datasets.STL10(root, split=split, download=download)
+        else:
+            if split not in ("train", "test"):
+                raise ConfigError(f"split '{split}' is not valid for {kind}; use train or test")
+            ds = ctor[kind](root, train=split == "train", download=download)
+    except RuntimeError as e:
+        raise ConfigError(f"{kind} not found under data.root={root!r} ({e}); "
+                          "add data.download=true to download it") from None
+    labels = [int(x) for x in (ds.targets if hasattr(ds, "targets") else ds.labels)]
+    classes = list(getattr(ds, "classes", [])) or [str(c) for c in sorted(set(labels))]
+
+    def read(key: str) -> Image.Image:
+        return to_rgb(ds[int(key)][0])
+
+    return ImageSource(f"{kind}:{split}", [str(i) for i in range(len(ds))], labels, classes, read)
+
+
+SHAPES = ("disc", "square", "triangle", "cross", "ring", "bars", "checker", "diamond")
+
+
+def synthetic_image(index: int, size: int, num_classes: int, seed: int = 0) -> tuple[Image.Image, int]:
+    """A deterministic image: a coloured shape (the class) at a random place on noise."""
+    rng = random.Random(seed * 1_000_003 + index)
+    label = index % num_classes
+    noise = np.random.default_rng(rng.randrange(2**31)).integers(0, 80, (size, size, 3), dtype=np.uint8)
+    img = Image.fromarray(noise)
+    draw = ImageDraw.Draw(img)
+    r = rng.uniform(0.2, 0.35) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    color = tuple(rng.randrange(120, 256) for _ in range(3))
+    box = (cx - r, cy - r, cx + r, cy + r)
+    shape = SHAPES[label % len(SHAPES)]
+    if shape == "disc":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+    elif shape == "cross":
+        draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=color)
+        draw.rectangle((cx - r / 3, cy - r, cx + r / 3, cy + r), fill=color)
+    elif shape == "ring":
+        draw.ellipse(box, outline=color, width=max(1, int(r / 3)))
+    elif shape == "bars":
+        for k in range(3):
+            x = cx - r + k * r * 0.8
+            draw.rectangle((x, cy - r, x + r / 3, cy + r), fill=color)
+    elif shape == "checker":
+        h = r / 2
+        for a in range(4):
+            for b in range(4):
+                if (a + b) % 2 == 0:
+                    draw.rectangle((cx - r + a * h, cy - r + b * h, cx - r + (a + 1) * h, cy - r + (b + 1) * h), fill=color)
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
+    return img, label
+
+
+def synthetic_source(num_images: int, size: int, num_classes: int, seed: int = 0) -> ImageSource:
+    def read(key: str) -> Image.Image:
+        return synthetic_image(int(key), size, num_classes, seed)[0]
+    return ImageSource(f"synthetic:{seed}", [str(i) for i in range(num_images)],
+                       [i % num_classes for i in range(num_images)],
+                       list(SHAPES[:num_classes]), read)
+
+
+def balanced_subset(source: ImageSource, fraction: float = 1.0, num_images: Optional[int] = None,
+                    seed: int = 0) -> list[str]:
+    """Keys of a class-balanced, seeded subset (classes keep their proportions)."""
+    n = len(source)
+    target = num_images if num_images is not None else max(1, round(fraction * n))
+    if target >= n:
+        return list(source.keys)
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(source.labels):
+        by_class.setdefault(label, []).append(i)
+    quotas = {c: len(ix) * target // n for c, ix in by_class.items()}
+    # Hand out the remainder to the classes with the largest fractional share.
+    leftover = target - sum(quotas.values())
+    order = sorted(by_class, key=lambda c: -(len(by_class[c]) * target % n))
+    for c in order[:leftover]:
+        quotas[c] += 1
+    chosen = []
+    for c, ix in sorted(by_class.items()):
+        ix = list(ix)
+        rng.shuffle(ix)
+        chosen += ix[:quotas[c]]
+    return [source.keys[i] for i in sorted(chosen)]

@@ -1,0 +1,120 @@
+"""DINO projection heads and the student/teacher network (backbone + global + local head)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from glsd.config import Config
+from glsd.models.backbone import Backbone, build_backbone
+
+
+class DINOHead(nn.Module):
+    """MLP -> bottleneck -> L2-normalise -> weight-normed prototypes.
+
+    Input ``(..., in_dim)``, output ``(..., out_dim)`` logits. With ``norm_last_layer`` the
+    prototype norms are fixed to 1 (DINO's stabiliser for large out_dim).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, num_layers: int = 3, norm_last_layer: bool = False):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i in range(len(dims) - 1):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < len(dims) - 2:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        # parametrizations.weight_norm (not the old hook) so the module deep-copies and
+        # its state dict round-trips.
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        with torch.no_grad():
+            self.last_layer.parametrizations.weight.original0.fill_(1.0)
+        if norm_last_layer:
+            self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+        return self.last_layer(x)
+
+
+@dataclass
+class ViewGroupOutput:
+    """Outputs for V views of one resolution, batch B, grid gh x gw (N = gh*gw cells)."""
+    global_logits: torch.Tensor  # (V, B, K)
+    local_logits: Optional[torch.Tensor]  # (V, B, N, K_local) or None without a local head
+    local_feat: torch.Tensor  # (V, B, N, D) backbone features (similarity matching)
+    grid: tuple[int, int]
+
+
+class GLSDNet(nn.Module):
+    """Backbone + global head + (optional) local head, applied to groups of same-size views."""
+
+    def __init__(self, backbone: Backbone, global_head: DINOHead, local_head: Optional[DINOHead]):
+        super().__init__()
+        self.backbone = backbone
+        self.global_head = global_head
+        self.local_head = local_head
+
+    def forward(self, views: list[torch.Tensor]) -> list[ViewGroupOutput]:
+        """views: tensors (B, 3, S, S); consecutive views of one size run as one batch.
+
+        One call per step (not one per size) so DistributedDataParallel sees one forward.
+        Returns one ViewGroupOutput per run of same-size views, in order.
+        """
+        groups: list[list[torch.Tensor]] = []
+        for v in views:
+            if groups and groups[-1][0].shape[-2:] == v.shape[-2:]:
+                groups[-1].append(v)
+            else:
+                groups.append([v])
+        return [self.forward_group(g) for g in groups]
+
+    def forward_group(self, views: list[torch.Tensor]) -> ViewGroupOutput:
+        """V views (B, 3, S, S) of one size S -> outputs for the V*B images."""
+        n_views, batch = len(views), views[0].shape[0]
+        out = self.backbone(torch.cat(views))
+        gh, gw = out.local_feat.shape[1:3]
+        local_feat = out.local_feat.reshape(n_views, batch, gh * gw, -1)
+        global_logits = self.global_head(out.global_feat).reshape(n_views, batch, -1)
+        local_logits = None
+        if self.local_head is not None:
+            local_logits = self.local_head(local_feat)
+        return ViewGroupOutput(global_logits, local_logits, local_feat, (gh, gw))
+
+
+def build_network(cfg: Config) -> GLSDNet:
+    m = cfg.model
+    backbone = build_backbone(m, cfg.crops.global_size)
+    dim = backbone.embed_dim
+    global_head = DINOHead(dim, m.out_dim, m.hidden_dim, m.bottleneck_dim, m.head_layers,
+                           m.norm_last_layer)
+    local_head = None
+    if cfg.loss.matching != "none":
+        local_head = DINOHead(dim, m.local_out_dim or m.out_dim, m.local_hidden_dim or m.hidden_dim,
+                              m.bottleneck_dim, m.head_layers, m.norm_last_layer)
+    return GLSDNet(backbone, global_head, local_head)
+
+
+def build_teacher(cfg: Config, student: GLSDNet) -> GLSDNet:
+    """A fresh network holding the student's weights; it never receives gradients.
+
+    Built fresh rather than deep-copied, and without stochastic depth: the teacher's targets
+    must not be randomly thinned.
+    """
+    no_drop = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, drop_path_rate=0.0))
+    teacher = build_network(no_drop)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher

@@ -1,0 +1,89 @@
+"""The training objective: network outputs + crop geometry -> matching -> loss terms.
+
+This is the one place that knows how views pair up: student views are the global views
+followed by the local views; the teacher sees the global views; every (teacher view t,
+student view s != t) pair contributes a global and (optionally) a local term.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from glsd.config import Config
+from glsd.loss.dino import DINOGlobalLoss, DINOLocalLoss, view_pairs
+from glsd.loss.matching import Matches, match_pairs
+from glsd.models.heads import ViewGroupOutput
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor  # weighted total, the one to back-propagate
+    loss_global: torch.Tensor
+    loss_local: torch.Tensor
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def as_floats(self) -> dict[str, float]:
+        out = {"loss": self.loss.item(), "loss_global": self.loss_global.item(),
+               "loss_local": self.loss_local.item()}
+        out.update({k: v.item() for k, v in self.diagnostics.items()})
+        return out
+
+
+class GlobalLocalObjective(nn.Module):
+    """Owns both losses (and their centres, which are part of the training state)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        lc, mc = cfg.loss, cfg.model
+        self.matching = lc.matching
+        self.threshold = lc.match_threshold
+        self.global_loss = DINOGlobalLoss(mc.out_dim, lc.student_temp, lc.center_momentum)
+        self.local_loss = None
+        if lc.matching != "none":
+            self.local_loss = DINOLocalLoss(mc.local_out_dim or mc.out_dim, lc.student_temp,
+                                            lc.center_momentum, lc.local_normalize)
+        default_global = 1.0 if lc.matching == "none" else 0.5
+        self.global_weight = default_global if lc.global_weight is None else lc.global_weight
+        self.local_weight = 0.5 if lc.local_weight is None else lc.local_weight
+
+    def forward(self, student: list[ViewGroupOutput], teacher: list[ViewGroupOutput],
+                geometry: torch.Tensor, teacher_temp: float, diagnostics: bool = True) -> LossTerms:
+        """student: output groups (global views, then local views); teacher: one group of
+        the Vt global views; geometry: ``(V, B, 5)`` crop records of all student views."""
+        (t_out,) = teacher
+        student_global = torch.cat([g.global_logits for g in student])  # (Vs, B, K)
+        loss_global = self.global_loss(student_global, t_out.global_logits, teacher_temp)
+        need_matches = self.local_loss is not None or diagnostics
+        pairs, matches, stats = self.match(student, t_out, geometry) if need_matches else ([], [], {})
+        if self.local_loss is None:
+            loss_local = torch.zeros((), device=loss_global.device)
+            loss = self.global_weight * loss_global
+        else:
+            groups = [g.local_logits for g in student]
+            loss_local = self.local_loss(groups, t_out.local_logits, pairs, matches, teacher_temp)
+            loss = self.global_weight * loss_global + self.local_weight * loss_local
+        return LossTerms(loss, loss_global.detach(), loss_local.detach(), stats)
+
+    @torch.no_grad()
+    def match(self, student: list[ViewGroupOutput], t_out: ViewGroupOutput, geometry: torch.Tensor):
+        """Per student group: view pairs, matches ``(P, B, Ns)`` and pooled diagnostics."""
+        n_teacher = t_out.global_logits.shape[0]
+        pairs, matches, stats_sum, total_pairs = [], [], {}, 0
+        first = 0
+        for group in student:
+            n_views = group.global_logits.shape[0]
+            t_idx, s_idx = view_pairs(n_teacher, first, n_views, geometry.device)
+            mode = self.matching if self.matching != "none" else "geometric"
+            result = match_pairs(mode, self.threshold,
+                                 geometry[first + s_idx], group.grid, geometry[t_idx], t_out.grid,
+                                 group.local_feat.detach()[s_idx], t_out.local_feat[t_idx])
+            pairs.append((t_idx, s_idx))
+            matches.append(result.matches)
+            for k, v in result.stats.items():  # weight each group by its pair count
+                stats_sum[k] = stats_sum.get(k, 0.0) + v * len(t_idx)
+            total_pairs += len(t_idx)
+            first += n_views
+        stats = {k: v / total_pairs for k, v in stats_sum.items()}
+        return pairs, matches, stats

@@ -1,0 +1,366 @@
+"""Pretraining: one loop that reads top to bottom, alone or under torchrun.
+
+images -> multi-crop views + geometry (data.loader) -> student / teacher (models.heads)
+-> matching + losses (train.objective) -> AdamW step -> EMA teacher -> run folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from glsd.config import Config, to_dict
+from glsd.data.loader import SUBSET_FILE, build_loader, select_images, write_subset
+from glsd.models.heads import GLSDNet, build_network, build_teacher
+from glsd.train.checkpoint import export_backbone, save_checkpoint
+from glsd.train.distributed import DistInfo, cleanup, init_distributed
+from glsd.train.objective import GlobalLocalObjective, LossTerms
+from glsd.train.run_folder import LOG, RunFolder
+from glsd.train.schedules import Schedules
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is visible; use device=cpu or auto")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_bf16() else None
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on weight matrices only; biases, norms and the prototype norms are exempt."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".original0") else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, in one fused call."""
+    t_params = [p for p in teacher.parameters()]
+    s_params = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+
+
+class StopRequested:
+    """SIGTERM/SIGINT: finish the current step, write a checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimisation steps done
+    epoch: int = 0
+    step_in_epoch: int = 0
+    skipped_images: int = 0
+
+
+def pretrain(cfg: Config) -> Path:
+    device = resolve_device(cfg.device)
+    dinfo = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dinfo.local_rank)
+    try:
+        return _pretrain(cfg, device, dinfo)
+    finally:
+        cleanup()
+
+
+def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
+    seed_everything(cfg.train.seed + dinfo.rank, cfg.train.deterministic)
+    run = RunFolder(cfg.output_dir, dinfo.is_main)
+    resume = run.prepare(cfg)
+    _, subset = select_images(cfg, run.root)
+    if dinfo.is_main:
+        write_subset(run.root / SUBSET_FILE, subset, cfg.data.split)
+    loader, sampler, transform = build_loader(cfg, subset, dinfo.rank, dinfo.world_size,
+                                              pin_memory=device.type == "cuda")
+
+    student = build_network(cfg).to(device)
+    teacher = build_teacher(cfg, student).to(device)
+    if dinfo.enabled and _has_batchnorm(student):
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    objective = GlobalLocalObjective(cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, foreach=True)
+    amp_dtype = resolve_precision(cfg.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    sched = Schedules(cfg, sampler.steps_per_epoch, sampler.global_batch)
+    state = TrainState()
+    if resume is not None:
+        state = restore(resume, student, teacher, objective, optimizer, scaler, sampler)
+    model = DistributedDataParallel(student) if dinfo.enabled else student
+
+    LOG.info("run %s: %d images, %d steps/epoch, %d epochs, device %s, precision %s, world %d",
+             run.root, len(subset), sampler.steps_per_epoch, cfg.train.epochs, device,
+             amp_dtype or "fp32", dinfo.world_size)
+    ctx = Context(cfg, run, dinfo, device, amp_dtype, model, student, teacher, objective,
+                  optimizer, scaler, sched, loader, sampler, transform)
+    with StopRequested() as stop:
+        finished = train_loop(ctx, state, stop)
+    if finished and dinfo.is_main:
+        export_backbone(run.root / "backbone.safetensors", teacher.backbone.model, to_dict(cfg))
+        LOG.info("done: %d steps; teacher backbone exported to %s", state.step,
+                 run.root / "backbone.safetensors")
+    run.close()
+    return run.root
+
+
+@dataclass
+class Context:
+    """Everything the loop touches, built once."""
+    cfg: Config
+    run: RunFolder
+    dinfo: DistInfo
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    model: nn.Module  # the student, DDP-wrapped under torchrun
+    student: GLSDNet
+    teacher: GLSDNet
+    objective: GlobalLocalObjective
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sched: Schedules
+    loader: torch.utils.data.DataLoader
+    sampler: object
+    transform: object
+
+
+def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
+    """Returns True when the schedule (or train.max_steps) completed, False on a signal."""
+    cfg, t = ctx.cfg, ctx.cfg.train
+    max_steps = min(ctx.sched.total_steps, t.max_steps or ctx.sched.total_steps)
+    progress = _progress_bar(ctx, state, max_steps)
+    while state.step < max_steps:
+        ctx.sampler.set_epoch(state.epoch, state.step_in_epoch * ctx.sampler.global_batch)
+        ctx.transform.epoch = state.epoch
+        tick, since_log = time.perf_counter(), 0
+        for batch in ctx.loader:
+            terms = train_step(ctx, batch, state.step)
+            state.step += 1
+            state.step_in_epoch += 1
+            state.skipped_images += batch.skipped
+            since_log += 1
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{terms.loss.item():.3f}")
+            if state.step % t.log_every == 0 or state.step == max_steps:
+                elapsed = time.perf_counter() - tick
+                log_step(ctx, state, terms, since_log / max(elapsed, 1e-9))
+                tick, since_log = time.perf_counter(), 0
+            if stop.signal is not None or state.step >= max_steps:
+                break
+            if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
+                checkpoint(ctx, state)
+        if stop.signal is not None:
+            checkpoint(ctx, state)
+            LOG.warning("signal %d: stopped after step %d; checkpoint written, rerun to resume",
+                        stop.signal, state.step)
+            print(f"glsd: stopped by signal {stop.signal} after step {state.step}; "
+                  f"checkpoint saved in {ctx.run.last}. Rerun the same command to resume.",
+                  file=sys.stderr)
+            return False
+        if state.step_in_epoch >= ctx.sampler.steps_per_epoch:
+            state.epoch += 1
+            state.step_in_epoch = 0
+            end_of_epoch(ctx, state)
+    checkpoint(ctx, state)
+    if progress is not None:
+        progress.close()
+    return True
+
+
+def train_step(ctx: Context, batch, step: int) -> LossTerms:
+    cfg, sched = ctx.cfg, ctx.sched
+    n_global = cfg.crops.num_global
+    views = [v.to(ctx.device, non_blocking=True) for v in batch.views]
+    geometry = batch.geometry.to(ctx.device)
+    for i, group in enumerate(ctx.optimizer.param_groups):
+        group["lr"] = float(sched.lr[step])
+        if i == 0:
+            group["weight_decay"] = float(sched.wd[step])
+    autocast = (torch.autocast(ctx.device.type, dtype=ctx.amp_dtype) if ctx.amp_dtype
+                else contextlib.nullcontext())
+    want_stats = (step + 1) % cfg.train.log_every == 0
+    with autocast:
+        with torch.no_grad():
+            teacher_out = ctx.teacher(views[:n_global])
+        student_out = ctx.model(views)
+    # Losses in fp32: softmax over thousands of prototypes and their cross-entropy lose
+    # the small differences that carry the signal when rounded to bf16.
+    terms = ctx.objective(student_out, teacher_out, geometry, float(sched.teacher_temp[step]),
+                          diagnostics=want_stats)
+    check_finite(terms, step + 1)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.scaler.scale(terms.loss).backward()
+    ctx.scaler.unscale_(ctx.optimizer)
+    if cfg.train.clip_grad:
+        torch.nn.utils.clip_grad_norm_(ctx.student.parameters(), cfg.train.clip_grad)
+    if step < sched.freeze_last_layer_steps:  # DINO: let prototypes settle before they move
+        for head in (ctx.student.global_head, ctx.student.local_head):
+            if head is not None:
+                for p in head.last_layer.parameters():
+                    p.grad = None
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    ema_update(ctx.teacher, ctx.student, float(sched.momentum[step]))
+    return terms
+
+
+def check_finite(terms: LossTerms, step: int) -> None:
+    if torch.isfinite(terms.loss):
+        return
+    raise NonFiniteLossError(
+        f"non-finite loss at step {step}: loss={terms.loss.item()}, "
+        f"loss_global={terms.loss_global.item()}, loss_local={terms.loss_local.item()}. "
+        "The last good checkpoint is kept. Try train.precision=fp32, a lower train.lr, "
+        "a lower loss.teacher_temp / loss.warmup_teacher_temp, or train.clip_grad=1.0.")
+
+
+def log_step(ctx: Context, state: TrainState, terms: LossTerms, steps_per_sec: float) -> None:
+    sched, step = ctx.sched, state.step - 1
+    record = {"step": state.step, "epoch": state.epoch + state.step_in_epoch / ctx.sampler.steps_per_epoch,
+              **terms.as_floats(),
+              "lr": float(sched.lr[step]), "wd": float(sched.wd[step]),
+              "momentum": float(sched.momentum[step]), "teacher_temp": float(sched.teacher_temp[step]),
+              "images_per_sec": steps_per_sec * ctx.sampler.global_batch,
+              "skipped_images": state.skipped_images}
+    ctx.run.log_metrics(record)
+    if ctx.dinfo.is_main:
+        LOG.info("step %d %s", state.step, {k: round(v, 4) if isinstance(v, float) else v
+                                             for k, v in record.items() if k != "step"})
+
+
+def end_of_epoch(ctx: Context, state: TrainState) -> None:
+    every = ctx.cfg.train.checkpoint_every_epochs
+    checkpoint(ctx, state, keep=bool(every) and state.epoch % every == 0)
+    k_every = ctx.cfg.eval.every_epochs
+    if k_every and state.epoch % k_every == 0:
+        from glsd.eval.runner import online_knn
+
+        result = online_knn(ctx.teacher.backbone, ctx.cfg, ctx.device, ctx.run.root)
+        ctx.run.log_metrics({"step": state.step, "epoch": state.epoch,
+                             **{f"knn_{k}": v for k, v in result.items()}})
+        LOG.info("epoch %d online k-NN: %s", state.epoch, result)
+
+
+def checkpoint(ctx: Context, state: TrainState, keep: bool = False) -> None:
+    if not ctx.dinfo.is_main:
+        return
+    payload = {
+        "config": to_dict(ctx.cfg),
+        "student": ctx.student.state_dict(), "teacher": ctx.teacher.state_dict(),
+        "objective": ctx.objective.state_dict(),  # both centres
+        "optimizer": ctx.optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
+        "step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+        "samples_in_epoch": state.step_in_epoch * ctx.sampler.global_batch,
+        "skipped_images": state.skipped_images,
+        "rng": rng_state(),
+    }
+    save_checkpoint(ctx.run.last, payload)
+    if keep:
+        save_checkpoint(ctx.run.checkpoints / f"epoch{state.epoch:04d}.pt", payload)
+
+
+def restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler) -> TrainState:
+    student.load_state_dict(ckpt["student"])
+    teacher.load_state_dict(ckpt["teacher"])
+    objective.load_state_dict(ckpt["objective"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    # Resume at the same sample of the epoch; under another world size this rounds down to a
+    # whole global batch of the new size (a few images may be seen twice).
+    step_in_epoch = ckpt["samples_in_epoch"] // sampler.global_batch
+    LOG.info("resumed from step %d (epoch %d, step %d of it)", ckpt["step"], ckpt["epoch"], step_in_epoch)
+    return TrainState(ckpt["step"], ckpt["epoch"], step_in_epoch, ckpt.get("skipped_images", 0))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _progress_bar(ctx: Context, state: TrainState, max_steps: int):
+    if not (ctx.cfg.train.progress and ctx.dinfo.is_main and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=max_steps, initial=state.step, unit="step", dynamic_ncols=True)

@@ -1,0 +1,42 @@
+"""Per-step schedules (lr, weight decay, teacher momentum, teacher temperature)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def cosine(start: float, end: float, total_steps: int, warmup_steps: int = 0,
+           warmup_start: float = 0.0) -> np.ndarray:
+    """Linear warm-up from ``warmup_start`` to ``start``, then cosine from ``start`` to ``end``.
+
+    Returns ``total_steps`` values, one per optimisation step.
+    """
+    warmup_steps = min(warmup_steps, total_steps)
+    warmup = np.linspace(warmup_start, start, warmup_steps, endpoint=False) if warmup_steps else np.array([])
+    n = total_steps - warmup_steps
+    t = np.arange(n) / max(n - 1, 1)
+    decay = end + 0.5 * (start - end) * (1 + np.cos(np.pi * t))
+    return np.concatenate([warmup, decay])
+
+
+def teacher_temperature(warmup_temp: float, temp: float, warmup_steps: int, total_steps: int) -> np.ndarray:
+    """Linear warm-up of the teacher temperature, then constant."""
+    warmup_steps = min(warmup_steps, total_steps)
+    return np.concatenate([np.linspace(warmup_temp, temp, warmup_steps),
+                           np.full(total_steps - warmup_steps, temp)])
+
+
+class Schedules:
+    """All per-step values of a run, from its config and the number of steps per epoch."""
+
+    def __init__(self, cfg, steps_per_epoch: int, global_batch: int):
+        t, lo = cfg.train, cfg.loss
+        total = cfg.train.epochs * steps_per_epoch
+        warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_epochs * steps_per_epoch)
+        peak_lr = t.lr * global_batch / 256.0
+        self.lr = cosine(peak_lr, t.min_lr, total, warmup)
+        self.wd = cosine(t.weight_decay, t.weight_decay_end, total)
+        self.momentum = cosine(t.momentum_teacher, t.momentum_teacher_end, total)
+        self.teacher_temp = teacher_temperature(lo.warmup_teacher_temp, lo.teacher_temp,
+                                                int(lo.warmup_teacher_temp_epochs * steps_per_epoch), total)
+        self.freeze_last_layer_steps = int(t.freeze_last_layer_epochs * steps_per_epoch)
+        self.total_steps = total
