@@ -209,17 +209,23 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        parsed = yaml.safe_load(value) if value != "" else ""
+        # A mapping literal (model.backbone_kwargs={...}) replaces; a dotted key merges.
+        node[parts[-1]] = _Replace(parsed) if isinstance(parsed, dict) else parsed
     return out
+
+
+class _Replace(dict):
+    """A mapping given whole on the command line: replaces the preset's, never merges."""
 
 
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "backbone_kwargs":
-            out[k] = _merge(out[k], v)
+        if isinstance(v, _Replace):
+            out[k] = dict(v)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = {**out[k], **v}
+            out[k] = _merge(out[k], v)
         else:
             out[k] = v
     return out

@@ -111,7 +111,12 @@ def create_model(cfg: ModelConfig, image_size: int) -> nn.Module:
         kwargs.setdefault("strict_img_size", False)
     if cfg.drop_path_rate and family not in ("resnet", "resnetv2"):
         kwargs.setdefault("drop_path_rate", cfg.drop_path_rate)
-    return timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **kwargs)
+    try:
+        return timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{cfg.backbone} does not accept model.backbone_kwargs="
+                          f"{cfg.backbone_kwargs} ({e}). When switching backbones, reset them: "
+                          "'model.backbone_kwargs={}'") from None
 
 
 def build_backbone(cfg: ModelConfig, image_size: int) -> Backbone:

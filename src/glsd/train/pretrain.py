@@ -192,7 +192,8 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
         ctx.transform.epoch = state.epoch
         tick, since_log = time.perf_counter(), 0
         for batch in ctx.loader:
-            terms = train_step(ctx, batch, state.step)
+            is_log_step = (state.step + 1) % t.log_every == 0 or state.step + 1 == max_steps
+            terms = train_step(ctx, batch, state.step, is_log_step)
             state.step += 1
             state.step_in_epoch += 1
             state.skipped_images += batch.skipped
@@ -200,7 +201,7 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{terms.loss.item():.3f}")
-            if state.step % t.log_every == 0 or state.step == max_steps:
+            if is_log_step:
                 elapsed = time.perf_counter() - tick
                 log_step(ctx, state, terms, since_log / max(elapsed, 1e-9))
                 tick, since_log = time.perf_counter(), 0
@@ -226,7 +227,7 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
     return True
 
 
-def train_step(ctx: Context, batch, step: int) -> LossTerms:
+def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossTerms:
     cfg, sched = ctx.cfg, ctx.sched
     n_global = cfg.crops.num_global
     views = [v.to(ctx.device, non_blocking=True) for v in batch.views]
@@ -237,7 +238,6 @@ def train_step(ctx: Context, batch, step: int) -> LossTerms:
             group["weight_decay"] = float(sched.wd[step])
     autocast = (torch.autocast(ctx.device.type, dtype=ctx.amp_dtype) if ctx.amp_dtype
                 else contextlib.nullcontext())
-    want_stats = (step + 1) % cfg.train.log_every == 0
     with autocast:
         with torch.no_grad():
             teacher_out = ctx.teacher(views[:n_global])

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from glsd.config import Config, ConfigError, diff_keys, dump_yaml, from_dict, identity
 from glsd.train.checkpoint import load_checkpoint
 
@@ -33,11 +31,11 @@ class RunFolder:
         """Create the folder; return the checkpoint to resume from, or None for a fresh run."""
         existing = self.root / "config.yaml"
         ckpt = None
-        if existing.is_file() or self.last.is_file():
-            if cfg.train.resume:
-                ckpt = self._check_resumable(cfg)
-            elif self.is_main:
-                self._archive()
+        if self.last.is_file() and cfg.train.resume:
+            ckpt = self._check_resumable(cfg)
+        elif existing.is_file() and self.is_main:
+            # Nothing to resume (or resume=false): keep the old files, out of the way.
+            self._archive()
         elif self.root.is_dir() and any(self.root.iterdir()) and self.is_main:
             raise ConfigError(f"output_dir {self.root} is not empty and holds no glsd run; "
                               "pick a new output_dir")
@@ -47,15 +45,9 @@ class RunFolder:
             self._setup_log()
         return ckpt
 
-    def _check_resumable(self, cfg: Config) -> Optional[dict]:
-        recorded_path = self.root / "config.yaml"
-        recorded = yaml.safe_load(recorded_path.read_text()) if recorded_path.is_file() else None
-        ckpt = load_checkpoint(self.last) if self.last.is_file() else None
-        if ckpt is not None:
-            recorded = ckpt["config"]
-        if recorded is None:
-            return None
-        diffs = diff_keys(identity(from_dict(recorded)), identity(cfg))
+    def _check_resumable(self, cfg: Config) -> dict:
+        ckpt = load_checkpoint(self.last)
+        diffs = diff_keys(identity(from_dict(ckpt["config"])), identity(cfg))
         if diffs:
             raise ConfigError(
                 f"{self.root} holds a run of another config; resuming would mix two runs. "
@@ -69,7 +61,7 @@ class RunFolder:
         for item in list(self.root.iterdir()):
             if not item.name.startswith("previous-"):
                 shutil.move(str(item), dest / item.name)
-        print(f"train.resume=false: moved the previous run in {self.root} to {dest}", file=sys.stderr)
+        print(f"glsd: moved the previous files in {self.root} to {dest}", file=sys.stderr)
 
     def _setup_log(self) -> None:
         LOG.setLevel(logging.INFO)

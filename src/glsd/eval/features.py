@@ -1,0 +1,344 @@
+"""Load a trained backbone for evaluation and extract frozen features from it.
+
+A backbone can come from three places:
+
+* a run folder: config from ``config.yaml`` (else the checkpoint's), weights of the teacher or
+  student from ``checkpoints/last.pt`` (the teacher falls back to ``backbone.safetensors``);
+* a bare ``backbone.safetensors``: the teacher; config from its metadata, else a sibling
+  ``config.yaml``;
+* a checkpoint file (``*.pt``) written by the training loop.
+
+Checkpoints are read only through :func:`glsd.train.checkpoint.load_checkpoint` (weights-only).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from glsd.config import Config, ConfigError, _merge, from_dict, parse_overrides, validate
+from glsd.data.sources import ImageSource
+from glsd.models.backbone import Backbone, build_backbone
+from glsd.train.checkpoint import load_checkpoint
+from glsd.train.distributed import all_gather_cat
+
+Device = Union[str, torch.device]
+MODELS = ("teacher", "student")
+FEATURES = ("auto", "cls", "pooled")
+CHECKPOINT = Path("checkpoints") / "last.pt"
+BACKBONE_FILE = "backbone.safetensors"
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
+
+def load_backbone(path: Union[str, Path], which: Optional[str] = "teacher", random_init: bool = False,
+                  overrides: Sequence[str] = ()) -> tuple[Backbone, Config, dict]:
+    """Rebuild a run's backbone (eval mode, frozen, on the CPU).
+
+    Args:
+        path: a run folder, a ``backbone.safetensors`` or a checkpoint ``.pt`` file.
+        which: "teacher" or "student"; None takes ``eval.model`` from the (overridden) config.
+        random_init: same architecture, fresh weights seeded by ``train.seed`` (the k-NN
+            floor); no weights are read.
+        overrides: dotted ``key=value`` strings applied on top of the run's config (mostly
+            ``eval.*``; changing ``model.*`` makes the stored weights not fit).
+    Returns:
+        (backbone, config, info) where info records ``path``, ``run_dir`` (the run folder;
+        for a file, the folder it lies in, or the run above ``checkpoints/``), ``checkpoint``
+        (file the weights came from, or None), ``model``
+        ("teacher", "student" or "random-init"), ``step`` and ``epoch`` (None if unknown).
+    """
+    path = Path(path)
+    raw, loader, info = _locate(path)
+    cfg = from_dict(_merge(raw, parse_overrides(overrides)))
+    validate(cfg)
+    which = cfg.eval.model if which is None else which
+    if which not in MODELS:
+        raise ConfigError(f"which={which!r}: use one of {', '.join(MODELS)}")
+    # Eval mode ignores stochastic depth anyway; building without it keeps the module lean.
+    model_cfg = dataclasses.replace(cfg.model, drop_path_rate=0.0)
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            backbone = build_backbone(model_cfg, cfg.crops.global_size)
+        info.update(model="random-init", checkpoint=None, step=None, epoch=None)
+    else:
+        backbone = build_backbone(model_cfg, cfg.crops.global_size)
+        state, meta = loader(which)
+        _load_weights(backbone, state, meta["checkpoint"], cfg)
+        info.update(model=which, **meta)
+    backbone.eval().requires_grad_(False)
+    return backbone, cfg, info
+
+
+def _locate(path: Path):
+    """(raw config dict, weights loader ``which -> (state, meta)``, info) for any input path."""
+    if path.is_dir():
+        return _locate_run(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; give a run folder, a {BACKBONE_FILE} or a .pt checkpoint")
+    if path.suffix == ".safetensors":
+        return _locate_safetensors(path)
+    if path.suffix == ".pt":
+        return _locate_checkpoint(path)
+    raise ConfigError(f"{path} is neither a run folder, a .safetensors backbone nor a .pt checkpoint")
+
+
+def _locate_run(run_dir: Path):
+    ckpt_path, st_path, cfg_path = run_dir / CHECKPOINT, run_dir / BACKBONE_FILE, run_dir / "config.yaml"
+    cache: dict = {}
+
+    def ckpt() -> dict:  # read once, and only when needed
+        if "c" not in cache:
+            cache["c"] = load_checkpoint(ckpt_path)
+        return cache["c"]
+
+    if cfg_path.is_file():
+        raw = _read_yaml(cfg_path)
+    elif ckpt_path.is_file():
+        raw = _ckpt_config(ckpt(), ckpt_path)
+    elif st_path.is_file():
+        raw = _safetensors_config(st_path)
+    else:
+        raise ConfigError(f"{run_dir} is not a run folder: it has no config.yaml, {CHECKPOINT} "
+                          f"or {BACKBONE_FILE}")
+
+    def weights(which: str):
+        if ckpt_path.is_file():
+            return _from_checkpoint(ckpt(), ckpt_path, which)
+        if which == "teacher" and st_path.is_file():
+            return _from_safetensors(st_path)
+        raise ConfigError(f"no weights for the {which} in {run_dir}: {CHECKPOINT} is missing"
+                          + ("" if which == "student" else f" and so is {BACKBONE_FILE}")
+                          + "; has training saved a checkpoint yet? (random_init needs none)")
+
+    return raw, weights, {"path": str(run_dir), "run_dir": str(run_dir)}
+
+
+def _locate_checkpoint(path: Path):
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    ckpt = load_checkpoint(path)
+
+    def weights(which: str):
+        return _from_checkpoint(ckpt, path, which)
+
+    return _ckpt_config(ckpt, path), weights, {"path": str(path), "run_dir": str(run_dir)}
+
+
+def _locate_safetensors(path: Path):
+    raw = _safetensors_config(path)
+
+    def weights(which: str):
+        if which != "teacher":
+            raise ConfigError(f"{path} holds only the teacher backbone; evaluate the run folder "
+                              f"(its {CHECKPOINT}) for the {which}")
+        return _from_safetensors(path)
+
+    return raw, weights, {"path": str(path), "run_dir": str(path.parent)}
+
+
+def _read_yaml(path: Path) -> dict:
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} does not hold a config mapping")
+    return raw
+
+
+def _ckpt_config(ckpt: dict, path: Path) -> dict:
+    if not isinstance(ckpt.get("config"), dict):
+        raise ConfigError(f"checkpoint {path} has no 'config' dict; put the run's config.yaml next to it")
+    return ckpt["config"]
+
+
+def _safetensors_config(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" in meta:
+        return json.loads(meta["config"])
+    sibling = path.parent / "config.yaml"
+    if sibling.is_file():
+        return _read_yaml(sibling)
+    raise ConfigError(f"{path} has no glsd config in its metadata and no config.yaml beside it; "
+                      "re-export it with glsd or copy the run's config.yaml next to it")
+
+
+def _from_checkpoint(ckpt: dict, path: Path, which: str) -> tuple[dict, dict]:
+    if which not in ckpt:
+        raise ConfigError(f"checkpoint {path} has no '{which}' weights")
+    state = backbone_state(ckpt[which])
+    if not state:
+        raise ConfigError(f"checkpoint {path}: '{which}' holds no 'backbone.model.*' weights")
+    return state, {"checkpoint": str(path), "step": ckpt.get("step"), "epoch": ckpt.get("epoch")}
+
+
+def _from_safetensors(path: Path) -> tuple[dict, dict]:
+    return load_file(str(path)), {"checkpoint": str(path), "step": None, "epoch": None}
+
+
+def backbone_state(net_state: dict) -> dict:
+    """Plain timm keys of the backbone inside a GLSDNet state dict.
+
+    Wrappers leave prefixes in keys (``module.`` from DDP, ``_orig_mod.`` from torch.compile);
+    they are dropped so a checkpoint of a wrapped network loads the same.
+    """
+    prefix = "backbone.model."
+    out = {}
+    for key, value in net_state.items():
+        key = key.replace("_orig_mod.", "")
+        key = key[len("module."):] if key.startswith("module.") else key
+        if key.startswith(prefix):
+            out[key[len(prefix):]] = value
+    return out
+
+
+def _load_weights(backbone: Backbone, state: dict, source: str, cfg: Config) -> None:
+    try:
+        backbone.model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0:3]
+        raise ConfigError(f"weights in {source} do not fit model.backbone={cfg.model.backbone!r} "
+                          f"as configured ({' '.join(first)}); do not override model.* keys, "
+                          "or evaluate with random_init") from None
+
+
+# ----------------------------------------------------------------------------------------
+# Extraction
+
+def eval_transform(cfg: Config) -> T.Compose:
+    """PIL image -> ``(3, S, S)`` tensor: resize (short side), center crop, normalise.
+
+    ``S`` is ``eval.image_size``, else ``crops.global_size`` (the size the model trained on).
+    """
+    size = cfg.eval.image_size or cfg.crops.global_size
+    interp = InterpolationMode.BICUBIC if cfg.crops.interpolation == "bicubic" else InterpolationMode.BILINEAR
+    return T.Compose([T.Resize(size, interpolation=interp), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(cfg.crops.mean, cfg.crops.std)])
+
+
+def resolve_feature(backbone: Backbone, feature: str) -> str:
+    """"auto" -> the backbone's own global feature; checks that "cls" exists."""
+    if feature not in FEATURES:
+        raise ConfigError(f"eval.features={feature!r}: use one of {', '.join(FEATURES)}")
+    if feature == "auto":
+        return backbone.global_feature
+    if feature == "cls" and not (backbone.layout == "tokens" and backbone.num_prefix_tokens > 0):
+        raise ConfigError("eval.features=cls needs a ViT with a class token; use pooled or auto")
+    return feature
+
+
+def embed(backbone: Backbone, images: torch.Tensor, feature: str) -> torch.Tensor:
+    """images ``(B, 3, H, W)`` -> ``(B, D)`` float32 global feature of a resolved kind."""
+    if feature == "cls":
+        # Read the token directly: the backbone may be configured to pool for training.
+        return backbone.model.forward_features(images)[:, 0].float()
+    out = backbone(images)
+    if feature == "pooled":
+        return out.local_feat.mean(dim=(1, 2)).float()
+    return out.global_feat.float()
+
+
+class _EvalImages(Dataset):
+    """Items ``indices`` of a source -> (image tensor, label), or None for an unreadable file."""
+
+    def __init__(self, source: ImageSource, indices: range, transform, on_error: str):
+        self.source, self.indices, self.transform, self.on_error = source, indices, transform, on_error
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        key = self.source.keys[self.indices[i]]
+        try:
+            img = self.source.read(key)
+        except Exception as e:  # noqa: BLE001 - any decoder error means the same: a bad file
+            if self.on_error == "fail":
+                raise RuntimeError(f"cannot read image {key!r} from {self.source.name}: {e}. "
+                                   "Fix or remove it, or set data.on_error=skip") from e
+            return None
+        return self.transform(img), self.source.labels[self.indices[i]]
+
+
+def _collate(items: list):
+    good = [it for it in items if it is not None]
+    if not good:
+        return None, None, len(items)
+    return (torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.long),
+            len(items) - len(good))
+
+
+def dist_rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def extract_features(backbone: Backbone, source: ImageSource, cfg: Config, device: Device,
+                     feature: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Global features of every image of ``source``, in source order.
+
+    Batched (``eval.batch_size``), no grad, eval mode (the module's mode is restored after).
+    Under an initialised process group each rank extracts a contiguous shard and the shards
+    are all-gathered, so every rank returns the full result (call it on all ranks).
+    Unreadable images are skipped (``data.on_error=skip``) with a warning.
+
+    Returns:
+        feats ``(N, D)`` float32 and labels ``(N,)`` long (-1 where unlabeled), on ``device``.
+    """
+    backbone = getattr(backbone, "module", backbone)  # a DDP wrapper would sync needlessly
+    feature = resolve_feature(backbone, feature)
+    device = torch.device(device)
+    rank, world = dist_rank_world()
+    n = len(source)
+    shard = range(n * rank // world, n * (rank + 1) // world)
+    loader = DataLoader(_EvalImages(source, shard, eval_transform(cfg), cfg.data.on_error),
+                        batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    feats, labels, skipped = [], [], 0
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for images, y, bad in loader:
+            skipped += bad
+            if images is not None:
+                feats.append(embed(backbone, images.to(device, non_blocking=True), feature))
+                labels.append(y.to(device))
+    finally:
+        backbone.train(was_training)
+    feats_t = torch.cat(feats) if feats else torch.zeros(0, backbone.embed_dim, device=device)
+    labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    if world > 1:
+        feats_t, labels_t = gather_uneven(feats_t, labels_t)
+    if skipped:
+        warnings.warn(f"{skipped} unreadable images of {source.name} skipped in feature extraction")
+    return feats_t, labels_t
+
+
+def gather_uneven(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-gather per-rank ``(n_r, D)`` / ``(n_r,)`` of different n_r, in rank order.
+
+    ``all_gather`` needs equal shapes, so each rank pads to the largest n_r and the padding
+    is cut off after the gather.
+    """
+    count = torch.tensor([feats.shape[0]], device=feats.device)
+    sizes = [int(s) for s in all_gather_cat(count).tolist()]
+    most = max(sizes)
+    padded_f = feats.new_zeros(most, feats.shape[1])
+    padded_f[:feats.shape[0]] = feats
+    padded_l = labels.new_full((most,), -1)
+    padded_l[:labels.shape[0]] = labels
+    all_f, all_l = all_gather_cat(padded_f), all_gather_cat(padded_l)
+    keep = torch.cat([torch.arange(s, device=feats.device) + r * most for r, s in enumerate(sizes)])
+    return all_f[keep], all_l[keep]

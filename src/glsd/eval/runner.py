@@ -1,0 +1,273 @@
+"""Evaluation entry points: ``run_eval`` (k-NN, linear probe, dense) and ``online_knn``.
+
+Evaluation data follow the run: the labelled train split restricted to exactly the images of
+``RUN_DIR/subset.json`` (the pretraining images; the whole train split when there is no such
+file), optionally cut to a class-balanced ``eval.train_fraction`` of them, and the full
+``eval.test_split``. Data come from the run config's ``data`` section with the split replaced.
+Results are written to ``RUN_DIR/eval/<kind>[-student|-random-init].json`` (for a bare
+safetensors file, to an ``eval/`` folder beside it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from glsd.config import Config, ConfigError, to_dict
+from glsd.data.sources import ImageSource, balanced_subset, open_source
+from glsd.eval.dense import run_dense
+from glsd.eval.features import Device, dist_rank_world, extract_features, load_backbone, resolve_feature
+from glsd.eval.knn import knn_classify
+from glsd.eval.linear import linear_probe
+from glsd.models.backbone import Backbone
+from glsd.train.checkpoint import atomic_write
+
+KINDS = ("knn", "linear", "dense")
+KNN_KS = (10, 20, 100, 200)
+SUBSET_FILE = "subset.json"
+
+_SOURCES: dict[tuple[str, str], ImageSource] = {}
+_ONLINE: dict = {}
+
+
+def open_cached(cfg: Config, split: str) -> ImageSource:
+    """``open_source(cfg.data, split)``, opened once per process (datasets load into memory)."""
+    data = dataclasses.asdict(cfg.data)
+    for k in ("num_workers", "on_error", "split"):
+        data.pop(k)  # they do not change which images a split holds
+    key = (json.dumps(data, sort_keys=True), split)
+    if key not in _SOURCES:
+        _SOURCES[key] = open_source(cfg.data, split)
+    return _SOURCES[key]
+
+
+def clear_cache() -> None:
+    _SOURCES.clear()
+    _ONLINE.clear()
+
+
+def resolve_device(device: Device, cfg: Config) -> torch.device:
+    """"auto" -> the config's device; its "auto" -> CUDA when available, else CPU."""
+    name = cfg.device if str(device) == "auto" else device
+    if str(name) == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # the rank's GPU under torchrun
+    return dev
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+
+def read_subset(path: Path) -> Optional[dict]:
+    """``subset.json`` as a dict, None if absent; a malformed file is an error."""
+    if not path.is_file():
+        return None
+    try:
+        subset = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); delete it to evaluate on the whole "
+                          "train split") from None
+    if not isinstance(subset, dict) or not isinstance(subset.get("keys"), list):
+        raise ConfigError(f"{path} has no 'keys' list; delete it to evaluate on the whole train split")
+    return subset
+
+
+def train_subset(full: ImageSource, subset: Optional[dict], cfg: Config) -> ImageSource:
+    """The pretraining images of ``full`` (all without a subset), then ``eval.train_fraction``."""
+    src = full
+    if subset is not None:
+        if subset.get("source") and subset["source"] != full.name:
+            warnings.warn(f"subset.json was written for source {subset['source']!r}, evaluating "
+                          f"on {full.name!r} (moved data?); its keys are used as recorded")
+        src = full.subset([str(k) for k in subset["keys"]])
+        if subset.get("labels") is not None and [int(y) for y in subset["labels"]] != src.labels:
+            raise ConfigError(f"labels in subset.json differ from those of {full.name}; the data "
+                              "changed since the run. Restore it, or delete subset.json")
+    fraction = cfg.eval.train_fraction
+    if fraction is not None and fraction < 1.0:
+        src = src.subset(balanced_subset(src, fraction=fraction, seed=cfg.data.subset_seed))
+    return src
+
+
+def eval_sources(cfg: Config, base: Path) -> tuple[ImageSource, ImageSource, dict]:
+    """(labelled train source, test source, record of what they are) for k-NN / linear."""
+    subset = read_subset(base / SUBSET_FILE)
+    train_split = str(subset.get("split") or cfg.data.split) if subset else cfg.data.split
+    full = open_cached(cfg, train_split)
+    test = open_cached(cfg, cfg.eval.test_split)
+    check_split_pair(full, test, train_split, cfg.eval.test_split)
+    train = train_subset(full, subset, cfg)
+    record = {**_data_record(cfg), "train_source": full.name, "test_source": test.name,
+              "train_split": train_split, "test_split": cfg.eval.test_split,
+              "subset_file": str(base / SUBSET_FILE) if subset else None,
+              "subset_size": len(subset["keys"]) if subset else None,
+              "n_train": len(train), "n_test": len(test), "num_classes": len(full.classes)}
+    return train, test, record
+
+
+def check_split_pair(train: ImageSource, test: ImageSource, train_split: str, test_split: str) -> None:
+    """Held-out, labelled, with the same classes: else a ConfigError naming the fix."""
+    if test.name == train.name:
+        raise ConfigError(f"the test split ({test_split!r}) and the train split ({train_split!r}) "
+                          f"are the same images ({train.name}); set eval.test_split to a "
+                          "held-out split (e.g. a 'test' or 'val' sub-folder)")
+    if not train.classes or any(y < 0 for y in train.labels):
+        raise ConfigError(f"{train.name} is unlabeled; k-NN and linear evaluation need labels "
+                          "(an image folder with class sub-folders, or a dataset)")
+    if train.classes != test.classes:
+        raise ConfigError(f"train ({train.name}) and test ({test.name}) have different classes "
+                          f"({len(train.classes)} vs {len(test.classes)}), so labels do not line up")
+
+
+def _data_record(cfg: Config) -> dict:
+    d = cfg.data
+    return {"source": d.source, "root": d.root, "data_fraction": d.fraction,
+            "data_num_images": d.num_images, "train_fraction": cfg.eval.train_fraction}
+
+
+# ----------------------------------------------------------------------------------------
+# run_eval
+
+def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), random_init: bool = False,
+             device: Device = "auto", which: Optional[str] = None) -> dict:
+    """Evaluate a run folder, a ``backbone.safetensors`` or a checkpoint; write and return JSON.
+
+    Args:
+        kind: "knn" (weighted k-NN at k in 10, 20, 100, 200 and eval.k), "linear" (probe on
+            cached features) or "dense" (label-free dense correspondence on the test split).
+        overrides: ``key=value`` strings on top of the run config (``eval.*`` mostly).
+        random_init: evaluate the same architecture with fresh weights (the floor).
+        device: "auto" (the config's device, else CUDA if available), "cpu", "cuda", ...
+        which: "teacher" or "student"; None uses ``eval.model``.
+    Returns:
+        The record also written to ``<run>/eval/<kind>[-student|-random-init].json`` (by
+        rank 0 under torch.distributed; every rank must call it, extraction is shared).
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"unknown evaluation {kind!r}; use one of {', '.join(KINDS)}")
+    start = time.perf_counter()
+    path = Path(path)
+    backbone, cfg, info = load_backbone(path, which, random_init, overrides)
+    dev = resolve_device(device, cfg)
+    backbone.to(dev)
+    base = path if path.is_dir() else Path(info["run_dir"])
+    loaded = time.perf_counter()
+    if kind == "dense":
+        body, timing = _dense(backbone, cfg, dev)
+    else:
+        body, timing = _classify(kind, backbone, cfg, dev, base)
+    suffix = "" if info["model"] == "teacher" else f"-{info['model']}"
+    out = base / "eval" / f"{kind}{suffix}.json"
+    record = {"kind": kind, **_model_record(cfg, info), **body,
+              "device": str(dev), "world_size": dist_rank_world()[1], "overrides": list(overrides),
+              "timing": {"load_s": loaded - start, **timing, "total_s": time.perf_counter() - start},
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "output": str(out),
+              "config": to_dict(cfg)}
+    if dist_rank_world()[0] == 0:
+        payload = json.dumps(record, indent=2).encode()
+        atomic_write(out, lambda f: f.write(payload))
+    return record
+
+
+def _model_record(cfg: Config, info: dict) -> dict:
+    return {"model": info["model"], "checkpoint": info.get("checkpoint"), "path": info["path"],
+            "step": info.get("step"), "epoch": info.get("epoch"), "backbone": cfg.model.backbone,
+            "image_size": cfg.eval.image_size or cfg.crops.global_size}
+
+
+def _classify(kind: str, backbone: Backbone, cfg: Config, dev: torch.device,
+              base: Path) -> tuple[dict, dict]:
+    """k-NN or linear probe: (record body, timing)."""
+    train, test, data = eval_sources(cfg, base)
+    feature = resolve_feature(backbone, cfg.eval.features)
+    t0 = time.perf_counter()
+    train_f, train_y = extract_features(backbone, train, cfg, dev, feature)
+    test_f, test_y = extract_features(backbone, test, cfg, dev, feature)
+    t1 = time.perf_counter()
+    n_cls = data["num_classes"]
+    if kind == "knn":
+        ks = tuple(sorted(set(KNN_KS) | {cfg.eval.k}))
+        results = knn_classify(train_f, train_y, test_f, test_y, n_cls, ks, cfg.eval.temperature)
+        headline = results["per_k"][str(cfg.eval.k)]
+        results = {"top1": headline["top1"], "top5": headline["top5"], **results}
+        settings = {"k": cfg.eval.k, "ks": list(ks), "temperature": cfg.eval.temperature}
+    else:
+        results = linear_probe(train_f, train_y, test_f, test_y, n_cls, cfg.eval.linear_epochs,
+                               cfg.eval.linear_lr, cfg.eval.batch_size, seed=cfg.train.seed)
+        settings = {"linear_epochs": cfg.eval.linear_epochs, "linear_lr": cfg.eval.linear_lr}
+    # Extraction may skip unreadable files: report what was actually evaluated.
+    data.update(n_train=int(train_y.numel()), n_test=int(test_y.numel()))
+    body = {**data, "feature": feature, **settings, "results": results}
+    return body, {"features_s": t1 - t0, "eval_s": time.perf_counter() - t1}
+
+
+def _dense(backbone: Backbone, cfg: Config, dev: torch.device) -> tuple[dict, dict]:
+    """Dense correspondence: (record body, timing)."""
+    test = open_cached(cfg, cfg.eval.test_split)
+    if cfg.eval.test_split == cfg.data.split:
+        warnings.warn(f"dense evaluation on eval.test_split={cfg.eval.test_split!r}, the "
+                      "pretraining split: the images are not held out")
+    t0 = time.perf_counter()
+    results = run_dense(backbone, test, cfg, dev)
+    body = {**_data_record(cfg), "test_source": test.name, "test_split": cfg.eval.test_split,
+            "n_train": None, "n_test": results["n_images"], "feature": "local",
+            "dense_num_images": cfg.eval.dense_num_images, "dense_seed": cfg.eval.dense_seed,
+            "results": results}
+    return body, {"eval_s": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------------------
+# Online k-NN (called by the training loop)
+
+def online_knn(backbone: Backbone, cfg: Config, device: Device,
+               train_keys: Union[Sequence[str], str, Path, None]) -> dict:
+    """Top-1 k-NN accuracy at ``eval.k``, ``eval.temperature`` during pretraining.
+
+    Args:
+        backbone: the backbone to probe (e.g. the teacher's); its train/eval mode is kept.
+        train_keys: keys of the train-split source used for pretraining, or the run folder
+            (its subset.json is read; without one, the whole train split), or None (the whole
+            train split). ``eval.train_fraction`` applies on top.
+    Sources are opened once per process and reused. Under torch.distributed every rank must
+    call it: extraction is split over ranks and all-gathered, every rank gets the result.
+
+    Returns:
+        ``{"top1", "top5", "k" (effective), "temperature", "n_train", "n_test", "seconds"}``.
+    """
+    start = time.perf_counter()
+    if isinstance(train_keys, (str, Path)):
+        subset = read_subset(Path(train_keys) / SUBSET_FILE)
+        train_keys = subset["keys"] if subset else None
+    train, test = _online_sources(cfg, train_keys)
+    n_cls = len(train.classes)
+    train_f, train_y = extract_features(backbone, train, cfg, device, cfg.eval.features)
+    test_f, test_y = extract_features(backbone, test, cfg, device, cfg.eval.features)
+    res = knn_classify(train_f, train_y, test_f, test_y, n_cls, (cfg.eval.k,), cfg.eval.temperature)
+    top = res["per_k"][str(cfg.eval.k)]
+    return {"top1": top["top1"], "top5": top["top5"], "k": top["k_effective"],
+            "temperature": cfg.eval.temperature, "n_train": res["n_train"], "n_test": res["n_test"],
+            "seconds": time.perf_counter() - start}
+
+
+def _online_sources(cfg: Config, train_keys: Optional[Sequence[str]]) -> tuple[ImageSource, ImageSource]:
+    key = (None if train_keys is None else tuple(train_keys), cfg.data.split, cfg.eval.test_split, cfg.eval.train_fraction,
+           cfg.data.subset_seed, json.dumps(dataclasses.asdict(cfg.data), sort_keys=True))
+    if _ONLINE.get("key") != key:
+        full = open_cached(cfg, cfg.data.split)
+        subset = None if train_keys is None else {"keys": list(train_keys), "source": full.name}
+        test = open_cached(cfg, cfg.eval.test_split)
+        try:
+            check_split_pair(full, test, cfg.data.split, cfg.eval.test_split)
+        except ConfigError as e:
+            raise ConfigError(f"online k-NN: {e}; or turn it off with eval.every_epochs=0") from None
+        _ONLINE.update(key=key, sources=(train_subset(full, subset, cfg), test))
+    return _ONLINE["sources"]

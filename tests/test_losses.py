@@ -1,0 +1,214 @@
+"""DINO global and local losses (glsd.loss.dino) against naive loops."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glsd.loss.dino import Center, DINOGlobalLoss, DINOLocalLoss, teacher_probs, view_pairs
+from glsd.loss.matching import Matches
+
+TS, TT, M = 0.1, 0.05, 0.9
+
+
+def _ce(t_logits, center, s_logits):
+    """-sum softmax((t - c)/Tt) * log_softmax(s/Ts) for one teacher/student vector pair."""
+    p = torch.softmax((t_logits.double() - center.double()) / TT, dim=-1)
+    return -(p * torch.log_softmax(s_logits.double() / TS, dim=-1)).sum()
+
+
+def naive_global(student, teacher, center):
+    vs, b, _ = student.shape
+    vt = teacher.shape[0]
+    total, pairs = 0.0, 0
+    for t in range(vt):
+        for s in range(vs):
+            if s == t:
+                continue
+            total += sum(_ce(teacher[t, i], center[0], student[s, i]) for i in range(b)) / b
+            pairs += 1
+    return total / pairs
+
+
+def naive_local(groups, teacher, pairs, matches, center, normalize):
+    """Per pair: batch mean of sum_cells valid*CE / Ns ('all') or mean over valid cells."""
+    total, n_pairs = 0.0, 0
+    for logits, (t_idx, s_idx), m in zip(groups, pairs, matches):
+        _, b, ns, _ = logits.shape
+        for p in range(len(t_idx)):
+            t, s = int(t_idx[p]), int(s_idx[p])
+            acc, n_valid, per_sample = 0.0, 0, []
+            for i in range(b):
+                cell_sum = 0.0
+                for c in range(ns):
+                    if m.valid[p, i, c]:
+                        ce = _ce(teacher[t, i, m.index[p, i, c]], center[0], logits[s, i, c])
+                        cell_sum += ce
+                        n_valid += 1
+                per_sample.append(cell_sum / ns)
+                acc += cell_sum
+            if normalize == "all":
+                total += sum(per_sample) / b
+            else:
+                total += acc / max(n_valid, 1)
+            n_pairs += 1
+    return total / n_pairs
+
+
+# ---------------------------------------------------------------------------------------
+# view pairs
+
+@pytest.mark.parametrize("vt,first,n", [(2, 0, 2), (2, 2, 6), (3, 0, 3), (2, 0, 5), (1, 1, 4)])
+def test_view_pairs_all_but_same_view(vt, first, n):
+    t, s = view_pairs(vt, first, n)
+    got = sorted(zip(t.tolist(), s.tolist()))
+    want = sorted((a, b) for a in range(vt) for b in range(n) if a != b + first)
+    assert got == want
+    assert t.dtype == torch.long and s.dtype == torch.long
+    assert all(a != b + first for a, b in got)
+
+
+def test_view_pairs_counts():
+    assert len(view_pairs(2, 0, 2)[0]) == 2  # (0,1), (1,0)
+    assert len(view_pairs(2, 2, 8)[0]) == 16  # locals never coincide with teacher views
+    assert sum(len(view_pairs(2, f, n)[0]) for f, n in ((0, 2), (2, 8))) == 18  # the paper's 18
+
+
+# ---------------------------------------------------------------------------------------
+# global loss
+
+@pytest.mark.parametrize("vt,vs", [(2, 2), (2, 5), (1, 3)])
+def test_global_loss_matches_naive(vt, vs):
+    torch.manual_seed(vt * 10 + vs)
+    b, k = 3, 7
+    student, teacher = torch.randn(vs, b, k), torch.randn(vt, b, k)
+    loss_fn = DINOGlobalLoss(k, student_temp=TS, center_momentum=M)
+    old = torch.randn(1, k) * 0.3
+    loss_fn.center.center.copy_(old)
+    loss = loss_fn(student, teacher, TT)
+    assert loss.ndim == 0
+    torch.testing.assert_close(loss.double(), naive_global(student, teacher, old), rtol=1e-5, atol=1e-6)
+
+
+def test_global_loss_center_update_after_use():
+    torch.manual_seed(0)
+    b, k = 4, 5
+    student, teacher = torch.randn(3, b, k), torch.randn(2, b, k)
+    loss_fn = DINOGlobalLoss(k, student_temp=TS, center_momentum=M)
+    assert torch.equal(loss_fn.center.center, torch.zeros(1, k))
+    first = loss_fn(student, teacher, TT)
+    # the first call used the zero centre ...
+    torch.testing.assert_close(first.double(), naive_global(student, teacher, torch.zeros(1, k)),
+                               rtol=1e-5, atol=1e-6)
+    # ... then moved it: m * 0 + (1 - m) * mean over views and batch
+    c1 = (1 - M) * teacher.reshape(-1, k).mean(0, keepdim=True)
+    torch.testing.assert_close(loss_fn.center.center, c1)
+    second = loss_fn(student, teacher, TT)
+    torch.testing.assert_close(second.double(), naive_global(student, teacher, c1), rtol=1e-5, atol=1e-6)
+    assert not torch.isclose(first, second)
+    c2 = M * c1 + (1 - M) * teacher.reshape(-1, k).mean(0, keepdim=True)
+    torch.testing.assert_close(loss_fn.center.center, c2)
+
+
+def test_global_loss_gradient_only_to_student():
+    student = torch.randn(3, 2, 6, requires_grad=True)
+    teacher = torch.randn(2, 2, 6, requires_grad=True)
+    DINOGlobalLoss(6)(student, teacher, TT).backward()
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+    assert student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_global_loss_same_view_excluded():
+    # identical teacher/student view t: only the s == t term would be low; it must not count
+    k = 4
+    teacher = torch.tensor([[[5.0, 0, 0, 0]], [[0, 5.0, 0, 0]]])
+    student = teacher.clone()
+    loss = DINOGlobalLoss(k, student_temp=TS)(student, teacher, TT)
+    torch.testing.assert_close(loss.double(), naive_global(student, teacher, torch.zeros(1, k)))
+    # s != t pairs are mismatched: large loss (>> the matching-pair CE ~ 0)
+    assert loss.item() > 10
+
+
+def test_teacher_probs_and_center_module():
+    logits, c = torch.randn(2, 3, 5), torch.randn(1, 5)
+    torch.testing.assert_close(teacher_probs(logits, c, 0.5), torch.softmax((logits - c) / 0.5, -1))
+    center = Center(5, momentum=0.8)
+    x = torch.randn(6, 5)
+    center.update(x)
+    torch.testing.assert_close(center.center, 0.2 * x.mean(0, keepdim=True))
+
+
+# ---------------------------------------------------------------------------------------
+# local loss
+
+def _local_setup(seed=0, with_empty_pair=True):
+    torch.manual_seed(seed)
+    vt, vl, b, k = 2, 3, 2, 5
+    nt = 4  # teacher grid 2x2
+    ns_groups = (4, 1)  # global views 2x2, local views 1x1 (different Ns)
+    teacher = torch.randn(vt, b, nt, k)
+    groups = [torch.randn(vt, b, ns_groups[0], k), torch.randn(vl, b, ns_groups[1], k)]
+    pairs = [view_pairs(vt, 0, vt), view_pairs(vt, vt, vl)]
+    matches = []
+    for (t_idx, _), ns in zip(pairs, ns_groups):
+        p = len(t_idx)
+        index = torch.randint(0, nt, (p, b, ns))
+        valid = torch.rand(p, b, ns) > 0.4
+        matches.append(Matches(index, valid))
+    if with_empty_pair:
+        matches[1].valid[0] = False  # a pair with no valid cell
+        matches[0].valid[0, 0] = True  # and one sample fully valid
+    return groups, teacher, pairs, matches, k
+
+
+@pytest.mark.parametrize("normalize", ["all", "valid"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_local_loss_matches_naive(normalize, seed):
+    groups, teacher, pairs, matches, k = _local_setup(seed)
+    assert sum(len(t) for t, _ in pairs) == 2 + 6
+    loss_fn = DINOLocalLoss(k, student_temp=TS, center_momentum=M, normalize=normalize)
+    old = torch.randn(1, k) * 0.3
+    loss_fn.center.center.copy_(old)
+    loss = loss_fn(groups, teacher, pairs, matches, TT)
+    assert loss.ndim == 0
+    want = naive_local(groups, teacher, pairs, matches, old, normalize)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    # centre: EMA of the teacher mean over views, batch and cells, after the loss used the old one
+    c1 = M * old + (1 - M) * teacher.reshape(-1, k).mean(0, keepdim=True)
+    torch.testing.assert_close(loss_fn.center.center, c1)
+
+
+def test_local_loss_all_vs_valid_differ_and_all_valid_agree():
+    groups, teacher, pairs, matches, k = _local_setup(3)
+    a = DINOLocalLoss(k, TS, normalize="all")(groups, teacher, pairs, matches, TT)
+    v = DINOLocalLoss(k, TS, normalize="valid")(groups, teacher, pairs, matches, TT)
+    assert not torch.isclose(a, v)
+    full = [Matches(m.index, torch.ones_like(m.valid)) for m in matches]
+    a = DINOLocalLoss(k, TS, normalize="all")(groups, teacher, pairs, full, TT)
+    v = DINOLocalLoss(k, TS, normalize="valid")(groups, teacher, pairs, full, TT)
+    torch.testing.assert_close(a, v)
+
+
+def test_local_loss_masked_cells_count_as_zero():
+    # 'all': halving the valid cells of a pair with equal CE per cell halves its term
+    k, b = 3, 1
+    teacher = torch.zeros(1, b, 2, k)
+    student = torch.zeros(2, b, 2, k)  # uniform: CE = ln(3) per cell
+    pairs = [(torch.tensor([0]), torch.tensor([1]))]
+    idx = torch.zeros(1, b, 2, dtype=torch.long)
+    one = Matches(idx, torch.tensor([[[True, False]]]))
+    two = Matches(idx, torch.tensor([[[True, True]]]))
+    loss_all = DINOLocalLoss(k, TS, normalize="all")
+    ln3 = torch.log(torch.tensor(3.0))
+    torch.testing.assert_close(loss_all([student], teacher, pairs, [one], TT), ln3 / 2)
+    torch.testing.assert_close(loss_all([student], teacher, pairs, [two], TT), ln3)
+    loss_valid = DINOLocalLoss(k, TS, normalize="valid")
+    torch.testing.assert_close(loss_valid([student], teacher, pairs, [one], TT), ln3)
+
+
+def test_local_loss_gradients():
+    groups, teacher, pairs, matches, k = _local_setup(4, with_empty_pair=False)
+    groups = [g.requires_grad_() for g in groups]
+    teacher.requires_grad_()
+    DINOLocalLoss(k, TS)(groups, teacher, pairs, matches, TT).backward()
+    assert all(g.grad is not None and torch.isfinite(g.grad).all() for g in groups)
+    assert teacher.grad is None
