@@ -31,9 +31,6 @@ def test_several_overrides_and_later_wins():
     assert cfg.data.num_images is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG config._coerce: Union[str, float] tries str first and str accepts numbers, so "
-    "loss.match_threshold=4.5 becomes the string '4.5' and validate() rejects it"))
 @pytest.mark.parametrize("value,expected", [("4.5", 4.5), ("4", 4.0)])
 def test_numeric_match_threshold(value, expected):
     cfg = load_config(None, [f"loss.match_threshold={value}"])
@@ -41,8 +38,6 @@ def test_numeric_match_threshold(value, expected):
     assert isinstance(cfg.loss.match_threshold, float)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG config._coerce: a numeric match_threshold in a YAML file is turned into a string"))
 def test_numeric_match_threshold_from_yaml(tmp_path):
     path = tmp_path / "thr.yaml"
     path.write_text("loss:\n  match_threshold: 6.0\n")
@@ -156,6 +151,19 @@ def test_yaml_file_then_overrides(tmp_path):
     assert cfg.model.backbone == "glsd_convnet"
     assert cfg.model.backbone_kwargs == {"widths": [8, 8], "pool_after": [0]}  # merged
     assert cfg.preset == str(path)
+
+
+def test_mapping_override_replaces_dotted_key_merges(tmp_path):
+    path = tmp_path / "kw.yaml"
+    path.write_text("model:\n  backbone_kwargs: {embed_dim: 32, depth: 2}\n")
+    cfg = load_config(str(path), ["model.backbone_kwargs.depth=1"])
+    assert cfg.model.backbone_kwargs == {"embed_dim": 32, "depth": 1}
+    cfg = load_config(str(path), ["model.backbone_kwargs={num_heads: 2}"])
+    assert cfg.model.backbone_kwargs == {"num_heads": 2}
+    cfg = load_config(str(path), ["model.backbone_kwargs={}"])
+    assert cfg.model.backbone_kwargs == {}
+    # sections merge key by key: the file's other values survive an override
+    assert load_config(str(path), ["model.out_dim=8"]).model.backbone_kwargs == {"embed_dim": 32, "depth": 2}
 
 
 def test_yaml_file_unknown_key(tmp_path):

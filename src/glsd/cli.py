@@ -21,7 +21,7 @@ def _cmd_eval(args) -> int:
     from glsd.eval.runner import run_eval
 
     result = run_eval(args.kind, args.path, args.overrides, random_init=args.random_init,
-                      device=args.device)
+                      device=args.device, which="student" if args.student else None)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides (eval.k=10, eval.model=student, ...)")
     p.add_argument("--random-init", action="store_true",
                    help="evaluate a randomly initialised backbone of the same architecture (the floor)")
+    p.add_argument("--student", action="store_true", help="student weights (default: eval.model, the teacher)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_eval)
 

@@ -146,6 +146,15 @@ class EvalConfig:
 
 
 @dataclass
+class StudyConfig:
+    """The grid of ``glsd study`` (command-line flags override it)."""
+    fractions: list[float] = field(default_factory=lambda: [0.05, 0.1])
+    matchings: list[str] = field(default_factory=lambda: ["none", "similarity", "geometric"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    evals: list[str] = field(default_factory=lambda: ["knn"])
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     crops: CropConfig = field(default_factory=CropConfig)
@@ -153,6 +162,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     output_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     preset: str = ""  # the name it came from, for the record
@@ -175,7 +185,7 @@ def _read_yaml(name_or_path: str) -> tuple[dict, str]:
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         return yaml.safe_load(path.read_text()) or {}, str(path)
-    res = resources.files("glsd").joinpath("presets", f"{name_or_path}.yaml")
+    res = resources.files("glsd").joinpath(f"presets/{name_or_path}.yaml")
     if not res.is_file():
         close = difflib.get_close_matches(name_or_path, preset_names(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -262,14 +272,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Union:
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
+        # str last: it would accept a number (match_threshold=4.5 must stay a float).
+        for arg in sorted(args, key=lambda a: a is str):
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"bad value {value!r} for '{key}': expected {_type_name(tp)}")
     if origin is Literal:
         if value in args:
@@ -357,6 +367,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("need 0 <= train.momentum_teacher <= train.momentum_teacher_end <= 1")
     if cfg.eval.train_fraction is not None and not 0.0 < cfg.eval.train_fraction <= 1.0:
         raise ConfigError("eval.train_fraction must be in (0, 1]")
+    bad = [m for m in cfg.study.matchings if m not in ("none", "similarity", "geometric")]
+    if bad:
+        raise ConfigError(f"study.matchings has {bad}; valid: none, similarity, geometric")
+    bad = [e for e in cfg.study.evals if e not in ("knn", "linear", "dense")]
+    if bad:
+        raise ConfigError(f"study.evals has {bad}; valid: knn, linear, dense")
 
 
 # ----------------------------------------------------------------------------------------

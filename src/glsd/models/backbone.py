@@ -54,11 +54,17 @@ class Backbone(nn.Module):
         raise ConfigError(f"cannot read a feature grid from {type(self.model).__name__} output "
                           f"of shape {tuple(out.shape)}; use a ViT, Swin, ResNet or conv backbone")
 
+    @torch.no_grad()
     def grid_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
-        """Feature grid of an input size (a dry run on the meta device costs nothing)."""
-        with torch.device("meta"):
-            x = torch.empty(1, 3, *image_hw)
-        return tuple(self._to_grid(self.model.forward_features(x), image_hw).shape[1:3])
+        """Feature grid ``(gh, gw)`` of an input size (one dummy forward in eval mode, so
+        BatchNorm statistics are left alone)."""
+        was_training = self.training
+        self.eval()
+        param = next(self.model.parameters())
+        x = torch.zeros(1, 3, *image_hw, device=param.device, dtype=param.dtype)
+        grid = self._to_grid(self.model.forward_features(x), image_hw)
+        self.train(was_training)
+        return tuple(grid.shape[1:3])
 
     def forward(self, images: torch.Tensor) -> BackboneOutput:
         """images (B, 3, H, W) -> BackboneOutput with local_feat (B, gh, gw, D)."""
@@ -109,7 +115,9 @@ def create_model(cfg: ModelConfig, image_size: int) -> nn.Module:
     elif family in ("swin", "swinv2"):
         kwargs.setdefault("img_size", image_size)
         kwargs.setdefault("strict_img_size", False)
-    if cfg.drop_path_rate and family not in ("resnet", "resnetv2"):
+    if family in ("vit", "deit", "deit3", "eva", "beit", "swin", "swinv2", "resnet", "resnetv2", "convnext"):
+        # Always pass it, 0 included: timm's own default (0.1 for Swin) would otherwise leak
+        # stochastic depth into the teacher.
         kwargs.setdefault("drop_path_rate", cfg.drop_path_rate)
     try:
         return timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **kwargs)

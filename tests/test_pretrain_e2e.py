@@ -1,0 +1,125 @@
+"""End-to-end pretraining on synthetic images: the run folder, the export, resume, subsets."""
+import dataclasses
+import json
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import glsd.train.pretrain as pretrain_mod
+from glsd.config import load_config
+from glsd.data.sources import balanced_subset, synthetic_source
+from glsd.models.backbone import create_model
+from glsd.train.checkpoint import load_checkpoint
+from glsd.train.pretrain import pretrain
+
+from helpers_tiny import METRIC_KEYS, read_metrics, state_dicts_equal, tiny_config
+
+PREFIX = "backbone.model."
+
+
+def _capture_ctx(monkeypatch) -> dict:
+    """Keep the loop's Context (student, teacher, ...) for inspection after pretrain()."""
+    seen = {}
+    real = pretrain_mod.train_loop
+
+    def loop(ctx, state, stop):
+        seen["ctx"], seen["state"] = ctx, state
+        return real(ctx, state, stop)
+
+    monkeypatch.setattr(pretrain_mod, "train_loop", loop)
+    return seen
+
+
+@pytest.mark.parametrize("matching", ["none", "similarity", "geometric"])
+def test_run_folder_export_and_teacher(tmp_path, monkeypatch, matching):
+    run = tmp_path / "run"
+    cfg = tiny_config(run, f"loss.matching={matching}", "train.max_steps=3")
+    seen = _capture_ctx(monkeypatch)
+    assert pretrain(cfg) == run
+
+    for name in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "backbone.safetensors",
+                 "subset.json", "train.log"):
+        assert (run / name).is_file(), name
+    assert dataclasses.replace(load_config(str(run / "config.yaml")), preset="") == cfg
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        missing = [k for k in METRIC_KEYS if k not in r]
+        assert not missing, f"metrics lack {missing}"
+        assert all(v == v for v in r.values() if isinstance(v, float)), r  # no NaN
+    if matching == "none":
+        assert all(r["loss_local"] == 0.0 for r in records)
+    else:
+        assert all(r["loss_local"] > 0.0 for r in records)
+    assert "done: 3 steps" in (run / "train.log").read_text()
+    subset = json.loads((run / "subset.json").read_text())
+    assert subset["n_images"] == 32 and len(subset["keys"]) == 32
+
+    # The export is the teacher's bare backbone and loads into the plain model.
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 3
+    saved_cfg = load_config(str(run / "config.yaml"))
+    exported = create_model(saved_cfg.model, saved_cfg.crops.global_size)
+    exported.load_state_dict(load_file(str(run / "backbone.safetensors")))
+    nets = {}
+    for which in ("teacher", "student"):
+        net = create_model(saved_cfg.model, saved_cfg.crops.global_size)
+        net.load_state_dict({k[len(PREFIX):]: v for k, v in ckpt[which].items() if k.startswith(PREFIX)})
+        nets[which] = net.eval()
+    exported.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = exported.forward_features(x)
+        assert torch.equal(feats, nets["teacher"].forward_features(x))
+        assert not torch.allclose(feats, nets["student"].forward_features(x))
+
+    # The teacher moved (EMA of a moving student), differs from the student, got no gradient.
+    ctx = seen["ctx"]
+    teacher, student = ctx.teacher, ctx.student
+    assert state_dicts_equal(ckpt["teacher"], teacher.state_dict()) == []
+    assert state_dicts_equal(ckpt["student"], ckpt["teacher"]), "teacher == student after 3 steps"
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None for p in student.parameters())
+    torch.manual_seed(cfg.train.seed)  # pretrain's seed: the initial weights
+    fresh = pretrain_mod.build_network(cfg)
+    moved = state_dicts_equal(fresh.state_dict(), ckpt["teacher"])
+    assert moved, "the teacher never changed"
+
+
+def test_rerun_with_more_steps_resumes(tmp_path):
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, "train.max_steps=2"))
+    first = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert first["step"] == 2
+    pretrain(tiny_config(run, "train.max_steps=5"))
+    steps = [r["step"] for r in read_metrics(run)]
+    assert steps == [1, 2, 3, 4, 5], f"restarted instead of resuming: {steps}"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 5
+    assert "resumed from step 2" in (run / "train.log").read_text()
+    # Nothing was archived: the same run continued.
+    assert not list(run.glob("previous-*"))
+
+
+@pytest.mark.parametrize("option,expected", [("data.fraction=0.25", 8), ("data.num_images=12", 12)])
+def test_balanced_subset_recorded_and_reused(tmp_path, option, expected):
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, option, "train.max_steps=1"))
+    subset = json.loads((run / "subset.json").read_text())
+    assert subset["n_images"] == expected == len(subset["keys"]) == len(set(subset["keys"]))
+    per_class = Counter(subset["labels"])
+    assert sorted(per_class) == [0, 1, 2, 3] and set(per_class.values()) == {expected // 4}
+    source = synthetic_source(32, 40, 4)
+    label_of = dict(zip(source.keys, source.labels))
+    assert subset["labels"] == [label_of[k] for k in subset["keys"]]
+    assert f"{expected} images" in (run / "train.log").read_text()
+
+    # A rerun uses the recorded keys, not a fresh draw: record another balanced subset.
+    other = balanced_subset(source, num_images=expected, seed=123)
+    assert other != subset["keys"]
+    subset["keys"], subset["labels"] = other, [label_of[k] for k in other]
+    (run / "subset.json").write_text(json.dumps(subset))
+    pretrain(tiny_config(run, option, "train.max_steps=2"))
+    assert json.loads((run / "subset.json").read_text())["keys"] == other
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
