@@ -25,6 +25,8 @@ from helpers_tiny import (cli, last_step, load_last, read_metrics, start_pretrai
                           tiny_config, wait_for_step, write_config)
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "glsd"
+# Two blocks: timm spreads drop_path_rate linearly over depth, so one block would get 0.
+DROP_PATH_VIT = ("model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2}", "model.drop_path_rate=0.2")
 
 
 @pytest.fixture(autouse=True)
@@ -46,8 +48,8 @@ def test_sigkill_mid_run_resumes_to_identical_weights(tmp_path):
     """SIGKILL a `python -m glsd pretrain` run, rerun it: the final student and teacher equal,
     tensor for tensor, those of an uninterrupted run. A ViT with stochastic depth, so the
     RNG state must be restored exactly too; the run crosses an epoch boundary (4 steps/epoch)."""
-    extra = ("train.checkpoint_every_steps=2", "train.deterministic=true", "train.max_steps=10",
-             "model.drop_path_rate=0.1")
+    extra = ("train.checkpoint_every_steps=2", "train.deterministic=true", "train.max_steps=6",
+             *DROP_PATH_VIT)
     killed = tmp_path / "killed"
     proc = start_pretrain(write_config(tiny_config(killed, *extra, vit=True), tmp_path / "killed.yaml"),
                           stdout=subprocess.DEVNULL)
@@ -61,7 +63,7 @@ def test_sigkill_mid_run_resumes_to_identical_weights(tmp_path):
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     ckpt_step = load_checkpoint(killed / "checkpoints" / "last.pt")["step"]
-    assert 2 <= ckpt_step < 10 and ckpt_step < last_step(killed) + 1
+    assert 2 <= ckpt_step < 6 and ckpt_step < last_step(killed) + 1
     assert not (killed / "backbone.safetensors").exists()
     # A checkpoint write torn by the kill leaves a temp file beside last.pt: it must not matter.
     (killed / "checkpoints" / ".last.pt.tmp-999999").write_bytes(b"torn")
@@ -72,25 +74,15 @@ def test_sigkill_mid_run_resumes_to_identical_weights(tmp_path):
     assert f"resumed from step {ckpt_step}" in (killed / "train.log").read_text()
 
     a, b = load_last(ref), load_last(killed)
-    assert a["step"] == b["step"] == 10
+    assert a["step"] == b["step"] == 6
     assert state_dicts_equal(a["student"], b["student"]) == []
     assert state_dicts_equal(a["teacher"], b["teacher"]) == []
     assert state_dicts_equal(a["objective"], b["objective"]) == []  # both centres
     assert a["rng"]["torch"].equal(b["rng"]["torch"])
-
-
-def test_exact_resume_in_process_mid_epoch(tmp_path):
-    """Stopped at step 3 (mid-epoch, 4 steps/epoch) and rerun to 6: identical to 6 straight."""
-    common = ("train.deterministic=true", "model.drop_path_rate=0.1")
-    ref, split = tmp_path / "ref", tmp_path / "split"
-    pretrain(tiny_config(ref, *common, "train.max_steps=6", vit=True))
-    pretrain(tiny_config(split, *common, "train.max_steps=3", vit=True))
-    pretrain(tiny_config(split, *common, "train.max_steps=6", vit=True))
-    a, b = load_last(ref), load_last(split)
-    assert state_dicts_equal(a["student"], b["student"]) == []
-    assert state_dicts_equal(a["teacher"], b["teacher"]) == []
-    losses = lambda run: {r["step"]: r["loss"] for r in read_metrics(run)}  # noqa: E731
-    assert losses(ref) == losses(split)
+    # The resumed steps logged the same losses as the uninterrupted ones.
+    ref_losses = {r["step"]: r["loss"] for r in read_metrics(ref)}
+    resumed = [r for r in read_metrics(killed) if r["step"] > ckpt_step][-(6 - ckpt_step):]
+    assert [(r["step"], r["loss"]) for r in resumed] == [(s, ref_losses[s]) for s in range(ckpt_step + 1, 7)]
 
 
 def test_sigterm_finishes_step_checkpoints_and_exits_cleanly(tmp_path):

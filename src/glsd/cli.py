@@ -26,6 +26,19 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from glsd.study import run_study
+
+    result = run_study(args.config, args.out, args.overrides, args.fractions, args.matchings,
+                       args.seeds, args.evals, args.device)
+    failed = [r["name"] for r in result["records"] if r.get("status") != "done"]
+    print(f"study folder: {args.out} (results.json, report.md, report.png)")
+    if failed:
+        print(f"failed cells: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_presets(args) -> int:
     for name in preset_names():
         print(name)
@@ -50,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", action="store_true", help="student weights (default: eval.model, the teacher)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("study", help="compare none / similarity / geometric matching over data fractions and seeds")
+    p.add_argument("config", help="preset name or YAML path (its study: section gives the default grid)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
+    p.add_argument("--out", required=True, help="study folder (rerun to resume)")
+    p.add_argument("--fractions", nargs="+", type=float)
+    p.add_argument("--matchings", nargs="+", choices=["none", "similarity", "geometric"])
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--evals", nargs="+", choices=["knn", "linear", "dense"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=_cmd_presets)

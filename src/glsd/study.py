@@ -1,0 +1,248 @@
+"""The low-data study: pretrain + evaluate every (fraction, matching, seed) cell, then report.
+
+Each cell lives in its own run folder under the study folder, so the study resumes for free:
+a cell whose evaluation JSON exists is skipped, an interrupted one resumes from its
+checkpoint, a failed one is recorded and the others go on.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from glsd.config import Config, config_hash, load_config
+
+KNN_KEY = "knn"
+
+
+@dataclass
+class Cell:
+    fraction: float
+    matching: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"f{self.fraction:g}-{self.matching}-s{self.seed}"
+
+    def overrides(self, out: Path) -> list[str]:
+        # The seed picks both the subset and the initialisation; matchings of one seed share
+        # both, so their comparison is paired.
+        return [f"data.fraction={self.fraction}", "data.num_images=null",
+                f"loss.matching={self.matching}", f"train.seed={self.seed}",
+                f"data.subset_seed={self.seed}", f"output_dir={out / self.name}"]
+
+
+def study_cells(cfg: Config, fractions=None, matchings=None, seeds=None) -> list[Cell]:
+    s = cfg.study
+    return [Cell(f, m, seed) for f in (fractions or s.fractions)
+            for seed in (seeds or s.seeds) for m in (matchings or s.matchings)]
+
+
+def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=None,
+              matchings=None, seeds=None, evals=None, device: str = "auto") -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_config(config, overrides)
+    evals = list(evals or base.study.evals)
+    cells = study_cells(base, fractions, matchings, seeds)
+    (out / "study.json").write_text(json.dumps({
+        "config": config, "overrides": list(overrides), "evals": evals,
+        "cells": [c.name for c in cells]}, indent=2))
+    records = []
+    for i, cell in enumerate(cells):
+        print(f"[study] cell {i + 1}/{len(cells)}: {cell.name}", flush=True)
+        records.append(run_cell(config, overrides, cell, out, evals, device))
+        write_outputs(out, records)
+    return {"records": records, "out": str(out)}
+
+
+def run_cell(config: str, overrides: Sequence[str], cell: Cell, out: Path, evals: list[str],
+             device: str) -> dict:
+    from glsd.eval.runner import run_eval
+    from glsd.train.pretrain import pretrain
+
+    cfg = load_config(config, [*overrides, *cell.overrides(out)])
+    run_dir = Path(cfg.output_dir)
+    record_path = run_dir / "cell.json"
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    start = time.time()
+    try:
+        pretrain(cfg)
+        results = {kind: run_eval(kind, run_dir, device=device) for kind in evals}
+        results["knn_random_init"] = knn_floor(run_dir, out / f"floor-f{cell.fraction:g}-s{cell.seed}.json", device)
+    except Exception as e:  # noqa: BLE001 - one failed cell must not stop the grid
+        traceback.print_exc()
+        return {"name": cell.name, "fraction": cell.fraction, "matching": cell.matching,
+                "seed": cell.seed, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+    record = cell_record(cfg, cell, run_dir, results, time.time() - start)
+    record_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def knn_floor(run_dir: Path, cache: Path, device: str) -> dict:
+    """k-NN of the same architecture at random init on the same images: the floor. One per
+    (fraction, seed): the matchings of a seed share subset and initialisation."""
+    from glsd.eval.runner import run_eval
+
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    result = run_eval("knn", run_dir, random_init=True, device=device)
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def cell_record(cfg: Config, cell: Cell, run_dir: Path, results: dict, wall: float) -> dict:
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [m for m in metrics if "loss" in m][-1]
+    subset = json.loads((run_dir / "subset.json").read_text())
+    knn = results.get("knn", {}).get("results", {})
+    record = {
+        "name": cell.name, "status": "done", "config_hash": config_hash(cfg),
+        "fraction": cell.fraction, "n_images": subset["n_images"], "matching": cell.matching,
+        "seed": cell.seed, "epochs": cfg.train.epochs, "steps": last["step"],
+        "images_seen": last["step"] * cfg.train.batch_size, "wall_time_s": round(wall, 1),
+        "knn_top1": knn.get("top1"), "knn_top5": knn.get("top5"),
+        "knn_floor_top1": results["knn_random_init"]["results"]["top1"],
+        "final": {k: last[k] for k in ("loss", "loss_global", "loss_local", "geo_valid_frac",
+                                        "sim_geo_agree", "sim_dist_cells") if k in last},
+        "run_dir": str(run_dir),
+    }
+    if "linear" in results:
+        record["linear_top1"] = results["linear"]["results"]["top1"]
+    if "dense" in results:
+        record["dense_within_one"] = results["dense"]["results"]["within_one"]
+    return record
+
+
+# ------------------------------------------------------------------------------------------
+# Report
+
+def write_outputs(out: Path, records: list[dict]) -> None:
+    (out / "results.json").write_text(json.dumps(records, indent=2))
+    (out / "report.md").write_text(report_markdown(records))
+    done = [r for r in records if r.get("status") == "done"]
+    if done:
+        try:
+            plot_report(done, out / "report.png")
+        except ImportError:
+            print("[study] matplotlib missing: no report.png (pip install glsd[viz])")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(records: list[dict], key: str = "knn_top1") -> dict:
+    """{fraction: {matching: {"mean", "std", "n", "per_seed": {seed: value}}}}."""
+    table: dict = {}
+    for r in records:
+        if r.get("status") != "done":
+            continue
+        cell = table.setdefault(r["fraction"], {}).setdefault(r["matching"], {"per_seed": {}})
+        cell["per_seed"][r["seed"]] = r[key]
+    for row in table.values():
+        for cell in row.values():
+            cell["mean"], cell["std"] = mean_std(list(cell["per_seed"].values()))
+            cell["n"] = len(cell["per_seed"])
+    return table
+
+
+def verdict(row: dict) -> str:
+    """Which matching wins at one fraction, by how much, and whether it beats the spread.
+
+    The rule: the winner's margin over another arm "exceeds the seed spread" when the mean
+    paired difference (same seed = same subset and init) is larger than the larger of the
+    two arms' standard deviations and every seed agrees on the sign.
+    """
+    ranked = sorted(row, key=lambda m: -row[m]["mean"])
+    best = ranked[0]
+    parts = [f"**{best}** wins"]
+    for other in ranked[1:]:
+        seeds = sorted(set(row[best]["per_seed"]) & set(row[other]["per_seed"]))
+        diffs = [row[best]["per_seed"][s] - row[other]["per_seed"][s] for s in seeds]
+        if not diffs:
+            continue
+        margin = statistics.fmean(diffs)
+        spread = max(row[best]["std"], row[other]["std"])
+        clear = margin > spread and all(d > 0 for d in diffs) and len(diffs) > 1
+        parts.append(f"+{margin:.2f} over {other} ({'exceeds' if clear else 'within'} the seed spread "
+                     f"of {spread:.2f}; per-seed differences {', '.join(f'{d:+.2f}' for d in diffs)})")
+    return "; ".join(parts)
+
+
+def report_markdown(records: list[dict]) -> str:
+    table = summarize(records)
+    floors = summarize(records, "knn_floor_top1")
+    matchings = [m for m in ("none", "similarity", "geometric")
+                 if any(m in row for row in table.values())]
+    lines = ["# Low-data study: k-NN top-1 (%) by data fraction and matching", "",
+             "Mean ± std over seeds (k=20, T=0.07, teacher backbone, labelled train images = the "
+             "pretraining subset, full test split). Floor: the same backbone at random init.", "",
+             "| fraction | images | floor | " + " | ".join(matchings) + " |",
+             "|---|---|---|" + "---|" * len(matchings)]
+    n_images = {r["fraction"]: r["n_images"] for r in records if r.get("status") == "done"}
+    for frac in sorted(table):
+        row = table[frac]
+        floor = mean_std([v for m in floors[frac].values() for v in m["per_seed"].values()])
+        cells = [f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f} (n={row[m]['n']})" if m in row else "-"
+                 for m in matchings]
+        lines.append(f"| {frac:g} | {n_images.get(frac, '?')} | {floor[0]:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "## Verdict per fraction", ""]
+    for frac in sorted(table):
+        lines.append(f"- fraction {frac:g}: {verdict(table[frac])}")
+    lines += ["", "## Matching diagnostics at the end of training", "",
+              "How often the similarity match equals the geometric match (among cells with a valid "
+              "geometric match), and the mean distance of similarity matches from the true "
+              "location, in teacher cells; computed in every arm.", "",
+              "| fraction | matching | sim = geo | sim distance (cells) | valid geometric matches |",
+              "|---|---|---|---|---|"]
+    for frac in sorted(table):
+        for m in matchings:
+            rs = [r for r in records if r.get("status") == "done" and r["fraction"] == frac and r["matching"] == m]
+            if rs:
+                agree = mean_std([r["final"].get("sim_geo_agree") for r in rs])[0]
+                dist = mean_std([r["final"].get("sim_dist_cells") for r in rs])[0]
+                valid = mean_std([r["final"].get("geo_valid_frac") for r in rs])[0]
+                lines.append(f"| {frac:g} | {m} | {agree:.3f} | {dist:.2f} | {valid:.3f} |")
+    failed = [r for r in records if r.get("status") == "failed"]
+    if failed:
+        lines += ["", "## Failed cells", ""] + [f"- {r['name']}: {r['error']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summarize(records)
+    floors = summarize(records, "knn_floor_top1")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fracs = sorted(table)
+    for m in ("none", "similarity", "geometric"):
+        xs = [f for f in fracs if m in table[f]]
+        if xs:
+            ax.errorbar(xs, [table[f][m]["mean"] for f in xs], yerr=[table[f][m]["std"] for f in xs],
+                        marker="o", capsize=4, label=m)
+    floor = [mean_std([v for c in floors[f].values() for v in c["per_seed"].values()])[0] for f in fracs]
+    ax.plot(fracs, floor, "k--", label="random init (floor)")
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of CIFAR-10 train used for pretraining")
+    ax.set_ylabel("k-NN top-1 (%)")
+    ax.set_xticks(fracs, [f"{f:g}" for f in fracs])
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,95 @@
+"""The study command end to end on a 2 x 2 micro grid of synthetic data."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from glsd.study import Cell, report_markdown, run_study, summarize, verdict
+
+TINY = [
+    "data.source=synthetic", "data.synthetic_num_images=32", "data.synthetic_num_classes=4",
+    "data.num_workers=0", "crops.global_size=32", "crops.local_size=16", "crops.num_local=2",
+    "model.backbone=glsd_convnet", "model.backbone_kwargs={widths: [8, 8, 16, 16], pool_after: [1, 3]}",
+    "model.out_dim=64", "model.hidden_dim=32", "model.bottleneck_dim=16",
+    "train.batch_size=8", "train.epochs=1", "train.precision=fp32", "train.progress=false",
+    "train.log_every=1", "eval.batch_size=16", "eval.dense_num_images=4", "device=cpu",
+]
+
+
+def _table_cells(report: str) -> dict:
+    """{(fraction, matching): mean} parsed from the report's markdown table."""
+    lines = [l for l in report.splitlines() if l.startswith("|")]
+    header = [h.strip() for h in lines[0].strip("|").split("|")]
+    cells = {}
+    for line in lines[2:]:
+        parts = [p.strip() for p in line.strip("|").split("|")]
+        if not re.match(r"^[0-9.]+$", parts[0]) or len(parts) != len(header):
+            break
+        for name, value in zip(header[3:], parts[3:]):
+            if value != "-":
+                cells[(float(parts[0]), name)] = float(value.split("±")[0])
+    return cells
+
+
+def test_micro_grid_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "study"
+    result = run_study(None, out, TINY, fractions=[0.5, 1.0], matchings=["none", "geometric"],
+                       seeds=[0], evals=["knn"], device="cpu")
+    records = json.loads((out / "results.json").read_text())
+    assert len(records) == 4 and all(r["status"] == "done" for r in records), records
+    assert {(r["fraction"], r["matching"]) for r in records} == {
+        (0.5, "none"), (0.5, "geometric"), (1.0, "none"), (1.0, "geometric")}
+    assert {r["n_images"] for r in records} == {16, 32}
+    for r in records:
+        assert 0 <= r["knn_top1"] <= 100 and 0 <= r["knn_floor_top1"] <= 100
+        assert set(r["final"]) >= {"loss", "loss_global", "loss_local", "sim_geo_agree"}
+    report = (out / "report.md").read_text()
+    table = _table_cells(report)
+    assert table == {(r["fraction"], r["matching"]): pytest.approx(r["knn_top1"], abs=0.006)
+                     for r in records}
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A rerun skips finished cells: their records (and wall times) are reused untouched.
+    before = {r["name"]: r["wall_time_s"] for r in records}
+    run_study(None, out, TINY, fractions=[0.5, 1.0], matchings=["none", "geometric"], seeds=[0],
+              evals=["knn"], device="cpu")
+    again = json.loads((out / "results.json").read_text())
+    assert {r["name"]: r["wall_time_s"] for r in again} == before
+
+
+def test_failed_cell_is_reported_and_others_go_on(tmp_path):
+    out = tmp_path / "study"
+    # batch 64 > 16 images at fraction 0.5: that cell fails, the 1.0 cell (32 images) too; use
+    # batch 24 so only the small cell fails.
+    result = run_study(None, out, [*TINY, "train.batch_size=24"], fractions=[0.5, 1.0],
+                       matchings=["none"], seeds=[0], evals=["knn"], device="cpu")
+    status = {r["name"]: r["status"] for r in result["records"]}
+    assert status == {"f0.5-none-s0": "failed", "f1-none-s0": "done"}
+    assert "Failed cells" in (out / "report.md").read_text()
+
+
+def _rec(fraction, matching, seed, top1):
+    return {"status": "done", "fraction": fraction, "matching": matching, "seed": seed,
+            "knn_top1": top1, "knn_floor_top1": 10.0, "n_images": 100,
+            "final": {"sim_geo_agree": 0.5, "sim_dist_cells": 1.0, "geo_valid_frac": 0.9}}
+
+
+def test_summary_and_verdict_maths():
+    records = [_rec(0.1, "none", 0, 30.0), _rec(0.1, "none", 1, 32.0),
+               _rec(0.1, "geometric", 0, 35.0), _rec(0.1, "geometric", 1, 36.0),
+               _rec(0.1, "similarity", 0, 36.0), _rec(0.1, "similarity", 1, 30.0)]
+    table = summarize(records)[0.1]
+    assert table["none"]["mean"] == 31.0 and table["none"]["std"] == pytest.approx(2 ** 0.5)
+    text = verdict(table)
+    assert text.startswith("**geometric** wins")
+    assert "+4.50 over none (exceeds" in text  # diffs +5, +4 > spread 1.41, same sign
+    assert "+2.50 over similarity (within" in text  # diffs -1, +6: signs disagree
+    assert "| 0.1 | 100 | 10.00 |" in report_markdown(records)
+
+
+def test_cell_overrides_pair_the_arms():
+    a, b = Cell(0.1, "none", 3), Cell(0.1, "geometric", 3)
+    seeds = [[o for o in c.overrides(Path("/x")) if "seed" in o] for c in (a, b)]
+    assert seeds[0] == seeds[1] == ["train.seed=3", "data.subset_seed=3"]
