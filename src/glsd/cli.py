@@ -45,6 +45,37 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def _split_run_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[RUN_DIR] [key=value ...]`` -> (run dir or None, overrides); an existing path wins."""
+    from pathlib import Path
+
+    runs = [i for i in items if "=" not in i or Path(i).exists()]
+    if len(runs) > 1:
+        raise ConfigError(f"give at most one run folder, got {', '.join(runs)}")
+    return (runs[0] if runs else None), [i for i in items if i not in runs]
+
+
+def _cmd_picture(args) -> int:
+    """show-matches, show-features and plot: one error path for their input problems."""
+    from glsd import viz
+
+    try:
+        if args.command == "show-matches":
+            run_dir, overrides = _split_run_and_overrides(args.items)
+            out = viz.show_matches(args.image, args.out, run_dir, args.config, overrides, args.seed,
+                                   args.student_view, args.random_init)
+        elif args.command == "show-features":
+            out = viz.show_features(args.run_dir, args.image, args.out, args.overrides,
+                                    random_init=args.random_init)
+        else:
+            out = viz.plot_runs(args.run_dirs, args.out)
+    except (viz.VizError, viz.MatplotlibMissing) as e:
+        print(f"glsd: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glsd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +108,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("show-matches", help="picture: geometric and similarity matches between two crops")
+    p.add_argument("items", nargs="*", metavar="[RUN_DIR] [key=value]",
+                   help="a run folder (its teacher; omit it for a random backbone of --config) and "
+                        "config overrides, e.g. crops.local_size=16 loss.match_threshold=none")
+    p.add_argument("--image", required=True, help="an image file")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--config", help="preset or YAML for a random-init backbone when no run folder is given")
+    p.add_argument("--seed", type=int, default=0, help="draws the two crops")
+    p.add_argument("--student-view", choices=["local", "global"],
+                   help="the student crop (default: local if the config has local crops)")
+    p.add_argument("--random-init", action="store_true", help="the run's architecture with fresh weights")
+    p.set_defaults(func=_cmd_picture)
+
+    p = sub.add_parser("show-features", help="picture: PCA of local features and the CLS attention (ViT)")
+    p.add_argument("run_dir", help="run folder (or backbone.safetensors)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (eval.image_size=..., ...)")
+    p.add_argument("--image", required=True, help="an image file")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--random-init", action="store_true", help="the run's architecture with fresh weights")
+    p.set_defaults(func=_cmd_picture)
+
+    p = sub.add_parser("plot", help="picture: training curves of several runs overlaid")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.set_defaults(func=_cmd_picture)
     return parser
 
 

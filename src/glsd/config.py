@@ -37,6 +37,9 @@ class DataConfig:
     subset_seed: int = 0
     on_error: Literal["skip", "fail"] = "skip"
     num_workers: int = 2
+    # cpu: loader workers make every view (PIL); device: workers only decode and resize to
+    # uint8, views are cut and augmented in one batched pass on the training device.
+    augment_on: Literal["cpu", "device"] = "cpu"
     # Synthetic source (tests, benchmarks): images of random shapes, one class per shape.
     synthetic_num_images: int = 64
     synthetic_image_size: int = 40

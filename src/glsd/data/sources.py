@@ -19,6 +19,8 @@ from PIL import Image, ImageDraw
 from glsd.config import ConfigError, DataConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# Sub-folder names that mark an ImageNet-style split layout (root/<split>/<class>/*).
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test", "unlabeled")
 TORCHVISION_SOURCES = ("cifar10", "cifar100", "stl10", "fashion_mnist")
 
 
@@ -92,6 +94,12 @@ def _is_image(name: str) -> bool:
 def imagefolder_source(root: Path, split: str) -> ImageSource:
     """``root/<class>/*`` or ``root/<split>/<class>/*`` (ImageNet layout)."""
     base = root / split if (root / split).is_dir() else root
+    if base == root:  # a split layout without the asked split must not pass as classes
+        splits = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES
+                        and any(p.is_dir() for p in d.iterdir()))
+        if splits:
+            raise ConfigError(f"split '{split}' not in {root}; available: {', '.join(splits)} "
+                              "(set data.split)")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
         raise ConfigError(f"{base} has no class sub-folders; use data.source=folder for a flat folder")

@@ -57,3 +57,13 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+def max_over_ranks(value: float, device=None) -> float:
+    """The largest ``value`` of all ranks (every rank must call it at the same point); the
+    value itself alone. Lets all ranks take the same decision (stop on a signal, a NaN)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()

@@ -24,7 +24,7 @@ from glsd.config import Config, to_dict
 from glsd.data.loader import SUBSET_FILE, build_loader, select_images, write_subset
 from glsd.models.heads import GLSDNet, build_network, build_teacher
 from glsd.train.checkpoint import export_backbone, save_checkpoint
-from glsd.train.distributed import DistInfo, cleanup, init_distributed
+from glsd.train.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, max_over_ranks
 from glsd.train.objective import GlobalLocalObjective, LossTerms
 from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.schedules import Schedules
@@ -123,17 +123,27 @@ def pretrain(cfg: Config) -> Path:
 
 
 def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
-    seed_everything(cfg.train.seed + dinfo.rank, cfg.train.deterministic)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)  # same initial weights on every rank
     run = RunFolder(cfg.output_dir, dinfo.is_main)
     resume = run.prepare(cfg)
     _, subset = select_images(cfg, run.root)
     if dinfo.is_main:
         write_subset(run.root / SUBSET_FILE, subset, cfg.data.split)
-    loader, sampler, transform = build_loader(cfg, subset, dinfo.rank, dinfo.world_size,
-                                              pin_memory=device.type == "cuda")
+    device_augment = None
+    if cfg.data.augment_on == "device":  # loader: uint8 images; views made in train_step
+        from glsd.data.gpu_augment import StepAugment, build_device_loader
+
+        loader, sampler, transform = build_device_loader(cfg, subset, dinfo.rank, dinfo.world_size,
+                                                         pin_memory=device.type == "cuda")
+        device_augment = StepAugment(cfg, dinfo.rank)
+    else:
+        loader, sampler, transform = build_loader(cfg, subset, dinfo.rank, dinfo.world_size,
+                                                  pin_memory=device.type == "cuda")
 
     student = build_network(cfg).to(device)
     teacher = build_teacher(cfg, student).to(device)
+    if dinfo.rank:  # from here on each rank draws its own random numbers (drop-path masks)
+        seed_everything(cfg.train.seed + dinfo.rank, cfg.train.deterministic)
     if dinfo.enabled and _has_batchnorm(student):
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
@@ -151,7 +161,7 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
              run.root, len(subset), sampler.steps_per_epoch, cfg.train.epochs, device,
              amp_dtype or "fp32", dinfo.world_size)
     ctx = Context(cfg, run, dinfo, device, amp_dtype, model, student, teacher, objective,
-                  optimizer, scaler, sched, loader, sampler, transform)
+                  optimizer, scaler, sched, loader, sampler, transform, device_augment)
     with StopRequested() as stop:
         finished = train_loop(ctx, state, stop)
     if finished and dinfo.is_main:
@@ -180,6 +190,7 @@ class Context:
     loader: torch.utils.data.DataLoader
     sampler: object
     transform: object
+    device_augment: Optional[object] = None  # data.augment_on=device: RawBatch -> views
 
 
 def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
@@ -190,7 +201,7 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
     while state.step < max_steps:
         ctx.sampler.set_epoch(state.epoch, state.step_in_epoch * ctx.sampler.global_batch)
         ctx.transform.epoch = state.epoch
-        tick, since_log = time.perf_counter(), 0
+        tick, since_log, stopping = time.perf_counter(), 0, None
         for batch in ctx.loader:
             is_log_step = (state.step + 1) % t.log_every == 0 or state.step + 1 == max_steps
             terms = train_step(ctx, batch, state.step, is_log_step)
@@ -205,15 +216,18 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
                 elapsed = time.perf_counter() - tick
                 log_step(ctx, state, terms, since_log / max(elapsed, 1e-9))
                 tick, since_log = time.perf_counter(), 0
-            if stop.signal is not None or state.step >= max_steps:
+            # Under torchrun a signal may reach the ranks at different steps: all stop at once.
+            stopping = stop.signal if not ctx.dinfo.enabled else (
+                int(max_over_ranks(stop.signal or 0, ctx.device)) or None)
+            if stopping is not None or state.step >= max_steps:
                 break
             if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
                 checkpoint(ctx, state)
-        if stop.signal is not None:
+        if stopping is not None:
             checkpoint(ctx, state)
             LOG.warning("signal %d: stopped after step %d; checkpoint written, rerun to resume",
-                        stop.signal, state.step)
-            print(f"glsd: stopped by signal {stop.signal} after step {state.step}; "
+                        stopping, state.step)
+            print(f"glsd: stopped by signal {stopping} after step {state.step}; "
                   f"checkpoint saved in {ctx.run.last}. Rerun the same command to resume.",
                   file=sys.stderr)
             return False
@@ -230,8 +244,11 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
 def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossTerms:
     cfg, sched = ctx.cfg, ctx.sched
     n_global = cfg.crops.num_global
-    views = [v.to(ctx.device, non_blocking=True) for v in batch.views]
-    geometry = batch.geometry.to(ctx.device)
+    if ctx.device_augment is not None:  # batched augmentation on the device
+        views, geometry = ctx.device_augment(batch, ctx.device, step)
+    else:
+        views = [v.to(ctx.device, non_blocking=True) for v in batch.views]
+        geometry = batch.geometry.to(ctx.device)
     for i, group in enumerate(ctx.optimizer.param_groups):
         group["lr"] = float(sched.lr[step])
         if i == 0:
@@ -246,7 +263,7 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
     # the small differences that carry the signal when rounded to bf16.
     terms = ctx.objective(student_out, teacher_out, geometry, float(sched.teacher_temp[step]),
                           diagnostics=want_stats)
-    check_finite(terms, step + 1)
+    check_finite(terms, step + 1, ctx.dinfo.enabled)
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.scaler.scale(terms.loss).backward()
     ctx.scaler.unscale_(ctx.optimizer)
@@ -263,11 +280,18 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
     return terms
 
 
-def check_finite(terms: LossTerms, step: int) -> None:
-    if torch.isfinite(terms.loss):
+def check_finite(terms: LossTerms, step: int, distributed: bool = False) -> None:
+    finite = bool(torch.isfinite(terms.loss))
+    # Every rank must stop: one left in backward() would wait for the others forever.
+    if distributed and not max_over_ranks(not finite, terms.loss.device) == 0:
+        finite_here, finite = finite, False
+    else:
+        finite_here = finite
+    if finite:
         return
+    where = "" if not finite_here else " (on another rank; this rank's terms follow)"
     raise NonFiniteLossError(
-        f"non-finite loss at step {step}: loss={terms.loss.item()}, "
+        f"non-finite loss at step {step}{where}: loss={terms.loss.item()}, "
         f"loss_global={terms.loss_global.item()}, loss_local={terms.loss_local.item()}. "
         "The last good checkpoint is kept. Try train.precision=fp32, a lower train.lr, "
         "a lower loss.teacher_temp / loss.warmup_teacher_temp, or train.clip_grad=1.0.")
@@ -275,8 +299,12 @@ def check_finite(terms: LossTerms, step: int) -> None:
 
 def log_step(ctx: Context, state: TrainState, terms: LossTerms, steps_per_sec: float) -> None:
     sched, step = ctx.sched, state.step - 1
+    values = terms.as_floats()
+    if ctx.dinfo.enabled:  # the global batch's values (mean over ranks), the same on every rank
+        mean = all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=ctx.device))
+        values = dict(zip(values, mean.tolist()))
     record = {"step": state.step, "epoch": state.epoch + state.step_in_epoch / ctx.sampler.steps_per_epoch,
-              **terms.as_floats(),
+              **values,
               "lr": float(sched.lr[step]), "wd": float(sched.wd[step]),
               "momentum": float(sched.momentum[step]), "teacher_temp": float(sched.teacher_temp[step]),
               "images_per_sec": steps_per_sec * ctx.sampler.global_batch,

@@ -56,7 +56,11 @@ class RunFolder:
         return ckpt
 
     def _archive(self) -> None:
-        dest = self.root / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        dest, n = self.root / f"previous-{stamp}", 1
+        while dest.exists():  # two restarts within a second must not collide
+            n += 1
+            dest = self.root / f"previous-{stamp}-{n}"
         dest.mkdir()
         for item in list(self.root.iterdir()):
             if not item.name.startswith("previous-"):

@@ -1,0 +1,362 @@
+"""Batched multi-crop augmentation on the training device (``data.augment_on=device``).
+
+The CPU pipeline (:mod:`glsd.data.multicrop`) makes every view of every image in PIL, one at
+a time, in loader workers. Here the loader only decodes and resizes each image to one fixed
+square (uint8, :func:`device_input_size`), and the whole batch becomes all its views on the
+device in a few batched calls:
+
+- random resized crop: the crop boxes of all images are drawn at once (torchvision's
+  ``RandomResizedCrop.get_params`` rule: 10 tries of area and log-ratio, then the central
+  fallback) and cut with ``torchvision.ops.roi_align`` (``aligned=True``, adaptive sampling):
+  output pixel ``j`` is the average of bilinear samples over its bin, whose centre lies at
+  ``left + (j + 0.5) * width / size``; shrinking crops are area-averaged (no aliasing);
+- horizontal flip, colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1),
+  grayscale, Gaussian blur (radius range stated for 224 px, scaled with the crop size), and
+  solarize (second global view), each with per-image random factors and probabilities as in
+  :class:`glsd.config.CropConfig`; then normalisation.
+
+Geometry records ``(V, B, 5)`` have exactly the format of :mod:`glsd.data.geometry`
+(top, left, height, width, flipped), in original-image pixels: boxes drawn on the resized
+square are scaled back by the original size of each image, so cell centres agree with the
+CPU path's convention.
+
+Differences from the CPU path, by design: interpolation is bilinear with area averaging
+(not bicubic); values stay float between operations (PIL rounds to uint8 after each); the
+order of the four colour-jitter operations is drawn once per call for all images of one view
+size (torchvision draws it per image); the crop is drawn on the resized square, so the
+aspect-ratio range applies to the resized image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.ops import roi_align
+
+from glsd.config import Config, CropConfig
+from glsd.data.geometry import FLIP, HEIGHT, LEFT, TOP, WIDTH
+from glsd.data.loader import ResumableSampler
+from glsd.data.multicrop import MultiCropDataset
+from glsd.data.sources import ImageSource
+
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL and torchvision
+
+
+def device_input_size(crops: CropConfig) -> int:
+    """Side of the square every image is resized to before device augmentation.
+
+    Small-image recipes (global crops up to 64 px, e.g. CIFAR at 32) keep the images at
+    the global crop size; larger ones use ``8/7`` of it rounded up to a multiple of 8
+    (256 for 224 px crops, the usual ImageNet resize).
+    """
+    g = crops.global_size
+    if g <= 64:
+        return g
+    return 8 * math.ceil(g * 8 / 7 / 8)
+
+
+# ----------------------------------------------------------------------------------------
+# Loader side: decode + resize to uint8
+
+
+class ResizeToUint8:
+    """Loader transform: PIL image -> (uint8 ``(3, S, S)``, original ``(h, w)``).
+
+    Has ``epoch`` like :class:`glsd.data.loader.SeededMultiCrop` (the loop sets it); nothing
+    here is random, all randomness is drawn on the device.
+    """
+
+    def __init__(self, size: int):
+        self.size, self.epoch = size, 0
+
+    def __call__(self, img: Image.Image, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        w, h = img.size
+        if (h, w) != (self.size, self.size):
+            img = img.resize((self.size, self.size), Image.BICUBIC, reducing_gap=3.0)
+        arr = np.asarray(img, dtype=np.uint8)
+        image = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return image, torch.tensor([h, w], dtype=torch.float32)
+
+
+@dataclass
+class RawBatch:
+    """A batch for device augmentation: uint8 images and their original sizes."""
+    images: torch.Tensor  # (B, 3, S, S) uint8
+    orig_hw: torch.Tensor  # (B, 2) original height, width
+    labels: torch.Tensor  # (B,)
+    indices: torch.Tensor  # (B,)
+    skipped: int
+
+    def to(self, device, non_blocking: bool = False) -> "RawBatch":
+        return RawBatch(self.images.to(device, non_blocking=non_blocking),
+                        self.orig_hw.to(device, non_blocking=non_blocking),
+                        self.labels.to(device), self.indices, self.skipped)
+
+
+def collate_uint8(items: list) -> RawBatch:
+    good = [it for it in items if it is not None]
+    if not good:
+        return RawBatch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, 2),
+                        torch.empty(0), torch.empty(0), len(items))
+    return RawBatch(torch.stack([it[0] for it in good]), torch.stack([it[1] for it in good]),
+                    torch.tensor([it[2] for it in good]), torch.tensor([it[3] for it in good]),
+                    len(items) - len(good))
+
+
+def build_device_loader(cfg: Config, subset: ImageSource, rank: int, world_size: int,
+                        pin_memory: bool) -> tuple[DataLoader, ResumableSampler, ResizeToUint8]:
+    """The loader of ``data.augment_on=device``: same sampler (order, resume) as
+    :func:`glsd.data.loader.build_loader`, batches of :class:`RawBatch`."""
+    transform = ResizeToUint8(device_input_size(cfg.crops))
+    dataset = MultiCropDataset(subset, transform, cfg.data.on_error)
+    sampler = ResumableSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, rank, world_size)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
+                        num_workers=cfg.data.num_workers, collate_fn=collate_uint8,
+                        pin_memory=pin_memory, drop_last=True,
+                        generator=torch.Generator().manual_seed(cfg.train.seed),
+                        persistent_workers=False)
+    return loader, sampler, transform
+
+
+# ----------------------------------------------------------------------------------------
+# Device side: crops
+
+
+def _rand(shape, generator, device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def sample_crops(batch: int, height: int, width: int, scale: tuple[float, float],
+                 ratio: tuple[float, float], generator: Optional[torch.Generator] = None,
+                 device=None, attempts: int = 10) -> torch.Tensor:
+    """``(batch, 4)`` integer crop boxes (top, left, height, width), float, drawn like
+    ``torchvision.transforms.RandomResizedCrop.get_params`` for an image of this size."""
+    area = float(height * width)
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    u = _rand((4, batch, attempts), generator, device)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+    aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[1])
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.argmax(ok.to(torch.uint8), dim=1, keepdim=True)  # first valid attempt
+    any_ok = ok.any(dim=1)
+    w = w.gather(1, first)[:, 0]
+    h = h.gather(1, first)[:, 0]
+    # Fallback (no valid attempt): the central crop of the clamped ratio, as torchvision.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fh, fw = height, round(height * max(ratio))
+    else:
+        fw, fh = width, height
+    w = torch.where(any_ok, w, torch.full_like(w, fw))
+    h = torch.where(any_ok, h, torch.full_like(h, fh))
+    top = torch.floor(u[2, :, 0] * (height - h + 1)).clamp(max=height - h)
+    left = torch.floor(u[3, :, 0] * (width - w + 1)).clamp(max=width - w)
+    top = torch.where(any_ok, top, torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(any_ok, left, torch.div(width - w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, sample: torch.Tensor, size: int,
+                flipped: torch.Tensor) -> torch.Tensor:
+    """Cut ``boxes`` ``(N, 4)`` (top, left, h, w) out of ``images[sample]`` at ``size``
+    (area-averaged bilinear), then flip the rows of ``flipped`` ``(N,)``. -> ``(N, C, s, s)``."""
+    top, left, h, w = boxes.unbind(1)
+    rois = torch.stack([sample.to(images.dtype), left, top, left + w, top + h], dim=1)
+    out = roi_align(images, rois.to(images.dtype), (size, size), spatial_scale=1.0,
+                    sampling_ratio=-1, aligned=True)
+    return torch.where(flipped[:, None, None, None], out.flip(-1), out)
+
+
+# ----------------------------------------------------------------------------------------
+# Device side: photometric operations on float images in [0, 1], per-row factors
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b)[:, None]
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    r = ratio[:, None, None, None]
+    return (r * a + (1.0 - r) * b).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(x, f):
+    return (x * f[:, None, None, None]).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x, f):
+    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), f)
+
+
+def adjust_saturation(x, f):
+    return _blend(x, _gray(x), f)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    crd = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack([h, s, maxc], dim=1)
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p = (v * (1.0 - s)).clamp(0.0, 1.0)
+    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
+    # Sector i of the hue circle: (r, g, b) picks from (v, p, q, t).
+    table = torch.stack([torch.stack(c, 0) for c in (
+        (v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 0)  # (6, 3, B, H, W)
+    return table.gather(0, i[None, None].expand(1, 3, *i.shape))[0].permute(1, 0, 2, 3)
+
+
+def adjust_hue(x, f):
+    hsv = rgb_to_hsv(x)
+    h = torch.remainder(hsv[:, 0] + f[:, None, None], 1.0)
+    return hsv_to_rgb(torch.stack([h, hsv[:, 1], hsv[:, 2]], dim=1))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per row ``(N,)``, reflect padding."""
+    n, c, hgt, wid = x.shape
+    half = int(math.ceil(3.0 * float(sigma.max())))
+    half = max(1, min(half, hgt - 1, wid - 1))
+    offs = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (offs[None] / sigma.clamp(min=1e-3)[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (N*C, K)
+    y = F.pad(x.reshape(1, n * c, hgt, wid), (half, half, half, half), mode="reflect")
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)
+    return y.reshape(n, c, hgt, wid)
+
+
+# ----------------------------------------------------------------------------------------
+
+
+class DeviceMultiCrop:
+    """A batch of images ``(B, 3, H, W)`` on any device -> (V views ``(B, 3, s, s)``, geometry
+    ``(V, B, 5)``), global views first, as :class:`glsd.data.multicrop.MultiCrop` per image.
+
+    uint8 images are scaled to [0, 1]; float images are taken as already in [0, 1].
+    ``orig_hw`` ``(B, 2)``: the size each image had before it was resized to ``H x W``;
+    geometry is then in original pixels (None: in pixels of the given images).
+    """
+
+    def __init__(self, cfg: CropConfig):
+        self.cfg = cfg
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, orig_hw: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        c = self.cfg
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        batch, _, height, width = x.shape
+        dev = x.device
+        views: list[torch.Tensor] = []
+        geoms: list[torch.Tensor] = []
+        blur_g1, blur_g2, blur_l = c.blur_p
+        groups = [(c.num_global, c.global_size, c.global_scale,
+                   [blur_g1 if v == 0 else blur_g2 for v in range(c.num_global)],
+                   [c.solarize_p if v == 1 else 0.0 for v in range(c.num_global)]),
+                  (c.num_local, c.local_size, c.local_scale, [blur_l] * c.num_local, [0.0] * c.num_local)]
+        for n_views, size, scale, blur_p, solar_p in groups:
+            if n_views == 0:
+                continue
+            n = n_views * batch
+            boxes = sample_crops(n, height, width, scale, c.ratio, generator, dev)  # (n, 4)
+            flipped = _rand((n,), generator, dev) < c.flip_p
+            sample = torch.arange(batch, device=dev).repeat(n_views)  # row r: image r % B
+            out = crop_resize(x, boxes, sample, size, flipped)
+            out = self._photometric(out, size, n_views, batch, blur_p, solar_p, generator)
+            views += list(out.view(n_views, batch, *out.shape[1:]).unbind(0))
+            geom = torch.cat([boxes, flipped[:, None].float()], dim=1)  # (n, 5)
+            geoms.append(geom.view(n_views, batch, 5))
+        geometry = torch.cat(geoms)
+        if orig_hw is not None:
+            sy = orig_hw[:, 0].to(dev, torch.float32) / height
+            sx = orig_hw[:, 1].to(dev, torch.float32) / width
+            geometry = geometry.clone()
+            geometry[..., TOP] *= sy
+            geometry[..., HEIGHT] *= sy
+            geometry[..., LEFT] *= sx
+            geometry[..., WIDTH] *= sx
+        assert geometry.shape[-1] == FLIP + 1
+        return views, geometry
+
+    def _photometric(self, x: torch.Tensor, size: int, n_views: int, batch: int,
+                     blur_p: list[float], solar_p: list[float], generator) -> torch.Tensor:
+        c, dev, n = self.cfg, x.device, x.shape[0]
+        # Colour jitter (p = color_jitter_p): per-row factors, identity where not applied.
+        jitter = _rand((n,), generator, dev) < c.color_jitter_p
+        u = _rand((4, n), generator, dev)
+        one = torch.ones(n, device=dev)
+        factors = {
+            "brightness": torch.where(jitter, 0.6 + 0.8 * u[0], one),
+            "contrast": torch.where(jitter, 0.6 + 0.8 * u[1], one),
+            "saturation": torch.where(jitter, 0.8 + 0.4 * u[2], one),
+            "hue": torch.where(jitter, -0.1 + 0.2 * u[3], one * 0.0),
+        }
+        ops = {"brightness": adjust_brightness, "contrast": adjust_contrast,
+               "saturation": adjust_saturation, "hue": adjust_hue}
+        # All rows go through the four operations (no data-dependent shapes, no sync);
+        # rows without jitter keep their input exactly.
+        y = x
+        for k in torch.randperm(4, generator=generator, device=dev).tolist():
+            name = list(ops)[k]
+            y = ops[name](y, factors[name])
+        x = torch.where(jitter[:, None, None, None], y, x)
+        gray = _rand((n,), generator, dev) < c.grayscale_p
+        x = torch.where(gray[:, None, None, None], _gray(x).expand_as(x), x)
+        # Blur: per-view probability, sigma from the 224 px radius range scaled to the size.
+        p_blur = torch.tensor(blur_p, device=dev).repeat_interleave(batch)
+        lo, hi = (r * size / 224.0 for r in c.blur_radius)
+        blur = _rand((n,), generator, dev) < p_blur
+        sigma = lo + (hi - lo) * _rand((n,), generator, dev)
+        rows = blur.nonzero()[:, 0]
+        if rows.numel():
+            x = x.index_copy(0, rows, gaussian_blur(x[rows], sigma[rows]))
+        p_sol = torch.tensor(solar_p, device=dev).repeat_interleave(batch)
+        solar = _rand((n,), generator, dev) < p_sol
+        x = torch.where(solar[:, None, None, None] & (x >= 128.0 / 255.0), 1.0 - x, x)
+        mean = torch.tensor(c.mean, device=dev, dtype=x.dtype)[None, :, None, None]
+        std = torch.tensor(c.std, device=dev, dtype=x.dtype)[None, :, None, None]
+        return (x - mean) / std
+
+
+class StepAugment:
+    """Makes a training step's views from a :class:`RawBatch` on the device, seeded by
+    (seed, rank, step) so a resumed run draws the same augmentations."""
+
+    def __init__(self, cfg: Config, rank: int = 0):
+        self.multicrop = DeviceMultiCrop(cfg.crops)
+        self.seed = (cfg.train.seed * 1_000_003 + rank) * 10_000_019
+
+    def __call__(self, batch: RawBatch, device: torch.device, step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        images = batch.images.to(device, non_blocking=True)
+        orig_hw = batch.orig_hw.to(device)
+        gen = torch.Generator(device=device).manual_seed((self.seed + step) % (2 ** 63))
+        return self.multicrop(images, orig_hw, gen)

@@ -1,0 +1,247 @@
+"""Two CPU processes (gloo) against one: same images, same loss, same weights.
+
+One spawn of 2 processes serves all the checks (process start-up dominates on 2 cores): each
+rank updates a Center under the group, pretrains 2 steps with recorders installed, then runs
+two one-rank events (a SIGTERM, a NaN loss), and saves what it saw. The 1-process reference (batch 2B) runs in the test process.
+"""
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import glsd.train.pretrain as pretrain_mod
+from glsd.loss.dino import Center
+from glsd.train.run_folder import RunFolder
+
+from helpers_tiny import free_port, read_metrics, tiny_config
+
+B = 4  # per process
+DIST_OVERRIDES = ("loss.matching=geometric", "model.drop_path_rate=0", "train.max_steps=2",
+                  "train.freeze_last_layer_epochs=0", "train.lr=0.05", "train.deterministic=true")
+CENTER_DIM, CENTER_MOMENTUM = 8, 0.9
+
+
+def _center_logits(rank: int) -> torch.Tensor:
+    """Rank r's teacher outputs: 3 + 2r rows (ranks may hold different counts)."""
+    return torch.randn(3 + 2 * rank, CENTER_DIM, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def _clone_state(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def install_recorders(setattr_) -> dict:
+    """Record per-rank inputs, local losses, logged records and weights of a pretrain() call."""
+    rec = {"indices": [], "views": [], "local_loss": [], "logged": []}
+    real_step, real_loop, real_log = pretrain_mod.train_step, pretrain_mod.train_loop, RunFolder.log_metrics
+
+    def train_step(ctx, batch, step, want_stats=True):
+        rec["indices"].append(batch.indices.clone())
+        if step == 0:
+            rec["views"] = [v.clone() for v in batch.views]
+        terms = real_step(ctx, batch, step, want_stats)
+        rec["local_loss"].append(terms.loss.item())
+        if step == 0:
+            rec["student_1"], rec["teacher_1"] = _clone_state(ctx.student), _clone_state(ctx.teacher)
+        return terms
+
+    def train_loop(ctx, state, stop):
+        rec["teacher_0"] = _clone_state(ctx.teacher)
+        rec["student_0"] = _clone_state(ctx.student)
+        done = real_loop(ctx, state, stop)
+        rec["teacher_end"], rec["student_end"] = _clone_state(ctx.teacher), _clone_state(ctx.student)
+        rec["objective_end"] = _clone_state(ctx.objective)
+        return done
+
+    def log_metrics(self, record):
+        rec["logged"].append(dict(record))
+        return real_log(self, record)
+
+    setattr_(pretrain_mod, "train_step", train_step)
+    setattr_(pretrain_mod, "train_loop", train_loop)
+    setattr_(RunFolder, "log_metrics", log_metrics)
+    return rec
+
+
+def _worker(rank: int, world: int, ports: list, out_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    # pretrain() joins this group. A short timeout turns a deadlock into an error.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))
+    out = {"rank": rank}
+    center = Center(CENTER_DIM, CENTER_MOMENTUM)
+    center.center.fill_(0.5)
+    center.update(_center_logits(rank))
+    out["center"] = center.center.clone()
+
+    rec = install_recorders(setattr)
+    cfg = tiny_config(Path(out_dir) / "run", *DIST_OVERRIDES, f"train.batch_size={B}", vit=True)
+    pretrain_mod.pretrain(cfg)
+    out.update({k: list(v) if isinstance(v, list) else v for k, v in rec.items()})  # a snapshot
+    out["events"] = _one_rank_events(rank, world, ports[1:], out_dir)
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("dist")
+    ports = [free_port() for _ in range(3)]
+    ctx = mp.start_processes(_worker, args=(2, ports, str(out_dir)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 200
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise AssertionError("2-process pretraining hung (deadlock?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return out_dir, [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    mp_ = pytest.MonkeyPatch()
+    try:
+        rec = install_recorders(mp_.setattr)
+        before = torch.are_deterministic_algorithms_enabled()
+        cfg = tiny_config(tmp_path_factory.mktemp("single") / "run", *DIST_OVERRIDES,
+                          f"train.batch_size={2 * B}", vit=True)
+        pretrain_mod.pretrain(cfg)
+        torch.use_deterministic_algorithms(before)
+    finally:
+        mp_.undo()
+    return rec
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_center_is_the_mean_over_ranks(two_ranks):
+    _, ranks = two_ranks
+    everything = torch.cat([_center_logits(0), _center_logits(1)])
+    expected = 0.5 * CENTER_MOMENTUM + (1 - CENTER_MOMENTUM) * everything.mean(0, keepdim=True)
+    for r in ranks:
+        torch.testing.assert_close(r["center"], expected, rtol=0, atol=1e-6)
+    # Alone, the same update uses only the local rows (a weighted, not a plain, mean of ranks).
+    alone = Center(CENTER_DIM, CENTER_MOMENTUM)
+    alone.center.fill_(0.5)
+    alone.update(_center_logits(1))
+    assert not torch.allclose(alone.center, expected)
+
+
+def test_ranks_agree_on_loss_and_teacher(two_ranks):
+    out_dir, (r0, r1) = two_ranks
+    assert len(r0["logged"]) == len(r1["logged"]) == 2
+    for a, b in zip(r0["logged"], r1["logged"]):
+        assert a["step"] == b["step"]
+        for key in ("loss", "loss_global", "loss_local"):
+            assert a[key] == a[key] and abs(a[key]) != float("inf"), (key, a)
+            assert a[key] == b[key], f"{key} at step {a['step']}: rank 0 {a[key]} != rank 1 {b[key]}"
+    # The run folder holds rank 0's (global) record only, once per step.
+    assert [r["step"] for r in read_metrics(out_dir / "run")] == [1, 2]
+    # The local (per-rank) losses differ: the ranks saw different images.
+    assert r0["local_loss"] != r1["local_loss"]
+    assert not torch.equal(r0["indices"][0], r1["indices"][0])
+    for key in ("teacher_0", "student_0", "teacher_end", "student_end", "objective_end"):
+        diff = [k for k in r0[key] if not torch.equal(r0[key][k], r1[key][k])]
+        assert diff == [], f"{key} differs between ranks: {diff[:5]}"
+
+
+def test_two_processes_match_one_process_of_twice_the_batch(two_ranks, one_rank):
+    _, (r0, r1) = two_ranks
+    single = one_rank
+    # Same images: rank r holds slice r of the global batch, with the same augmentations.
+    for step in range(2):
+        assert torch.equal(torch.cat([r0["indices"][step], r1["indices"][step]]), single["indices"][step])
+    for v0, v1, v in zip(r0["views"], r1["views"], single["views"]):
+        assert torch.equal(torch.cat([v0, v1]), v)
+    # Same start, same first loss (the mean of the ranks' batch means), same updated weights.
+    assert _max_diff(r0["student_0"], single["student_0"]) == 0.0
+    assert _max_diff(r0["teacher_0"], single["teacher_0"]) == 0.0
+    first = (r0["local_loss"][0] + r1["local_loss"][0]) / 2
+    assert first == pytest.approx(single["local_loss"][0], rel=1e-5, abs=1e-6)
+    assert r0["logged"][0]["loss"] == pytest.approx(single["logged"][0]["loss"], rel=1e-5, abs=1e-6)
+    moved = _max_diff(single["student_0"], single["student_1"])
+    assert moved > 1e-4, "the first step did not move the weights; the comparison would be empty"
+    assert _max_diff(r0["student_1"], single["student_1"]) < 1e-5
+    assert _max_diff(single["teacher_0"], single["teacher_1"]) > 1e-6  # EMA: (1 - 0.996) of that
+    assert _max_diff(r0["teacher_1"], single["teacher_1"]) < 1e-7
+    assert _max_diff(r0["student_end"], single["student_end"]) < 1e-5
+    assert _max_diff(r0["objective_end"], single["objective_end"]) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------
+# Events seen by one rank only must stop every rank at the same step (no deadlock)
+
+def _one_rank_events(rank: int, world: int, ports: list, out_dir: str) -> dict:
+    """Pretrain twice more: rank 1 alone gets a SIGTERM, then rank 1 alone a NaN loss."""
+    import datetime
+    import signal
+
+    import torch.distributed as dist
+
+    from glsd.train.objective import GlobalLocalObjective, LossTerms
+
+    real_step, real_forward = pretrain_mod.train_step, GlobalLocalObjective.forward
+    results = {}
+    for scenario, port in zip(("sigterm", "nan"), ports):
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))
+        calls = []
+
+        def train_step(ctx, batch, step, want_stats=True):
+            if scenario == "sigterm" and rank == 1 and step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # this rank only, during step 2
+            return real_step(ctx, batch, step, want_stats)
+
+        def forward(self, *args, **kwargs):
+            terms = real_forward(self, *args, **kwargs)
+            calls.append(1)
+            if scenario == "nan" and rank == 1 and len(calls) == 3:
+                nan = torch.tensor(float("nan"))
+                return LossTerms(terms.loss * nan, terms.loss_global * nan, terms.loss_local, terms.diagnostics)
+            return terms
+
+        pretrain_mod.train_step, GlobalLocalObjective.forward = train_step, forward
+        cfg = tiny_config(Path(out_dir) / scenario, "model.drop_path_rate=0", "train.max_steps=6",
+                          f"train.batch_size={B}", "train.checkpoint_every_steps=1", vit=True)
+        start = time.monotonic()
+        try:
+            pretrain_mod.pretrain(cfg)
+            results[scenario] = "ok"
+        except Exception as e:  # noqa: BLE001 - recorded for the test to judge
+            results[scenario] = f"{type(e).__name__}: {e}"
+        results[scenario + "_s"] = time.monotonic() - start
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    pretrain_mod.train_step, GlobalLocalObjective.forward = real_step, real_forward
+    return results
+
+
+def test_one_rank_signal_or_nan_stops_all_ranks(two_ranks):
+    out_dir, ranks = two_ranks
+    r0, r1 = (r["events"] for r in ranks)
+    # SIGTERM seen by rank 1 only: both ranks stop after step 2, rank 0 checkpoints it.
+    assert r0["sigterm"] == r1["sigterm"] == "ok", (r0, r1)
+    ckpt = torch.load(out_dir / "sigterm" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2
+    assert not (out_dir / "sigterm" / "backbone.safetensors").exists()
+    # A non-finite loss on rank 1 only: both ranks raise at step 3, none waits for the other.
+    for r in (r0, r1):
+        assert r["nan"].startswith("NonFiniteLossError") and "step 3" in r["nan"], r["nan"]
+        assert r["nan_s"] < 15, r
+    assert "on another rank" in r0["nan"] and "on another rank" not in r1["nan"]
+    assert torch.load(out_dir / "nan" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
