@@ -1,11 +1,13 @@
 """Reliability of pretraining: kills, signals, atomic checkpoints, exact resume, config guards,
 non-finite losses, bad data, safe loading and config validation."""
 import io
+import logging
 import os
 import pickle
 import re
 import signal
 import subprocess
+import threading
 import zipfile
 from pathlib import Path
 
@@ -53,23 +55,35 @@ def test_sigkill_mid_run_resumes_to_identical_weights(tmp_path):
     killed = tmp_path / "killed"
     proc = start_pretrain(write_config(tiny_config(killed, *extra, vit=True), tmp_path / "killed.yaml"),
                           stdout=subprocess.DEVNULL)
+    killer_error = []
+
+    def kill_at_step_3():
+        try:
+            wait_for_step(proc, killed, 3)
+            proc.send_signal(signal.SIGKILL)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            killer_error.append(e)
+
+    killer = threading.Thread(target=kill_at_step_3)
+    killer.start()  # the uninterrupted reference runs here meanwhile
     try:
-        wait_for_step(proc, killed, 3)
-        proc.send_signal(signal.SIGKILL)
+        ref = tmp_path / "ref"
+        pretrain(tiny_config(ref, *extra, vit=True))
+        killer.join(timeout=150)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    if killer_error:
+        raise killer_error[0]
     assert proc.returncode == -signal.SIGKILL
     ckpt_step = load_checkpoint(killed / "checkpoints" / "last.pt")["step"]
-    assert 2 <= ckpt_step < 6 and ckpt_step < last_step(killed) + 1
+    assert 2 <= ckpt_step < 6 and ckpt_step <= last_step(killed)
     assert not (killed / "backbone.safetensors").exists()
     # A checkpoint write torn by the kill leaves a temp file beside last.pt: it must not matter.
     (killed / "checkpoints" / ".last.pt.tmp-999999").write_bytes(b"torn")
 
-    ref = tmp_path / "ref"
-    pretrain(tiny_config(ref, *extra, vit=True))  # uninterrupted, in this process
     pretrain(tiny_config(killed, *extra, vit=True))  # the rerun resumes
     assert f"resumed from step {ckpt_step}" in (killed / "train.log").read_text()
 
@@ -269,6 +283,8 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
     assert last_step(run) == 2
     assert not (run / "backbone.safetensors").exists()
+    # The failed run let go of its train.log (later runs in this process must not write to it).
+    assert not [h for h in logging.getLogger("glsd").handlers if isinstance(h, logging.FileHandler)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -313,6 +329,34 @@ def test_bad_images_fail_the_run_naming_the_file(tmp_path):
     msg = str(err.value)
     assert truncated.name in msg or not_image.name in msg, msg
     assert "data.on_error=skip" in msg
+
+
+def _mostly_bad_folder(root: Path, n_good: int, n_bad: int) -> None:
+    for c, cls in enumerate(("a", "b")):
+        (root / cls).mkdir(parents=True)
+        for i in range(n_good):
+            Image.new("RGB", (40, 40), (60 * i, 100 * c, 50)).save(root / cls / f"{i}.png")
+        for i in range(n_bad):
+            (root / cls / f"bad{i}.jpg").write_text("not a JPEG")
+
+
+def test_batch_of_only_bad_images_is_skipped(tmp_path):
+    # 2 good, 18 bad, batch 6 (3 batches an epoch): every epoch has a batch of bad files only.
+    root, run = tmp_path / "images", tmp_path / "run"
+    _mostly_bad_folder(root, 1, 9)
+    pretrain(tiny_config(run, "data.source=auto", f"data.root={root}", "train.batch_size=6",
+                         "train.max_steps=3"))
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["skipped_images"] > 6
+
+
+def test_no_readable_image_is_an_error_not_a_hang(tmp_path):
+    root, run = tmp_path / "images", tmp_path / "run"
+    _mostly_bad_folder(root, 0, 6)
+    with pytest.raises(RuntimeError, match="no image of 12 could be read"):
+        pretrain(tiny_config(run, "data.source=auto", f"data.root={root}", "train.batch_size=6",
+                             "train.max_steps=3"))
 
 
 def _zip(path: Path, members: dict) -> Path:

@@ -76,6 +76,16 @@ def _cmd_picture(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from glsd.bench import run_bench, write_json
+
+    sections = [s for s in (args.sections or "").split(",") if s] or None
+    result = run_bench(args.preset, args.overrides, quick=args.quick, sections=sections,
+                       compile_model=args.compile, threads=args.threads)
+    print(write_json(result, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glsd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evals", nargs="+", choices=["knn", "linear", "dense"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=_cmd_study)
+
+    p = sub.add_parser("bench", help="measure geometry, data pipeline, step, utilisation and k-NN speed (one JSON object)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the preset")
+    p.add_argument("--preset", default="cpu-default", help="preset name or YAML path (default: cpu-default)")
+    p.add_argument("--out", help="also write the JSON to this file")
+    p.add_argument("--quick", action="store_true", help="smoke mode: tiny sizes, one or two timed iterations")
+    p.add_argument("--sections", help="comma-separated subset of geometry,step,data,utilisation,knn")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile of the backbone")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is steadier on a busy machine)")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=_cmd_presets)

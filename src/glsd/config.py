@@ -155,6 +155,9 @@ class StudyConfig:
     matchings: list[str] = field(default_factory=lambda: ["none", "similarity", "geometric"])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     evals: list[str] = field(default_factory=lambda: ["knn"])
+    # Same optimisation budget in every cell: epochs = steps / (steps per epoch of the cell's
+    # subset). None: train.epochs as given.
+    steps: Optional[int] = None
 
 
 @dataclass

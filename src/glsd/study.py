@@ -6,6 +6,7 @@ checkpoint, a failed one is recorded and the others go on.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -74,6 +75,7 @@ def run_cell(config: str, overrides: Sequence[str], cell: Cell, out: Path, evals
         return json.loads(record_path.read_text())
     start = time.time()
     try:
+        cfg = with_step_budget(cfg)
         pretrain(cfg)
         results = {kind: run_eval(kind, run_dir, device=device) for kind in evals}
         results["knn_random_init"] = knn_floor(run_dir, out / f"floor-f{cell.fraction:g}-s{cell.seed}.json", device)
@@ -84,6 +86,18 @@ def run_cell(config: str, overrides: Sequence[str], cell: Cell, out: Path, evals
     record = cell_record(cfg, cell, run_dir, results, time.time() - start)
     record_path.write_text(json.dumps(record, indent=2))
     return record
+
+
+def with_step_budget(cfg: Config) -> Config:
+    """Give the cell ``study.steps`` optimisation steps whatever its subset size."""
+    if cfg.study.steps is None:
+        return cfg
+    from glsd.data.loader import select_images
+
+    n_images = len(select_images(cfg, None)[1])
+    steps_per_epoch = max(1, n_images // cfg.train.batch_size)
+    epochs = max(1, round(cfg.study.steps / steps_per_epoch))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
 
 
 def knn_floor(run_dir: Path, cache: Path, device: str) -> dict:

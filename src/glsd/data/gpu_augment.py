@@ -203,41 +203,32 @@ def adjust_saturation(x, f):
     return _blend(x, _gray(x), f)
 
 
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    eqc = maxc == minc
+def rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(N, 3, H, W)`` RGB in [0, 1] -> hue in [0, 1), saturation, value, each ``(N, 1, H, W)``
+    (torchvision's conversion, written with fewer passes)."""
+    r, g, b = x.split(1, dim=1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
     cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    crd = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return torch.stack([h, s, maxc], dim=1)
+    s = cr / maxc.clamp(min=1e-12)  # 0 where max == min (black and grays included)
+    crd = torch.where(cr == 0, torch.ones_like(cr), cr)
+    h = torch.where(maxc == r, (g - b) / crd,
+                    torch.where(maxc == g, 2.0 + (b - r) / crd, 4.0 + (r - g) / crd))
+    h = torch.remainder(h / 6.0, 1.0)
+    return h, s, maxc
 
 
-def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    # Sector i of the hue circle: (r, g, b) picks from (v, p, q, t).
-    table = torch.stack([torch.stack(c, 0) for c in (
-        (v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 0)  # (6, 3, B, H, W)
-    return table.gather(0, i[None, None].expand(1, 3, *i.shape))[0].permute(1, 0, 2, 3)
+def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hsv`: channel n of (r, g, b) = (5, 3, 1) is
+    ``v - v * s * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 h) mod 6``."""
+    n = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6.0 * h, 6.0)
+    return v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
 def adjust_hue(x, f):
-    hsv = rgb_to_hsv(x)
-    h = torch.remainder(hsv[:, 0] + f[:, None, None], 1.0)
-    return hsv_to_rgb(torch.stack([h, hsv[:, 1], hsv[:, 2]], dim=1))
+    h, s, v = rgb_to_hsv(x)
+    return hsv_to_rgb(torch.remainder(h + f[:, None, None, None], 1.0), s, v)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

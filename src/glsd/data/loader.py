@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 from glsd.config import Config, ConfigError
 from glsd.data.multicrop import MultiCrop, MultiCropDataset, collate_views
 from glsd.data.sources import ImageSource, balanced_subset, open_source
+from glsd.train.checkpoint import atomic_write
 
 SUBSET_FILE = "subset.json"
 
@@ -36,7 +37,9 @@ def select_images(cfg: Config, run_dir: Optional[Path]) -> tuple[ImageSource, Im
 def write_subset(path: Path, subset: ImageSource, split: str) -> None:
     payload = {"source": subset.name, "split": split, "n_images": len(subset),
                "classes": subset.classes, "keys": subset.keys, "labels": subset.labels}
-    path.write_text(json.dumps(payload))
+    data = json.dumps(payload).encode()
+    # Atomic: other ranks (and reruns) may read it while it is written.
+    atomic_write(Path(path), lambda f: f.write(data))
 
 
 class SeededMultiCrop:

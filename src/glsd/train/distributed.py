@@ -59,6 +59,11 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def max_over_ranks(value: float, device=None) -> float:
     """The largest ``value`` of all ranks (every rank must call it at the same point); the
     value itself alone. Lets all ranks take the same decision (stop on a signal, a NaN)."""

@@ -24,7 +24,8 @@ from glsd.config import Config, to_dict
 from glsd.data.loader import SUBSET_FILE, build_loader, select_images, write_subset
 from glsd.models.heads import GLSDNet, build_network, build_teacher
 from glsd.train.checkpoint import export_backbone, save_checkpoint
-from glsd.train.distributed import DistInfo, all_reduce_mean, cleanup, init_distributed, max_over_ranks
+from glsd.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, init_distributed,
+                                    max_over_ranks)
 from glsd.train.objective import GlobalLocalObjective, LossTerms
 from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.schedules import Schedules
@@ -119,6 +120,7 @@ def pretrain(cfg: Config) -> Path:
     try:
         return _pretrain(cfg, device, dinfo)
     finally:
+        RunFolder(cfg.output_dir).close()  # on errors too: no train.log handler left behind
         cleanup()
 
 
@@ -126,6 +128,7 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
     seed_everything(cfg.train.seed, cfg.train.deterministic)  # same initial weights on every rank
     run = RunFolder(cfg.output_dir, dinfo.is_main)
     resume = run.prepare(cfg)
+    barrier()  # rank 0 may have archived an old run (and its subset.json): read after that
     _, subset = select_images(cfg, run.root)
     if dinfo.is_main:
         write_subset(run.root / SUBSET_FILE, subset, cfg.data.split)
@@ -201,8 +204,14 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
     while state.step < max_steps:
         ctx.sampler.set_epoch(state.epoch, state.step_in_epoch * ctx.sampler.global_batch)
         ctx.transform.epoch = state.epoch
-        tick, since_log, stopping = time.perf_counter(), 0, None
+        tick, since_log, stopping, batches, steps_before = time.perf_counter(), 0, None, 0, state.step
+        whole_epoch = state.step_in_epoch == 0
         for batch in ctx.loader:
+            batches += 1
+            if _no_image(ctx, batch):  # data.on_error=skip dropped every image of the batch
+                state.step_in_epoch += 1
+                state.skipped_images += batch.skipped
+                continue
             is_log_step = (state.step + 1) % t.log_every == 0 or state.step + 1 == max_steps
             terms = train_step(ctx, batch, state.step, is_log_step)
             state.step += 1
@@ -231,6 +240,9 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
                   f"checkpoint saved in {ctx.run.last}. Rerun the same command to resume.",
                   file=sys.stderr)
             return False
+        if whole_epoch and batches and state.step == steps_before:
+            raise RuntimeError(f"no image of {ctx.sampler.n} could be read in epoch {state.epoch} "
+                               f"(data.on_error=skip skipped them all); check data.root")
         if state.step_in_epoch >= ctx.sampler.steps_per_epoch:
             state.epoch += 1
             state.step_in_epoch = 0
@@ -239,6 +251,15 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
     if progress is not None:
         progress.close()
     return True
+
+
+def _no_image(ctx: Context, batch) -> bool:
+    """The batch lost every image to bad files; under torchrun, any rank's did (all ranks
+    skip the step together, or the others would wait for it in backward())."""
+    empty = len(batch.indices) == 0
+    if not ctx.dinfo.enabled:
+        return empty
+    return bool(max_over_ranks(float(empty), ctx.device))
 
 
 def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossTerms:

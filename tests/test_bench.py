@@ -1,0 +1,153 @@
+"""`glsd bench` in smoke mode (--quick): every section runs, the JSON has its keys, and every
+ratio is a positive finite number. Timings are never asserted (the machine is shared)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from glsd.bench import SCHEMA, SECTIONS, TARGETS, allocator_info, run_bench
+
+from helpers_tiny import subprocess_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def finite_nonneg(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
+
+
+@pytest.fixture(scope="module")
+def quick():
+    """One smoke run of every section (one thread: steadier on a busy 2-core machine)."""
+    return run_bench("cpu-default", quick=True, threads=1)
+
+
+def test_top_level(quick):
+    assert quick["schema"] == SCHEMA and quick["quick"] is True
+    assert set(SECTIONS) <= set(quick)
+    for key in ("env", "config", "targets", "section_seconds", "elapsed_s"):
+        assert key in quick
+    env = quick["env"]
+    for key in ("torch", "device", "device_name", "torch_threads", "load_avg", "allocator"):
+        assert key in env
+    assert set(env["allocator"]) >= {"ld_preload", "tcmalloc_loaded", "jemalloc_loaded", "allocator"}
+    names = {t["name"] for t in quick["targets"]}
+    assert names == set(TARGETS)
+    for t in quick["targets"]:
+        assert isinstance(t["met"], bool) and math.isfinite(t["value"])
+    json.dumps(quick, allow_nan=False)  # strict JSON
+
+
+def test_geometry_section(quick):
+    g = quick["geometry"]
+    assert [c["source_hw"] for c in g["cases"]] == [[32, 32], [375, 500]]
+    for case in g["cases"]:
+        assert positive(case["analytic_us_per_crop"]) and positive(case["position_map_us_per_crop"])
+        assert positive(case["speedup"])
+        for crop in case["crops"]:
+            assert finite_nonneg(crop["max_disagreement_cells"])
+            assert crop["grid"][0] >= 1
+    assert positive(g["min_speedup"])
+    # Not a timing: the two methods compute the same centres (well under 1 % of a cell).
+    assert g["max_disagreement_cells"] < 0.01
+
+
+def test_step_section(quick):
+    s = quick["step"]
+    assert set(s["modes"]) == {"none", "similarity", "geometric"}
+    for name, mode in s["modes"].items():
+        assert positive(mode["images_per_s"]) and positive(mode["step_ms"])
+        assert positive(mode["flops_per_step"])
+        assert finite_nonneg(mode["match_share"]) and mode["match_share"] < 1
+    assert s["modes"]["none"]["match_share"] == 0  # no local loss, no matching on a plain step
+    assert positive(s["modes"]["geometric"]["match_share"])
+    assert s["modes"]["geometric"]["flops_per_step"] > s["modes"]["none"]["flops_per_step"]
+    for key in ("ratio_geometric_over_none", "ratio_similarity_over_none", "match_share_geometric"):
+        assert positive(s[key])
+    assert len(s["local_head"]) >= 2
+    for row in s["local_head"]:
+        assert positive(row["images_per_s"]) and positive(row["ratio_over_none"])
+        assert row["local_hidden_dim"] > 0 and row["local_out_dim"] > 0
+
+
+def test_data_section(quick):
+    d = quick["data"]
+    assert "preset" in d["sources"] and d["headline_source"] in d["sources"]
+    for src in d["sources"].values():
+        assert positive(src["cpu_multicrop"]["images_per_s"])
+        dev = src["device_augment"]
+        assert positive(dev["loader_uint8"]["images_per_s"]) and positive(dev["augment_images_per_s"])
+        assert positive(dev["serial_images_per_s"])
+        assert positive(src["ratio_pipeline_over_step"])
+    assert positive(d["ratio_pipeline_over_step"]) and positive(d["step_images_per_s"])
+    assert d["views_per_image"] == 6
+
+
+def test_utilisation_section(quick):
+    u = quick["utilisation"]
+    assert positive(u["flops_per_step"])
+    for dtype in ("fp32", "bf16"):
+        assert positive(u["matmul_peak"][dtype]["flops_per_s"])
+    assert {"fp32", "bf16", "bf16_fused_adamw"} <= set(u["variants"])
+    assert u["channels_last_applicable"] is True  # the conv net of cpu-default
+    assert "bf16_channels_last" in u["variants"]
+    for row in u["variants"].values():
+        for key in ("images_per_s", "achieved_flops_per_s", "utilisation", "speedup_over_fp32"):
+            assert positive(row[key]), (key, row)
+    opt = u["optimizer_step"]
+    assert positive(opt["foreach_ms"]) and positive(opt["fused_ms"]) and positive(opt["speedup_fused"])
+    assert "tcmalloc_loaded" in u["allocator"]
+
+
+def test_knn_section(quick):
+    k = quick["knn"]
+    assert k["dim"] == 128 and k["n_train"] > k["n_test"] > 0
+    assert positive(k["test_features_per_s"]) and positive(k["similarities_per_s"])
+    assert finite_nonneg(k["peak_rss_delta_mib"]) and k["peak_method"]
+
+
+def test_allocator_info_reads_ld_preload(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+    info = allocator_info()
+    assert info["tcmalloc_loaded"] and info["allocator"] == "tcmalloc"
+
+
+def test_cli_sections_and_out_file(tmp_path):
+    from glsd.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--threads", "1", "--sections", "geometry,knn", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["sections"] == ["geometry", "knn"] and "step" not in data
+    assert [t["name"] for t in data["targets"]] == ["geometry.min_speedup", "geometry.max_disagreement_cells"]
+    assert main(["bench", "--quick", "--sections", "nope"]) == 2  # a clear config error
+
+
+def test_gpu_bench_code_path_on_cpu(tmp_path):
+    """benchmarks/gpu_bench.py --tiny: the GPU script's code path (device augmentation, bf16,
+    none vs geometric) with a tiny model on the CPU."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--tiny", "--device", "cpu",
+                           "--warmup", "1", "--steps", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["schema"] == "glsd-gpu-bench/1" and data["device_name"]
+    assert set(data["modes"]) == {"none", "geometric"}
+    for mode in data["modes"].values():
+        assert positive(mode["images_per_s"])
+    assert positive(data["ratio_geometric_over_none"]) and positive(data["augment_images_per_s"])
+    assert "data.augment_on=device" in data["config_overrides"]
+    assert "train.precision=bf16" in data["config_overrides"]
+
+
+def test_gpu_bench_script_names_the_device():
+    text = (ROOT / "benchmarks" / "gpu_bench.sh").read_text()
+    assert "gpu-bench-${slug}.json" in text and "get_device_name" in text and "timeout" in text
