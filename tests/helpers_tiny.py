@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -121,11 +121,6 @@ def wait_for_step(proc: subprocess.Popen, run_dir, step: int, timeout: float = 1
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     raise AssertionError(f"no step {step} within {timeout} s")
-
-
-def tiny_ckpt_step(run_dir) -> Optional[int]:
-    path = Path(run_dir) / "checkpoints" / "last.pt"
-    return load_last(run_dir)["step"] if path.is_file() else None
 
 
 def cli(argv: Sequence[str]) -> int:

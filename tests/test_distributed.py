@@ -2,9 +2,11 @@
 
 One spawn of 2 processes serves all the checks (process start-up dominates on 2 cores): each
 rank updates a Center under the group, pretrains 2 steps with recorders installed, then runs
-two one-rank events (a SIGTERM, a NaN loss), and saves what it saw. The 1-process reference (batch 2B) runs in the test process.
+two one-rank events (a SIGTERM, a NaN loss), and saves what it saw. The 1-process reference
+(batch 2B) runs in the test process.
 """
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -73,7 +75,8 @@ def _worker(rank: int, world: int, ports: list, out_dir: str) -> None:
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]))
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     # pretrain() joins this group. A short timeout turns a deadlock into an error.
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))

@@ -436,6 +436,7 @@ def _evil_checkpoint(path: Path, marker: Path, as_torch: bool = True) -> Path:
     return path
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("as_torch", [True, False], ids=["torch.save", "raw-pickle"])
 def test_malicious_checkpoint_is_refused(tmp_path, as_torch):
     marker = tmp_path / "pwned"

@@ -24,8 +24,8 @@ loaded machine slows both sides alike (but still adds noise: read ``env.load_avg
 from __future__ import annotations
 
 import contextlib
-import ctypes.util
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -108,11 +108,17 @@ def allocator_info() -> dict:
         "jemalloc_loaded": jemalloc,
         "allocator": "tcmalloc" if tcmalloc else "jemalloc" if jemalloc else "glibc malloc",
         "malloc_conf": os.environ.get("MALLOC_CONF", ""),
-        # Installed but not preloaded (nothing is installed by the bench).
-        "tcmalloc_available": ctypes.util.find_library("tcmalloc_minimal") is not None
-        or ctypes.util.find_library("tcmalloc") is not None,
-        "jemalloc_available": ctypes.util.find_library("jemalloc") is not None,
+        # Installed (whether preloaded or not); the bench installs nothing.
+        "tcmalloc_available": _library_files("libtcmalloc"),
+        "jemalloc_available": _library_files("libjemalloc"),
     }
+
+
+def _library_files(stem: str) -> list[str]:
+    found: list[str] = []
+    for d in ("/usr/lib", "/usr/lib64", "/usr/local/lib", "/lib"):
+        found += glob.glob(f"{d}/{stem}*.so*") + glob.glob(f"{d}/*/{stem}*.so*")
+    return sorted(set(found))
 
 
 def _cpu_model() -> str:

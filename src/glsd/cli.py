@@ -20,9 +20,18 @@ def _cmd_pretrain(args) -> int:
 def _cmd_eval(args) -> int:
     from glsd.eval.runner import run_eval
 
-    result = run_eval(args.kind, args.path, args.overrides, random_init=args.random_init,
-                      device=args.device, which="student" if args.student else None)
-    print(json.dumps(result, indent=2))
+    from glsd.train.distributed import cleanup, init_distributed
+    from glsd.train.pretrain import resolve_device
+
+    # Under torchrun every rank extracts a shard of the features; alone this is a no-op.
+    dinfo = init_distributed(resolve_device(args.device).type)
+    try:
+        result = run_eval(args.kind, args.path, args.overrides, random_init=args.random_init,
+                          device=args.device, which="student" if args.student else None)
+    finally:
+        cleanup()
+    if dinfo.is_main:
+        print(json.dumps(result, indent=2))
     return 0
 
 

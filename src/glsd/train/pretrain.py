@@ -302,12 +302,10 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
 
 
 def check_finite(terms: LossTerms, step: int, distributed: bool = False) -> None:
-    finite = bool(torch.isfinite(terms.loss))
-    # Every rank must stop: one left in backward() would wait for the others forever.
-    if distributed and not max_over_ranks(not finite, terms.loss.device) == 0:
-        finite_here, finite = finite, False
-    else:
-        finite_here = finite
+    finite_here = bool(torch.isfinite(terms.loss))
+    finite = finite_here
+    if distributed:  # every rank must stop: one left in backward() would wait for the others
+        finite = max_over_ranks(float(not finite_here), terms.loss.device) == 0
     if finite:
         return
     where = "" if not finite_here else " (on another rank; this rank's terms follow)"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The low-data study on this project's 2-core CPU (about 3 to 4 hours; rerun to resume).
+# Run folders (checkpoints) stay outside the repository; the three report files are copied
+# to benchmarks/results/study-cifar10-cpu/ together with the command that made them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-../study-cpu}
+DEST=benchmarks/results/study-cifar10-cpu
+CMD="glsd study cifar10-lowdata-cpu --out $WORK"
+$CMD
+mkdir -p "$DEST"
+cp "$WORK"/results.json "$WORK"/report.md "$WORK"/report.png "$DEST"/
+echo "$CMD  # data.root=../shared/data/cifar10-jpg.zip (preset default)" > "$DEST"/command.txt
