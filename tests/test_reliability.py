@@ -456,11 +456,10 @@ def test_eval_and_resume_refuse_a_malicious_run_checkpoint(tmp_path):
     run.mkdir()
     write_config(cfg, run / "config.yaml")
     _evil_checkpoint(run / "checkpoints" / "last.pt", marker)
-    with pytest.raises(CheckpointError):
-        cli(["eval", "knn", str(run), "--device", "cpu"])
+    # The CLI reports the refusal (exit 1, no traceback); the code never runs.
+    assert cli(["eval", "knn", str(run), "--device", "cpu"]) == 1
     assert not marker.exists()
-    with pytest.raises(CheckpointError):
-        cli(["eval", "knn", str(run / "checkpoints" / "last.pt"), "--device", "cpu"])
+    assert cli(["eval", "knn", str(run / "checkpoints" / "last.pt"), "--device", "cpu"]) == 1
     assert not marker.exists()
     with pytest.raises(CheckpointError):  # pretrain's resume reads it too
         pretrain(cfg)
@@ -504,10 +503,6 @@ def test_config_validation_accepts_edges():
     assert load_config(None, ["data.fraction=0.001"]).data.fraction == 0.001
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG config.validate: the crop/patch check runs only when model.patch_size is set; the "
-    "patch size implied by a ViT's name (vit_tiny_patch16_224: 16) is not checked, so "
-    "crops.local_size=24 passes validation and fails later inside timm"))
 def test_config_validation_checks_the_patch_size_implied_by_the_name():
     with pytest.raises(ConfigError, match="local_size"):
         load_config(None, ["model.backbone=vit_tiny_patch16_224", "crops.local_size=24"])

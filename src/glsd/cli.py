@@ -6,6 +6,8 @@ import json
 import sys
 
 from glsd.config import ConfigError, load_config, preset_names
+from glsd.train.checkpoint import CheckpointError
+from glsd.train.pretrain import NonFiniteLossError
 
 
 def _cmd_pretrain(args) -> int:
@@ -173,6 +175,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"glsd: config error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteLossError) as e:
+        print(f"glsd: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -339,6 +339,17 @@ def _type_name(tp: Any) -> str:
     return " or ".join(names) + (" or null" if type(None) in typing.get_args(tp) else "")
 
 
+def _patch_from_name(backbone: str) -> Optional[int]:
+    """ViT-family names carry their patch size (vit_small_patch16_224 -> 16)."""
+    import re
+
+    match = re.search(r"patch(\d+)", backbone)
+    family = backbone.split("_")[0]
+    if match and family in ("vit", "deit", "deit3", "eva", "beit"):
+        return int(match.group(1))
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types cannot express; each message names the key and a fix."""
     d, c, m, l, t = cfg.data, cfg.crops, cfg.model, cfg.loss, cfg.train
@@ -355,11 +366,13 @@ def validate(cfg: Config) -> None:
     for name, (lo, hi) in (("global_scale", c.global_scale), ("local_scale", c.local_scale)):
         if not 0.0 < lo <= hi <= 1.0:
             raise ConfigError(f"crops.{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
-    if m.patch_size is not None:
+    patch = m.patch_size or _patch_from_name(m.backbone)
+    if patch is not None:
         for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
-            if size % m.patch_size:
-                raise ConfigError(f"crops.{name}={size} is not a multiple of model.patch_size="
-                                  f"{m.patch_size}; pick sizes divisible by the patch size")
+            if size % patch:
+                raise ConfigError(f"crops.{name}={size} is not a multiple of the patch size "
+                                  f"(model.patch_size={patch}, {m.backbone}); pick crop sizes "
+                                  "divisible by it or another model.patch_size")
     if isinstance(l.match_threshold, str) and l.match_threshold not in ("half_diagonal", "none"):
         raise ConfigError(f"loss.match_threshold={l.match_threshold!r}: use half_diagonal, none, "
                           "or a distance in original-image pixels")

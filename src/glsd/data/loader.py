@@ -22,10 +22,11 @@ from glsd.train.checkpoint import atomic_write
 SUBSET_FILE = "subset.json"
 
 
-def select_images(cfg: Config, run_dir: Optional[Path]) -> tuple[ImageSource, ImageSource]:
+def select_images(cfg: Config, run_dir: Optional[Path],
+                  source: Optional[ImageSource] = None) -> tuple[ImageSource, ImageSource]:
     """(full train source, pretraining subset). A recorded subset in the run folder wins, so
     reruns and evaluation use exactly the same images."""
-    source = open_source(cfg.data)
+    source = open_source(cfg.data) if source is None else source
     record = run_dir / SUBSET_FILE if run_dir is not None else None
     if record is not None and record.is_file():
         keys = json.loads(record.read_text())["keys"]

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from glsd.config import Config, to_dict
 from glsd.data.loader import SUBSET_FILE, build_loader, select_images, write_subset
+from glsd.data.sources import open_source
 from glsd.models.heads import GLSDNet, build_network, build_teacher
 from glsd.train.checkpoint import export_backbone, save_checkpoint
 from glsd.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, init_distributed,
@@ -126,10 +127,14 @@ def pretrain(cfg: Config) -> Path:
 
 def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
     seed_everything(cfg.train.seed, cfg.train.deterministic)  # same initial weights on every rank
+    # Bad data paths and unknown backbones fail here, before the run folder is touched.
+    source = open_source(cfg.data)
+    student = build_network(cfg).to(device)
+    teacher = build_teacher(cfg, student).to(device)
     run = RunFolder(cfg.output_dir, dinfo.is_main)
     resume = run.prepare(cfg)
     barrier()  # rank 0 may have archived an old run (and its subset.json): read after that
-    _, subset = select_images(cfg, run.root)
+    _, subset = select_images(cfg, run.root, source)
     if dinfo.is_main:
         write_subset(run.root / SUBSET_FILE, subset, cfg.data.split)
     device_augment = None
@@ -143,8 +148,6 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
         loader, sampler, transform = build_loader(cfg, subset, dinfo.rank, dinfo.world_size,
                                                   pin_memory=device.type == "cuda")
 
-    student = build_network(cfg).to(device)
-    teacher = build_teacher(cfg, student).to(device)
     if dinfo.rank:  # from here on each rank draws its own random numbers (drop-path masks)
         seed_everything(cfg.train.seed + dinfo.rank, cfg.train.deterministic)
     if dinfo.enabled and _has_batchnorm(student):

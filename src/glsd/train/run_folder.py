@@ -33,6 +33,8 @@ class RunFolder:
         ckpt = None
         if self.last.is_file() and cfg.train.resume:
             ckpt = self._check_resumable(cfg)
+            if self.is_main:
+                self._drop_metrics_after(ckpt["step"])
         elif existing.is_file() and self.is_main:
             # Nothing to resume (or resume=false): keep the old files, out of the way.
             self._archive()
@@ -54,6 +56,20 @@ class RunFolder:
                 f"Differing keys: {'; '.join(diffs)}. Use a new output_dir, or train.resume=false "
                 "to start fresh (the old run is moved to a sub-folder, not deleted).")
         return ckpt
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """A killed run logged steps its last checkpoint does not hold; they are redone."""
+        path = self.root / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                continue
+        path.write_text("".join(f"{line}\n" for line in kept))
 
     def _archive(self) -> None:
         stamp = time.strftime('%Y%m%d-%H%M%S')
