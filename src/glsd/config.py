@@ -83,6 +83,10 @@ class ModelConfig:
     head_layers: int = 3
     local_out_dim: Optional[int] = None  # None: same as out_dim
     local_hidden_dim: Optional[int] = None  # None: same as hidden_dim
+    local_bottleneck_dim: Optional[int] = None  # None: same as bottleneck_dim
+    # The local head runs on every cell of every view: its width sets the cost of the local
+    # loss (see the benchmark's local_head rows).
+    channels_last: bool = False  # conv backbones: NHWC kernels (faster on CPU with bf16)
     norm_last_layer: bool = False
     drop_path_rate: float = 0.1
 
@@ -420,6 +424,7 @@ def identity(cfg: Config) -> dict:
     # Workers and error policy do not change what is learned.
     for k in ("num_workers", "on_error", "download"):
         ident["data"].pop(k, None)
+    ident["model"].pop("channels_last", None)  # a memory layout, same numbers
     return ident
 
 

@@ -86,12 +86,14 @@ class PairMatching:
 @torch.no_grad()
 def match_pairs(mode: str, threshold, student_geom: torch.Tensor, student_grid: tuple[int, int],
                 teacher_geom: torch.Tensor, teacher_grid: tuple[int, int],
-                student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> PairMatching:
+                student_feat: torch.Tensor, teacher_feat: torch.Tensor,
+                diagnostics: bool = True) -> PairMatching:
     """Match P view pairs at once.
 
     Args:
-        mode: "geometric" or "similarity" (which matches the loss uses). Both are computed,
-            so the diagnostics describe how the two would differ whatever the mode.
+        mode: "geometric" or "similarity" (which matches the loss uses). With
+            ``diagnostics`` both are computed, so the statistics describe how the two would
+            differ whatever the mode; without, only the one the loss needs (stats empty).
         student_geom, teacher_geom: ``(P, B, 5)`` crop records of the paired views.
         student_feat: ``(P, B, Ns, D)``; teacher_feat: ``(P, B, Nt, D)`` backbone features.
     Returns:
@@ -101,10 +103,14 @@ def match_pairs(mode: str, threshold, student_geom: torch.Tensor, student_grid: 
         cells) and ``sim_dist_cells`` (distance from a student cell's centre to its
         similarity-matched teacher cell's centre, in teacher cell sizes).
     """
+    if not diagnostics and mode == "similarity":
+        return PairMatching(similarity_match(student_feat, teacher_feat), {})
     s_centers = cell_centers(student_geom, student_grid)  # (P, B, Ns, 2)
     t_centers = cell_centers(teacher_geom, teacher_grid)  # (P, B, Nt, 2)
     thr = match_threshold_sq(student_geom, student_grid, teacher_geom, teacher_grid, threshold)
     geo, _ = geometric_match(s_centers, t_centers, thr)
+    if not diagnostics:
+        return PairMatching(geo, {})
     sim = similarity_match(student_feat, teacher_feat)
     t_cell = (teacher_geom[..., 2] / teacher_grid[0] * teacher_geom[..., 3] / teacher_grid[1]).sqrt()
     sim_xy = torch.gather(t_centers, -2, sim.index[..., None].expand(*sim.index.shape, 2))

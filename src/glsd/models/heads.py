@@ -102,7 +102,8 @@ def build_network(cfg: Config) -> GLSDNet:
     local_head = None
     if cfg.loss.matching != "none":
         local_head = DINOHead(dim, m.local_out_dim or m.out_dim, m.local_hidden_dim or m.hidden_dim,
-                              m.bottleneck_dim, m.head_layers, m.norm_last_layer)
+                              m.local_bottleneck_dim or m.bottleneck_dim, m.head_layers,
+                              m.norm_last_layer)
     return GLSDNet(backbone, global_head, local_head)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from glsd.config import Config
 from glsd.loss.dino import DINOGlobalLoss, DINOLocalLoss, view_pairs
-from glsd.loss.matching import Matches, match_pairs
+from glsd.loss.matching import match_pairs
 from glsd.models.heads import ViewGroupOutput
 
 
@@ -56,7 +56,8 @@ class GlobalLocalObjective(nn.Module):
         student_global = torch.cat([g.global_logits for g in student])  # (Vs, B, K)
         loss_global = self.global_loss(student_global, t_out.global_logits, teacher_temp)
         need_matches = self.local_loss is not None or diagnostics
-        pairs, matches, stats = self.match(student, t_out, geometry) if need_matches else ([], [], {})
+        pairs, matches, stats = (self.match(student, t_out, geometry, diagnostics) if need_matches
+                                 else ([], [], {}))
         if self.local_loss is None:
             loss_local = torch.zeros((), device=loss_global.device)
             loss = self.global_weight * loss_global
@@ -67,8 +68,10 @@ class GlobalLocalObjective(nn.Module):
         return LossTerms(loss, loss_global.detach(), loss_local.detach(), stats)
 
     @torch.no_grad()
-    def match(self, student: list[ViewGroupOutput], t_out: ViewGroupOutput, geometry: torch.Tensor):
-        """Per student group: view pairs, matches ``(P, B, Ns)`` and pooled diagnostics."""
+    def match(self, student: list[ViewGroupOutput], t_out: ViewGroupOutput, geometry: torch.Tensor,
+              diagnostics: bool = True):
+        """Per student group: view pairs, matches ``(P, B, Ns)`` and pooled diagnostics
+        (computed only when asked: the second matching costs as much as the first)."""
         n_teacher = t_out.global_logits.shape[0]
         pairs, matches, stats_sum, total_pairs = [], [], {}, 0
         first = 0
@@ -78,7 +81,8 @@ class GlobalLocalObjective(nn.Module):
             mode = self.matching if self.matching != "none" else "geometric"
             result = match_pairs(mode, self.threshold,
                                  geometry[first + s_idx], group.grid, geometry[t_idx], t_out.grid,
-                                 group.local_feat.detach()[s_idx], t_out.local_feat[t_idx])
+                                 group.local_feat.detach()[s_idx], t_out.local_feat[t_idx],
+                                 diagnostics)
             pairs.append((t_idx, s_idx))
             matches.append(result.matches)
             for k, v in result.stats.items():  # weight each group by its pair count

@@ -148,6 +148,9 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
         loader, sampler, transform = build_loader(cfg, subset, dinfo.rank, dinfo.world_size,
                                                   pin_memory=device.type == "cuda")
 
+    if cfg.model.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
     if dinfo.rank:  # from here on each rank draws its own random numbers (drop-path masks)
         seed_everything(cfg.train.seed + dinfo.rank, cfg.train.deterministic)
     if dinfo.enabled and _has_batchnorm(student):
@@ -273,6 +276,8 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
     else:
         views = [v.to(ctx.device, non_blocking=True) for v in batch.views]
         geometry = batch.geometry.to(ctx.device)
+    if cfg.model.channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     for i, group in enumerate(ctx.optimizer.param_groups):
         group["lr"] = float(sched.lr[step])
         if i == 0:
