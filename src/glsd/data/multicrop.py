@@ -97,13 +97,8 @@ class MultiCropDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int):
-        key = self.source.keys[i]
-        try:
-            img = self.source.read(key)
-        except Exception as e:  # noqa: BLE001 - any decoder error means the same: a bad file
-            if self.on_error == "fail":
-                raise RuntimeError(f"cannot read image {key!r} from {self.source.name}: {e}. "
-                                   "Fix or remove it, or set data.on_error=skip") from e
+        img = self.source.load(self.source.keys[i], self.on_error)
+        if img is None:
             return None
         views, geometry = self.transform(img, i)
         return views, geometry, self.source.labels[i], i

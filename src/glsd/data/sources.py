@@ -35,6 +35,16 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def load(self, key: str, on_error: str = "skip") -> Optional[Image.Image]:
+        """The image, or None for an unreadable file under ``on_error="skip"``."""
+        try:
+            return self.read(key)
+        except Exception as e:  # noqa: BLE001 - any decoder error means the same: a bad file
+            if on_error == "fail":
+                raise RuntimeError(f"cannot read image {key!r} from {self.name}: {e}. "
+                                   "Fix or remove it, or set data.on_error=skip") from e
+            return None
+
     def subset(self, keys: list[str]) -> "ImageSource":
         index = {k: i for i, k in enumerate(self.keys)}
         missing = [k for k in keys if k not in index]

@@ -259,13 +259,8 @@ class _EvalImages(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        key = self.source.keys[self.indices[i]]
-        try:
-            img = self.source.read(key)
-        except Exception as e:  # noqa: BLE001 - any decoder error means the same: a bad file
-            if self.on_error == "fail":
-                raise RuntimeError(f"cannot read image {key!r} from {self.source.name}: {e}. "
-                                   "Fix or remove it, or set data.on_error=skip") from e
+        img = self.source.load(self.source.keys[self.indices[i]], self.on_error)
+        if img is None:
             return None
         return self.transform(img), self.source.labels[self.indices[i]]
 
