@@ -58,6 +58,14 @@ def test_micro_grid_end_to_end_and_resume(tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert {r["name"]: r["wall_time_s"] for r in again} == before
 
+    # --report-only trains nothing: a grid with an unrun fraction lists its cells as not run.
+    run_study(None, out, TINY, fractions=[0.25, 0.5, 1.0], matchings=["none", "geometric"],
+              seeds=[0], report_only=True)
+    status = {r["name"]: r["status"] for r in json.loads((out / "results.json").read_text())}
+    assert status["f0.25-none-s0"] == "not run" and status["f1-geometric-s0"] == "done"
+    assert not (out / "f0.25-none-s0").exists()
+    assert "f0.25-geometric-s0" in (out / "report.md").read_text()
+
 
 def test_failed_cell_is_reported_and_others_go_on(tmp_path):
     out = tmp_path / "study"

@@ -46,20 +46,29 @@ def study_cells(cfg: Config, fractions=None, matchings=None, seeds=None) -> list
 
 
 def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=None,
-              matchings=None, seeds=None, evals=None, device: str = "auto") -> dict:
+              matchings=None, seeds=None, evals=None, device: str = "auto",
+              report_only: bool = False) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_config(config, overrides)
     evals = list(evals or base.study.evals)
     cells = study_cells(base, fractions, matchings, seeds)
-    (out / "study.json").write_text(json.dumps({
-        "config": config, "overrides": list(overrides), "evals": evals,
-        "cells": [c.name for c in cells]}, indent=2))
+    if not report_only:
+        (out / "study.json").write_text(json.dumps({
+            "config": config, "overrides": list(overrides), "evals": evals,
+            "cells": [c.name for c in cells]}, indent=2))
     records = []
     for i, cell in enumerate(cells):
+        if report_only:  # collect what exists, train nothing
+            path = out / cell.name / "cell.json"
+            records.append(json.loads(path.read_text()) if path.is_file() else
+                           {"name": cell.name, "fraction": cell.fraction, "matching": cell.matching,
+                            "seed": cell.seed, "status": "not run"})
+            continue
         print(f"[study] cell {i + 1}/{len(cells)}: {cell.name}", flush=True)
         records.append(run_cell(config, overrides, cell, out, evals, device))
         write_outputs(out, records)
+    write_outputs(out, records)
     return {"records": records, "out": str(out)}
 
 
@@ -231,6 +240,9 @@ def report_markdown(records: list[dict]) -> str:
     failed = [r for r in records if r.get("status") == "failed"]
     if failed:
         lines += ["", "## Failed cells", ""] + [f"- {r['name']}: {r['error']}" for r in failed]
+    missing = [r["name"] for r in records if r.get("status") == "not run"]
+    if missing:
+        lines += ["", "## Cells not run yet", "", ", ".join(missing)]
     return "\n".join(lines) + "\n"
 
 
