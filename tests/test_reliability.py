@@ -131,7 +131,8 @@ def test_sigint_in_process_stops_after_the_step(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain_mod, "train_step", step)
     before = signal.getsignal(signal.SIGINT)
     run = tmp_path / "run"
-    pretrain(tiny_config(run, "train.max_steps=6"))
+    with pytest.raises(pretrain_mod.TrainingInterrupted, match="step 2"):
+        pretrain(tiny_config(run, "train.max_steps=6"))
     assert load_last(run)["step"] == 2 == last_step(run)
     assert signal.getsignal(signal.SIGINT) is before  # handler given back
     assert not (run / "backbone.safetensors").exists()

@@ -101,3 +101,15 @@ def test_cell_overrides_pair_the_arms():
     a, b = Cell(0.1, "none", 3), Cell(0.1, "geometric", 3)
     seeds = [[o for o in c.overrides(Path("/x")) if "seed" in o] for c in (a, b)]
     assert seeds[0] == seeds[1] == ["train.seed=3", "data.subset_seed=3"]
+
+
+def test_a_signal_stops_the_study_without_recording_the_cell(tmp_path, monkeypatch):
+    import glsd.train.pretrain as pretrain_mod
+
+    def interrupted(cfg):
+        raise pretrain_mod.TrainingInterrupted("stopped by a signal at step 1")
+
+    monkeypatch.setattr(pretrain_mod, "pretrain", interrupted)
+    with pytest.raises(pretrain_mod.TrainingInterrupted):
+        run_study(None, tmp_path / "s", TINY, fractions=[1.0], matchings=["none"], seeds=[0], device="cpu")
+    assert not (tmp_path / "s" / "f1-none-s0" / "cell.json").exists()

@@ -7,7 +7,7 @@ import sys
 
 from glsd.config import ConfigError, load_config, preset_names
 from glsd.train.checkpoint import CheckpointError
-from glsd.train.pretrain import NonFiniteLossError
+from glsd.train.pretrain import NonFiniteLossError, TrainingInterrupted
 
 
 def _cmd_pretrain(args) -> int:
@@ -180,6 +180,9 @@ def main(argv=None) -> int:
     except (CheckpointError, NonFiniteLossError) as e:
         print(f"glsd: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:  # a clean stop (SIGTERM before preemption): exit 0
+        print(f"glsd: {e}", file=sys.stderr)
+        return 0
 
 
 if __name__ == "__main__":

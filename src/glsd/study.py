@@ -75,7 +75,7 @@ def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=N
 def run_cell(config: str, overrides: Sequence[str], cell: Cell, out: Path, evals: list[str],
              device: str) -> dict:
     from glsd.eval.runner import run_eval
-    from glsd.train.pretrain import pretrain
+    from glsd.train.pretrain import TrainingInterrupted, pretrain
 
     cfg = load_config(config, [*overrides, *cell.overrides(out)])
     run_dir = Path(cfg.output_dir)
@@ -88,6 +88,8 @@ def run_cell(config: str, overrides: Sequence[str], cell: Cell, out: Path, evals
         pretrain(cfg)
         results = {kind: run_eval(kind, run_dir, device=device) for kind in evals}
         results["knn_random_init"] = knn_floor(run_dir, out / f"floor-f{cell.fraction:g}-s{cell.seed}.json", device)
+    except TrainingInterrupted:
+        raise  # a signal stops the whole study; the cell resumes on the next run
     except Exception as e:  # noqa: BLE001 - one failed cell must not stop the grid
         traceback.print_exc()
         return {"name": cell.name, "fraction": cell.fraction, "matching": cell.matching,

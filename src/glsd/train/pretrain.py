@@ -36,6 +36,11 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT stopped the run after a checkpoint: not an error, but not finished
+    either (callers such as the study must not treat the run as done)."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -178,6 +183,9 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
         LOG.info("done: %d steps; teacher backbone exported to %s", state.step,
                  run.root / "backbone.safetensors")
     run.close()
+    if not finished:
+        raise TrainingInterrupted(f"stopped by a signal at step {state.step}; the checkpoint is "
+                                  f"in {run.last}. Rerun the same command to resume.")
     return run.root
 
 
