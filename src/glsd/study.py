@@ -191,6 +191,8 @@ def verdict(row: dict) -> str:
     """
     ranked = sorted(row, key=lambda m: -row[m]["mean"])
     best = ranked[0]
+    if len(ranked) < 2:
+        return f"only {best} has finished cells: no comparison yet"
     parts = [f"**{best}** wins"]
     for other in ranked[1:]:
         seeds = sorted(set(row[best]["per_seed"]) & set(row[other]["per_seed"]))
@@ -222,9 +224,15 @@ def report_markdown(records: list[dict]) -> str:
         cells = [f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f} (n={row[m]['n']})" if m in row else "-"
                  for m in matchings]
         lines.append(f"| {frac:g} | {n_images.get(frac, '?')} | {floor[0]:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", "## Verdict per fraction", ""]
+    lines += ["", "## Verdict per fraction", "",
+              "A comparison only means something when every arm learns: the bar is the "
+              "global-only (none) arm at least 10 points above the floor.", ""]
     for frac in sorted(table):
-        lines.append(f"- fraction {frac:g}: {verdict(table[frac])}")
+        floor = mean_std([v for m in floors[frac].values() for v in m["per_seed"].values()])[0]
+        lift = table[frac]["none"]["mean"] - floor if "none" in table[frac] else math.nan
+        bar = "met" if lift >= 10 else "NOT met: read the comparison with care"
+        lines.append(f"- fraction {frac:g}: {verdict(table[frac])}. Global-only arm vs floor: "
+                     f"{lift:+.2f} points ({bar}).")
     lines += ["", "## Matching diagnostics at the end of training", "",
               "How often the similarity match equals the geometric match (among cells with a valid "
               "geometric match), and the mean distance of similarity matches from the true "
