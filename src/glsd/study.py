@@ -202,6 +202,9 @@ def verdict(row: dict) -> str:
         margin = statistics.fmean(diffs)
         spread = max(row[best]["std"], row[other]["std"])
         clear = margin > spread and all(d > 0 for d in diffs) and len(diffs) > 1
+        if len(diffs) == 1:
+            parts.append(f"+{margin:.2f} over {other} (one seed: no spread to compare with)")
+            continue
         parts.append(f"+{margin:.2f} over {other} ({'exceeds' if clear else 'within'} the seed spread "
                      f"of {spread:.2f}; per-seed differences {', '.join(f'{d:+.2f}' for d in diffs)})")
     return "; ".join(parts)
