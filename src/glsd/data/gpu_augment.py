@@ -41,8 +41,7 @@ from torchvision.ops import roi_align
 
 from glsd.config import Config, CropConfig
 from glsd.data.geometry import FLIP, HEIGHT, LEFT, TOP, WIDTH
-from glsd.data.loader import ResumableSampler
-from glsd.data.multicrop import MultiCropDataset
+from glsd.data.loader import ResumableSampler, build_loader
 from glsd.data.sources import ImageSource
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL and torchvision
@@ -113,15 +112,8 @@ def build_device_loader(cfg: Config, subset: ImageSource, rank: int, world_size:
                         pin_memory: bool) -> tuple[DataLoader, ResumableSampler, ResizeToUint8]:
     """The loader of ``data.augment_on=device``: same sampler (order, resume) as
     :func:`glsd.data.loader.build_loader`, batches of :class:`RawBatch`."""
-    transform = ResizeToUint8(device_input_size(cfg.crops))
-    dataset = MultiCropDataset(subset, transform, cfg.data.on_error)
-    sampler = ResumableSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, rank, world_size)
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
-                        num_workers=cfg.data.num_workers, collate_fn=collate_uint8,
-                        pin_memory=pin_memory, drop_last=True,
-                        generator=torch.Generator().manual_seed(cfg.train.seed),
-                        persistent_workers=False)
-    return loader, sampler, transform
+    return build_loader(cfg, subset, rank, world_size, pin_memory,
+                        transform=ResizeToUint8(device_input_size(cfg.crops)), collate_fn=collate_uint8)
 
 
 # ----------------------------------------------------------------------------------------

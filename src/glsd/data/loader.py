@@ -98,14 +98,17 @@ class ResumableSampler(Sampler[int]):
 
 
 def build_loader(cfg: Config, subset: ImageSource, rank: int, world_size: int,
-                 pin_memory: bool) -> tuple[DataLoader, ResumableSampler, SeededMultiCrop]:
-    transform = SeededMultiCrop(MultiCrop(cfg.crops), cfg.train.seed)
+                 pin_memory: bool, transform=None, collate_fn=collate_views):
+    """(loader, sampler, transform). By default the CPU multi-crop; the device-augmentation
+    path passes its own transform and collate function and shares order and resume."""
+    if transform is None:
+        transform = SeededMultiCrop(MultiCrop(cfg.crops), cfg.train.seed)
     dataset = MultiCropDataset(subset, transform, cfg.data.on_error)
     sampler = ResumableSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, rank, world_size)
     # Its own generator: each new iterator draws a base seed from it, and drawing from the
     # global RNG would shift the model's random stream (drop-path) on a mid-epoch resume.
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
-                        num_workers=cfg.data.num_workers, collate_fn=collate_views,
+                        num_workers=cfg.data.num_workers, collate_fn=collate_fn,
                         pin_memory=pin_memory, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.train.seed),
                         persistent_workers=False)  # workers re-fork each epoch with its seed
