@@ -113,3 +113,19 @@ def test_a_signal_stops_the_study_without_recording_the_cell(tmp_path, monkeypat
     with pytest.raises(pretrain_mod.TrainingInterrupted):
         run_study(None, tmp_path / "s", TINY, fractions=[1.0], matchings=["none"], seeds=[0], device="cpu")
     assert not (tmp_path / "s" / "f1-none-s0" / "cell.json").exists()
+
+
+def test_parallel_cells_give_the_same_records_as_sequential(tmp_path):
+    """--jobs runs cells in spawned processes; a cell's result must not depend on it."""
+    grid = dict(fractions=[1.0], matchings=["none", "geometric"], seeds=[0], evals=["knn"], device="cpu")
+    run_study(None, tmp_path / "seq", TINY, **grid)
+    run_study(None, tmp_path / "par", TINY, jobs=2, **grid)
+    seq = json.loads((tmp_path / "seq" / "results.json").read_text())
+    par = json.loads((tmp_path / "par" / "results.json").read_text())
+    assert [r["name"] for r in par] == [r["name"] for r in seq]  # grid order kept
+    for a, b in zip(seq, par):
+        assert b["status"] == "done"
+        assert b["knn_top1"] == a["knn_top1"] and b["knn_floor_top1"] == a["knn_floor_top1"]
+        assert b["final"]["loss"] == pytest.approx(a["final"]["loss"], rel=1e-5)
+    assert len(list((tmp_path / "par").glob("floor-*.json"))) == 1  # one floor per (fraction, seed)
+    assert not list((tmp_path / "par").glob("*.tmp*"))

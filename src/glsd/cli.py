@@ -41,7 +41,8 @@ def _cmd_study(args) -> int:
     from glsd.study import run_study
 
     result = run_study(args.config, args.out, args.overrides, args.fractions, args.matchings,
-                       args.seeds, args.evals, args.device, report_only=args.report_only)
+                       args.seeds, args.evals, args.device, report_only=args.report_only,
+                       jobs=args.jobs)
     failed = [r["name"] for r in result["records"] if r.get("status") == "failed"]
     print(f"study folder: {args.out} (results.json, report.md, report.png)")
     if failed:
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--report-only", action="store_true",
                    help="write results.json / report.md / report.png from the finished cells; train nothing")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells trained at once, each in its own process (GPU boxes; keep 1 on a small CPU)")
     p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("bench", help="measure geometry, data pipeline, step, utilisation and k-NN speed (one JSON object)")

@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Optional, Sequence
 
 from glsd.config import Config, config_hash, load_config
@@ -47,29 +50,66 @@ def study_cells(cfg: Config, fractions=None, matchings=None, seeds=None) -> list
 
 def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=None,
               matchings=None, seeds=None, evals=None, device: str = "auto",
-              report_only: bool = False) -> dict:
+              report_only: bool = False, jobs: int = 1) -> dict:
+    """Run (or, with ``report_only``, only collect) every cell, then write the report.
+
+    ``jobs`` > 1 trains that many cells at once in separate processes: on a GPU box a small
+    model leaves the device mostly idle, so concurrent cells multiply throughput. On a
+    2-core CPU keep 1.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_config(config, overrides)
     evals = list(evals or base.study.evals)
     cells = study_cells(base, fractions, matchings, seeds)
-    if not report_only:
+    if report_only:
+        records = [collected_record(out, cell) for cell in cells]
+    else:
         (out / "study.json").write_text(json.dumps({
             "config": config, "overrides": list(overrides), "evals": evals,
             "cells": [c.name for c in cells]}, indent=2))
+        run = run_cells_in_parallel if jobs > 1 else run_cells_in_order
+        records = run(config, overrides, cells, out, evals, device, jobs)
+    write_outputs(out, records)
+    return {"records": records, "out": str(out)}
+
+
+def collected_record(out: Path, cell: Cell, status: str = "not run") -> dict:
+    path = out / cell.name / "cell.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"name": cell.name, "fraction": cell.fraction, "matching": cell.matching,
+            "seed": cell.seed, "status": status}
+
+
+def run_cells_in_order(config, overrides, cells, out, evals, device, jobs) -> list[dict]:
     records = []
     for i, cell in enumerate(cells):
-        if report_only:  # collect what exists, train nothing
-            path = out / cell.name / "cell.json"
-            records.append(json.loads(path.read_text()) if path.is_file() else
-                           {"name": cell.name, "fraction": cell.fraction, "matching": cell.matching,
-                            "seed": cell.seed, "status": "not run"})
-            continue
         print(f"[study] cell {i + 1}/{len(cells)}: {cell.name}", flush=True)
         records.append(run_cell(config, overrides, cell, out, evals, device))
         write_outputs(out, records)
-    write_outputs(out, records)
-    return {"records": records, "out": str(out)}
+    return records
+
+
+def run_cells_in_parallel(config, overrides, cells, out, evals, device, jobs) -> list[dict]:
+    """The same cells, ``jobs`` at a time. Spawned (not forked) workers: CUDA cannot be
+    re-initialised in a forked child. Records keep the grid's order whatever finishes first."""
+    records = [collected_record(out, cell, status="running") for cell in cells]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(run_cell, config, list(overrides), cell, out, evals, device): i
+                   for i, cell in enumerate(cells)}
+        print(f"[study] {len(cells)} cells, {jobs} at a time", flush=True)
+        try:
+            for future in as_completed(futures):
+                i = futures[future]
+                records[i] = future.result()
+                print(f"[study] finished {cells[i].name}: {records[i].get('status')}", flush=True)
+                write_outputs(out, records)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # unfinished cells resume next time
+            raise
+    return records
 
 
 def run_cell(config: str, overrides: Sequence[str], cell: Cell, out: Path, evals: list[str],
@@ -119,7 +159,10 @@ def knn_floor(run_dir: Path, cache: Path, device: str) -> dict:
     if cache.is_file():
         return json.loads(cache.read_text())
     result = run_eval("knn", run_dir, random_init=True, device=device)
-    cache.write_text(json.dumps(result))
+    # Cells of one (fraction, seed) may compute it at once (--jobs): publish atomically.
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, cache)
     return result
 
 
