@@ -185,3 +185,21 @@ def test_pretrain_with_device_augmentation(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["loss_local"] > 0 for r in records)
     assert 0 < records[-1]["geo_valid_frac"] <= 1
+
+
+def test_device_loader_keeps_workers_and_follows_the_sampler_epoch(tmp_path):
+    """Its workers persist across epochs (only the CPU multi-crop needs a re-fork to reseed),
+    yet every epoch still delivers the sampler's own order, as with no workers at all."""
+    def epochs(num_workers: int) -> list[torch.Tensor]:
+        cfg = tiny_config(tmp_path / "run", "data.augment_on=device", f"data.num_workers={num_workers}")
+        loader, sampler, _ = build_device_loader(cfg, synthetic_source(16, 40, 4), 0, 1, pin_memory=False)
+        assert loader.persistent_workers == (num_workers > 0)
+        out = []
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            out.append(torch.cat([b.images for b in loader]))
+        return out
+
+    inline, workers = epochs(0), epochs(1)
+    assert all(torch.equal(a, b) for a, b in zip(inline, workers))
+    assert not torch.equal(inline[0], inline[1])  # a new permutation each epoch

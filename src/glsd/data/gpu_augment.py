@@ -113,7 +113,8 @@ def build_device_loader(cfg: Config, subset: ImageSource, rank: int, world_size:
     """The loader of ``data.augment_on=device``: same sampler (order, resume) as
     :func:`glsd.data.loader.build_loader`, batches of :class:`RawBatch`."""
     return build_loader(cfg, subset, rank, world_size, pin_memory,
-                        transform=ResizeToUint8(device_input_size(cfg.crops)), collate_fn=collate_uint8)
+                        transform=ResizeToUint8(device_input_size(cfg.crops)), collate_fn=collate_uint8,
+                        persistent_workers=True)  # decoding and resizing only: nothing to reseed
 
 
 # ----------------------------------------------------------------------------------------

@@ -98,9 +98,14 @@ class ResumableSampler(Sampler[int]):
 
 
 def build_loader(cfg: Config, subset: ImageSource, rank: int, world_size: int,
-                 pin_memory: bool, transform=None, collate_fn=collate_views):
+                 pin_memory: bool, transform=None, collate_fn=collate_views,
+                 persistent_workers: bool = False):
     """(loader, sampler, transform). By default the CPU multi-crop; the device-augmentation
-    path passes its own transform and collate function and shares order and resume."""
+    path passes its own transform and collate function and shares order and resume.
+
+    The CPU multi-crop's workers re-fork each epoch to pick up its seed; a transform with no
+    randomness may keep its workers (``persistent_workers``): on a small subset a re-fork per
+    epoch costs seconds every few dozen steps."""
     if transform is None:
         transform = SeededMultiCrop(MultiCrop(cfg.crops), cfg.train.seed)
     dataset = MultiCropDataset(subset, transform, cfg.data.on_error)
@@ -111,5 +116,5 @@ def build_loader(cfg: Config, subset: ImageSource, rank: int, world_size: int,
                         num_workers=cfg.data.num_workers, collate_fn=collate_fn,
                         pin_memory=pin_memory, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.train.seed),
-                        persistent_workers=False)  # workers re-fork each epoch with its seed
+                        persistent_workers=persistent_workers and cfg.data.num_workers > 0)
     return loader, sampler, transform
