@@ -518,3 +518,16 @@ def test_unknown_backbone_suggests_close_names(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="Close names: .*vit_tiny_patch16_224"):
         pretrain(cfg)
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_skip_counts_per_rank_survive_a_resume():
+    """A checkpoint keeps every rank's skip count; another world size gives rank 0 the total."""
+    from glsd.train.pretrain import rank_state
+
+    rngs = [{"torch": torch.tensor([r])} for r in range(3)]
+    ckpt = {"rng": rngs[0], "rng_per_rank": rngs, "skipped_per_rank": [2, 0, 5], "skipped_images": 2}
+    assert [rank_state(ckpt, r, 3)[1] for r in range(3)] == [2, 0, 5]
+    assert [rank_state(ckpt, r, 3)[0]["torch"].item() for r in range(3)] == [0, 1, 2]
+    assert [rank_state(ckpt, r, 2)[1] for r in range(2)] == [7, 0]
+    old_format = {"rng": rngs[0], "skipped_images": 4}  # written before per-rank state existed
+    assert rank_state(old_format, 0, 1) == (rngs[0], 4)

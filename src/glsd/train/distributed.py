@@ -72,3 +72,22 @@ def max_over_ranks(value: float, device=None) -> float:
     t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable ``obj`` in rank order (every rank must call it); ``[obj]`` alone.
+    For small per-rank state only (RNG, counters): the peers are this job's own processes."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sum_over_ranks(value: float, device=None) -> float:
+    """The sum of ``value`` over all ranks (every rank must call it); the value itself alone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()

@@ -25,8 +25,8 @@ from glsd.data.loader import SUBSET_FILE, build_loader, select_images, write_sub
 from glsd.data.sources import open_source
 from glsd.models.heads import GLSDNet, build_network, build_teacher
 from glsd.train.checkpoint import export_backbone, save_checkpoint
-from glsd.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, init_distributed,
-                                    max_over_ranks)
+from glsd.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, gather_objects,
+                                    init_distributed, max_over_ranks, sum_over_ranks)
 from glsd.train.objective import GlobalLocalObjective, LossTerms
 from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.schedules import Schedules
@@ -343,7 +343,7 @@ def log_step(ctx: Context, state: TrainState, terms: LossTerms, steps_per_sec: f
               "lr": float(sched.lr[step]), "wd": float(sched.wd[step]),
               "momentum": float(sched.momentum[step]), "teacher_temp": float(sched.teacher_temp[step]),
               "images_per_sec": steps_per_sec * ctx.sampler.global_batch,
-              "skipped_images": state.skipped_images}
+              "skipped_images": int(sum_over_ranks(state.skipped_images, ctx.device))}
     ctx.run.log_metrics(record)
     if ctx.dinfo.is_main:
         LOG.info("step %d %s", state.step, {k: round(v, 4) if isinstance(v, float) else v
@@ -364,6 +364,9 @@ def end_of_epoch(ctx: Context, state: TrainState) -> None:
 
 
 def checkpoint(ctx: Context, state: TrainState, keep: bool = False) -> None:
+    # Every rank's own RNG and skip count (collective: all ranks checkpoint at the same step),
+    # so a resume gives each rank its own drop-path and augmentation streams back.
+    per_rank = gather_objects({"rng": rng_state(), "skipped_images": state.skipped_images})
     if not ctx.dinfo.is_main:
         return
     payload = {
@@ -374,7 +377,9 @@ def checkpoint(ctx: Context, state: TrainState, keep: bool = False) -> None:
         "step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
         "samples_in_epoch": state.step_in_epoch * ctx.sampler.global_batch,
         "skipped_images": state.skipped_images,
-        "rng": rng_state(),
+        "rng": per_rank[0]["rng"],
+        "rng_per_rank": [p["rng"] for p in per_rank],
+        "skipped_per_rank": [p["skipped_images"] for p in per_rank],
     }
     save_checkpoint(ctx.run.last, payload)
     if keep:
@@ -387,12 +392,28 @@ def restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler)
     objective.load_state_dict(ckpt["objective"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    rng, skipped = rank_state(ckpt, sampler.rank, sampler.world)
+    set_rng_state(rng)
     # Resume at the same sample of the epoch; under another world size this rounds down to a
     # whole global batch of the new size (a few images may be seen twice).
     step_in_epoch = ckpt["samples_in_epoch"] // sampler.global_batch
     LOG.info("resumed from step %d (epoch %d, step %d of it)", ckpt["step"], ckpt["epoch"], step_in_epoch)
-    return TrainState(ckpt["step"], ckpt["epoch"], step_in_epoch, ckpt.get("skipped_images", 0))
+    return TrainState(ckpt["step"], ckpt["epoch"], step_in_epoch, skipped)
+
+
+def rank_state(ckpt: dict, rank: int, world_size: int) -> tuple[dict, int]:
+    """(RNG state, skipped images) of this rank from a checkpoint. Under the world size that
+    wrote it, each rank gets its own; under another one there is no own state to take: every
+    rank takes rank 0's RNG and rank 0 the whole skip count."""
+    per_rank = ckpt.get("rng_per_rank")
+    if per_rank is not None and len(per_rank) == world_size:
+        return per_rank[rank], ckpt["skipped_per_rank"][rank]
+    if world_size > 1:
+        LOG.warning("checkpoint written by %s processes, resumed by %d: every rank restarts from "
+                    "rank 0's random state", len(per_rank) if per_rank else "an unknown number of",
+                    world_size)
+    total = sum(ckpt.get("skipped_per_rank") or [ckpt.get("skipped_images", 0)])
+    return ckpt["rng"], total if rank == 0 else 0
 
 
 def rng_state() -> dict:
