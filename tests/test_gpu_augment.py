@@ -187,19 +187,23 @@ def test_pretrain_with_device_augmentation(tmp_path):
     assert 0 < records[-1]["geo_valid_frac"] <= 1
 
 
-def test_device_loader_keeps_workers_and_follows_the_sampler_epoch(tmp_path):
-    """Its workers persist across epochs (only the CPU multi-crop needs a re-fork to reseed),
-    yet every epoch still delivers the sampler's own order, as with no workers at all."""
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_loader_workers_persist_and_each_epoch_is_its_own(tmp_path, path):
+    """Workers persist across epochs, yet every epoch delivers the sampler's order and (CPU
+    multi-crop) the augmentations seeded by that epoch, exactly as with no workers at all."""
+    from glsd.data.loader import build_loader
+
     def epochs(num_workers: int) -> list[torch.Tensor]:
-        cfg = tiny_config(tmp_path / "run", "data.augment_on=device", f"data.num_workers={num_workers}")
-        loader, sampler, _ = build_device_loader(cfg, synthetic_source(16, 40, 4), 0, 1, pin_memory=False)
+        cfg = tiny_config(tmp_path / "run", f"data.augment_on={path}", f"data.num_workers={num_workers}")
+        build = build_device_loader if path == "device" else build_loader
+        loader, sampler, _ = build(cfg, synthetic_source(16, 40, 4), 0, 1, pin_memory=False)
         assert loader.persistent_workers == (num_workers > 0)
         out = []
         for epoch in range(3):
             sampler.set_epoch(epoch)
-            out.append(torch.cat([b.images for b in loader]))
+            out.append(torch.cat([b.images if path == "device" else b.views[0] for b in loader]))
         return out
 
     inline, workers = epochs(0), epochs(1)
     assert all(torch.equal(a, b) for a, b in zip(inline, workers))
-    assert not torch.equal(inline[0], inline[1])  # a new permutation each epoch
+    assert not torch.equal(inline[0], inline[1])  # a new permutation (and augmentation) each epoch

@@ -67,14 +67,14 @@ def device_input_size(crops: CropConfig) -> int:
 class ResizeToUint8:
     """Loader transform: PIL image -> (uint8 ``(3, S, S)``, original ``(h, w)``).
 
-    Has ``epoch`` like :class:`glsd.data.loader.SeededMultiCrop` (the loop sets it); nothing
+    Takes ``index`` and ``epoch`` like :class:`glsd.data.loader.SeededMultiCrop`; nothing
     here is random, all randomness is drawn on the device.
     """
 
     def __init__(self, size: int):
-        self.size, self.epoch = size, 0
+        self.size = size
 
-    def __call__(self, img: Image.Image, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, img: Image.Image, index: int = 0, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         w, h = img.size
         if (h, w) != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.BICUBIC, reducing_gap=3.0)
@@ -113,8 +113,7 @@ def build_device_loader(cfg: Config, subset: ImageSource, rank: int, world_size:
     """The loader of ``data.augment_on=device``: same sampler (order, resume) as
     :func:`glsd.data.loader.build_loader`, batches of :class:`RawBatch`."""
     return build_loader(cfg, subset, rank, world_size, pin_memory,
-                        transform=ResizeToUint8(device_input_size(cfg.crops)), collate_fn=collate_uint8,
-                        persistent_workers=True)  # decoding and resizing only: nothing to reseed
+                        transform=ResizeToUint8(device_input_size(cfg.crops)), collate_fn=collate_uint8)
 
 
 # ----------------------------------------------------------------------------------------

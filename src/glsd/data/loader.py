@@ -47,10 +47,10 @@ class SeededMultiCrop:
     """MultiCrop whose randomness is a function of (seed, epoch, sample index) only."""
 
     def __init__(self, multicrop: MultiCrop, seed: int):
-        self.multicrop, self.seed, self.epoch = multicrop, seed, 0
+        self.multicrop, self.seed = multicrop, seed
 
-    def __call__(self, img, index: int):
-        sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+    def __call__(self, img, index: int, epoch: int = 0):
+        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
         torch_state, py_state = torch.get_rng_state(), random.getstate()
         torch.manual_seed(sample_seed % (2**63))
         random.seed(sample_seed)
@@ -91,21 +91,21 @@ class ResumableSampler(Sampler[int]):
         return batches[:, self.rank].flatten().tolist()
 
     def __iter__(self):
-        return iter(self._my_indices())
+        # (epoch, index): the epoch travels with each sample, so loader workers can persist
+        # across epochs and still seed each sample's augmentation by its epoch.
+        return iter([(self.epoch, i) for i in self._my_indices()])
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_sample // self.global_batch) * self.batch
 
 
 def build_loader(cfg: Config, subset: ImageSource, rank: int, world_size: int,
-                 pin_memory: bool, transform=None, collate_fn=collate_views,
-                 persistent_workers: bool = False):
+                 pin_memory: bool, transform=None, collate_fn=collate_views):
     """(loader, sampler, transform). By default the CPU multi-crop; the device-augmentation
     path passes its own transform and collate function and shares order and resume.
 
-    The CPU multi-crop's workers re-fork each epoch to pick up its seed; a transform with no
-    randomness may keep its workers (``persistent_workers``): on a small subset a re-fork per
-    epoch costs seconds every few dozen steps."""
+    Workers persist across epochs: on a small subset a re-fork per epoch cost seconds every
+    few dozen steps (the sampler hands each sample its epoch, see ResumableSampler)."""
     if transform is None:
         transform = SeededMultiCrop(MultiCrop(cfg.crops), cfg.train.seed)
     dataset = MultiCropDataset(subset, transform, cfg.data.on_error)
@@ -116,5 +116,5 @@ def build_loader(cfg: Config, subset: ImageSource, rank: int, world_size: int,
                         num_workers=cfg.data.num_workers, collate_fn=collate_fn,
                         pin_memory=pin_memory, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.train.seed),
-                        persistent_workers=persistent_workers and cfg.data.num_workers > 0)
+                        persistent_workers=cfg.data.num_workers > 0)
     return loader, sampler, transform

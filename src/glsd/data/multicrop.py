@@ -87,7 +87,7 @@ class MultiCrop:
 
 
 class MultiCropDataset(Dataset):
-    """Items of an ImageSource through ``transform(img, index)``; a bad file yields None
+    """Items of an ImageSource through ``transform(img, index, epoch)``; a bad file yields None
     (``on_error="skip"``, dropped and counted by the collate function) or raises."""
 
     def __init__(self, source: ImageSource, transform, on_error: str = "skip"):
@@ -96,11 +96,13 @@ class MultiCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        """``key``: a position, or ``(epoch, position)`` as the training sampler yields."""
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         img = self.source.load(self.source.keys[i], self.on_error)
         if img is None:
             return None
-        views, geometry = self.transform(img, i)
+        views, geometry = self.transform(img, i, epoch)
         return views, geometry, self.source.labels[i], i
 
 

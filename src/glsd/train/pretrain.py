@@ -217,7 +217,6 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
     progress = _progress_bar(ctx, state, max_steps)
     while state.step < max_steps:
         ctx.sampler.set_epoch(state.epoch, state.step_in_epoch * ctx.sampler.global_batch)
-        ctx.transform.epoch = state.epoch
         tick, since_log, stopping, batches, steps_before = time.perf_counter(), 0, None, 0, state.step
         whole_epoch = state.step_in_epoch == 0
         for batch in ctx.loader:
