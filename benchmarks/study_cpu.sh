@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The low-data study on this project's 2-core CPU (about 3 to 4 hours; rerun to resume).
+# The low-data study on this project's 2-core CPU (about 3.5 hours; rerun to resume).
 # Run folders (checkpoints) stay outside the repository; the three report files are copied
 # to benchmarks/results/study-cifar10-cpu/ together with the command that made them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORK=${1:-../study-cpu}
+WORK=${1:-../study-cpu-v2}
 DEST=benchmarks/results/study-cifar10-cpu
 CMD="glsd study cifar10-lowdata-cpu --out $WORK"
 $CMD
