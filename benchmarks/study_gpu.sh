@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The low-data study on one GPU (H100/H200): 3 matchings x 2 fractions x 3 seeds, end to end,
-# all 18 cells at once (a small conv net leaves an H100 mostly idle: concurrent cells
-# multiply throughput).
+# The low-data study on one GPU (H100/H200): 3 matchings x 2 fractions x 3 seeds, end to end.
+# A small conv net's step is ~1,000 tiny kernels, so one cell leaves the GPU mostly idle and
+# cells run side by side. Without CUDA MPS the processes' kernels take turns on the GPU, so
+# MPS is started when the driver has it (MPS=0 turns that off), and JOBS defaults to 18 with
+# MPS, else 9 (the cells then finish in two waves, 5% first).
 #   benchmarks/study_gpu.sh [WORK_DIR] [key=value ...]    needs ../shared/data/cifar10-jpg.zip
 # Copies results.json, report.md, report.png and command.txt to
 # benchmarks/results/study-cifar10-gpu-<device>/.
@@ -15,7 +17,20 @@ shift || true
 name=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')
 slug=$(printf '%s' "$name" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
 DEST=benchmarks/results/study-cifar10-gpu-$slug
-CMD=(-m glsd study cifar10-lowdata-gpu "$@" --out "$WORK" --device cuda --jobs "${JOBS:-18}")
+mps=off
+if [ "${MPS:-1}" != 0 ] && command -v nvidia-cuda-mps-control >/dev/null; then
+  if nvidia-cuda-mps-control -d 2>/dev/null; then
+    # A client must work under it, else stop it and take turns.
+    if timeout 60 "$PY" -c 'import torch; assert (torch.ones(1, device="cuda") + 1).item() == 2'; then
+      mps=on; trap 'echo quit | nvidia-cuda-mps-control' EXIT
+    else
+      echo quit | nvidia-cuda-mps-control || true
+    fi
+  fi
+fi
+echo "study_gpu: CUDA MPS $mps" >&2
+JOBS=${JOBS:-$([ $mps = on ] && echo 18 || echo 9)}
+CMD=(-m glsd study cifar10-lowdata-gpu "$@" --out "$WORK" --device cuda --jobs "$JOBS")
 start=$(date +%s)
 status=0
 # STUDY_TIMEOUT (s) bounds a lent machine's session; unfinished cells resume on a rerun.
@@ -26,5 +41,5 @@ fi
 mkdir -p "$DEST"
 cp "$WORK"/results.json "$WORK"/report.md "$DEST"/
 cp "$WORK"/report.png "$DEST"/ 2>/dev/null || true
-echo "python ${CMD[*]}  # on $name, $(( $(date +%s) - start )) s, exit $status" > "$DEST"/command.txt
+echo "python ${CMD[*]}  # on $name, CUDA MPS $mps, $(( $(date +%s) - start )) s, exit $status" > "$DEST"/command.txt
 exit $status

@@ -223,10 +223,13 @@ def adjust_hue(x, f):
     return hsv_to_rgb(torch.remainder(h + f[:, None, None, None], 1.0), s, v)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per row ``(N,)``, reflect padding."""
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: Optional[float] = None) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per row ``(N,)``, reflect padding. The kernel
+    spans 3 ``max_sigma`` (default: the largest sigma, which costs a device sync)."""
     n, c, hgt, wid = x.shape
-    half = int(math.ceil(3.0 * float(sigma.max())))
+    if max_sigma is None:
+        max_sigma = float(sigma.max())
+    half = int(math.ceil(3.0 * max_sigma))
     half = max(1, min(half, hgt - 1, wid - 1))
     offs = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (offs[None] / sigma.clamp(min=1e-3)[:, None]) ** 2)
@@ -254,7 +257,10 @@ class DeviceMultiCrop:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, orig_hw: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                 generator: Optional[torch.Generator] = None,
+                 host_generator: Optional[torch.Generator] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``host_generator`` (a CPU generator) draws the colour-jitter order; without it the
+        order comes from ``generator``, which on a GPU costs a device sync per view group."""
         c = self.cfg
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         batch, _, height, width = x.shape
@@ -274,7 +280,8 @@ class DeviceMultiCrop:
             flipped = _rand((n,), generator, dev) < c.flip_p
             sample = torch.arange(batch, device=dev).repeat(n_views)  # row r: image r % B
             out = crop_resize(x, boxes, sample, size, flipped)
-            out = self._photometric(out, size, n_views, batch, blur_p, solar_p, generator)
+            out = self._photometric(out, size, n_views, batch, blur_p, solar_p, generator,
+                                    host_generator)
             views += list(out.view(n_views, batch, *out.shape[1:]).unbind(0))
             geom = torch.cat([boxes, flipped[:, None].float()], dim=1)  # (n, 5)
             geoms.append(geom.view(n_views, batch, 5))
@@ -291,7 +298,8 @@ class DeviceMultiCrop:
         return views, geometry
 
     def _photometric(self, x: torch.Tensor, size: int, n_views: int, batch: int,
-                     blur_p: list[float], solar_p: list[float], generator) -> torch.Tensor:
+                     blur_p: list[float], solar_p: list[float], generator,
+                     host_generator: Optional[torch.Generator]) -> torch.Tensor:
         c, dev, n = self.cfg, x.device, x.shape[0]
         # Colour jitter (p = color_jitter_p): per-row factors, identity where not applied.
         jitter = _rand((n,), generator, dev) < c.color_jitter_p
@@ -307,8 +315,12 @@ class DeviceMultiCrop:
                "saturation": adjust_saturation, "hue": adjust_hue}
         # All rows go through the four operations (no data-dependent shapes, no sync);
         # rows without jitter keep their input exactly.
+        if host_generator is not None:
+            order = torch.randperm(4, generator=host_generator).tolist()
+        else:
+            order = torch.randperm(4, generator=generator, device=dev).tolist()
         y = x
-        for k in torch.randperm(4, generator=generator, device=dev).tolist():
+        for k in order:
             name = list(ops)[k]
             y = ops[name](y, factors[name])
         x = torch.where(jitter[:, None, None, None], y, x)
@@ -319,9 +331,12 @@ class DeviceMultiCrop:
         lo, hi = (r * size / 224.0 for r in c.blur_radius)
         blur = _rand((n,), generator, dev) < p_blur
         sigma = lo + (hi - lo) * _rand((n,), generator, dev)
-        rows = blur.nonzero()[:, 0]
-        if rows.numel():
-            x = x.index_copy(0, rows, gaussian_blur(x[rows], sigma[rows]))
+        if dev.type == "cpu":  # blur only the rows that draw it: CPU time is the cost here
+            rows = blur.nonzero()[:, 0]
+            if rows.numel():
+                x = x.index_copy(0, rows, gaussian_blur(x[rows], sigma[rows], hi))
+        else:  # blur every row and select: a data-dependent row count would sync the device
+            x = torch.where(blur[:, None, None, None], gaussian_blur(x, sigma, hi), x)
         p_sol = torch.tensor(solar_p, device=dev).repeat_interleave(batch)
         solar = _rand((n,), generator, dev) < p_sol
         x = torch.where(solar[:, None, None, None] & (x >= 128.0 / 255.0), 1.0 - x, x)
@@ -341,5 +356,7 @@ class StepAugment:
     def __call__(self, batch: RawBatch, device: torch.device, step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         images = batch.images.to(device, non_blocking=True)
         orig_hw = batch.orig_hw.to(device)
-        gen = torch.Generator(device=device).manual_seed((self.seed + step) % (2 ** 63))
-        return self.multicrop(images, orig_hw, gen)
+        seed = (self.seed + step) % (2 ** 63)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        host_gen = gen if device.type == "cpu" else torch.Generator().manual_seed(seed)
+        return self.multicrop(images, orig_hw, gen, host_gen)
