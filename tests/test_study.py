@@ -129,3 +129,24 @@ def test_parallel_cells_give_the_same_records_as_sequential(tmp_path):
         assert b["final"]["loss"] == pytest.approx(a["final"]["loss"], rel=1e-5)
     assert len(list((tmp_path / "par").glob("floor-*.json"))) == 1  # one floor per (fraction, seed)
     assert not list((tmp_path / "par").glob("*.tmp*"))
+
+
+def test_report_tabulates_dense_when_run():
+    records = [dict(_rec(0.1, m, s, 30.0), dense_within_one=v)
+               for m, vals in (("none", (0.70, 0.72)), ("geometric", (0.90, 0.91))) for s, v in enumerate(vals)]
+    text = report_markdown(records)
+    assert "## Dense correspondence" in text
+    assert "| 0.1 | 0.710 ± 0.014 (n=2) | 0.905 ± 0.007 (n=2) |" in text
+    assert "- fraction 0.1: **geometric** wins; +0.20 over none (exceeds" in text
+    assert "Linear probe" not in text  # not run, not reported
+
+
+def test_report_checks_the_papers_two_claims():
+    records = [_rec(0.1, "none", 0, 30.0), _rec(0.1, "none", 1, 31.0),
+               _rec(0.1, "similarity", 0, 33.0), _rec(0.1, "similarity", 1, 36.0),
+               _rec(0.1, "geometric", 0, 36.0), _rec(0.1, "geometric", 1, 36.5)]
+    text = report_markdown(records)
+    assert ("geometric matching beats similarity matching: holds "
+            "(geometric - similarity = +1.75, within the seed spread)") in text
+    assert ("similarity matching is worse than global-only: does not hold "
+            "(none - similarity = -4.00, beyond the seed spread)") in text

@@ -225,32 +225,86 @@ def summarize(records: list[dict], key: str = "knn_top1") -> dict:
     return table
 
 
-def verdict(row: dict) -> str:
-    """Which matching wins at one fraction, by how much, and whether it beats the spread.
+def paired_margin(row: dict, a: str, b: str) -> Optional[dict]:
+    """Mean paired difference a - b over the seeds both arms finished (same seed = same
+    subset and init), and whether it "exceeds the seed spread": larger than the larger of
+    the two arms' standard deviations, with every seed agreeing on the sign."""
+    seeds = sorted(set(row[a]["per_seed"]) & set(row[b]["per_seed"]))
+    diffs = [row[a]["per_seed"][s] - row[b]["per_seed"][s] for s in seeds]
+    if not diffs:
+        return None
+    margin = statistics.fmean(diffs)
+    spread = max(row[a]["std"], row[b]["std"])
+    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    clear = abs(margin) > spread and same_sign and len(diffs) > 1
+    return {"margin": margin, "spread": spread, "clear": clear, "diffs": diffs}
 
-    The rule: the winner's margin over another arm "exceeds the seed spread" when the mean
-    paired difference (same seed = same subset and init) is larger than the larger of the
-    two arms' standard deviations and every seed agrees on the sign.
-    """
+
+def verdict(row: dict) -> str:
+    """Which matching wins at one fraction, by how much, and whether it beats the spread."""
     ranked = sorted(row, key=lambda m: -row[m]["mean"])
     best = ranked[0]
     if len(ranked) < 2:
         return f"only {best} has finished cells: no comparison yet"
     parts = [f"**{best}** wins"]
     for other in ranked[1:]:
-        seeds = sorted(set(row[best]["per_seed"]) & set(row[other]["per_seed"]))
-        diffs = [row[best]["per_seed"][s] - row[other]["per_seed"][s] for s in seeds]
-        if not diffs:
+        p = paired_margin(row, best, other)
+        if p is None:
             continue
-        margin = statistics.fmean(diffs)
-        spread = max(row[best]["std"], row[other]["std"])
-        clear = margin > spread and all(d > 0 for d in diffs) and len(diffs) > 1
-        if len(diffs) == 1:
-            parts.append(f"+{margin:.2f} over {other} (one seed: no spread to compare with)")
+        if len(p["diffs"]) == 1:
+            parts.append(f"+{p['margin']:.2f} over {other} (one seed: no spread to compare with)")
             continue
-        parts.append(f"+{margin:.2f} over {other} ({'exceeds' if clear else 'within'} the seed spread "
-                     f"of {spread:.2f}; per-seed differences {', '.join(f'{d:+.2f}' for d in diffs)})")
+        parts.append(f"+{p['margin']:.2f} over {other} ({'exceeds' if p['clear'] else 'within'} "
+                     f"the seed spread of {p['spread']:.2f}; per-seed differences "
+                     f"{', '.join(f'{d:+.2f}' for d in p['diffs'])})")
     return "; ".join(parts)
+
+
+PAPER_CLAIMS = (("geometric", "similarity", "geometric matching beats similarity matching"),
+                ("none", "similarity", "similarity matching is worse than global-only"))
+
+
+def paper_claims(row: dict) -> list[str]:
+    """The paper's two low-data claims, each checked at one fraction."""
+    out = []
+    for a, b, claim in PAPER_CLAIMS:
+        p = paired_margin(row, a, b) if a in row and b in row else None
+        if p is None:
+            continue
+        holds = p["margin"] > 0
+        strength = ("beyond the seed spread" if p["clear"] else "within the seed spread")
+        out.append(f"{claim}: {'holds' if holds else 'does not hold'} "
+                   f"({a} - {b} = {p['margin']:+.2f}, {strength})")
+    return out
+
+
+OTHER_EVALUATIONS = {
+    "linear_top1": ("Linear probe top-1 (%)", 2),
+    "dense_within_one": ("Dense correspondence: fraction of cells matched within one cell "
+                         "(label-free, held-out test images; `glsd eval dense`)", 3),
+}
+
+
+def other_evaluations(records: list[dict], matchings: list[str]) -> list[str]:
+    """A table and a verdict per fraction for each evaluation besides k-NN that was run."""
+    lines: list[str] = []
+    for key, (title, digits) in OTHER_EVALUATIONS.items():
+        done = [r for r in records if r.get("status") == "done" and r.get(key) is not None]
+        if not done:
+            continue
+        table = summarize(done, key)
+        lines += ["", f"## {title}", "", "| fraction | " + " | ".join(matchings) + " |",
+                  "|---|" + "---|" * len(matchings)]
+        for frac in sorted(table):
+            row = table[frac]
+            cells = [f"{row[m]['mean']:.{digits}f} ± {row[m]['std']:.{digits}f} (n={row[m]['n']})"
+                     if m in row else "-" for m in matchings]
+            lines.append(f"| {frac:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for frac in sorted(table):
+            claims = "; ".join(paper_claims(table[frac]))
+            lines.append(f"- fraction {frac:g}: {verdict(table[frac])}." + (f" Paper: {claims}." if claims else ""))
+    return lines
 
 
 def report_markdown(records: list[dict]) -> str:
@@ -277,8 +331,10 @@ def report_markdown(records: list[dict]) -> str:
         floor = mean_std([v for m in floors[frac].values() for v in m["per_seed"].values()])[0]
         lift = table[frac]["none"]["mean"] - floor if "none" in table[frac] else math.nan
         bar = "met" if lift >= 10 else "NOT met: read the comparison with care"
+        claims = "; ".join(paper_claims(table[frac]))
         lines.append(f"- fraction {frac:g}: {verdict(table[frac])}. Global-only arm vs floor: "
-                     f"{lift:+.2f} points ({bar}).")
+                     f"{lift:+.2f} points ({bar})." + (f" Paper: {claims}." if claims else ""))
+    lines += other_evaluations(records, matchings)
     lines += ["", "## Matching diagnostics at the end of training", "",
               "How often the similarity match equals the geometric match (among cells with a valid "
               "geometric match), and the mean distance of similarity matches from the true "
