@@ -95,7 +95,12 @@ class RawBatch:
     def to(self, device, non_blocking: bool = False) -> "RawBatch":
         return RawBatch(self.images.to(device, non_blocking=non_blocking),
                         self.orig_hw.to(device, non_blocking=non_blocking),
-                        self.labels.to(device), self.indices, self.skipped)
+                        self.labels.to(device, non_blocking=non_blocking), self.indices, self.skipped)
+
+    def pin_memory(self) -> "RawBatch":
+        """Called by a DataLoader with pin_memory=True (asynchronous copies to the GPU)."""
+        return RawBatch(self.images.pin_memory(), self.orig_hw.pin_memory(),
+                        self.labels.pin_memory(), self.indices, self.skipped)
 
 
 def collate_uint8(items: list) -> RawBatch:
@@ -210,17 +215,20 @@ def rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return h, s, maxc
 
 
-def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
+               channel_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Inverse of :func:`rgb_to_hsv`: channel n of (r, g, b) = (5, 3, 1) is
     ``v - v * s * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 h) mod 6``."""
-    n = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    n = channel_offsets  # (1, 3, 1, 1): 5, 3, 1
+    if n is None:
+        n = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
     k = torch.remainder(n + 6.0 * h, 6.0)
     return v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
-def adjust_hue(x, f):
+def adjust_hue(x, f, channel_offsets: Optional[torch.Tensor] = None):
     h, s, v = rgb_to_hsv(x)
-    return hsv_to_rgb(torch.remainder(h + f[:, None, None, None], 1.0), s, v)
+    return hsv_to_rgb(torch.remainder(h + f[:, None, None, None], 1.0), s, v, channel_offsets)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: Optional[float] = None) -> torch.Tensor:
@@ -254,6 +262,25 @@ class DeviceMultiCrop:
 
     def __init__(self, cfg: CropConfig):
         self.cfg = cfg
+        self._constants: dict = {}
+
+    def constants(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Per-view probabilities and normalisation made once per device: a tensor built from
+        a Python list on a GPU is a blocking copy, and a step would wait for the device."""
+        key = (str(device), dtype)
+        if key not in self._constants:
+            c = self.cfg
+            blur_g1, blur_g2, blur_l = c.blur_p
+            self._constants[key] = {k: v.to(device) for k, v in {
+                "blur_p_global": torch.tensor([blur_g1 if v == 0 else blur_g2 for v in range(c.num_global)]),
+                "solar_p_global": torch.tensor([c.solarize_p if v == 1 else 0.0 for v in range(c.num_global)]),
+                "blur_p_local": torch.full((c.num_local,), float(blur_l)),
+                "solar_p_local": torch.zeros(c.num_local),
+                "mean": torch.tensor(c.mean, dtype=dtype)[None, :, None, None],
+                "std": torch.tensor(c.std, dtype=dtype)[None, :, None, None],
+                "hsv_n": torch.tensor([5.0, 3.0, 1.0], dtype=dtype).view(1, 3, 1, 1),
+            }.items()}
+        return self._constants[key]
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, orig_hw: Optional[torch.Tensor] = None,
@@ -267,11 +294,9 @@ class DeviceMultiCrop:
         dev = x.device
         views: list[torch.Tensor] = []
         geoms: list[torch.Tensor] = []
-        blur_g1, blur_g2, blur_l = c.blur_p
-        groups = [(c.num_global, c.global_size, c.global_scale,
-                   [blur_g1 if v == 0 else blur_g2 for v in range(c.num_global)],
-                   [c.solarize_p if v == 1 else 0.0 for v in range(c.num_global)]),
-                  (c.num_local, c.local_size, c.local_scale, [blur_l] * c.num_local, [0.0] * c.num_local)]
+        k = self.constants(dev, x.dtype)
+        groups = [(c.num_global, c.global_size, c.global_scale, k["blur_p_global"], k["solar_p_global"]),
+                  (c.num_local, c.local_size, c.local_scale, k["blur_p_local"], k["solar_p_local"])]
         for n_views, size, scale, blur_p, solar_p in groups:
             if n_views == 0:
                 continue
@@ -298,9 +323,11 @@ class DeviceMultiCrop:
         return views, geometry
 
     def _photometric(self, x: torch.Tensor, size: int, n_views: int, batch: int,
-                     blur_p: list[float], solar_p: list[float], generator,
+                     blur_p: torch.Tensor, solar_p: torch.Tensor, generator,
                      host_generator: Optional[torch.Generator]) -> torch.Tensor:
+        """``blur_p``, ``solar_p``: ``(n_views,)`` probabilities; rows are view-major."""
         c, dev, n = self.cfg, x.device, x.shape[0]
+        consts = self.constants(dev, x.dtype)
         # Colour jitter (p = color_jitter_p): per-row factors, identity where not applied.
         jitter = _rand((n,), generator, dev) < c.color_jitter_p
         u = _rand((4, n), generator, dev)
@@ -312,7 +339,8 @@ class DeviceMultiCrop:
             "hue": torch.where(jitter, -0.1 + 0.2 * u[3], one * 0.0),
         }
         ops = {"brightness": adjust_brightness, "contrast": adjust_contrast,
-               "saturation": adjust_saturation, "hue": adjust_hue}
+               "saturation": adjust_saturation,
+               "hue": lambda y, f: adjust_hue(y, f, consts["hsv_n"])}
         # All rows go through the four operations (no data-dependent shapes, no sync);
         # rows without jitter keep their input exactly.
         if host_generator is not None:
@@ -327,7 +355,7 @@ class DeviceMultiCrop:
         gray = _rand((n,), generator, dev) < c.grayscale_p
         x = torch.where(gray[:, None, None, None], _gray(x).expand_as(x), x)
         # Blur: per-view probability, sigma from the 224 px radius range scaled to the size.
-        p_blur = torch.tensor(blur_p, device=dev).repeat_interleave(batch)
+        p_blur = blur_p[:, None].expand(n_views, batch).reshape(-1)
         lo, hi = (r * size / 224.0 for r in c.blur_radius)
         blur = _rand((n,), generator, dev) < p_blur
         sigma = lo + (hi - lo) * _rand((n,), generator, dev)
@@ -337,12 +365,10 @@ class DeviceMultiCrop:
                 x = x.index_copy(0, rows, gaussian_blur(x[rows], sigma[rows], hi))
         else:  # blur every row and select: a data-dependent row count would sync the device
             x = torch.where(blur[:, None, None, None], gaussian_blur(x, sigma, hi), x)
-        p_sol = torch.tensor(solar_p, device=dev).repeat_interleave(batch)
+        p_sol = solar_p[:, None].expand(n_views, batch).reshape(-1)
         solar = _rand((n,), generator, dev) < p_sol
         x = torch.where(solar[:, None, None, None] & (x >= 128.0 / 255.0), 1.0 - x, x)
-        mean = torch.tensor(c.mean, device=dev, dtype=x.dtype)[None, :, None, None]
-        std = torch.tensor(c.std, device=dev, dtype=x.dtype)[None, :, None, None]
-        return (x - mean) / std
+        return (x - consts["mean"]) / consts["std"]
 
 
 class StepAugment:

@@ -116,7 +116,14 @@ class Batch:
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return Batch([v.to(device, non_blocking=non_blocking) for v in self.views],
-                     self.geometry.to(device), self.labels.to(device), self.indices, self.skipped)
+                     self.geometry.to(device, non_blocking=non_blocking),
+                     self.labels.to(device, non_blocking=non_blocking), self.indices, self.skipped)
+
+    def pin_memory(self) -> "Batch":
+        """Called by a DataLoader with pin_memory=True: page-locked tensors make the copy
+        to the GPU asynchronous (a pageable one waits for the device)."""
+        return Batch([v.pin_memory() for v in self.views], self.geometry.pin_memory(),
+                     self.labels.pin_memory(), self.indices, self.skipped)
 
 
 def collate_views(items: list) -> Optional[Batch]:

@@ -29,11 +29,15 @@ class Center(nn.Module):
     def update(self, teacher_logits: torch.Tensor) -> None:
         """teacher_logits: ``(N, K)`` (all views, samples and cells flattened)."""
         total = teacher_logits.float().sum(dim=0, keepdim=True)
-        count = torch.tensor([teacher_logits.shape[0]], dtype=torch.float32, device=total.device)
         if dist.is_available() and dist.is_initialized():
+            # Built only here: a tensor from a Python list on a GPU is a blocking copy.
+            count = torch.tensor([teacher_logits.shape[0]], dtype=torch.float32, device=total.device)
             dist.all_reduce(total)
             dist.all_reduce(count)
-        self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
+            mean = total / count
+        else:
+            mean = total / teacher_logits.shape[0]
+        self.center.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
 
 
 def teacher_probs(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:

@@ -282,7 +282,7 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
         views, geometry = ctx.device_augment(batch, ctx.device, step)
     else:
         views = [v.to(ctx.device, non_blocking=True) for v in batch.views]
-        geometry = batch.geometry.to(ctx.device)
+        geometry = batch.geometry.to(ctx.device, non_blocking=True)
     if cfg.model.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     for i, group in enumerate(ctx.optimizer.param_groups):
