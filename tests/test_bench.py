@@ -86,9 +86,10 @@ def test_data_section(quick):
         assert positive(dev["loader_uint8"]["images_per_s"]) and positive(dev["augment_images_per_s"])
         assert positive(dev["serial_images_per_s"])
         assert positive(src["ratio_cpu_multicrop_over_step"]) and positive(src["ratio_device_loader_over_step"])
-        # The headline follows the preset's data.augment_on (cpu-default: the CPU multi-crop).
-        assert src["ratio_pipeline_over_step"] == src["ratio_cpu_multicrop_over_step"]
-    assert d["headline_path"] == "cpu_multicrop"
+        assert positive(src["cpu_batched"]["images_per_s"]) and positive(src["ratio_cpu_batched_over_step"])
+        # The headline follows the preset's data.augment_on (cpu-default: batched in the worker).
+        assert src["ratio_pipeline_over_step"] == src["ratio_cpu_batched_over_step"]
+    assert d["headline_path"] == "cpu_batched"
     assert positive(d["ratio_pipeline_over_step"]) and positive(d["step_images_per_s"])
     assert d["views_per_image"] == 6
 

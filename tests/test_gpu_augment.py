@@ -11,7 +11,8 @@ import torch
 
 from glsd.config import CropConfig, load_config
 from glsd.data.geometry import cell_centers
-from glsd.data.gpu_augment import (DeviceMultiCrop, RawBatch, ResizeToUint8, StepAugment,
+from glsd.data.gpu_augment import (BatchedAugmentCollate, DeviceMultiCrop, RawBatch, ResizeToUint8, StepAugment,
+                                   build_batched_cpu_loader,
                                    adjust_hue, build_device_loader, device_input_size,
                                    gaussian_blur, sample_crops)
 from glsd.data.sources import synthetic_source
@@ -187,7 +188,7 @@ def test_pretrain_with_device_augmentation(tmp_path):
     assert 0 < records[-1]["geo_valid_frac"] <= 1
 
 
-@pytest.mark.parametrize("path", ["cpu", "device"])
+@pytest.mark.parametrize("path", ["cpu", "cpu_batched", "device"])
 def test_loader_workers_persist_and_each_epoch_is_its_own(tmp_path, path):
     """Workers persist across epochs, yet every epoch delivers the sampler's order and (CPU
     multi-crop) the augmentations seeded by that epoch, exactly as with no workers at all."""
@@ -195,7 +196,8 @@ def test_loader_workers_persist_and_each_epoch_is_its_own(tmp_path, path):
 
     def epochs(num_workers: int) -> list[torch.Tensor]:
         cfg = tiny_config(tmp_path / "run", f"data.augment_on={path}", f"data.num_workers={num_workers}")
-        build = build_device_loader if path == "device" else build_loader
+        build = {"cpu": build_loader, "cpu_batched": build_batched_cpu_loader,
+                 "device": build_device_loader}[path]
         loader, sampler, _ = build(cfg, synthetic_source(16, 40, 4), 0, 1, pin_memory=False)
         assert loader.persistent_workers == (num_workers > 0)
         out = []
@@ -207,3 +209,39 @@ def test_loader_workers_persist_and_each_epoch_is_its_own(tmp_path, path):
     inline, workers = epochs(0), epochs(1)
     assert all(torch.equal(a, b) for a, b in zip(inline, workers))
     assert not torch.equal(inline[0], inline[1])  # a new permutation (and augmentation) each epoch
+
+
+def test_batched_cpu_loader_delivers_views_seeded_by_the_batch(tmp_path):
+    """cpu_batched: workers deliver the same Batch as the PIL path (views, geometry in
+    original pixels), drawn by DeviceMultiCrop with a seed from the batch's indices."""
+    from glsd.data.multicrop import Batch
+
+    cfg = tiny_config(tmp_path / "run", "data.augment_on=cpu_batched")
+    source = synthetic_source(16, 40, 4)
+    loader, sampler, _ = build_batched_cpu_loader(cfg, source, 0, 1, pin_memory=False)
+    batch = next(iter(loader))
+    n_views = cfg.crops.num_global + cfg.crops.num_local
+    assert isinstance(batch, Batch) and len(batch.views) == n_views
+    assert batch.views[0].shape == (8, 3, cfg.crops.global_size, cfg.crops.global_size)
+    assert batch.views[-1].shape == (8, 3, cfg.crops.local_size, cfg.crops.local_size)
+    assert batch.geometry.shape == (n_views, 8, 5)
+    assert float((batch.geometry[..., 1] + batch.geometry[..., 3]).max()) <= 40 + 1e-4
+    # Same indices -> same views (a resume redraws them); other indices or rank -> others.
+    items = [loader.dataset[(0, i)] for i in batch.indices.tolist()]
+    again = BatchedAugmentCollate(cfg)(items)
+    assert all(torch.equal(a, b) for a, b in zip(batch.views, again.views))
+    assert torch.equal(batch.geometry, again.geometry)
+    assert not torch.equal(BatchedAugmentCollate(cfg, rank=1)(items).geometry, batch.geometry)
+    assert not torch.equal(BatchedAugmentCollate(cfg)(items[::-1]).geometry, batch.geometry.flip(1))
+    # A batch whose every image failed is empty, as on the PIL path.
+    empty = BatchedAugmentCollate(cfg)([None, None])
+    assert len(empty.indices) == 0 and empty.skipped == 2
+
+
+def test_pretrain_with_batched_cpu_augmentation(tmp_path):
+    from glsd.train.pretrain import pretrain
+
+    run = pretrain(tiny_config(tmp_path / "run", "data.augment_on=cpu_batched", "loss.matching=geometric"))
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["loss_local"] > 0 for r in records)

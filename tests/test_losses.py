@@ -212,3 +212,19 @@ def test_local_loss_gradients():
     DINOLocalLoss(k, TS)(groups, teacher, pairs, matches, TT).backward()
     assert all(g.grad is not None and torch.isfinite(g.grad).all() for g in groups)
     assert teacher.grad is None
+
+
+@pytest.mark.parametrize("normalize", ["all", "valid"])
+def test_local_loss_gradient_matches_naive(normalize):
+    # The loss sums matched targets per student cell before it meets the student logits:
+    # its gradient must still be the naive per-pair cross-entropy's.
+    groups, teacher, pairs, matches, k = _local_setup(5)
+    fast = [g.clone().requires_grad_() for g in groups]
+    slow = [g.clone().double().requires_grad_() for g in groups]
+    loss_fn = DINOLocalLoss(k, TS, normalize=normalize)
+    center = loss_fn.center.center.clone()
+    loss_fn(fast, teacher, pairs, matches, TT).backward()
+    naive_local(slow, teacher, pairs, matches, center, normalize).backward()
+    for f, s in zip(fast, slow):
+        assert s.grad.abs().max() > 1e-3  # a real gradient, not all zeros
+        torch.testing.assert_close(f.grad.double(), s.grad, rtol=1e-4, atol=1e-6)

@@ -37,9 +37,11 @@ class DataConfig:
     subset_seed: int = 0
     on_error: Literal["skip", "fail"] = "skip"
     num_workers: int = 2
-    # cpu: loader workers make every view (PIL); device: workers only decode and resize to
-    # uint8, views are cut and augmented in one batched pass on the training device.
-    augment_on: Literal["cpu", "device"] = "cpu"
+    # cpu: loader workers make every view of every image (PIL, one at a time);
+    # cpu_batched: loader workers decode and resize to uint8, then make all views of a batch in
+    # one batched pass of torch ops (the device path's code, on the worker's CPU);
+    # device: workers only decode, views are made in one batched pass on the training device.
+    augment_on: Literal["cpu", "cpu_batched", "device"] = "cpu"
     # Synthetic source (tests, benchmarks): images of random shapes, one class per shape.
     synthetic_num_images: int = 64
     synthetic_image_size: int = 40

@@ -1,4 +1,5 @@
-"""Batched multi-crop augmentation on the training device (``data.augment_on=device``).
+"""Batched multi-crop augmentation: on the training device (``data.augment_on=device``) or
+in the loader workers on the CPU (``data.augment_on=cpu_batched``).
 
 The CPU pipeline (:mod:`glsd.data.multicrop`) makes every view of every image in PIL, one at
 a time, in loader workers. Here the loader only decodes and resizes each image to one fixed
@@ -28,6 +29,7 @@ aspect-ratio range applies to the resized image.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -42,6 +44,7 @@ from torchvision.ops import roi_align
 from glsd.config import Config, CropConfig
 from glsd.data.geometry import FLIP, HEIGHT, LEFT, TOP, WIDTH
 from glsd.data.loader import ResumableSampler, build_loader
+from glsd.data.multicrop import Batch
 from glsd.data.sources import ImageSource
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL and torchvision
@@ -119,6 +122,40 @@ def build_device_loader(cfg: Config, subset: ImageSource, rank: int, world_size:
     :func:`glsd.data.loader.build_loader`, batches of :class:`RawBatch`."""
     return build_loader(cfg, subset, rank, world_size, pin_memory,
                         transform=ResizeToUint8(device_input_size(cfg.crops)), collate_fn=collate_uint8)
+
+
+class BatchedAugmentCollate:
+    """The collate function of ``data.augment_on=cpu_batched``: uint8 images -> a
+    :class:`glsd.data.multicrop.Batch` of all views, made in the loader worker by
+    :class:`DeviceMultiCrop` on the CPU (one batched pass instead of one PIL call per view).
+
+    The random stream is seeded by (train seed, rank, the batch's dataset indices in order):
+    what the sampler hands out, so a resumed run and any worker count draw the same views.
+    The sampler permutes every epoch anew, so an ordered batch of indices does not recur.
+    """
+
+    def __init__(self, cfg: Config, rank: int = 0):
+        self.multicrop = DeviceMultiCrop(cfg.crops)
+        self.seed, self.rank = cfg.train.seed, rank
+
+    def __call__(self, items: list) -> Batch:
+        raw = collate_uint8(items)
+        if len(raw.indices) == 0:
+            return Batch([], torch.empty(0), torch.empty(0), torch.empty(0), raw.skipped)
+        digest = hashlib.blake2b(raw.indices.numpy().astype(np.int64).tobytes(), digest_size=8,
+                                 key=f"{self.seed}/{self.rank}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") % (2 ** 63))
+        views, geometry = self.multicrop(raw.images, raw.orig_hw, gen, gen)
+        return Batch(views, geometry, raw.labels, raw.indices, raw.skipped)
+
+
+def build_batched_cpu_loader(cfg: Config, subset: ImageSource, rank: int, world_size: int,
+                             pin_memory: bool) -> tuple[DataLoader, ResumableSampler, ResizeToUint8]:
+    """The loader of ``data.augment_on=cpu_batched``: batches of views and geometry, as the
+    default loader delivers them, same sampler (order, resume)."""
+    return build_loader(cfg, subset, rank, world_size, pin_memory,
+                        transform=ResizeToUint8(device_input_size(cfg.crops)),
+                        collate_fn=BatchedAugmentCollate(cfg, rank))
 
 
 # ----------------------------------------------------------------------------------------

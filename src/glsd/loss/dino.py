@@ -91,7 +91,12 @@ class DINOLocalLoss(nn.Module):
     Per pair the loss is the batch mean of ``sum_cells valid * CE / Ns`` (``normalize="all"``,
     the original: unmatched cells count as zero) or the mean over valid cells
     (``normalize="valid"``); the loss is the mean over all pairs of all groups.
-    Never materialises more than one ``(P, B, Ns, K)`` tensor per group.
+
+    The loss is linear in the targets, so each group's matched teacher probabilities, times
+    their weights, are summed per student cell first (no gradient flows there): everything
+    that carries a gradient is ``(Vg, B, Ns, K)``, never one copy of the student's
+    log-probabilities per pair. The one ``(P, B, Ns, K)`` tensor per group is the gathered
+    teacher targets.
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
@@ -104,23 +109,32 @@ class DINOLocalLoss(nn.Module):
     def forward(self, student_groups: list[torch.Tensor], teacher_logits: torch.Tensor,
                 pairs: list[tuple[torch.Tensor, torch.Tensor]], matches: list[Matches],
                 teacher_temp: float) -> torch.Tensor:
-        n_teacher, batch, n_tcells, k = teacher_logits.shape
         probs = teacher_probs(teacher_logits.detach(), self.center.center, teacher_temp)
-        probs = probs.reshape(-1, k)  # (Vt*B*Nt, K)
-        sample = torch.arange(batch, device=probs.device)
+        n_pairs = sum(len(t_idx) for t_idx, _ in pairs)
         total = probs.new_zeros(())
         for logits, (t_idx, s_idx), match in zip(student_groups, pairs, matches):
-            row = (t_idx[:, None, None] * batch + sample[None, :, None]) * n_tcells + match.index
-            target = probs[row]  # (P, B, Ns, K)
-            # index_select, not [s_idx]: its backward is an index_add, where advanced
-            # indexing's is an accumulating index_put that costs ~10% of a CPU step.
-            log_p = F.log_softmax(logits.float() / self.student_temp, dim=-1).index_select(0, s_idx)
-            ce = -(target * log_p).sum(-1)  # (P, B, Ns)
-            valid = match.valid.to(ce.dtype)
-            if self.normalize == "valid":
-                per_pair = (ce * valid).sum((1, 2)) / valid.sum((1, 2)).clamp(min=1.0)
-            else:
-                per_pair = (ce * valid).mean(-1).mean(-1)
-            total = total + per_pair.sum()
+            target = self.summed_targets(probs, logits.shape, t_idx, s_idx, match, n_pairs)
+            log_p = F.log_softmax(logits.float() / self.student_temp, dim=-1)
+            total = total - (target * log_p).sum()
         self.center.update(teacher_logits.detach().flatten(0, -2))
-        return total / sum(len(t_idx) for t_idx, _ in pairs)
+        return total
+
+    @torch.no_grad()
+    def summed_targets(self, probs: torch.Tensor, student_shape: torch.Size, t_idx: torch.Tensor,
+                       s_idx: torch.Tensor, match: Matches, n_pairs: int) -> torch.Tensor:
+        """probs ``(Vt, B, Nt, K)`` -> per student cell, the sum over the pairs it is in of
+        weight * matched teacher probabilities ``(Vg, B, Ns, K)``, with weight = valid /
+        (cells counted per pair) / pairs."""
+        n_teacher, batch, n_tcells, k = probs.shape
+        n_views, _, n_cells, _ = student_shape
+        valid = match.valid.to(probs.dtype)  # (P, B, Ns)
+        if self.normalize == "valid":
+            per_pair = 1.0 / valid.sum((1, 2)).clamp(min=1.0)
+        else:
+            per_pair = valid.new_full((len(t_idx),), 1.0 / (batch * n_cells))
+        weight = valid * (per_pair / n_pairs)[:, None, None]
+        sample = torch.arange(batch, device=probs.device)
+        row = (t_idx[:, None, None] * batch + sample[None, :, None]) * n_tcells + match.index
+        weighted = probs.reshape(-1, k)[row] * weight[..., None]  # (P, B, Ns, K)
+        target = probs.new_zeros(n_views, batch * n_cells * k)
+        return target.index_add_(0, s_idx, weighted.view(len(s_idx), -1)).view(n_views, batch, n_cells, k)

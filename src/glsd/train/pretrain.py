@@ -149,6 +149,11 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
         loader, sampler, transform = build_device_loader(cfg, subset, dinfo.rank, dinfo.world_size,
                                                          pin_memory=device.type == "cuda")
         device_augment = StepAugment(cfg, dinfo.rank)
+    elif cfg.data.augment_on == "cpu_batched":  # workers make each batch's views in one pass
+        from glsd.data.gpu_augment import build_batched_cpu_loader
+
+        loader, sampler, transform = build_batched_cpu_loader(cfg, subset, dinfo.rank, dinfo.world_size,
+                                                              pin_memory=device.type == "cuda")
     else:
         loader, sampler, transform = build_loader(cfg, subset, dinfo.rank, dinfo.world_size,
                                                   pin_memory=device.type == "cuda")
