@@ -331,9 +331,9 @@ class DeviceMultiCrop:
         dev = x.device
         views: list[torch.Tensor] = []
         geoms: list[torch.Tensor] = []
-        k = self.constants(dev, x.dtype)
-        groups = [(c.num_global, c.global_size, c.global_scale, k["blur_p_global"], k["solar_p_global"]),
-                  (c.num_local, c.local_size, c.local_scale, k["blur_p_local"], k["solar_p_local"])]
+        consts = self.constants(dev, x.dtype)
+        groups = [(c.num_global, c.global_size, c.global_scale, consts["blur_p_global"], consts["solar_p_global"]),
+                  (c.num_local, c.local_size, c.local_scale, consts["blur_p_local"], consts["solar_p_local"])]
         for n_views, size, scale, blur_p, solar_p in groups:
             if n_views == 0:
                 continue
@@ -418,7 +418,7 @@ class StepAugment:
 
     def __call__(self, batch: RawBatch, device: torch.device, step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         images = batch.images.to(device, non_blocking=True)
-        orig_hw = batch.orig_hw.to(device)
+        orig_hw = batch.orig_hw.to(device, non_blocking=True)
         seed = (self.seed + step) % (2 ** 63)
         gen = torch.Generator(device=device).manual_seed(seed)
         host_gen = gen if device.type == "cpu" else torch.Generator().manual_seed(seed)
