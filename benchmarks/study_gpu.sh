@@ -3,7 +3,7 @@
 # A small conv net's step is ~1,000 tiny kernels, so one cell leaves the GPU mostly idle and
 # cells run side by side. Without CUDA MPS the processes' kernels take turns on the GPU, so
 # MPS is started when the driver has it (MPS=0 turns that off), and JOBS defaults to 18 with
-# MPS, else 9 (the cells then finish in two waves, 5% first).
+# MPS, else 9 (the cells then finish in two waves: the 5% subsets first, then the 10%).
 #   benchmarks/study_gpu.sh [WORK_DIR] [key=value ...]    needs ../shared/data/cifar10-jpg.zip
 # Copies results.json, report.md, report.png and command.txt to
 # benchmarks/results/study-cifar10-gpu-<device>/.
@@ -18,13 +18,17 @@ name=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')
 slug=$(printf '%s' "$name" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
 DEST=benchmarks/results/study-cifar10-gpu-$slug
 mps=off
+quit_mps() { echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true; }
 if [ "${MPS:-1}" != 0 ] && command -v nvidia-cuda-mps-control >/dev/null; then
-  if nvidia-cuda-mps-control -d 2>/dev/null; then
+  if echo get_server_list | nvidia-cuda-mps-control >/dev/null 2>&1; then
+    mps=on  # a daemon left by an earlier run (e.g. one that was killed): use it, leave it
+  elif nvidia-cuda-mps-control -d; then
+    trap quit_mps EXIT
     # A client must work under it, else stop it and take turns.
     if timeout 60 "$PY" -c 'import torch; assert (torch.ones(1, device="cuda") + 1).item() == 2'; then
-      mps=on; trap 'echo quit | nvidia-cuda-mps-control' EXIT
+      mps=on
     else
-      echo quit | nvidia-cuda-mps-control || true
+      quit_mps; trap - EXIT
     fi
   fi
 fi

@@ -233,6 +233,11 @@ def test_batched_cpu_loader_delivers_views_seeded_by_the_batch(tmp_path):
     assert torch.equal(batch.geometry, again.geometry)
     assert not torch.equal(BatchedAugmentCollate(cfg, rank=1)(items).geometry, batch.geometry)
     assert not torch.equal(BatchedAugmentCollate(cfg)(items[::-1]).geometry, batch.geometry.flip(1))
+    # The same images in another epoch (batch size 1 included) get other views.
+    later = [loader.dataset[(1, i)] for i in batch.indices.tolist()]
+    assert not torch.equal(BatchedAugmentCollate(cfg)(later).geometry, batch.geometry)
+    one = BatchedAugmentCollate(cfg)
+    assert not torch.equal(one(items[:1]).geometry, one(later[:1]).geometry)
     # A batch whose every image failed is empty, as on the PIL path.
     empty = BatchedAugmentCollate(cfg)([None, None])
     assert len(empty.indices) == 0 and empty.skipped == 2

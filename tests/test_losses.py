@@ -228,3 +228,21 @@ def test_local_loss_gradient_matches_naive(normalize):
     for f, s in zip(fast, slow):
         assert s.grad.abs().max() > 1e-3  # a real gradient, not all zeros
         torch.testing.assert_close(f.grad.double(), s.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_local_loss_with_a_group_without_pairs():
+    # One global view (crops.num_global=1): the global group has no (t, s != t) pair and adds
+    # no term; the local group's loss is unchanged and still matches the naive loop.
+    torch.manual_seed(6)
+    b, k, nt = 2, 5, 4
+    teacher = torch.randn(1, b, nt, k)
+    groups = [torch.randn(1, b, nt, k), torch.randn(2, b, 1, k)]
+    pairs = [view_pairs(1, 0, 1), view_pairs(1, 1, 2)]
+    assert len(pairs[0][0]) == 0
+    matches = [Matches(torch.zeros(0, b, nt, dtype=torch.long), torch.zeros(0, b, nt, dtype=torch.bool)),
+               Matches(torch.randint(0, nt, (2, b, 1)), torch.ones(2, b, 1, dtype=torch.bool))]
+    loss_fn = DINOLocalLoss(k, TS)
+    center = loss_fn.center.center.clone()
+    loss = loss_fn(groups, teacher, pairs, matches, TT)
+    torch.testing.assert_close(loss.double(), naive_local(groups, teacher, pairs, matches, center, "all"),
+                               rtol=1e-5, atol=1e-6)

@@ -137,7 +137,7 @@ def test_report_tabulates_dense_when_run():
     text = report_markdown(records)
     assert "## Dense correspondence" in text
     assert "| 0.1 | 0.710 ± 0.014 (n=2) | 0.905 ± 0.007 (n=2) |" in text
-    assert "- fraction 0.1: **geometric** wins; +0.20 over none (exceeds" in text
+    assert "- fraction 0.1: **geometric** wins; +0.195 over none (exceeds the seed spread of 0.014" in text
     assert "Linear probe" not in text  # not run, not reported
 
 
@@ -149,4 +149,6 @@ def test_report_checks_the_papers_two_claims():
     assert ("geometric matching beats similarity matching: holds "
             "(geometric - similarity = +1.75, within the seed spread)") in text
     assert ("similarity matching is worse than global-only: does not hold "
-            "(none - similarity = -4.00, beyond the seed spread)") in text
+            "(none - similarity = -4.00, the reverse is beyond the seed spread)") in text
+    one_seed = report_markdown([r for r in records if r["seed"] == 0])
+    assert "(geometric - similarity = +3.00, one seed: no spread to compare with)" in one_seed

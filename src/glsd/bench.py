@@ -500,19 +500,22 @@ def bench_data(cfg: Config, device: torch.device, quick: bool, step_images_per_s
         _, subset = select_images(c, None)
         loader, _, _ = build_loader(c, subset, 0, 1, pin_memory=False)
         cpu, _ = _loader_rate(loader, n_batches, c.train.batch_size)
+        del loader  # its persistent workers would go on prefetching during the next timing
         workers = max(1, c.data.num_workers)
         cpu["ms_per_image_per_worker"] = _ratio(1e3 * workers, cpu["images_per_s"])
         # Batched CPU path: the same workers decode, then make a batch's views in one pass.
         bloader, _, _ = build_batched_cpu_loader(c, subset, 0, 1, pin_memory=False)
         batched, _ = _loader_rate(bloader, n_batches, c.train.batch_size)
+        del bloader
         batched["ms_per_image_per_worker"] = _ratio(1e3 * workers, batched["images_per_s"])
         # Device path: workers decode + resize to uint8; views are made in one batched call.
         dloader, _, _ = build_device_loader(c, subset, 0, 1, pin_memory=False)
         raw, raw_batch = _loader_rate(dloader, n_batches, c.train.batch_size)
+        del dloader
         raw_batch = raw_batch.to(device)
         aug = DeviceMultiCrop(c.crops)
-        gen = torch.Generator(device=device).manual_seed(0)
-        aug_s = _median(_time_calls(lambda: aug(raw_batch.images, raw_batch.orig_hw, gen),
+        gen, host_gen = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
+        aug_s = _median(_time_calls(lambda: aug(raw_batch.images, raw_batch.orig_hw, gen, host_gen),
                                     reps=3 if quick else 7, warmup=1, device=device))
         aug_ips = _ratio(c.train.batch_size, aug_s)
         serial = _ratio(1.0, 1.0 / raw["images_per_s"] + 1.0 / aug_ips)
@@ -718,8 +721,8 @@ def bench_device_step(overrides: Sequence[str], device: torch.device, warmup: in
     raw = RawBatch(images, torch.tensor([list(source_hw)] * b, dtype=torch.float32).to(device),
                    torch.zeros(b, dtype=torch.long), torch.arange(b), 0)
     aug = DeviceMultiCrop(cfg.crops)
-    gen = torch.Generator(device=device).manual_seed(0)
-    aug_s = _median(_time_calls(lambda: aug(raw.images, raw.orig_hw, gen), max(3, reps // 2),
+    gen, host_gen = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
+    aug_s = _median(_time_calls(lambda: aug(raw.images, raw.orig_hw, gen, host_gen), max(3, reps // 2),
                                 warmup=2, device=device))
     results: dict[str, Any] = {}
     harnesses = []

@@ -129,9 +129,10 @@ class BatchedAugmentCollate:
     :class:`glsd.data.multicrop.Batch` of all views, made in the loader worker by
     :class:`DeviceMultiCrop` on the CPU (one batched pass instead of one PIL call per view).
 
-    The random stream is seeded by (train seed, rank, the batch's dataset indices in order):
-    what the sampler hands out, so a resumed run and any worker count draw the same views.
-    The sampler permutes every epoch anew, so an ordered batch of indices does not recur.
+    The random stream is seeded by (train seed, rank, epoch, the batch's dataset indices in
+    order): what the sampler hands out, so a resumed run and any worker count draw the same
+    views. Unlike ``augment_on=cpu`` (seeded per image), the views depend on how the images
+    are batched: another batch size or world size draws others.
     """
 
     def __init__(self, cfg: Config, rank: int = 0):
@@ -142,8 +143,9 @@ class BatchedAugmentCollate:
         raw = collate_uint8(items)
         if len(raw.indices) == 0:
             return Batch([], torch.empty(0), torch.empty(0), torch.empty(0), raw.skipped)
+        epoch = next(it[4] for it in items if it is not None)
         digest = hashlib.blake2b(raw.indices.numpy().astype(np.int64).tobytes(), digest_size=8,
-                                 key=f"{self.seed}/{self.rank}".encode()).digest()
+                                 key=f"{self.seed}/{self.rank}/{epoch}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") % (2 ** 63))
         views, geometry = self.multicrop(raw.images, raw.orig_hw, gen, gen)
         return Batch(views, geometry, raw.labels, raw.indices, raw.skipped)

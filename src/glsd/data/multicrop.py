@@ -87,8 +87,9 @@ class MultiCrop:
 
 
 class MultiCropDataset(Dataset):
-    """Items of an ImageSource through ``transform(img, index, epoch)``; a bad file yields None
-    (``on_error="skip"``, dropped and counted by the collate function) or raises."""
+    """Items of an ImageSource through ``transform(img, index, epoch)`` -> (views, geometry,
+    label, index, epoch); a bad file yields None (``on_error="skip"``, dropped and counted by
+    the collate function) or raises."""
 
     def __init__(self, source: ImageSource, transform, on_error: str = "skip"):
         self.source, self.transform, self.on_error = source, transform, on_error
@@ -103,7 +104,7 @@ class MultiCropDataset(Dataset):
         if img is None:
             return None
         views, geometry = self.transform(img, i, epoch)
-        return views, geometry, self.source.labels[i], i
+        return views, geometry, self.source.labels[i], i, epoch
 
 
 @dataclass

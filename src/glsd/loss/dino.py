@@ -30,8 +30,8 @@ class Center(nn.Module):
         """teacher_logits: ``(N, K)`` (all views, samples and cells flattened)."""
         total = teacher_logits.float().sum(dim=0, keepdim=True)
         if dist.is_available() and dist.is_initialized():
-            # Built only here: a tensor from a Python list on a GPU is a blocking copy.
-            count = torch.tensor([teacher_logits.shape[0]], dtype=torch.float32, device=total.device)
+            # Alone, divide by the Python int: no tensor to build or reduce.
+            count = total.new_full((1,), float(teacher_logits.shape[0]))
             dist.all_reduce(total)
             dist.all_reduce(count)
             mean = total / count
@@ -127,6 +127,8 @@ class DINOLocalLoss(nn.Module):
         (cells counted per pair) / pairs."""
         n_teacher, batch, n_tcells, k = probs.shape
         n_views, _, n_cells, _ = student_shape
+        if len(t_idx) == 0:  # e.g. the global group with one global view: no pair, no term
+            return probs.new_zeros(n_views, batch, n_cells, k)
         valid = match.valid.to(probs.dtype)  # (P, B, Ns)
         if self.normalize == "valid":
             per_pair = 1.0 / valid.sum((1, 2)).clamp(min=1.0)
@@ -135,6 +137,6 @@ class DINOLocalLoss(nn.Module):
         weight = valid * (per_pair / n_pairs)[:, None, None]
         sample = torch.arange(batch, device=probs.device)
         row = (t_idx[:, None, None] * batch + sample[None, :, None]) * n_tcells + match.index
-        weighted = probs.reshape(-1, k)[row] * weight[..., None]  # (P, B, Ns, K)
+        weighted = probs.reshape(-1, k)[row].mul_(weight[..., None])  # (P, B, Ns, K), one copy
         target = probs.new_zeros(n_views, batch * n_cells * k)
         return target.index_add_(0, s_idx, weighted.view(len(s_idx), -1)).view(n_views, batch, n_cells, k)
