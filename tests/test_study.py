@@ -152,3 +152,19 @@ def test_report_checks_the_papers_two_claims():
             "(none - similarity = -4.00, the reverse is beyond the seed spread)") in text
     one_seed = report_markdown([r for r in records if r["seed"] == 0])
     assert "(geometric - similarity = +3.00, one seed: no spread to compare with)" in one_seed
+
+
+def test_cli_grid_lists_take_overrides_after_them():
+    import argparse
+
+    from glsd.cli import _study_lists
+
+    args = argparse.Namespace(overrides=["a.b=1"], fractions=["0.05", "0.1"], matchings=["geometric"],
+                              seeds=["0", "1", "model.local_out_dim=256"], evals=None)
+    _study_lists(args)
+    assert args.fractions == [0.05, 0.1] and args.seeds == [0, 1] and args.matchings == ["geometric"]
+    assert args.overrides == ["a.b=1", "model.local_out_dim=256"]
+    with pytest.raises(SystemExit, match="--matchings 'geo' is not one of none, similarity, geometric"):
+        _study_lists(argparse.Namespace(overrides=[], fractions=None, matchings=["geo"], seeds=None, evals=None))
+    with pytest.raises(SystemExit, match="--seeds takes int values"):
+        _study_lists(argparse.Namespace(overrides=[], fractions=None, matchings=None, seeds=["x"], evals=None))

@@ -37,9 +37,36 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+STUDY_LISTS = {"fractions": float, "seeds": int,
+               "matchings": ("none", "similarity", "geometric"), "evals": ("knn", "linear", "dense")}
+
+
+def _study_lists(args) -> None:
+    """Type the grid lists; key=value tokens that argparse put in a list are overrides."""
+    for name, kind in STUDY_LISTS.items():
+        values = getattr(args, name)
+        if not values:
+            continue
+        args.overrides += [v for v in values if "=" in v]
+        values = [v for v in values if "=" not in v]
+        if not values:
+            raise SystemExit(f"glsd study: --{name} needs at least one value")
+        if isinstance(kind, tuple):
+            bad = [v for v in values if v not in kind]
+            if bad:
+                raise SystemExit(f"glsd study: --{name} {bad[0]!r} is not one of {', '.join(kind)}")
+        else:
+            try:
+                values = [kind(v) for v in values]
+            except ValueError:
+                raise SystemExit(f"glsd study: --{name} takes {kind.__name__} values, got {values}") from None
+        setattr(args, name, values)
+
+
 def _cmd_study(args) -> int:
     from glsd.study import run_study
 
+    _study_lists(args)
     result = run_study(args.config, args.out, args.overrides, args.fractions, args.matchings,
                        args.seeds, args.evals, args.device, report_only=args.report_only,
                        jobs=args.jobs)
@@ -121,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="preset name or YAML path (its study: section gives the default grid)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
     p.add_argument("--out", required=True, help="study folder (rerun to resume)")
-    p.add_argument("--fractions", nargs="+", type=float)
-    p.add_argument("--matchings", nargs="+", choices=["none", "similarity", "geometric"])
-    p.add_argument("--seeds", nargs="+", type=int)
-    p.add_argument("--evals", nargs="+", choices=["knn", "linear", "dense"])
+    # Typed after parsing: a key=value written after a list (--seeds 0 1 a.b=2) is an override.
+    p.add_argument("--fractions", nargs="+", metavar="F")
+    p.add_argument("--matchings", nargs="+", metavar="{none,similarity,geometric}")
+    p.add_argument("--seeds", nargs="+", metavar="S")
+    p.add_argument("--evals", nargs="+", metavar="{knn,linear,dense}")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--report-only", action="store_true",
                    help="write results.json / report.md / report.png from the finished cells; train nothing")
