@@ -79,10 +79,12 @@ class GlobalLocalObjective(nn.Module):
             n_views = group.global_logits.shape[0]
             t_idx, s_idx = view_pairs(n_teacher, first, n_views, geometry.device)
             mode = self.matching if self.matching != "none" else "geometric"
+            # Features per pair are a (P, B, N, D) copy: gathered only when a similarity is taken.
+            feats = ((group.local_feat.detach()[s_idx], t_out.local_feat[t_idx])
+                     if diagnostics or mode == "similarity" else (None, None))
             result = match_pairs(mode, self.threshold,
                                  geometry[first + s_idx], group.grid, geometry[t_idx], t_out.grid,
-                                 group.local_feat.detach()[s_idx], t_out.local_feat[t_idx],
-                                 diagnostics)
+                                 *feats, diagnostics)
             pairs.append((t_idx, s_idx))
             matches.append(result.matches)
             for k, v in result.stats.items():  # weight each group by its pair count
