@@ -475,9 +475,10 @@ def _loader_rate(loader, n_batches: int, batch_size: int) -> tuple[dict, Any]:
             "first_batch_s": first}, first_batch
 
 
-# data.augment_on -> (the bench's name of that path, its ratio key)
-HEADLINE_PATH = {"cpu": ("cpu_multicrop", "cpu_multicrop"), "cpu_batched": ("cpu_batched", "cpu_batched"),
-                 "device": ("device_augment", "device_loader")}
+# data.augment_on -> the bench's name of that path, and the ratio that is its headline
+HEADLINE_PATH = {"cpu": "cpu_multicrop", "cpu_batched": "cpu_batched", "device": "device_augment"}
+HEADLINE_RATIO = {"cpu": "ratio_cpu_multicrop_over_step", "cpu_batched": "ratio_cpu_batched_over_step",
+                  "device": "ratio_device_loader_over_step"}
 
 
 def bench_data(cfg: Config, device: torch.device, quick: bool, step_images_per_s: float) -> dict:
@@ -534,11 +535,10 @@ def bench_data(cfg: Config, device: torch.device, quick: bool, step_images_per_s
                 raw["images_per_s"], _ratio(1.0, 1.0 / step_images_per_s + 1.0 / aug_ips)),
         }
         # The headline is the path the preset trains with.
-        path = HEADLINE_PATH[cfg.data.augment_on]
-        out["sources"][name]["ratio_pipeline_over_step"] = out["sources"][name][f"ratio_{path[1]}_over_step"]
+        out["sources"][name]["ratio_pipeline_over_step"] = out["sources"][name][HEADLINE_RATIO[cfg.data.augment_on]]
     headline = "cifar10_zip" if "cifar10_zip" in out["sources"] else "preset"
     out["headline_source"] = headline
-    out["headline_path"] = HEADLINE_PATH[cfg.data.augment_on][0]
+    out["headline_path"] = HEADLINE_PATH[cfg.data.augment_on]
     out["step_images_per_s"] = step_images_per_s
     out["ratio_pipeline_over_step"] = out["sources"][headline]["ratio_pipeline_over_step"]
     return out

@@ -30,12 +30,11 @@ class Center(nn.Module):
         """teacher_logits: ``(N, K)`` (all views, samples and cells flattened)."""
         total = teacher_logits.float().sum(dim=0, keepdim=True)
         if dist.is_available() and dist.is_initialized():
-            # Alone, divide by the Python int: no tensor to build or reduce.
             count = total.new_full((1,), float(teacher_logits.shape[0]))
             dist.all_reduce(total)
             dist.all_reduce(count)
             mean = total / count
-        else:
+        else:  # alone, divide by the Python int: no count tensor to build on the device
             mean = total / teacher_logits.shape[0]
         self.center.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
 
@@ -125,7 +124,7 @@ class DINOLocalLoss(nn.Module):
         """probs ``(Vt, B, Nt, K)`` -> per student cell, the sum over the pairs it is in of
         weight * matched teacher probabilities ``(Vg, B, Ns, K)``, with weight = valid /
         (cells counted per pair) / pairs."""
-        n_teacher, batch, n_tcells, k = probs.shape
+        _, batch, n_tcells, k = probs.shape
         n_views, _, n_cells, _ = student_shape
         if len(t_idx) == 0:  # e.g. the global group with one global view: no pair, no term
             return probs.new_zeros(n_views, batch, n_cells, k)
