@@ -20,7 +20,7 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from glsd.eval.runner import run_eval
+    from glsd.eval.runner import headline, run_eval
 
     from glsd.train.distributed import cleanup, init_distributed
     from glsd.train.pretrain import resolve_device
@@ -29,11 +29,34 @@ def _cmd_eval(args) -> int:
     dinfo = init_distributed(resolve_device(args.device).type)
     try:
         result = run_eval(args.kind, args.path, args.overrides, random_init=args.random_init,
-                          device=args.device, which="student" if args.student else None)
+                          device=args.device, which="student" if args.student else None,
+                          train_data=args.train_data, test_data=args.test_data)
     finally:
         cleanup()
     if dinfo.is_main:
-        print(json.dumps(result, indent=2))
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(headline(result))
+            print(f"full record: {result['output']}")
+    return 0
+
+
+def _cmd_embed(args) -> int:
+    from glsd.embedding import embed, summary
+
+    result = embed(args.source, args.data, args.out, local=args.local, device=args.device,
+                   batch_size=args.batch_size, overrides=args.overrides,
+                   which="student" if args.student else None)
+    print(summary(result))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from glsd.export import export_run
+
+    out = export_run(args.path, args.out)
+    print(f"wrote {out}/config.json and {out}/model.safetensors (see {out}/README.md)")
     return 0
 
 
@@ -142,7 +165,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate a randomly initialised backbone of the same architecture (the floor)")
     p.add_argument("--student", action="store_true", help="student weights (default: eval.model, the teacher)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--train-data", metavar="X", help="another labelled set (folder, zip or dataset "
+                   "name; its data.split, default train): replaces the run's data and subset")
+    p.add_argument("--test-data", metavar="Y", help="labelled test set (its eval.test_split; "
+                   "default: --train-data, else the run's data)")
+    p.add_argument("--json", action="store_true", help="print the full JSON record (always written "
+                   "to RUN_DIR/eval/<kind>.json)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("embed", help="features of every image of a data source, to .safetensors/.npy + a CSV index")
+    p.add_argument("source", help="run folder, checkpoint .pt or backbone.safetensors")
+    p.add_argument("data", help="image folder, flat folder, .zip, or cifar10 / cifar100 / stl10 / "
+                   "fashion_mnist / synthetic")
+    p.add_argument("overrides", nargs="*", help="key=value overrides: data.split=test, "
+                   "data.source=folder, data.root=DIR (datasets), eval.image_size=..., ...")
+    p.add_argument("--out", required=True, help="FILE.safetensors or FILE.npy (FILE.csv is the index)")
+    p.add_argument("--local", action="store_true", help="also the pooled local features")
+    p.add_argument("--batch-size", type=int, help="images per batch (default eval.batch_size)")
+    p.add_argument("--student", action="store_true", help="student weights (default: eval.model, the teacher)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("export", help="write RUN_DIR/export/timm/ (config.json + model.safetensors) for plain timm")
+    p.add_argument("path", help="run folder, backbone.safetensors or checkpoint .pt")
+    p.add_argument("--out", help="folder to write (default RUN_DIR/export/timm)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("study", help="compare none / similarity / geometric matching over data fractions and seeds")
     p.add_argument("config", help="preset name or YAML path (its study: section gives the default grid)")

@@ -147,6 +147,7 @@ class EvalConfig:
     # Labelled train split for k-NN / linear: fraction of the pretraining subset (1.0 = it all).
     train_fraction: Optional[float] = None
     test_split: str = "test"
+    max_test_images: Optional[int] = None  # a class-balanced seeded cap on the test split
     image_size: Optional[int] = None  # None: crops.global_size
     linear_epochs: int = 100
     linear_lr: float = 1e-3

@@ -26,6 +26,9 @@ other image sizes.) A ``glsd_convnet`` backbone is not a timm model: use
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from pathlib import Path
 from typing import Union
 
@@ -63,4 +66,149 @@ def load_exported(path: Union[str, Path]) -> torch.nn.Module:
         raise ConfigError(f"weights in {path} do not fit model.backbone={cfg.model.backbone!r} as "
                           f"its metadata describes it ({first}); was it written by another glsd "
                           "or timm version?") from None
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------
+# The timm / Hugging-Face-style folder for downstream use
+
+EXPORT_DIR = Path("export") / "timm"
+FILE_MODE = 0o644  # exported files are meant to be shared: readable by all, whatever the umask
+CONVNET_NOTE = ("glsd_convnet is not a timm model: load it with glsd.load_backbone(FOLDER) "
+                "(or glsd.models.convnet.ConvNet(**model_args) + model.safetensors)")
+
+
+def timm_config(cfg, num_features: int) -> dict:
+    """The ``config.json`` of an export folder (timm's Hugging Face hub layout).
+
+    ``model_args`` are the keyword arguments glsd builds the backbone with (backbone_kwargs,
+    img_size, patch_size, ...; without stochastic depth, which no weight depends on) plus
+    ``num_classes=0``; ``pretrained_cfg`` holds the training normalisation and input size, so
+    ``timm.data.resolve_data_config`` gives glsd's evaluation preprocessing.
+    """
+    from glsd.config import to_dict
+    from glsd.models.backbone import timm_kwargs
+
+    m, c = cfg.model, cfg.crops
+    is_timm = not m.backbone.startswith("glsd_convnet")
+    args = timm_kwargs(m, c.global_size) if is_timm else dict(m.backbone_kwargs)
+    args.pop("drop_path_rate", None)
+    if is_timm:
+        args["num_classes"] = 0
+    size = cfg.eval.image_size or c.global_size
+    pretrained_cfg = {"input_size": [3, size, size], "interpolation": c.interpolation,
+                      "crop_pct": 1.0, "crop_mode": "center", "mean": list(c.mean), "std": list(c.std),
+                      "num_classes": 0}
+    if args.get("dynamic_img_size") or args.get("strict_img_size") is False:
+        pretrained_cfg["fixed_input_size"] = False
+    feature = m.global_feature
+    glsd_info = {"format": "glsd-timm-export-v1", "global_feature": feature,
+                 "loader": "timm" if is_timm else "glsd", "config": to_dict(cfg)}
+    if not is_timm:
+        glsd_info["note"] = CONVNET_NOTE
+    return {"architecture": m.backbone, "num_classes": 0, "num_features": int(num_features),
+            "model_args": args, "pretrained_cfg": pretrained_cfg, "glsd": glsd_info}
+
+
+def write_timm_export(out_dir: Union[str, Path], model: torch.nn.Module, cfg) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (the bare backbone's state dict) to
+    ``out_dir`` (atomically, mode 0644); returns ``out_dir``.
+
+    ``model`` is the plain backbone (``Backbone.model``): keys exactly as timm names them.
+    """
+    from safetensors.torch import save
+
+    from glsd.train.checkpoint import atomic_write
+
+    out_dir = Path(out_dir)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    weights = save(tensors, metadata={"format": "pt"})  # the key HF/timm loaders look for
+    config = timm_config(cfg, int(getattr(model, "num_features")))
+    config["glsd"]["feature"] = _resolved_feature(model, cfg)
+    text = json.dumps(config, indent=2).encode()
+    for name, payload in (("model.safetensors", weights), ("config.json", text)):
+        atomic_write(out_dir / name, lambda f, p=payload: f.write(p))
+        os.chmod(out_dir / name, FILE_MODE)
+    (out_dir / "README.md").write_text(_folder_readme(config, out_dir))
+    os.chmod(out_dir / "README.md", FILE_MODE)
+    return out_dir
+
+
+def _resolved_feature(model: torch.nn.Module, cfg) -> str:
+    """"cls" or "pooled": the global feature glsd evaluates (model.global_feature resolved)."""
+    if cfg.model.global_feature != "auto":
+        return cfg.model.global_feature
+    return "cls" if int(getattr(model, "num_prefix_tokens", 0)) > 0 else "pooled"
+
+
+def _folder_readme(config: dict, out_dir: Path) -> str:
+    arch = config["architecture"]
+    if config["glsd"]["loader"] == "glsd":
+        return (f"# {arch} exported by glsd\n\n{CONVNET_NOTE}.\n\n```python\nimport glsd\n"
+                f"model = glsd.load_backbone(\"{out_dir}\")  # nn.Module, eval mode\n```\n")
+    pooled = config["glsd"]["feature"] == "pooled" and config["model_args"].get("img_size")
+    feature = ("model.forward_features(x)[:, model.num_prefix_tokens:].mean(1)  # glsd's pooled "
+               "feature" if pooled else "model(x)  # (B, num_features): glsd's global feature")
+    return f"""# {arch} exported by glsd
+
+Plain timm, offline (no glsd needed):
+
+```python
+import json, timm
+folder = "{out_dir}"
+cfg = json.load(open(f"{{folder}}/config.json"))
+model = timm.create_model(cfg["architecture"], pretrained=True,
+                          pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file=f"{{folder}}/model.safetensors"),
+                          **cfg["model_args"]).eval()
+data_cfg = timm.data.resolve_data_config({{}}, model=model)  # training mean/std, input size
+transform = timm.data.create_transform(**data_cfg)
+feats = {feature}
+```
+
+or in one line: `timm.create_model(f"local-dir:{{folder}}", pretrained=True)`.
+"""
+
+
+def export_run(path: Union[str, Path], out_dir: Union[str, Path, None] = None) -> Path:
+    """Write the export folder of an existing run (its teacher) or ``backbone.safetensors``.
+
+    Args:
+        path: a run folder, a ``backbone.safetensors`` or a checkpoint ``.pt``.
+        out_dir: default ``RUN_DIR/export/timm``.
+    Returns:
+        The folder written.
+    """
+    from glsd.eval.features import load_backbone
+
+    backbone, cfg, info = load_backbone(path, "teacher")
+    out = Path(out_dir) if out_dir is not None else Path(info["run_dir"]) / EXPORT_DIR
+    return write_timm_export(out, backbone.model, cfg)
+
+
+def write_run_exports(run_dir: Union[str, Path], model: torch.nn.Module, cfg) -> Path:
+    """End of pretraining: the export folder beside ``backbone.safetensors``, and both 0644."""
+    run_dir = Path(run_dir)
+    if (run_dir / "backbone.safetensors").is_file():
+        os.chmod(run_dir / "backbone.safetensors", FILE_MODE)
+    return write_timm_export(run_dir / EXPORT_DIR, model, cfg)
+
+
+def load_export_folder(folder: Union[str, Path]) -> torch.nn.Module:
+    """Rebuild the backbone of an export folder (any backbone, glsd_convnet included)."""
+    folder = Path(folder)
+    cfg_path, weights = folder / "config.json", folder / "model.safetensors"
+    if not (cfg_path.is_file() and weights.is_file()):
+        raise ConfigError(f"{folder} is not a glsd export folder (config.json + model.safetensors)")
+    raw = json.loads(cfg_path.read_text()).get("glsd", {}).get("config")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_path} has no glsd config ('glsd.config'); write it with `glsd export`")
+    from safetensors.torch import load_file
+
+    cfg = from_dict(raw)
+    model = create_model(dataclasses.replace(cfg.model, drop_path_rate=0.0), cfg.crops.global_size)
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as e:
+        first = " ".join(str(e).strip().splitlines()[:3])
+        raise ConfigError(f"weights in {weights} do not fit {cfg.model.backbone} ({first})") from None
     return model.eval()

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -238,19 +239,27 @@ def resolve_feature(backbone: Backbone, feature: str) -> str:
     return feature
 
 
-def embed(backbone: Backbone, images: torch.Tensor, feature: str) -> torch.Tensor:
-    """images ``(B, 3, H, W)`` -> ``(B, D)`` float32 global feature of a resolved kind."""
-    if feature == "cls":
-        # Read the token directly: the backbone may be configured to pool for training.
-        return backbone.model.forward_features(images)[:, 0].float()
+def embed(backbone: Backbone, images: torch.Tensor, feature: str,
+          local: bool = False) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """images ``(B, 3, H, W)`` -> ``(B, D)`` float32 global feature of a resolved kind.
+
+    With ``local=True`` also the pooled local feature (mean of the ``(B, h, w, D)`` grid),
+    from the same forward pass: returns ``(global (B, D), pooled_local (B, D))``.
+    """
+    if feature == "cls" and backbone.global_feature != "cls":
+        # Read the token directly: the backbone is configured to pool for training.
+        tokens = backbone.model.forward_features(images)
+        g = tokens[:, 0].float()
+        return (g, backbone(images).local_feat.mean(dim=(1, 2)).float()) if local else g
     out = backbone(images)
-    if feature == "pooled":
-        return out.local_feat.mean(dim=(1, 2)).float()
-    return out.global_feat.float()
+    pooled = out.local_feat.mean(dim=(1, 2)).float()
+    g = pooled if feature == "pooled" else out.global_feat.float()
+    return (g, pooled) if local else g
 
 
 class _EvalImages(Dataset):
-    """Items ``indices`` of a source -> (image tensor, label), or None for an unreadable file."""
+    """Items ``indices`` of a source -> (image tensor, label, index), or the index alone for an
+    unreadable file."""
 
     def __init__(self, source: ImageSource, indices: range, transform, on_error: str):
         self.source, self.indices, self.transform, self.on_error = source, indices, transform, on_error
@@ -259,18 +268,28 @@ class _EvalImages(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        img = self.source.load(self.source.keys[self.indices[i]], self.on_error)
+        index = self.indices[i]
+        img = self.source.load(self.source.keys[index], self.on_error)
         if img is None:
-            return None
-        return self.transform(img), self.source.labels[self.indices[i]]
+            return index
+        return self.transform(img), self.source.labels[index], index
 
 
-def _collate(items: list):
-    good = [it for it in items if it is not None]
+@dataclasses.dataclass
+class _Batch:
+    images: Optional[torch.Tensor]  # (B, 3, S, S), None when every image was unreadable
+    labels: Optional[torch.Tensor]  # (B,) long
+    indices: list[int]  # source indices of the rows
+    bad: list[int]  # source indices of the unreadable files
+
+
+def _collate(items: list) -> _Batch:
+    good = [it for it in items if not isinstance(it, int)]
+    bad = [it for it in items if isinstance(it, int)]
     if not good:
-        return None, None, len(items)
-    return (torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.long),
-            len(items) - len(good))
+        return _Batch(None, None, [], bad)
+    return _Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.long),
+                  [g[2] for g in good], bad)
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -279,12 +298,61 @@ def dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def progress_bar(total: int, desc: Optional[str], unit: str = "img"):
+    """A tqdm bar on a terminal (rank 0 only) when ``desc`` is given, else None."""
+    if desc is None or dist_rank_world()[0] != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+
+
+@torch.no_grad()
+def iter_features(backbone: Backbone, source: ImageSource, cfg: Config, device: Device,
+                  feature: str = "auto", local: bool = False, indices: Optional[range] = None,
+                  progress: Optional[str] = None) -> Iterator[tuple]:
+    """Batches of features of ``source`` items ``indices`` (all by default), in order.
+
+    Batched (``eval.batch_size``, ``data.num_workers``), no grad, eval mode (the module's mode
+    is restored after); preprocessing is :func:`eval_transform`. ``progress``: the label of a
+    progress bar shown on a terminal.
+
+    Yields:
+        ``(rows, global (b, D), pooled_local (b, D) or None, labels (b,), bad)`` per batch:
+        ``rows`` the source indices of the b readable images, ``bad`` those of unreadable
+        ones (skipped under ``data.on_error=skip``; ``fail`` raises).
+    """
+    backbone = getattr(backbone, "module", backbone)  # a DDP wrapper would sync needlessly
+    feature = resolve_feature(backbone, feature)
+    device = torch.device(device)
+    indices = range(len(source)) if indices is None else indices
+    loader = DataLoader(_EvalImages(source, indices, eval_transform(cfg), cfg.data.on_error),
+                        batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    bar = progress_bar(len(indices), progress)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for batch in loader:
+            if bar is not None:
+                bar.update(len(batch.indices) + len(batch.bad))
+            if batch.images is None:
+                yield [], None, None, None, batch.bad
+                continue
+            out = embed(backbone, batch.images.to(device, non_blocking=True), feature, local)
+            g, loc = out if local else (out, None)
+            yield batch.indices, g, loc, batch.labels.to(device), batch.bad
+    finally:
+        backbone.train(was_training)
+        if bar is not None:
+            bar.close()
+
+
 @torch.no_grad()
 def extract_features(backbone: Backbone, source: ImageSource, cfg: Config, device: Device,
-                     feature: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Global features of every image of ``source``, in source order.
+                     feature: str = "auto", progress: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global features of every image of ``source``, in source order (see :func:`iter_features`).
 
-    Batched (``eval.batch_size``), no grad, eval mode (the module's mode is restored after).
     Under an initialised process group each rank extracts a contiguous shard and the shards
     are all-gathered, so every rank returns the full result (call it on all ranks).
     Unreadable images are skipped (``data.on_error=skip``) with a warning.
@@ -292,27 +360,19 @@ def extract_features(backbone: Backbone, source: ImageSource, cfg: Config, devic
     Returns:
         feats ``(N, D)`` float32 and labels ``(N,)`` long (-1 where unlabeled), on ``device``.
     """
-    backbone = getattr(backbone, "module", backbone)  # a DDP wrapper would sync needlessly
-    feature = resolve_feature(backbone, feature)
     device = torch.device(device)
     rank, world = dist_rank_world()
     n = len(source)
     shard = range(n * rank // world, n * (rank + 1) // world)
-    loader = DataLoader(_EvalImages(source, shard, eval_transform(cfg), cfg.data.on_error),
-                        batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
     feats, labels, skipped = [], [], 0
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        for images, y, bad in loader:
-            skipped += bad
-            if images is not None:
-                feats.append(embed(backbone, images.to(device, non_blocking=True), feature))
-                labels.append(y.to(device))
-    finally:
-        backbone.train(was_training)
-    feats_t = torch.cat(feats) if feats else torch.zeros(0, backbone.embed_dim, device=device)
+    for _, g, _, y, bad in iter_features(backbone, source, cfg, device, feature, indices=shard,
+                                         progress=progress):
+        skipped += len(bad)
+        if g is not None:
+            feats.append(g)
+            labels.append(y)
+    dim = getattr(backbone, "module", backbone).embed_dim
+    feats_t = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     if world > 1:
         feats_t, labels_t = gather_uneven(feats_t, labels_t)

@@ -3,7 +3,12 @@
 Evaluation data follow the run: the labelled train split restricted to exactly the images of
 ``RUN_DIR/subset.json`` (the pretraining images; the whole train split when there is no such
 file), optionally cut to a class-balanced ``eval.train_fraction`` of them, and the full
-``eval.test_split``. Data come from the run config's ``data`` section with the split replaced.
+``eval.test_split`` (or a class-balanced ``eval.max_test_images`` of it). Data come from the run
+config's ``data`` section with the split replaced. Another labelled set replaces them with
+``train_data`` / ``test_data`` (a folder, a zip or a dataset name, read as ``glsd embed``
+reads DATA): the train split of ``train_data`` (``data.split``), all of it, since the
+pretraining subset belongs to other data, and the ``eval.test_split`` of ``test_data``
+(default: ``train_data``).
 Results are written to ``RUN_DIR/eval/<kind>[-student|-random-init].json`` (for a bare
 safetensors file, to an ``eval/`` folder beside it).
 """
@@ -18,8 +23,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from glsd.config import Config, ConfigError, to_dict
+from glsd.config import Config, ConfigError, DataConfig, to_dict
 from glsd.data.sources import ImageSource, balanced_subset, open_source
+from glsd.eval.data_spec import data_config
 from glsd.eval.dense import run_dense
 from glsd.eval.features import Device, dist_rank_world, extract_features, load_backbone, resolve_feature
 from glsd.eval.knn import knn_classify
@@ -35,14 +41,15 @@ _SOURCES: dict[tuple[str, str], ImageSource] = {}
 _ONLINE: dict = {}
 
 
-def open_cached(cfg: Config, split: str) -> ImageSource:
+def open_cached(cfg: Union[Config, DataConfig], split: str) -> ImageSource:
     """``open_source(cfg.data, split)``, opened once per process (datasets load into memory)."""
-    data = dataclasses.asdict(cfg.data)
+    data_cfg = cfg.data if isinstance(cfg, Config) else cfg
+    data = dataclasses.asdict(data_cfg)
     for k in ("num_workers", "on_error", "split"):
         data.pop(k)  # they do not change which images a split holds
     key = (json.dumps(data, sort_keys=True), split)
     if key not in _SOURCES:
-        _SOURCES[key] = open_source(cfg.data, split)
+        _SOURCES[key] = open_source(data_cfg, split)
     return _SOURCES[key]
 
 
@@ -98,31 +105,59 @@ def train_subset(full: ImageSource, subset: Optional[dict], cfg: Config) -> Imag
     return src
 
 
-def eval_sources(cfg: Config, base: Path) -> tuple[ImageSource, ImageSource, dict]:
-    """(labelled train source, test source, record of what they are) for k-NN / linear."""
-    subset = read_subset(base / SUBSET_FILE)
-    train_split = str(subset.get("split") or cfg.data.split) if subset else cfg.data.split
-    full = open_cached(cfg, train_split)
-    test = open_cached(cfg, cfg.eval.test_split)
-    check_split_pair(full, test, train_split, cfg.eval.test_split)
+def eval_sources(cfg: Config, base: Path, train_data: Optional[str] = None, test_data: Optional[str] = None,
+                 overrides: Sequence[str] = ()) -> tuple[ImageSource, ImageSource, dict]:
+    """(labelled train source, test source, record of what they are) for k-NN / linear.
+
+    ``train_data`` / ``test_data``: another labelled set (module docstring); ``overrides``
+    gives their ``data.*`` keys.
+    """
+    if train_data is not None:
+        train_cfg, subset = data_config(train_data, cfg.data, overrides), None
+        train_split = train_cfg.split
+    else:
+        train_cfg, subset = cfg.data, read_subset(base / SUBSET_FILE)
+        train_split = str(subset.get("split") or cfg.data.split) if subset else cfg.data.split
+    test_spec = test_data if test_data is not None else train_data
+    test_cfg = cfg.data if test_spec is None else data_config(test_spec, cfg.data, overrides)
+    full = open_cached(train_cfg, train_split)
+    test = cap_test(open_cached(test_cfg, cfg.eval.test_split), cfg)
+    other = train_data is None and test_data is None
+    check_split_pair(full, test, train_split, cfg.eval.test_split,
+                     hint="" if not other else "; or evaluate on another labelled set: "
+                     "--train-data X --test-data Y")
     train = train_subset(full, subset, cfg)
-    record = {**_data_record(cfg), "train_source": full.name, "test_source": test.name,
+    record = {**_data_record(cfg), "train_data": train_data, "test_data": test_data,
+              "train_source": full.name, "test_source": test.name,
               "train_split": train_split, "test_split": cfg.eval.test_split,
               "subset_file": str(base / SUBSET_FILE) if subset else None,
               "subset_size": len(subset["keys"]) if subset else None,
+              "max_test_images": cfg.eval.max_test_images,
               "n_train": len(train), "n_test": len(test), "num_classes": len(full.classes)}
     return train, test, record
 
 
-def check_split_pair(train: ImageSource, test: ImageSource, train_split: str, test_split: str) -> None:
-    """Held-out, labelled, with the same classes: else a ConfigError naming the fix."""
+def cap_test(test: ImageSource, cfg: Config) -> ImageSource:
+    """At most ``eval.max_test_images`` of the test source, class-balanced and seeded."""
+    cap = cfg.eval.max_test_images
+    if cap is None or cap >= len(test):
+        return test
+    if cap < 1:
+        raise ConfigError(f"eval.max_test_images={cap} must be >= 1 (or null for all)")
+    return test.subset(balanced_subset(test, num_images=cap, seed=cfg.data.subset_seed))
+
+
+def check_split_pair(train: ImageSource, test: ImageSource, train_split: str, test_split: str,
+                     hint: str = "") -> None:
+    """Labelled, held-out, with the same classes: else a ConfigError naming the fix."""
+    for src in (train, test):
+        if not src.classes or any(y < 0 for y in src.labels):
+            raise ConfigError(f"{src.name} is unlabeled; k-NN and linear evaluation need labels "
+                              f"(an image folder with class sub-folders, or a dataset){hint}")
     if test.name == train.name:
         raise ConfigError(f"the test split ({test_split!r}) and the train split ({train_split!r}) "
                           f"are the same images ({train.name}); set eval.test_split to a "
-                          "held-out split (e.g. a 'test' or 'val' sub-folder)")
-    if not train.classes or any(y < 0 for y in train.labels):
-        raise ConfigError(f"{train.name} is unlabeled; k-NN and linear evaluation need labels "
-                          "(an image folder with class sub-folders, or a dataset)")
+                          f"held-out split (e.g. a 'test' or 'val' sub-folder){hint}")
     if train.classes != test.classes:
         raise ConfigError(f"train ({train.name}) and test ({test.name}) have different classes "
                           f"({len(train.classes)} vs {len(test.classes)}), so labels do not line up")
@@ -138,7 +173,8 @@ def _data_record(cfg: Config) -> dict:
 # run_eval
 
 def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), random_init: bool = False,
-             device: Device = "auto", which: Optional[str] = None) -> dict:
+             device: Device = "auto", which: Optional[str] = None, train_data: Optional[str] = None,
+             test_data: Optional[str] = None, progress: bool = True) -> dict:
     """Evaluate a run folder, a ``backbone.safetensors`` or a checkpoint; write and return JSON.
 
     Args:
@@ -148,6 +184,9 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
         random_init: evaluate the same architecture with fresh weights (the floor).
         device: "auto" (the config's device, else CUDA if available), "cpu", "cuda", ...
         which: "teacher" or "student"; None uses ``eval.model``.
+        train_data, test_data: another labelled set (a folder, a zip, a dataset name; see the
+            module docstring); dense reads only ``test_data``.
+        progress: progress bars of feature extraction when stderr is a terminal.
     Returns:
         The record also written to ``<run>/eval/<kind>[-student|-random-init].json`` (by
         rank 0 under torch.distributed; every rank must call it, extraction is shared).
@@ -156,15 +195,16 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
         raise ConfigError(f"unknown evaluation {kind!r}; use one of {', '.join(KINDS)}")
     start = time.perf_counter()
     path = Path(path)
-    backbone, cfg, info = load_backbone(path, which, random_init, overrides)
+    run_overrides = [o for o in overrides if not (o.startswith("data.") and (train_data or test_data))]
+    backbone, cfg, info = load_backbone(path, which, random_init, run_overrides)
     dev = resolve_device(device, cfg)
     backbone.to(dev)
     base = path if path.is_dir() else Path(info["run_dir"])
     loaded = time.perf_counter()
     if kind == "dense":
-        body, timing = _dense(backbone, cfg, dev)
+        body, timing = _dense(backbone, cfg, dev, test_data, overrides, progress)
     else:
-        body, timing = _classify(kind, backbone, cfg, dev, base)
+        body, timing = _classify(kind, backbone, cfg, dev, base, (train_data, test_data, overrides), progress)
     suffix = "" if info["model"] == "teacher" else f"-{info['model']}"
     out = base / "eval" / f"{kind}{suffix}.json"
     record = {"kind": kind, **_model_record(cfg, info), **body,
@@ -184,14 +224,16 @@ def _model_record(cfg: Config, info: dict) -> dict:
             "image_size": cfg.eval.image_size or cfg.crops.global_size}
 
 
-def _classify(kind: str, backbone: Backbone, cfg: Config, dev: torch.device,
-              base: Path) -> tuple[dict, dict]:
-    """k-NN or linear probe: (record body, timing)."""
-    train, test, data = eval_sources(cfg, base)
+def _classify(kind: str, backbone: Backbone, cfg: Config, dev: torch.device, base: Path,
+              other: tuple = (None, None, ()), progress: bool = True) -> tuple[dict, dict]:
+    """k-NN or linear probe: (record body, timing); ``other`` = (train_data, test_data, overrides)."""
+    train, test, data = eval_sources(cfg, base, *other)
     feature = resolve_feature(backbone, cfg.eval.features)
     t0 = time.perf_counter()
-    train_f, train_y = extract_features(backbone, train, cfg, dev, feature)
-    test_f, test_y = extract_features(backbone, test, cfg, dev, feature)
+    train_f, train_y = extract_features(backbone, train, cfg, dev, feature,
+                                        progress="train features" if progress else None)
+    test_f, test_y = extract_features(backbone, test, cfg, dev, feature,
+                                      progress="test features" if progress else None)
     t1 = time.perf_counter()
     n_cls = data["num_classes"]
     if kind == "knn":
@@ -210,15 +252,19 @@ def _classify(kind: str, backbone: Backbone, cfg: Config, dev: torch.device,
     return body, {"features_s": t1 - t0, "eval_s": time.perf_counter() - t1}
 
 
-def _dense(backbone: Backbone, cfg: Config, dev: torch.device) -> tuple[dict, dict]:
+def _dense(backbone: Backbone, cfg: Config, dev: torch.device, test_data: Optional[str] = None,
+           overrides: Sequence[str] = (), progress: bool = True) -> tuple[dict, dict]:
     """Dense correspondence: (record body, timing)."""
+    if test_data is not None:
+        cfg = dataclasses.replace(cfg, data=data_config(test_data, cfg.data, overrides))
     test = open_cached(cfg, cfg.eval.test_split)
-    if cfg.eval.test_split == cfg.data.split:
+    if test_data is None and cfg.eval.test_split == cfg.data.split:
         warnings.warn(f"dense evaluation on eval.test_split={cfg.eval.test_split!r}, the "
                       "pretraining split: the images are not held out")
     t0 = time.perf_counter()
     results = run_dense(backbone, test, cfg, dev)
-    body = {**_data_record(cfg), "test_source": test.name, "test_split": cfg.eval.test_split,
+    body = {**_data_record(cfg), "test_data": test_data, "test_source": test.name,
+            "test_split": cfg.eval.test_split,
             "n_train": None, "n_test": results["n_images"], "feature": "local",
             "dense_num_images": cfg.eval.dense_num_images, "dense_seed": cfg.eval.dense_seed,
             "results": results}
@@ -271,3 +317,18 @@ def _online_sources(cfg: Config, train_keys: Optional[Sequence[str]]) -> tuple[I
             raise ConfigError(f"online k-NN: {e}; or turn it off with eval.every_epochs=0") from None
         _ONLINE.update(key=key, sources=(train_subset(full, subset, cfg), test))
     return _ONLINE["sources"]
+
+
+def headline(record: dict) -> str:
+    """One line for the console, e.g. ``k-NN top-1 47.3 % (k=20, 2,500 train / 10,000 test)``."""
+    res, n_train, n_test = record["results"], record.get("n_train"), record.get("n_test")
+    model = "" if record.get("model") == "teacher" else f" [{record.get('model')}]"
+    if record["kind"] == "dense":
+        within, chance = res.get("within_one"), res.get("chance_within_one")
+        show = (lambda v: "n/a" if v is None else f"{100 * v:.1f} %")
+        return (f"dense correspondence within one cell {show(within)} (chance {show(chance)}; "
+                f"{n_test:,} test images){model}")
+    counts = f"{n_train:,} train / {n_test:,} test"
+    if record["kind"] == "knn":
+        return f"k-NN top-1 {res['top1']:.1f} % (k={record['k']}, {counts}){model}"
+    return f"linear top-1 {res['top1']:.1f} % ({record['linear_epochs']} epochs, {counts}){model}"

@@ -106,6 +106,19 @@ def create_model(cfg: ModelConfig, image_size: int) -> nn.Module:
         hint = f" Close names: {', '.join(close)}." if close else ""
         raise ConfigError(f"unknown backbone model.backbone='{cfg.backbone}'.{hint} "
                           "Any timm model name works, or glsd_convnet.")
+    try:
+        return timm.create_model(cfg.backbone, pretrained=False, num_classes=0,
+                                 **timm_kwargs(cfg, image_size))
+    except TypeError as e:
+        raise ConfigError(f"{cfg.backbone} does not accept model.backbone_kwargs="
+                          f"{cfg.backbone_kwargs} ({e}). When switching backbones, reset them: "
+                          "'model.backbone_kwargs={}'") from None
+
+
+def timm_kwargs(cfg: ModelConfig, image_size: int) -> dict:
+    """The keyword arguments ``timm.create_model(cfg.backbone, ...)`` gets (no num_classes);
+    the exported timm folder records them as ``model_args``."""
+    kwargs = dict(cfg.backbone_kwargs)
     family = cfg.backbone.split("_")[0]
     if family in ("vit", "deit", "deit3", "eva", "beit"):
         kwargs.setdefault("dynamic_img_size", True)
@@ -119,12 +132,7 @@ def create_model(cfg: ModelConfig, image_size: int) -> nn.Module:
         # Always pass it, 0 included: timm's own default (0.1 for Swin) would otherwise leak
         # stochastic depth into the teacher.
         kwargs.setdefault("drop_path_rate", cfg.drop_path_rate)
-    try:
-        return timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{cfg.backbone} does not accept model.backbone_kwargs="
-                          f"{cfg.backbone_kwargs} ({e}). When switching backbones, reset them: "
-                          "'model.backbone_kwargs={}'") from None
+    return kwargs
 
 
 def build_backbone(cfg: ModelConfig, image_size: int) -> Backbone:

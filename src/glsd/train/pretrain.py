@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from glsd.config import Config, to_dict
 from glsd.data.loader import SUBSET_FILE, build_loader, select_images, write_subset
 from glsd.data.sources import open_source
+from glsd.export import write_run_exports
 from glsd.models.heads import GLSDNet, build_network, build_teacher
 from glsd.train.checkpoint import export_backbone, save_checkpoint
 from glsd.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, gather_objects,
@@ -185,6 +186,7 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
         finished = train_loop(ctx, state, stop)
     if finished and dinfo.is_main:
         export_backbone(run.root / "backbone.safetensors", teacher.backbone.model, to_dict(cfg))
+        write_run_exports(run.root, teacher.backbone.model, cfg)  # + export/timm/, files 0644
         LOG.info("done: %d steps; teacher backbone exported to %s", state.step,
                  run.root / "backbone.safetensors")
     run.close()

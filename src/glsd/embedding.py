@@ -1,0 +1,162 @@
+"""``glsd embed``: frozen features of every image of a data source, to a file plus an index.
+
+One row per readable image, in source order: the global feature (the same the k-NN and
+linear evaluations use, ``eval.features``) and, with ``local=True``, the pooled local feature
+(the mean of the backbone's feature grid). Preprocessing is the evaluation's
+(:func:`glsd.eval.features.eval_transform`: resize, center crop to ``eval.image_size`` or the
+global crop size, the training normalisation). Unreadable images are skipped and counted,
+never fatal.
+
+Output, chosen by the suffix of ``out``:
+
+* ``.safetensors``: tensors ``global`` ``(N, D)`` float32, ``labels`` ``(N,)`` int64 (-1 when
+  unlabelled) and with ``local=True`` ``local`` ``(N, D)``; metadata records the model, the
+  data source, the feature kind and the skip count.
+* ``.npy``: the global features ``(N, D)``; with ``local=True`` also ``<stem>.local.npy``.
+
+Beside it, ``<stem>.csv``: ``row,path,label,class`` (``path`` is the source's key: the path
+relative to the folder, the zip member, or the dataset index; ``label``/``class`` are empty
+when unlabelled).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from glsd.config import ConfigError
+from glsd.data.sources import open_source
+from glsd.eval.data_spec import data_config
+from glsd.eval.features import iter_features, load_backbone, resolve_feature
+from glsd.eval.runner import resolve_device
+from glsd.train.checkpoint import atomic_write
+
+SUFFIXES = (".safetensors", ".npy")
+FILE_MODE = 0o644
+
+
+@dataclass
+class EmbedResult:
+    """What :func:`embed` computed (and wrote, when given ``out``)."""
+    features: torch.Tensor  # (N, D) float32 global features, on the CPU
+    labels: torch.Tensor  # (N,) int64, -1 when unlabelled
+    keys: list[str]  # the source key of each row
+    classes: list[str]  # class names of the labels ([] when unlabelled)
+    local: Optional[torch.Tensor] = None  # (N, D) pooled local features with local=True
+    skipped: list[str] = field(default_factory=list)  # keys of unreadable images
+    feature: str = ""  # the global feature kind: "cls" or "pooled"
+    source: str = ""  # the data source's name
+    files: list[Path] = field(default_factory=list)  # written files: features, [local], index
+
+
+def embed(source: Union[str, Path], data: str, out: Union[str, Path, None] = None, local: bool = False,
+          device: str = "auto", batch_size: Optional[int] = None, overrides: Sequence[str] = (),
+          which: Optional[str] = None, progress: bool = True) -> EmbedResult:
+    """Embed every image of ``data`` with the backbone of ``source``.
+
+    Args:
+        source: a run folder, a checkpoint ``.pt`` or a ``backbone.safetensors``.
+        data: a folder, a zip or a dataset name (see :mod:`glsd.eval.data_spec`).
+        out: ``.safetensors`` or ``.npy`` file to write (with ``<stem>.csv`` beside it);
+            None writes nothing.
+        local: also the pooled local features.
+        device: "auto", "cpu", "cuda", ...; batch_size: images per batch (``eval.batch_size``).
+        overrides: ``key=value`` strings: ``data.*`` for the data, ``eval.*`` for the rest.
+        which: "teacher" or "student" (None: ``eval.model``).
+        progress: a progress bar when stderr is a terminal.
+    """
+    out = Path(out) if out is not None else None
+    if out is not None and out.suffix not in SUFFIXES:
+        raise ConfigError(f"--out {out}: use a {' or '.join(SUFFIXES)} file name")
+    backbone, cfg, info = load_backbone(source, which, overrides=[o for o in overrides
+                                                                   if not o.startswith("data.")])
+    cfg.data = data_config(data, cfg.data, overrides)
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size {batch_size} must be >= 1")
+        cfg.eval.batch_size = batch_size
+    images = open_source(cfg.data)
+    dev = resolve_device(device, cfg)
+    backbone.to(dev)
+    feature = resolve_feature(backbone, cfg.eval.features)
+    rows, glob, loc, labels, bad = [], [], [], [], []
+    for idx, g, lf, y, skipped in iter_features(backbone, images, cfg, dev, feature, local,
+                                                progress="embed" if progress else None):
+        bad += skipped
+        if g is not None:
+            rows += idx
+            glob.append(g.cpu())
+            labels.append(y.cpu())
+            if lf is not None:
+                loc.append(lf.cpu())
+    dim = backbone.embed_dim
+    result = EmbedResult(
+        features=torch.cat(glob) if glob else torch.zeros(0, dim),
+        labels=torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+        keys=[images.keys[i] for i in rows], classes=list(images.classes),
+        local=(torch.cat(loc) if loc else torch.zeros(0, dim)) if local else None,
+        skipped=[images.keys[i] for i in bad], feature=feature, source=images.name)
+    if out is not None:
+        meta = {"format": "glsd-embeddings-v1", "model_path": info["path"], "model": info["model"],
+                "step": str(info.get("step")), "backbone": cfg.model.backbone, "feature": feature,
+                "image_size": str(cfg.eval.image_size or cfg.crops.global_size),
+                "source": images.name, "skipped": str(len(bad)), "classes": json.dumps(images.classes)}
+        result.files = write_embeddings(result, out, meta)
+    return result
+
+
+def write_embeddings(result: EmbedResult, out: Path, meta: dict) -> list[Path]:
+    """Write the features (by suffix) and the CSV index atomically, mode 0644."""
+    files = [out]
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save
+
+        tensors = {"global": result.features.contiguous(), "labels": result.labels.contiguous()}
+        if result.local is not None:
+            tensors["local"] = result.local.contiguous()
+        payload = save(tensors, metadata=meta)
+        _write(out, lambda f: f.write(payload))
+    else:
+        import numpy as np
+
+        _write(out, lambda f: np.save(f, result.features.numpy()))
+        if result.local is not None:
+            files.append(out.with_name(out.stem + ".local.npy"))
+            _write(files[-1], lambda f: np.save(f, result.local.numpy()))
+    files.append(out.with_suffix(".csv"))
+    _write(files[-1], lambda f: f.write(index_csv(result).encode()))
+    return files
+
+
+def index_csv(result: EmbedResult) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["row", "path", "label", "class"])
+    for row, (key, y) in enumerate(zip(result.keys, result.labels.tolist())):
+        named = y >= 0 and y < len(result.classes)
+        writer.writerow([row, key, y if y >= 0 else "", result.classes[y] if named else ""])
+    return buf.getvalue()
+
+
+def _write(path: Path, write) -> None:
+    atomic_write(path, write)
+    os.chmod(path, FILE_MODE)  # shareable outputs, whatever the umask of the temp file
+
+
+def summary(result: EmbedResult) -> str:
+    """One line for the console."""
+    n, d = result.features.shape
+    what = f"{d}-dim {result.feature}" + (" + pooled local" if result.local is not None else "")
+    line = f"embedded {n:,} images of {result.source} ({what})"
+    if result.files:
+        line += f" -> {', '.join(str(f) for f in result.files)}"
+    if result.skipped:
+        first = ", ".join(result.skipped[:3])
+        line += f"; skipped {len(result.skipped):,} unreadable ({first}{', ...' if len(result.skipped) > 3 else ''})"
+    return line
