@@ -70,3 +70,107 @@ def test_clear_errors(tmp_path):
     export_backbone(wrong, ConvNet(widths=(8,), pool_after=()), to_dict(load_config(None, BACKBONES["vit"])))
     with pytest.raises(ConfigError, match="do not fit model.backbone='vit_tiny_patch16_224'"):
         load_exported(wrong)
+
+
+# ----------------------------------------------------------------------------------------
+# RUN_DIR/export/timm: plain timm loads it offline, with glsd's preprocessing
+
+PRESET_TINY = ["data.source=synthetic", "data.synthetic_num_images=16", "data.num_workers=0",
+               "crops.num_local=2", "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}",
+               "model.out_dim=64", "model.hidden_dim=32", "model.bottleneck_dim=16",
+               "model.local_out_dim=64", "model.local_hidden_dim=32", "train.batch_size=8",
+               "train.max_steps=2", "train.precision=fp32", "train.progress=false",
+               "train.warmup_steps=0", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def vit_preset_run(tmp_path_factory):
+    """The cifar10-vit-tiny preset (patch 4 on 32 px crops) at depth 1, two steps."""
+    run = tmp_path_factory.mktemp("export-preset") / "run"
+    torch.manual_seed(0)
+    pretrain(load_config("cifar10-vit-tiny", [*PRESET_TINY, f"output_dir={run}"]))
+    return run
+
+
+def _plain_timm(folder):
+    """Exactly the README's lines."""
+    import json
+
+    import timm
+
+    cfg = json.load(open(f"{folder}/config.json"))
+    model = timm.create_model(cfg["architecture"], pretrained=True,
+                              pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file=f"{folder}/model.safetensors"),
+                              **cfg["model_args"]).eval()
+    return model, timm.data.resolve_data_config({}, model=model)
+
+
+def test_timm_folder_gives_the_same_features_and_preprocessing(vit_preset_run):
+    import json
+    import stat
+
+    import timm
+    from PIL import Image
+
+    from glsd.data.sources import synthetic_image
+    from glsd.eval.features import eval_transform
+
+    folder = vit_preset_run / "export" / "timm"
+    cfg_json = json.loads((folder / "config.json").read_text())
+    assert cfg_json["architecture"] == "vit_tiny_patch16_224"
+    assert cfg_json["model_args"] == {"embed_dim": 32, "depth": 1, "num_heads": 2, "dynamic_img_size": True,
+                                      "img_size": 32, "patch_size": 4, "num_classes": 0}
+    for path in (folder / "config.json", folder / "model.safetensors", vit_preset_run / "backbone.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+    model, data_cfg = _plain_timm(folder)
+    backbone, cfg, _ = load_backbone(vit_preset_run)  # the checkpoint's teacher
+    as_tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg.items()}
+    assert as_tuples == {"input_size": (3, 32, 32), "interpolation": "bicubic",
+                        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                        "crop_pct": 1.0, "crop_mode": "center"}
+    assert tuple(data_cfg["mean"]) == cfg.crops.mean and tuple(data_cfg["std"]) == cfg.crops.std
+    img = synthetic_image(0, 48, 4)[0].resize((48, 40), Image.BICUBIC)  # not square: the resize rule counts
+    x_timm = timm.data.create_transform(**data_cfg)(img)
+    x_glsd = eval_transform(cfg)(img)
+    assert torch.allclose(x_timm, x_glsd, atol=1e-6)
+
+    x = torch.stack([x_glsd, torch.randn(3, 32, 32)])
+    with torch.no_grad():
+        diff = (model(x) - backbone(x).global_feat).abs().max().item()
+        one_line = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        diff_local_dir = (one_line(x) - backbone(x).global_feat).abs().max().item()
+        fresh = timm.create_model("vit_tiny_patch16_224", **cfg_json["model_args"]).eval()
+        assert not torch.allclose(fresh(x), model(x))  # the weights did come from the file
+    print(f"plain timm vs glsd teacher: max abs diff {diff:.3g} (local-dir: {diff_local_dir:.3g})")
+    assert diff < 1e-5 and diff_local_dir < 1e-5
+
+
+def test_glsd_export_command_rewrites_the_folder(vit_preset_run, tmp_path):
+    from helpers_tiny import cli
+
+    out = tmp_path / "again"
+    assert cli(["export", str(vit_preset_run), "--out", str(out)]) == 0
+    first = vit_preset_run / "export" / "timm"
+    assert (out / "config.json").read_text().replace(str(out), "") == \
+        (first / "config.json").read_text().replace(str(first), "")
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(first / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "pretrained_cfg_overlay" in (out / "README.md").read_text()
+
+
+def test_convnet_folder_says_how_to_load_it(tiny_run):
+    import json
+
+    import glsd
+
+    name, run = tiny_run
+    if name != "convnet":
+        pytest.skip("the ViT folder is checked with plain timm above")
+    folder = run / "export" / "timm"
+    cfg_json = json.loads((folder / "config.json").read_text())
+    assert cfg_json["glsd"]["loader"] == "glsd" and "glsd.load_backbone" in cfg_json["glsd"]["note"]
+    assert "glsd.load_backbone" in (folder / "README.md").read_text()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(glsd.load_backbone(folder)(x), load_exported(run / "backbone.safetensors")(x))

@@ -56,7 +56,7 @@ def _cmd_export(args) -> int:
     from glsd.export import export_run
 
     out = export_run(args.path, args.out)
-    print(f"wrote {out}/config.json and {out}/model.safetensors (see {out}/README.md)")
+    print(f"wrote {out} (config.json, model.safetensors; README.md has the plain-timm lines)")
     return 0
 
 
@@ -249,7 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value written after a flag (glsd eval knn RUN --train-data X eval.k=10) is an override.
+    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except ConfigError as e:

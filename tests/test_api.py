@@ -1,0 +1,53 @@
+"""The Python API in glsd/__init__.py: import-light, and its docstring examples run."""
+import doctest
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import glsd
+from glsd.config import ConfigError
+
+from helpers_tiny import subprocess_env
+
+
+def test_import_glsd_does_not_load_torch():
+    code = ("import sys, glsd; glsd.RunResult; glsd.load_config; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=subprocess_env(), check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_docstring_examples_run():
+    """Every example in glsd/__init__.py (module, load_config, pretrain, embed, load_backbone)."""
+    finder = doctest.DocTestFinder()
+    tests = [t for t in finder.find(glsd) if t.examples]
+    assert {t.name for t in tests} >= {"glsd", "glsd.load_config", "glsd.pretrain", "glsd.embed",
+                                       "glsd.load_backbone"}
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for test in tests:
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0 and result.attempted >= 15
+
+
+def test_keyword_overrides_keep_python_types(tmp_path):
+    cfg = glsd.load_config(None, train__lr=1e-3, crops__global_scale=(0.3, 1.0),
+                           model__backbone_kwargs={"widths": [8, 16]}, output_dir=tmp_path / "a b",
+                           data__root="007", **{"eval.k": 5})
+    assert cfg.train.lr == 1e-3 and cfg.crops.global_scale == (0.3, 1.0)
+    assert cfg.model.backbone_kwargs == {"widths": [8, 16]} and cfg.output_dir == str(tmp_path / "a b")
+    assert cfg.data.root == "007" and cfg.eval.k == 5
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        glsd.load_config(None, train__epoch=1)
+
+
+def test_pretrain_takes_a_config_object(tmp_path):
+    cfg = glsd.load_config("cpu-default", data__synthetic_num_images=8, data__num_workers=0,
+                           train__batch_size=8, train__progress=False)
+    run = glsd.pretrain(cfg, train__max_steps=1, output_dir=str(tmp_path / "run"))
+    assert run.steps == 1 and run.config.preset == "cpu-default" and run.config.train.max_steps == 1
+    assert (run.export_dir / "config.json").is_file() and run.backbone.is_file()
+    assert Path(run.run_dir) == tmp_path / "run"

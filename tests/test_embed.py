@@ -1,0 +1,120 @@
+"""glsd embed: one row per readable image, the backbone's features under the eval preprocessing."""
+import csv
+import json
+import stat
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from glsd.config import load_config, to_dict
+from glsd.data.sources import synthetic_image
+from glsd.embedding import embed
+from glsd.eval.features import eval_transform, load_backbone
+from glsd.models.backbone import build_backbone
+from glsd.train.checkpoint import export_backbone
+
+from helpers_tiny import cli
+
+CONVNET = ["model.backbone=glsd_convnet", "model.backbone_kwargs={widths: [8, 8, 16, 16]}",
+           "data.num_workers=0", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory):
+    """A random-init backbone.safetensors (embedding needs no training to be checked)."""
+    path = tmp_path_factory.mktemp("model") / "backbone.safetensors"
+    cfg = load_config(None, CONVNET)
+    torch.manual_seed(3)
+    export_backbone(path, build_backbone(cfg.model, cfg.crops.global_size).model, to_dict(cfg))
+    return path
+
+
+def _image_folder(root, per_class=3, classes=("cat", "dog"), size=40):
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            img, _ = synthetic_image(c * 10 + i, size, 4)
+            img.save(root / name / f"{i}.png")
+    (root / "cat" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    return root
+
+
+def _rows(csv_path):
+    with open(csv_path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_embed_image_folder_cli(backbone_file, tmp_path, capsys):
+    data = _image_folder(tmp_path / "data")
+    out = tmp_path / "emb.safetensors"
+    assert cli(["embed", str(backbone_file), str(data), "--out", str(out), "--local",
+                "--batch-size", "2", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "embedded 6 images" in printed and "skipped 1 unreadable (cat/broken.jpg)" in printed
+
+    tensors = load_file(str(out))
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["skipped"] == "1" and json.loads(meta["classes"]) == ["cat", "dog"]
+    assert tensors["global"].shape == (6, 16) and tensors["local"].shape == (6, 16)
+    rows = _rows(tmp_path / "emb.csv")
+    assert [r["row"] for r in rows] == [str(i) for i in range(6)]
+    assert [r["path"] for r in rows] == ["cat/0.png", "cat/1.png", "cat/2.png",
+                                         "dog/0.png", "dog/1.png", "dog/2.png"]
+    assert [r["label"] for r in rows] == ["0"] * 3 + ["1"] * 3 == [str(int(y)) for y in tensors["labels"]]
+    assert {r["class"] for r in rows} == {"cat", "dog"}
+    for path in (out, tmp_path / "emb.csv"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+    # The same numbers as the backbone on the eval preprocessing, one image at a time.
+    backbone, cfg, _ = load_backbone(backbone_file)
+    transform = eval_transform(cfg)
+    with torch.no_grad():
+        for i, row in enumerate(rows):
+            x = transform(Image.open(data / row["path"]).convert("RGB"))[None]
+            ref = backbone(x)
+            assert torch.allclose(tensors["global"][i], ref.global_feat[0], atol=1e-5)
+            assert torch.allclose(tensors["local"][i], ref.local_feat[0].mean(dim=(0, 1)), atol=1e-5)
+
+
+def test_embed_flat_folder_npy(backbone_file, tmp_path):
+    data = tmp_path / "flat"
+    (data / "sub").mkdir(parents=True)
+    for i in range(3):
+        synthetic_image(i, 36, 4)[0].save(data / f"{i}.jpg")
+    synthetic_image(7, 36, 4)[0].save(data / "sub" / "deep.png")
+    (data / "zero.png").write_bytes(b"")
+    out = tmp_path / "feats.npy"
+    res = embed(backbone_file, str(data), out, local=True, device="cpu", progress=False,
+                overrides=["data.source=folder"])
+    assert res.skipped == ["zero.png"] and res.keys == ["0.jpg", "1.jpg", "2.jpg", "sub/deep.png"]
+    assert [p.name for p in res.files] == ["feats.npy", "feats.local.npy", "feats.csv"]
+    assert np.array_equal(np.load(out), res.features.numpy())
+    assert np.load(tmp_path / "feats.local.npy").shape == (4, 16)
+    rows = _rows(tmp_path / "feats.csv")
+    assert [r["label"] for r in rows] == [""] * 4 and rows[3]["path"] == "sub/deep.png"
+
+
+def test_embed_zip_split_and_errors(backbone_file, tmp_path, capsys):
+    zpath = tmp_path / "d.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for split, n in (("train", 2), ("test", 3)):
+            for c in ("a", "b"):
+                for i in range(n):
+                    img, _ = synthetic_image(i, 32, 4)
+                    path = tmp_path / "tmp.png"
+                    img.save(path)
+                    zf.write(path, f"{split}/{c}/{i}.png")
+    res = embed(backbone_file, str(zpath), device="cpu", progress=False, overrides=["data.split=test"])
+    assert len(res.keys) == 6 and res.keys[0] == "test/a/0.png" and res.files == []
+    assert res.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert cli(["embed", str(backbone_file), str(zpath), "--out", str(tmp_path / "x.pt")]) == 2
+    assert ".safetensors or .npy" in capsys.readouterr().err
+    assert cli(["embed", str(backbone_file), str(tmp_path / "nowhere"), "--out",
+                str(tmp_path / "x.npy")]) == 2
+    assert "does not exist" in capsys.readouterr().err

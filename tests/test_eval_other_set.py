@@ -1,0 +1,104 @@
+"""glsd eval knn|linear RUN --train-data X --test-data Y: a run pretrained on unlabelled images,
+evaluated on labelled folders; one headline line on stdout, the record in the file."""
+import json
+import re
+import zipfile
+
+import pytest
+import torch
+
+from glsd.config import dump_yaml, load_config, to_dict
+from glsd.data.sources import synthetic_image
+from glsd.eval.runner import clear_cache, run_eval
+from glsd.models.backbone import build_backbone
+from glsd.train.checkpoint import export_backbone
+
+from helpers_tiny import cli
+
+CLASSES = ("disc", "square", "triangle")
+
+
+def _labelled(root, per_class, seed):
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            synthetic_image(c + len(CLASSES) * i, 32, len(CLASSES), seed=seed)[0].save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def unlabelled_run(tmp_path_factory):
+    """A run folder pretrained on a flat (unlabelled) folder, with its subset.json."""
+    base = tmp_path_factory.mktemp("other")
+    flat = base / "photos"
+    flat.mkdir()
+    for i in range(5):
+        synthetic_image(i, 32, 4, seed=9)[0].save(flat / f"p{i}.jpg")
+    run = base / "run"
+    cfg = load_config(None, ["data.source=folder", f"data.root={flat}", "data.num_workers=0",
+                             "model.backbone=glsd_convnet", "model.backbone_kwargs={widths: [8, 8, 16, 16]}",
+                             "eval.batch_size=8", "eval.linear_epochs=3", "device=cpu", f"output_dir={run}"])
+    torch.manual_seed(5)
+    export_backbone(run / "backbone.safetensors", build_backbone(cfg.model, 32).model, to_dict(cfg)) \
+        if run.mkdir() is None else None
+    (run / "config.yaml").write_text(dump_yaml(cfg))
+    (run / "subset.json").write_text(json.dumps({"source": f"folder:{flat}", "split": "train",
+                                                 "keys": [f"p{i}.jpg" for i in range(5)], "labels": [-1] * 5}))
+    train = _labelled(base / "train", 4, seed=0)
+    test = _labelled(base / "test", 3, seed=1)
+    yield run, train, test
+    clear_cache()
+
+
+def test_unlabelled_run_names_the_fix(unlabelled_run, capsys):
+    run, _, _ = unlabelled_run
+    assert cli(["eval", "knn", str(run), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "is unlabeled" in err and "--train-data X --test-data Y" in err
+    assert "same images" not in err
+
+
+def test_knn_on_another_set_prints_one_headline(unlabelled_run, capsys):
+    run, train, test = unlabelled_run
+    assert cli(["eval", "knn", str(run), "--train-data", str(train), "--test-data", str(test),
+                "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2, lines
+    match = re.fullmatch(r"k-NN top-1 (\d+\.\d) % \(k=20, 12 train / 9 test\)", lines[0])
+    assert match, lines[0]
+    record = json.loads((run / "eval" / "knn.json").read_text())
+    assert lines[1] == f"full record: {run / 'eval' / 'knn.json'}"
+    assert float(match.group(1)) == round(record["results"]["top1"], 1)
+    assert record["train_data"] == str(train) and record["test_data"] == str(test)
+    assert record["subset_file"] is None and (record["n_train"], record["n_test"]) == (12, 9)
+
+    assert cli(["eval", "knn", str(run), "--train-data", str(train), "--test-data", str(test),
+                "--device", "cpu", "--json", "eval.max_test_images=6"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["n_test"] == 6 and printed["max_test_images"] == 6
+
+
+def test_linear_and_max_test_images(unlabelled_run, capsys):
+    run, train, test = unlabelled_run
+    rec = run_eval("linear", run, ["eval.max_test_images=3"], device="cpu", train_data=str(train),
+                   test_data=str(test), progress=False)
+    assert rec["n_test"] == 3 and rec["n_train"] == 12
+    assert cli(["eval", "linear", str(run), "--train-data", str(train), "--test-data", str(test),
+                "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"linear top-1 \d+\.\d % \(3 epochs, 12 train / 9 test\)", out[0]), out[0]
+
+
+def test_one_zip_with_train_and_test_splits(unlabelled_run, tmp_path):
+    run, train, test = unlabelled_run
+    zpath = tmp_path / "set.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for split, folder in (("train", train), ("test", test)):
+            for f in sorted(folder.rglob("*.png")):
+                zf.write(f, f"{split}/{f.relative_to(folder)}")
+    rec = run_eval("knn", run, device="cpu", train_data=str(zpath), progress=False)
+    assert rec["train_source"].endswith(":train") and rec["test_source"].endswith(":test")
+    assert (rec["n_train"], rec["n_test"], rec["num_classes"]) == (12, 9, 3)
+    dense = run_eval("dense", run, ["eval.dense_num_images=4"], device="cpu", test_data=str(test),
+                     progress=False)
+    assert dense["test_data"] == str(test) and dense["results"]["n_images"] == 4
