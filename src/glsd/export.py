@@ -1,28 +1,27 @@
-"""Load an exported ``backbone.safetensors`` back into a plain model.
+"""The exported backbone: ``backbone.safetensors`` and the timm folder ``export/timm/``.
 
-At the end of pretraining the teacher's bare backbone is written to
-``RUN_DIR/backbone.safetensors``: the state dict of the plain timm model (or glsd's small
-conv net), keys exactly as the model names them, with the run's config as JSON metadata
-(``config``) and the model name (``backbone``).
+At the end of pretraining the teacher's bare backbone is written twice:
 
-With glsd installed, one call rebuilds the exact model and loads the weights::
+* ``RUN_DIR/backbone.safetensors``: the state dict of the plain timm model (or glsd's small
+  conv net), keys exactly as the model names them, with the run's config as JSON metadata
+  (``config``) and the model name (``backbone``). :func:`load_exported` rebuilds it.
+* ``RUN_DIR/export/timm/``: ``config.json`` (timm's Hugging Face layout: ``architecture``,
+  ``model_args``, ``pretrained_cfg`` with the training normalisation, input size and
+  interpolation) and ``model.safetensors``, which plain timm loads offline::
 
-    from glsd.export import load_exported
-    model = load_exported("runs/x/backbone.safetensors")  # nn.Module, eval mode, CPU
-    tokens = model.forward_features(images)               # (B, 1 + N, D) for a ViT
+      import json, timm
+      folder = "RUN_DIR/export/timm"
+      cfg = json.load(open(f"{folder}/config.json"))
+      model = timm.create_model(cfg["architecture"], pretrained=True,
+                                pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file=f"{folder}/model.safetensors"),
+                                **cfg["model_args"]).eval()
+      data_cfg = timm.data.resolve_data_config({}, model=model)  # glsd's eval preprocessing
 
-Without glsd, plain timm does the same; pass the architecture keys of the run
-(``model.backbone_kwargs``, plus for a ViT ``img_size=crops.global_size`` and
-``patch_size=model.patch_size`` when the run set one)::
+  (or ``timm.create_model(f"local-dir:{folder}", pretrained=True)``). ``glsd export RUN_DIR``
+  writes it for an existing run. A ``glsd_convnet`` backbone is not a timm model:
+  ``glsd.load_backbone(folder)`` loads it.
 
-    import timm
-    from safetensors.torch import load_file
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4)
-    model.load_state_dict(load_file("runs/x/backbone.safetensors"))
-
-(glsd also builds ViTs with ``dynamic_img_size=True``, which changes no weight: add it to feed
-other image sizes.) A ``glsd_convnet`` backbone is not a timm model: use
-:func:`load_exported`, or ``glsd.models.convnet.ConvNet(**backbone_kwargs)``.
+All exported files are mode 0644.
 """
 from __future__ import annotations
 
