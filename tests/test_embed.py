@@ -54,7 +54,9 @@ def test_embed_image_folder_cli(backbone_file, tmp_path, capsys):
     out = tmp_path / "emb.safetensors"
     assert cli(["embed", str(backbone_file), str(data), "--out", str(out), "--local",
                 "--batch-size", "2", "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "it/s" not in captured.err and "img/s" not in captured.err  # no bar off a terminal
     assert "embedded 6 images" in printed and "skipped 1 unreadable (cat/broken.jpg)" in printed
 
     tensors = load_file(str(out))
@@ -118,3 +120,36 @@ def test_embed_zip_split_and_errors(backbone_file, tmp_path, capsys):
     assert cli(["embed", str(backbone_file), str(tmp_path / "nowhere"), "--out",
                 str(tmp_path / "x.npy")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_progress_bar_on_a_terminal_only(backbone_file, tmp_path):
+    """stderr on a pseudo-terminal gets the bar (off a terminal: test_embed_image_folder_cli)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from helpers_tiny import subprocess_env
+
+    data = _image_folder(tmp_path / "data")
+    cmd = [sys.executable, "-m", "glsd", "embed", str(backbone_file), str(data), "--out",
+           str(tmp_path / "e.npy"), "--device", "cpu", "--batch-size", "2"]
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 0x0 tty gets no bar
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, env=subprocess_env())
+    os.close(slave)
+    tty_err = b""
+    while True:  # read while it runs: the terminal's buffer is small
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the other end is closed and drained
+            break
+        if not chunk:
+            break
+        tty_err += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0 and b"embedded 6 images" in proc.stdout.read()
+    assert b"embed:" in tty_err and b"/7 [" in tty_err, tty_err

@@ -39,8 +39,8 @@ def unlabelled_run(tmp_path_factory):
                              "model.backbone=glsd_convnet", "model.backbone_kwargs={widths: [8, 8, 16, 16]}",
                              "eval.batch_size=8", "eval.linear_epochs=3", "device=cpu", f"output_dir={run}"])
     torch.manual_seed(5)
-    export_backbone(run / "backbone.safetensors", build_backbone(cfg.model, 32).model, to_dict(cfg)) \
-        if run.mkdir() is None else None
+    run.mkdir()
+    export_backbone(run / "backbone.safetensors", build_backbone(cfg.model, 32).model, to_dict(cfg))
     (run / "config.yaml").write_text(dump_yaml(cfg))
     (run / "subset.json").write_text(json.dumps({"source": f"folder:{flat}", "split": "train",
                                                  "keys": [f"p{i}.jpg" for i in range(5)], "labels": [-1] * 5}))

@@ -5,6 +5,7 @@
 reads ``data.root``. It replaces the run's ``data`` section: only ``data.num_workers`` is kept
 from the run, unreadable images are skipped (``data.on_error=skip``), and ``data.*`` overrides apply on top (for example
 ``data.split=test``, ``data.source=folder``, ``data.root=DIR`` for a dataset's download folder).
+A dataset name wins over a folder of the same name in the working directory: write ``./cifar10``.
 """
 from __future__ import annotations
 
