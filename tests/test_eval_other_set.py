@@ -66,8 +66,8 @@ def test_knn_on_another_set_prints_one_headline(unlabelled_run, capsys):
     assert len(lines) == 2, lines
     match = re.fullmatch(r"k-NN top-1 (\d+\.\d) % \(k=20, 12 train / 9 test\)", lines[0])
     assert match, lines[0]
-    record = json.loads((run / "eval" / "knn.json").read_text())
-    assert lines[1] == f"full record: {run / 'eval' / 'knn.json'}"
+    record = json.loads((run / "eval" / "knn-on-train-test.json").read_text())
+    assert lines[1] == f"full record: {run / 'eval' / 'knn-on-train-test.json'}"
     assert float(match.group(1)) == round(record["results"]["top1"], 1)
     assert record["train_data"] == str(train) and record["test_data"] == str(test)
     assert record["subset_file"] is None and (record["n_train"], record["n_test"]) == (12, 9)
@@ -97,6 +97,7 @@ def test_one_zip_with_train_and_test_splits(unlabelled_run, tmp_path):
             for f in sorted(folder.rglob("*.png")):
                 zf.write(f, f"{split}/{f.relative_to(folder)}")
     rec = run_eval("knn", run, device="cpu", train_data=str(zpath), progress=False)
+    assert rec["output"] == str(run / "eval" / "knn-on-set.json")
     assert rec["train_source"].endswith(":train") and rec["test_source"].endswith(":test")
     assert (rec["n_train"], rec["n_test"], rec["num_classes"]) == (12, 9, 3)
     dense = run_eval("dense", run, ["eval.dense_num_images=4"], device="cpu", test_data=str(test),

@@ -9,13 +9,14 @@ config's ``data`` section with the split replaced. Another labelled set replaces
 reads DATA): the train split of ``train_data`` (``data.split``), all of it, since the
 pretraining subset belongs to other data, and the ``eval.test_split`` of ``test_data``
 (default: ``train_data``).
-Results are written to ``RUN_DIR/eval/<kind>[-student|-random-init].json`` (for a bare
-safetensors file, to an ``eval/`` folder beside it).
+Results are written to ``RUN_DIR/eval/<kind>[-student|-random-init][-on-<data>].json`` (for a
+bare safetensors file, to an ``eval/`` folder beside it; ``-on-<data>`` names another set).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 import warnings
 from pathlib import Path
@@ -188,7 +189,7 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
             module docstring); dense reads only ``test_data``.
         progress: progress bars of feature extraction when stderr is a terminal.
     Returns:
-        The record also written to ``<run>/eval/<kind>[-student|-random-init].json`` (by
+        The record also written to ``<run>/eval/<kind>[-student|-random-init][-on-<data>].json`` (by
         rank 0 under torch.distributed; every rank must call it, extraction is shared).
     """
     if kind not in KINDS:
@@ -206,7 +207,7 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     else:
         body, timing = _classify(kind, backbone, cfg, dev, base, (train_data, test_data, overrides), progress)
     suffix = "" if info["model"] == "teacher" else f"-{info['model']}"
-    out = base / "eval" / f"{kind}{suffix}.json"
+    out = base / "eval" / f"{kind}{suffix}{data_slug(train_data, test_data)}.json"
     record = {"kind": kind, **_model_record(cfg, info), **body,
               "device": str(dev), "world_size": dist_rank_world()[1], "overrides": list(overrides),
               "timing": {"load_s": loaded - start, **timing, "total_s": time.perf_counter() - start},
@@ -216,6 +217,19 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
         payload = json.dumps(record, indent=2).encode()
         atomic_write(out, lambda f: f.write(payload))
     return record
+
+
+def data_slug(train_data: Optional[str], test_data: Optional[str]) -> str:
+    """``""`` for the run's data, else ``-on-<names>`` so that sets do not overwrite each other's
+    record (``--train-data /d/pets.zip`` -> ``-on-pets``; ``/d/a/train`` + ``/d/a/test`` ->
+    ``-on-train-test``)."""
+    names = []
+    for spec in (train_data, test_data):
+        if spec is not None:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(spec).rstrip("/")).stem) or "data"
+            if name not in names:
+                names.append(name)
+    return f"-on-{'-'.join(names)}" if names else ""
 
 
 def _model_record(cfg: Config, info: dict) -> dict:
