@@ -81,7 +81,10 @@ def embed(source: Union[str, Path], data: str, out: Union[str, Path, None] = Non
         if batch_size < 1:
             raise ConfigError(f"--batch-size {batch_size} must be >= 1")
         cfg.eval.batch_size = batch_size
-    images = open_source(cfg.data)
+    try:
+        images = open_source(cfg.data)
+    except ConfigError as e:
+        raise ConfigError(f"DATA {data}: {e}") from None
     dev = resolve_device(device, cfg)
     backbone.to(dev)
     feature = resolve_feature(backbone, cfg.eval.features)

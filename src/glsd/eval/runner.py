@@ -121,12 +121,11 @@ def eval_sources(cfg: Config, base: Path, train_data: Optional[str] = None, test
         train_split = str(subset.get("split") or cfg.data.split) if subset else cfg.data.split
     test_spec = test_data if test_data is not None else train_data
     test_cfg = cfg.data if test_spec is None else data_config(test_spec, cfg.data, overrides)
-    full = open_cached(train_cfg, train_split)
-    test = cap_test(open_cached(test_cfg, cfg.eval.test_split), cfg)
-    other = train_data is None and test_data is None
+    full = _open_named(train_cfg, train_split, train_data and f"--train-data {train_data}")
+    test = cap_test(_open_named(test_cfg, cfg.eval.test_split, test_spec and f"--test-data {test_spec}"), cfg)
     check_split_pair(full, test, train_split, cfg.eval.test_split,
-                     hint="" if not other else "; or evaluate on another labelled set: "
-                     "--train-data X --test-data Y")
+                     hint="" if train_data is not None else "; or evaluate on another labelled "
+                     "set: --train-data X --test-data Y")
     train = train_subset(full, subset, cfg)
     record = {**_data_record(cfg), "train_data": train_data, "test_data": test_data,
               "train_source": full.name, "test_source": test.name,
@@ -136,6 +135,16 @@ def eval_sources(cfg: Config, base: Path, train_data: Optional[str] = None, test
               "max_test_images": cfg.eval.max_test_images,
               "n_train": len(train), "n_test": len(test), "num_classes": len(full.classes)}
     return train, test, record
+
+
+def _open_named(data_cfg: DataConfig, split: str, what: Optional[str]) -> ImageSource:
+    """open_cached, with errors naming the command-line flag that gave the data."""
+    try:
+        return open_cached(data_cfg, split)
+    except ConfigError as e:
+        if what is None:
+            raise
+        raise ConfigError(f"{what}: {e}") from None
 
 
 def cap_test(test: ImageSource, cfg: Config) -> ImageSource:
