@@ -248,14 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``key=value`` written after a flag (``glsd eval knn RUN
+    --train-data X eval.k=10``) is an override, as it is before the flags."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # key=value written after a flag (glsd eval knn RUN --train-data X eval.k=10) is an override.
     if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:
