@@ -37,10 +37,9 @@ class DataConfig:
     subset_seed: int = 0
     on_error: Literal["skip", "fail"] = "skip"
     num_workers: int = 2
-    # cpu: loader workers make every view of every image (PIL, one at a time);
-    # cpu_batched: loader workers decode and resize to uint8, then make all views of a batch in
-    # one batched pass of torch ops (the device path's code, on the worker's CPU);
-    # device: workers only decode, views are made in one batched pass on the training device.
+    # Where the views are made, not what they are (glsd.data.views, one implementation):
+    # cpu: in the loader workers, one batched pass per batch; device: on the training device
+    # (the workers only decode). cpu_batched: an alias of cpu (its former name).
     augment_on: Literal["cpu", "cpu_batched", "device"] = "cpu"
     # Synthetic source (tests, benchmarks): images of random shapes, one class per shape.
     synthetic_num_images: int = 64
@@ -60,13 +59,22 @@ class CropConfig:
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     flip_p: float = 0.5
     color_jitter_p: float = 0.8
+    # Colour-jitter strengths: brightness, contrast, saturation (factors in 1 +- s), hue (+- s).
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     grayscale_p: float = 0.2
-    # DINO: blur 1.0 on the first global view, 0.1 on the second, 0.5 on locals.
+    # DINO: blur 1.0 on the first global view, 0.1 on the other globals, 0.5 on locals.
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    # DINO: only the second global view may be solarised (pixels >= threshold inverted).
     solarize_p: float = 0.2
-    # DINO's blur radius range, stated for 224 px and scaled with the crop size (a 2 px
-    # radius would wipe out a 32 px crop).
+    solarize_threshold: int = 128  # in uint8 levels, PIL's default
+    # DINO's blur sigma range in output pixels. blur_radius_reference: scale it by
+    # view size / reference (224: a 2 px sigma would wipe out a 32 px crop); null: as given
+    # (the original's fixed 0.1-2.0 on every view).
     blur_radius: tuple[float, float] = (0.1, 2.0)
+    blur_radius_reference: Optional[int] = 224
+    # The square side images are decoded to before views are cut (null: the global crop size
+    # up to 64 px, else 8/7 of it rounded up to a multiple of 8: 256 for 224 px crops).
+    decode_size: Optional[int] = None
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -424,8 +432,8 @@ def identity(cfg: Config) -> dict:
     """The part of the config a checkpoint is bound to (model, data, loss, crops)."""
     d = to_dict(cfg)
     ident = {k: d[k] for k in Config.IDENTITY_SECTIONS}
-    # Workers and error policy do not change what is learned.
-    for k in ("num_workers", "on_error", "download"):
+    # Workers, error policy and where views are made do not change what is learned.
+    for k in ("num_workers", "on_error", "download", "augment_on"):
         ident["data"].pop(k, None)
     ident["model"].pop("channels_last", None)  # a memory layout, same numbers
     return ident

@@ -15,8 +15,8 @@ touches the global pyplot state of a caller's session.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -29,7 +29,8 @@ from PIL import Image
 
 from glsd.config import Config, load_config
 from glsd.data.geometry import cell_centers
-from glsd.data.multicrop import MultiCrop
+from glsd.data.view_params import sample_seed
+from glsd.data.views import crops_of_image
 from glsd.eval.features import eval_transform, load_backbone
 from glsd.loss.matching import geometric_match, match_threshold_sq, similarity_match
 from glsd.models.backbone import Backbone, build_backbone
@@ -149,26 +150,17 @@ class ViewMatches:
 
 def sample_views(cfg: Config, img: Image.Image, seed: int, student_view: str = "local") -> tuple[View, View]:
     """A teacher view (global crop) and a student view (local or second global crop), drawn
-    by MultiCrop's own crop sampler with the run's crop config, reproducibly from ``seed``.
-
-    The global random state (Python's and torch's, which the sampler uses) is restored after.
+    by the training views' crop rule with the run's crop config, reproducibly from ``seed``
+    (:func:`glsd.data.views.crops_of_image`; no global random state is touched).
     """
     if student_view not in ("local", "global"):
         raise VizError(f"student view {student_view!r}: use local or global")
-    c = cfg.crops
-    crops = MultiCrop(c)
-    py_state = random.getstate()
-    try:
-        random.seed(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            teacher = View(*crops.crop(img, c.global_size, c.global_scale), "global")
-            local = student_view == "local"
-            size = c.local_size if local else c.global_size
-            student = View(*crops.crop(img, size, c.local_scale if local else c.global_scale), student_view)
-    finally:
-        random.setstate(py_state)
-    return teacher, student
+    c = dataclasses.replace(cfg.crops, num_global=max(2, cfg.crops.num_global),
+                            num_local=max(1, cfg.crops.num_local))
+    student_index = c.num_global if student_view == "local" else 1
+    (t_img, t_geom), (s_img, s_geom) = crops_of_image(c, img, sample_seed("viz", seed), [0, student_index])
+    to_pil = lambda x: Image.fromarray((x * 255).round().byte().permute(1, 2, 0).numpy())  # noqa: E731
+    return View(to_pil(t_img), t_geom, "global"), View(to_pil(s_img), s_geom, student_view)
 
 
 @torch.no_grad()

@@ -1,13 +1,14 @@
 """The pretraining data pipeline: source -> recorded subset -> multi-crop dataset -> loader.
 
-Determinism: the order of an epoch is a seeded permutation, and each sample's augmentations
-are seeded by (seed, epoch, index). So a run resumed mid-epoch, with any number of loader
-workers or processes, sees exactly the views an uninterrupted run would have seen.
+Determinism: the order of an epoch is a seeded permutation cut into global batches, and each
+sample's views are drawn from (seed, epoch, position in the epoch, dataset index) only
+(:func:`glsd.data.view_params.training_seed`). So a run resumed mid-epoch, with any number
+of loader workers or processes, and with its views made in the workers or on the device
+(``data.augment_on``), sees exactly the views an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Optional
 
@@ -15,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from glsd.config import Config, ConfigError
-from glsd.data.multicrop import MultiCrop, MultiCropDataset, collate_views
+from glsd.data.multicrop import Batch, DecodeToSquare, MultiCropDataset, ViewCollate, decode_size
+from glsd.data.views import ViewMaker
 from glsd.data.sources import ImageSource, balanced_subset, open_source
 from glsd.train.checkpoint import atomic_write
 
@@ -43,24 +45,6 @@ def write_subset(path: Path, subset: ImageSource, split: str) -> None:
     atomic_write(Path(path), lambda f: f.write(data))
 
 
-class SeededMultiCrop:
-    """MultiCrop whose randomness is a function of (seed, epoch, sample index) only."""
-
-    def __init__(self, multicrop: MultiCrop, seed: int):
-        self.multicrop, self.seed = multicrop, seed
-
-    def __call__(self, img, index: int, epoch: int = 0):
-        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
-        torch_state, py_state = torch.get_rng_state(), random.getstate()
-        torch.manual_seed(sample_seed % (2**63))
-        random.seed(sample_seed)
-        try:
-            return self.multicrop(img)
-        finally:  # leave the caller's RNG (dropout, drop-path) untouched
-            torch.set_rng_state(torch_state)
-            random.setstate(py_state)
-
-
 class ResumableSampler(Sampler[int]):
     """Seeded per-epoch permutation cut into global batches; rank r takes slice r of each.
 
@@ -84,37 +68,62 @@ class ResumableSampler(Sampler[int]):
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
         self.epoch, self.start_sample = epoch, start_sample
 
-    def _my_indices(self) -> list[int]:
+    def _my_samples(self) -> list[tuple[int, int]]:
+        """(position in the epoch, dataset index) of this rank's samples, in order."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.n, generator=g)[: self.steps_per_epoch * self.global_batch]
-        batches = perm.view(-1, self.world, self.batch)[self.start_sample // self.global_batch:]
-        return batches[:, self.rank].flatten().tolist()
+        used = self.steps_per_epoch * self.global_batch
+        perm = torch.randperm(self.n, generator=g)[:used]
+        first = self.start_sample // self.global_batch
+        batches = perm.view(-1, self.world, self.batch)[first:, self.rank].flatten()
+        positions = torch.arange(used).view(-1, self.world, self.batch)[first:, self.rank].flatten()
+        return list(zip(positions.tolist(), batches.tolist()))
 
     def __iter__(self):
-        # (epoch, index): the epoch travels with each sample, so loader workers can persist
-        # across epochs and still seed each sample's augmentation by its epoch.
-        return iter([(self.epoch, i) for i in self._my_indices()])
+        # (epoch, position, index): the epoch travels with each sample, so loader workers can
+        # persist across epochs, and the views are seeded by what the sample is, not by where
+        # (which rank, which batch) it is loaded.
+        return iter([(self.epoch, p, i) for p, i in self._my_samples()])
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_sample // self.global_batch) * self.batch
 
 
+def makes_views_on_device(cfg: Config) -> bool:
+    """``data.augment_on``: ``device`` makes the views on the training device; ``cpu`` (and
+    its alias ``cpu_batched``) in the loader workers. The views are the same."""
+    return cfg.data.augment_on == "device"
+
+
 def build_loader(cfg: Config, subset: ImageSource, rank: int, world_size: int,
-                 pin_memory: bool, transform=None, collate_fn=collate_views):
-    """(loader, sampler, transform). By default the CPU multi-crop; the device-augmentation
-    path passes its own transform and collate function and shares order and resume.
+                 pin_memory: bool) -> tuple[DataLoader, ResumableSampler]:
+    """(loader of :class:`Batch`, sampler). Views are made in the workers or, with
+    ``data.augment_on=device``, by :class:`StepViews` in the training step.
 
     Workers persist across epochs: on a small subset a re-fork per epoch cost seconds every
     few dozen steps (the sampler hands each sample its epoch, see ResumableSampler)."""
-    if transform is None:
-        transform = SeededMultiCrop(MultiCrop(cfg.crops), cfg.train.seed)
-    dataset = MultiCropDataset(subset, transform, cfg.data.on_error)
+    decode = DecodeToSquare(decode_size(cfg.crops), cfg.crops.interpolation)
+    dataset = MultiCropDataset(subset, decode, cfg.data.on_error)
     sampler = ResumableSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, rank, world_size)
+    collate = ViewCollate(cfg.crops, cfg.train.seed, make_views=not makes_views_on_device(cfg))
     # Its own generator: each new iterator draws a base seed from it, and drawing from the
     # global RNG would shift the model's random stream (drop-path) on a mid-epoch resume.
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
-                        num_workers=cfg.data.num_workers, collate_fn=collate_fn,
+                        num_workers=cfg.data.num_workers, collate_fn=collate,
                         pin_memory=pin_memory, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.train.seed),
                         persistent_workers=cfg.data.num_workers > 0)
-    return loader, sampler, transform
+    return loader, sampler
+
+
+class StepViews:
+    """A batch's views and geometry on the training device, wherever they were made: moved
+    there when the workers made them, made there (same parameters, same code) otherwise."""
+
+    def __init__(self, cfg: Config):
+        self.maker = ViewMaker(cfg.crops)
+
+    def __call__(self, batch: Batch, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+        geometry = batch.geometry.to(device, non_blocking=True)
+        if batch.views is not None:
+            return [v.to(device, non_blocking=True) for v in batch.views], geometry
+        return self.maker(batch.images.to(device, non_blocking=True), batch.params), geometry

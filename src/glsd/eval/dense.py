@@ -17,17 +17,18 @@ at the grid border, over the number of B cells).
 """
 from __future__ import annotations
 
+import dataclasses
 import random
-from contextlib import contextmanager
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torchvision import transforms as T
+import torchvision.transforms.v2.functional as TF
 
 from glsd.config import Config
 from glsd.data.geometry import HEIGHT, LEFT, TOP, WIDTH, cell_centers
-from glsd.data.multicrop import MultiCrop
+from glsd.data.view_params import sample_seed
+from glsd.data.views import crops_of_image
 from glsd.data.sources import ImageSource
 from glsd.eval.features import Device
 from glsd.loss.matching import squared_distances
@@ -114,31 +115,18 @@ def dense_correspondence(feat_a: torch.Tensor, feat_b: torch.Tensor, geom_a: tor
 # ----------------------------------------------------------------------------------------
 # Views and the backbone pass
 
-@contextmanager
-def _seeded(seed: int):
-    """Seed Python's and torch's global RNGs (MultiCrop.crop draws from both), then restore."""
-    state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(state)
-
-
-def view_pair(img, index: int, cfg: Config, cropper: MultiCrop,
-              to_tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two crops of one PIL image -> views ``(3, S, S)`` x2 and geometries ``(5,)`` x2.
+def view_pair(img, index: int, cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two global crops of one PIL image -> views ``(3, S, S)`` x2 (normalised) and
+    geometries ``(5,)`` x2, drawn by the training views' crop rule
+    (:func:`glsd.data.views.crops_of_image`).
 
     The seed depends on ``eval.dense_seed`` and the image's index only, so an image gets the
     same pair whatever the batch size or the set of images around it.
     """
-    c = cfg.crops
-    with _seeded(cfg.eval.dense_seed * 1_000_003 + index):
-        view_a, geom_a = cropper.crop(img, c.global_size, c.global_scale)
-        view_b, geom_b = cropper.crop(img, c.global_size, c.global_scale)
-    return to_tensor(view_a), to_tensor(view_b), geom_a, geom_b
+    crops = dataclasses.replace(cfg.crops, num_global=max(2, cfg.crops.num_global))
+    (va, ga), (vb, gb) = crops_of_image(crops, img, sample_seed("dense", cfg.eval.dense_seed, index), [0, 1])
+    mean, std = list(cfg.crops.mean), list(cfg.crops.std)
+    return TF.normalize(va, mean, std), TF.normalize(vb, mean, std), ga, gb
 
 
 def dense_indices(n: int, cfg: Config) -> list[int]:
@@ -156,15 +144,13 @@ def run_dense(backbone: Backbone, source: ImageSource, cfg: Config, device: Devi
     """
     backbone = getattr(backbone, "module", backbone)
     device = torch.device(device)
-    cropper = MultiCrop(cfg.crops)
-    to_tensor = T.Compose([T.ToTensor(), T.Normalize(cfg.crops.mean, cfg.crops.std)])
     indices = dense_indices(len(source), cfg)
     errors, used, grid = [], 0, None
     was_training = backbone.training
     backbone.eval()
     try:
         for start in range(0, len(indices), cfg.eval.batch_size):
-            pairs = _read_pairs(source, indices[start:start + cfg.eval.batch_size], cfg, cropper, to_tensor)
+            pairs = _read_pairs(source, indices[start:start + cfg.eval.batch_size], cfg)
             if not pairs:
                 continue
             va, vb, ga, gb = (torch.stack(t) for t in zip(*pairs))
@@ -180,7 +166,7 @@ def run_dense(backbone: Backbone, source: ImageSource, cfg: Config, device: Devi
             "seed": cfg.eval.dense_seed}
 
 
-def _read_pairs(source: ImageSource, indices: list[int], cfg: Config, cropper: MultiCrop, to_tensor):
+def _read_pairs(source: ImageSource, indices: list[int], cfg: Config):
     pairs = []
     for i in indices:
         try:
@@ -190,5 +176,5 @@ def _read_pairs(source: ImageSource, indices: list[int], cfg: Config, cropper: M
                 raise RuntimeError(f"cannot read image {source.keys[i]!r} from {source.name}: {e}. "
                                    "Fix or remove it, or set data.on_error=skip") from e
             continue
-        pairs.append(view_pair(img, i, cfg, cropper, to_tensor))
+        pairs.append(view_pair(img, i, cfg))
     return pairs

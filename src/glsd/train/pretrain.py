@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from glsd.config import Config, to_dict
-from glsd.data.loader import SUBSET_FILE, build_loader, select_images, write_subset
+from glsd.data.loader import SUBSET_FILE, StepViews, build_loader, select_images, write_subset
 from glsd.data.sources import open_source
 from glsd.export import write_run_exports
 from glsd.models.heads import GLSDNet, build_network, build_teacher
@@ -31,6 +31,7 @@ from glsd.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup,
 from glsd.train.objective import GlobalLocalObjective, LossTerms
 from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.schedules import Schedules
+from glsd.train.sync_batchnorm import sync_batchnorm
 
 
 class NonFiniteLossError(RuntimeError):
@@ -143,30 +144,19 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
     _, subset = select_images(cfg, run.root, source)
     if dinfo.is_main:
         write_subset(run.root / SUBSET_FILE, subset, cfg.data.split)
-    device_augment = None
-    if cfg.data.augment_on == "device":  # loader: uint8 images; views made in train_step
-        from glsd.data.gpu_augment import StepAugment, build_device_loader
-
-        loader, sampler, transform = build_device_loader(cfg, subset, dinfo.rank, dinfo.world_size,
-                                                         pin_memory=device.type == "cuda")
-        device_augment = StepAugment(cfg, dinfo.rank)
-    elif cfg.data.augment_on == "cpu_batched":  # workers make each batch's views in one pass
-        from glsd.data.gpu_augment import build_batched_cpu_loader
-
-        loader, sampler, transform = build_batched_cpu_loader(cfg, subset, dinfo.rank, dinfo.world_size,
-                                                              pin_memory=device.type == "cuda")
-    else:
-        loader, sampler, transform = build_loader(cfg, subset, dinfo.rank, dinfo.world_size,
-                                                  pin_memory=device.type == "cuda")
+    # One batch type: the views come made by the workers or are made on the device
+    # (data.augment_on), from the same drawn parameters.
+    loader, sampler = build_loader(cfg, subset, dinfo.rank, dinfo.world_size,
+                                   pin_memory=device.type == "cuda")
 
     if cfg.model.channels_last:
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
     if dinfo.rank:  # from here on each rank draws its own random numbers (drop-path masks)
         seed_everything(cfg.train.seed + dinfo.rank, cfg.train.deterministic)
-    if dinfo.enabled and _has_batchnorm(student):
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    if dinfo.enabled and _has_batchnorm(student):  # statistics of the global batch
+        student = sync_batchnorm(student, device)
+        teacher = sync_batchnorm(teacher, device)
     objective = GlobalLocalObjective(cfg).to(device)
     optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, foreach=True)
     amp_dtype = resolve_precision(cfg.train.precision, device)
@@ -181,7 +171,7 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
              run.root, len(subset), sampler.steps_per_epoch, cfg.train.epochs, device,
              amp_dtype or "fp32", dinfo.world_size)
     ctx = Context(cfg, run, dinfo, device, amp_dtype, model, student, teacher, objective,
-                  optimizer, scaler, sched, loader, sampler, transform, device_augment)
+                  optimizer, scaler, sched, loader, sampler, StepViews(cfg))
     with StopRequested() as stop:
         finished = train_loop(ctx, state, stop)
     if finished and dinfo.is_main:
@@ -213,8 +203,7 @@ class Context:
     sched: Schedules
     loader: torch.utils.data.DataLoader
     sampler: object
-    transform: object
-    device_augment: Optional[object] = None  # data.augment_on=device: RawBatch -> views
+    views: StepViews  # a Batch -> views and geometry on the device
 
 
 def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
@@ -285,11 +274,7 @@ def _no_image(ctx: Context, batch) -> bool:
 def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossTerms:
     cfg, sched = ctx.cfg, ctx.sched
     n_global = cfg.crops.num_global
-    if ctx.device_augment is not None:  # batched augmentation on the device
-        views, geometry = ctx.device_augment(batch, ctx.device, step)
-    else:
-        views = [v.to(ctx.device, non_blocking=True) for v in batch.views]
-        geometry = batch.geometry.to(ctx.device, non_blocking=True)
+    views, geometry = ctx.views(batch, ctx.device)
     if cfg.model.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     for i, group in enumerate(ctx.optimizer.param_groups):
