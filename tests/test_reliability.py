@@ -46,12 +46,14 @@ def _tmp_files(run: Path) -> list[Path]:
 # ----------------------------------------------------------------------------------------
 # Kills, signals and exact resume
 
-def test_sigkill_mid_run_resumes_to_identical_weights(tmp_path):
+@pytest.mark.parametrize("where", ["cpu", "device"])  # cpu_batched is an alias of cpu
+def test_sigkill_mid_run_resumes_to_identical_weights(tmp_path, where):
     """SIGKILL a `python -m glsd pretrain` run, rerun it: the final student and teacher equal,
-    tensor for tensor, those of an uninterrupted run. A ViT with stochastic depth, so the
-    RNG state must be restored exactly too; the run crosses an epoch boundary (4 steps/epoch)."""
+    tensor for tensor, those of an uninterrupted run, wherever the views are made. A ViT with
+    stochastic depth, so the RNG state must be restored exactly too; the run crosses an epoch
+    boundary (4 steps/epoch)."""
     extra = ("train.checkpoint_every_steps=2", "train.deterministic=true", "train.max_steps=6",
-             *DROP_PATH_VIT)
+             f"data.augment_on={where}", *DROP_PATH_VIT)
     killed = tmp_path / "killed"
     proc = start_pretrain(write_config(tiny_config(killed, *extra, vit=True), tmp_path / "killed.yaml"),
                           stdout=subprocess.DEVNULL)
