@@ -20,7 +20,6 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from glsd import bench  # noqa: E402
 from glsd.config import load_config  # noqa: E402
-from glsd.data.gpu_augment import RawBatch, StepAugment, device_input_size  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,11 +36,8 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     cfg = load_config(None, [*bench.PAPER_SWIN_T, f"train.batch_size={args.batch}", "device=cuda",
                              f"loss.matching={args.mode}"])
-    size, b = device_input_size(cfg.crops), cfg.train.batch_size
-    images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8).to(dev)
-    raw = RawBatch(images, torch.tensor([[375.0, 500.0]] * b).to(dev), torch.zeros(b, dtype=torch.long),
-                   torch.arange(b), 0)
-    h = bench.build_harness(args.mode, cfg, dev, raw, device_augment=StepAugment(cfg), steps_per_epoch=1000)
+    raw = bench.device_batch(cfg, dev, (375, 500))  # views made on the device in each step
+    h = bench.build_harness(args.mode, cfg, dev, raw, steps_per_epoch=1000)
     for _ in range(args.warmup):
         h.step(timed=False)
     torch.cuda.synchronize()

@@ -81,11 +81,10 @@ def test_data_section(quick):
     d = quick["data"]
     assert "preset" in d["sources"] and d["headline_source"] in d["sources"]
     for src in d["sources"].values():
-        assert positive(src["cpu_multicrop"]["images_per_s"])
         dev = src["device_augment"]
         assert positive(dev["loader_uint8"]["images_per_s"]) and positive(dev["augment_images_per_s"])
         assert positive(dev["serial_images_per_s"])
-        assert positive(src["ratio_cpu_multicrop_over_step"]) and positive(src["ratio_device_loader_over_step"])
+        assert positive(src["ratio_device_loader_over_step"])
         assert positive(src["cpu_batched"]["images_per_s"]) and positive(src["ratio_cpu_batched_over_step"])
         # The headline follows the preset's data.augment_on (cpu-default: batched in the worker).
         assert src["ratio_pipeline_over_step"] == src["ratio_cpu_batched_over_step"]

@@ -7,9 +7,9 @@ and prints one JSON object):
   over a batch of crops) against a position-map baseline (a ``2 x H x W`` map of pixel
   coordinates cut with the same crop by ``torchvision resized_crop`` + flip, then
   average-pooled to the grid), per crop, for 32 x 32 and 500 x 375 sources.
-- ``data``: images/s of the multi-crop pipeline (DataLoader with the preset's workers and
-  data) against the training step; also the device-augmentation path
-  (:mod:`glsd.data.gpu_augment`): loader (decode + resize to uint8) and batched augmentation.
+- ``data``: images/s of the view pipeline (:mod:`glsd.data.views`) against the training
+  step, in both places it runs: in the loader workers (``augment_on=cpu``, reported as
+  ``cpu_batched``) and on the device (loader that decodes to uint8, plus the batched views).
 - ``step``: images/s of the real training step (:func:`glsd.train.pretrain.train_step`) for
   matching none / similarity / geometric and a few local-head sizes, interleaved step by
   step; the share of :meth:`GlobalLocalObjective.match` in the step.
@@ -309,13 +309,14 @@ def _has_conv(model: torch.nn.Module) -> bool:
 
 def build_harness(name: str, cfg: Config, device: torch.device, batch, *, fused_adamw: bool = False,
                   channels_last: bool = False, compile_model: bool = False,
-                  device_augment=None, steps_per_epoch: int = 100) -> StepHarness:
+                  steps_per_epoch: int = 100) -> StepHarness:
     """Student, teacher, objective, AdamW and schedules exactly as pretraining builds them."""
     from glsd.models.heads import build_network, build_teacher
     from glsd.train.objective import GlobalLocalObjective
     from glsd.train.distributed import DistInfo
     from glsd.train.pretrain import Context, param_groups, resolve_precision
     from glsd.train.schedules import Schedules
+    from glsd.data.loader import StepViews
 
     torch.manual_seed(cfg.train.seed)
     student = build_network(cfg).to(device)
@@ -323,8 +324,9 @@ def build_harness(name: str, cfg: Config, device: torch.device, batch, *, fused_
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
-        batch = dataclasses.replace(batch, views=[v.contiguous(memory_format=torch.channels_last)
-                                                  for v in batch.views])
+        if batch.views is not None:
+            batch = dataclasses.replace(batch, views=[v.contiguous(memory_format=torch.channels_last)
+                                                      for v in batch.views])
     if compile_model:  # the backbones only (heads and loss stay eager)
         student.backbone = torch.compile(student.backbone)
         teacher.backbone = torch.compile(teacher.backbone)
@@ -338,8 +340,7 @@ def build_harness(name: str, cfg: Config, device: torch.device, batch, *, fused_
     sched = Schedules(cfg, steps_per_epoch, cfg.train.batch_size)
     ctx = Context(cfg=cfg, run=None, dinfo=DistInfo(), device=device, amp_dtype=amp, model=student,
                   student=student, teacher=teacher, objective=objective, optimizer=optimizer,
-                  scaler=scaler, sched=sched, loader=None, sampler=None, transform=None,
-                  device_augment=device_augment)
+                  scaler=scaler, sched=sched, loader=None, sampler=None, views=StepViews(cfg))
     step0 = min(sched.freeze_last_layer_steps, sched.total_steps - 1)  # last layer trains
     harness = StepHarness(name, ctx, batch, step0)
     harness.instrument_match()
@@ -366,12 +367,12 @@ def count_step_flops(harness: StepHarness) -> int:
 
 
 def first_batch(cfg: Config):
-    """One multi-crop batch of the config's data (CPU pipeline, no workers)."""
+    """One batch of the config's data, views made (no workers)."""
     from glsd.data.loader import build_loader, select_images
 
-    one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0))
+    one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0, augment_on="cpu"))
     _, subset = select_images(one, None)
-    loader, _, _ = build_loader(one, subset, 0, 1, pin_memory=False)
+    loader, _ = build_loader(one, subset, 0, 1, pin_memory=False)
     return next(iter(loader))
 
 
@@ -476,14 +477,15 @@ def _loader_rate(loader, n_batches: int, batch_size: int) -> tuple[dict, Any]:
 
 
 # data.augment_on -> the bench's name of that path, and the ratio that is its headline
-HEADLINE_PATH = {"cpu": "cpu_multicrop", "cpu_batched": "cpu_batched", "device": "device_augment"}
-HEADLINE_RATIO = {"cpu": "ratio_cpu_multicrop_over_step", "cpu_batched": "ratio_cpu_batched_over_step",
+# (views in the workers keep their former name, cpu_batched: the same code as then)
+HEADLINE_PATH = {"cpu": "cpu_batched", "cpu_batched": "cpu_batched", "device": "device_augment"}
+HEADLINE_RATIO = {"cpu": "ratio_cpu_batched_over_step", "cpu_batched": "ratio_cpu_batched_over_step",
                   "device": "ratio_device_loader_over_step"}
 
 
 def bench_data(cfg: Config, device: torch.device, quick: bool, step_images_per_s: float) -> dict:
-    from glsd.data.gpu_augment import DeviceMultiCrop, build_batched_cpu_loader, build_device_loader
     from glsd.data.loader import build_loader, select_images
+    from glsd.data.views import ViewMaker
 
     n_batches = 2 if quick else 8
     need = cfg.train.batch_size * (n_batches + 1)
@@ -499,36 +501,29 @@ def bench_data(cfg: Config, device: torch.device, quick: bool, step_images_per_s
         if c.data.source == "synthetic" and c.data.synthetic_num_images < need:
             c = with_overrides(c, [f"data.synthetic_num_images={need}"])
         _, subset = select_images(c, None)
-        loader, _, _ = build_loader(c, subset, 0, 1, pin_memory=False)
-        cpu, _ = _loader_rate(loader, n_batches, c.train.batch_size)
-        del loader  # its persistent workers would go on prefetching during the next timing
         workers = max(1, c.data.num_workers)
-        cpu["ms_per_image_per_worker"] = _ratio(1e3 * workers, cpu["images_per_s"])
-        # Batched CPU path: the same workers decode, then make a batch's views in one pass.
-        bloader, _, _ = build_batched_cpu_loader(c, subset, 0, 1, pin_memory=False)
+        # Views made in the workers: decode, then one batched pass per batch.
+        bloader, _ = build_loader(with_overrides(c, ["data.augment_on=cpu"]), subset, 0, 1, pin_memory=False)
         batched, _ = _loader_rate(bloader, n_batches, c.train.batch_size)
-        del bloader
+        del bloader  # its persistent workers would go on prefetching during the next timing
         batched["ms_per_image_per_worker"] = _ratio(1e3 * workers, batched["images_per_s"])
-        # Device path: workers decode + resize to uint8; views are made in one batched call.
-        dloader, _, _ = build_device_loader(c, subset, 0, 1, pin_memory=False)
+        # Views made on the device: the workers decode to uint8 and draw the parameters.
+        dloader, _ = build_loader(with_overrides(c, ["data.augment_on=device"]), subset, 0, 1, pin_memory=False)
         raw, raw_batch = _loader_rate(dloader, n_batches, c.train.batch_size)
         del dloader
-        raw_batch = raw_batch.to(device)
-        aug = DeviceMultiCrop(c.crops)
-        gen, host_gen = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
-        aug_s = _median(_time_calls(lambda: aug(raw_batch.images, raw_batch.orig_hw, gen, host_gen),
+        images = raw_batch.images.to(device)
+        maker = ViewMaker(c.crops)
+        aug_s = _median(_time_calls(lambda: maker(images, raw_batch.params),
                                     reps=3 if quick else 7, warmup=1, device=device))
         aug_ips = _ratio(c.train.batch_size, aug_s)
         serial = _ratio(1.0, 1.0 / raw["images_per_s"] + 1.0 / aug_ips)
         out["sources"][name] = {
             "source": c.data.source, "root": c.data.root,
             "image_size": (c.data.synthetic_image_size if c.data.source == "synthetic" else None),
-            "cpu_multicrop": cpu,
             "cpu_batched": batched,
             "device_augment": {"loader_uint8": raw, "augment_images_per_s": aug_ips,
                                "augment_ms_per_batch": 1e3 * aug_s, "augment_device": str(device),
                                "serial_images_per_s": serial},
-            "ratio_cpu_multicrop_over_step": _ratio(cpu["images_per_s"], step_images_per_s),
             "ratio_cpu_batched_over_step": _ratio(batched["images_per_s"], step_images_per_s),
             # Device path: the loader only decodes, and the step also pays the augmentation.
             "ratio_device_loader_over_step": _ratio(
@@ -707,29 +702,39 @@ TINY_DEVICE_STEP = [
 ]
 
 
+def device_batch(cfg: Config, device: torch.device, source_hw=(375, 500)):
+    """A Batch whose views are made on the device: random uint8 images (already there) of
+    the decoded size and drawn view parameters for images of ``source_hw``."""
+    from glsd.data.multicrop import Batch, decode_size
+    from glsd.data.view_params import draw_view_params, geometry, training_seed
+
+    size, b = decode_size(cfg.crops), cfg.train.batch_size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8).to(device)
+    hw = torch.tensor([list(source_hw)] * b, dtype=torch.float32)
+    params = draw_view_params(cfg.crops, [training_seed(0, 0, i, i) for i in range(b)], hw)
+    return Batch(geometry(params, hw), torch.zeros(b, dtype=torch.long), torch.arange(b), 0,
+                 images=images, params=params)
+
+
 def bench_device_step(overrides: Sequence[str], device: torch.device, warmup: int, reps: int,
                       modes: Sequence[str] = ("none", "geometric"), source_hw=(375, 500)) -> dict:
     """images/s of the training step with batched device augmentation (uint8 images already
     on the device, as a loader of ``data.augment_on=device`` delivers them), per matching."""
-    from glsd.data.gpu_augment import DeviceMultiCrop, RawBatch, StepAugment, device_input_size
+    from glsd.data.views import ViewMaker
 
     cfg = load_config(None, list(overrides))
-    size = device_input_size(cfg.crops)
-    b = cfg.train.batch_size
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8).to(device)
-    raw = RawBatch(images, torch.tensor([list(source_hw)] * b, dtype=torch.float32).to(device),
-                   torch.zeros(b, dtype=torch.long), torch.arange(b), 0)
-    aug = DeviceMultiCrop(cfg.crops)
-    gen, host_gen = torch.Generator(device=device).manual_seed(0), torch.Generator().manual_seed(0)
-    aug_s = _median(_time_calls(lambda: aug(raw.images, raw.orig_hw, gen, host_gen), max(3, reps // 2),
+    raw = device_batch(cfg, device, source_hw)
+    size, b = raw.images.shape[-1], cfg.train.batch_size
+    maker = ViewMaker(cfg.crops)
+    aug_s = _median(_time_calls(lambda: maker(raw.images, raw.params), max(3, reps // 2),
                                 warmup=2, device=device))
     results: dict[str, Any] = {}
     harnesses = []
     for mode in modes:
         c = with_overrides(cfg, [f"loss.matching={mode}"])
         try:
-            h = build_harness(mode, c, device, raw, device_augment=StepAugment(c), steps_per_epoch=1000)
+            h = build_harness(mode, c, device, raw, steps_per_epoch=1000)
             for _ in range(warmup):
                 h.step(timed=False)
             harnesses.append(h)
