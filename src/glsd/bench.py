@@ -687,7 +687,7 @@ PAPER_SWIN_T = [
     "model.out_dim=65536", "model.hidden_dim=2048", "model.bottleneck_dim=256",
     "model.local_out_dim=65536", "model.local_hidden_dim=2048",
     "train.batch_size=64", "train.precision=bf16", "data.augment_on=device",
-    "data.source=synthetic", "train.epochs=300", "train.warmup_epochs=10",
+    "data.source=synthetic", "train.epochs=300", "train.warmup_epochs=10", "crops.blur_radius_reference=null",
 ]
 PAPER_VIT_S16 = [o for o in PAPER_SWIN_T if not o.startswith(("model.backbone=", "model.global_feature="))] + [
     "model.backbone=vit_small_patch16_224", "model.global_feature=cls"]

@@ -29,8 +29,6 @@ gathered out by indices computed on the host, so nothing here waits for the devi
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
@@ -73,19 +71,25 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, size: int, n_in:
 
 
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
-                interpolation: str, sample: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Cut normalised ``boxes`` ``(N, 4)`` out of ``images[sample]`` (default: row n of
-    ``images``) at ``size`` x ``size``, mirror the rows of ``flip`` ``(N,)``.
+                interpolation: str) -> torch.Tensor:
+    """Cut normalised ``boxes`` ``(N, 4)`` out of ``images`` at ``size`` x ``size`` and
+    mirror the rows of ``flip`` ``(N,)``; row n is cut from image ``n % B`` (N = k B: k views
+    of each image, view-major).
 
     ``images``: ``(B, C, H, W)`` float in [0, 1]. Returns ``(N, C, size, size)`` in [0, 1].
     """
-    _, _, height, width = images.shape
+    batch, c, height, width = images.shape
     boxes = boxes.to(images.dtype)
     wy = resample_weights(boxes[:, 0] * height, boxes[:, 2] * height, size, height, interpolation)
     wx = resample_weights(boxes[:, 1] * width, boxes[:, 3] * width, size, width, interpolation)
     wx = torch.where(flip[:, None, None], wx.flip(1), wx)  # a flip reverses the output columns
-    x = images if sample is None else images.index_select(0, sample)
-    out = torch.matmul(torch.matmul(wy[:, None], x), wx.transpose(1, 2)[:, None])
+    # Columns first, one view at a time (no copy of the images per view): (B, C*H, W) @ (B, W, s).
+    rows = images.reshape(batch, c * height, width)
+    wxt = wx.transpose(1, 2)
+    y = torch.cat([torch.bmm(rows, wxt[k:k + batch]) for k in range(0, len(boxes), batch)])
+    n = len(boxes)
+    y = y.view(n, c, height, size).transpose(1, 2).reshape(n, height, c * size)
+    out = torch.bmm(wy, y).view(n, size, c, size).permute(0, 2, 1, 3).contiguous()
     return out.clamp_(0.0, 1.0)  # bicubic overshoots; PIL clips too
 
 
@@ -110,29 +114,21 @@ def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return _blend(x, TF.rgb_to_grayscale(x), f)
 
 
-def rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(N, 3, H, W)`` RGB -> hue in [0, 1), saturation, value, each ``(N, 1, H, W)``."""
-    r, g, b = x.split(1, dim=1)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    cr = maxc - torch.minimum(torch.minimum(r, g), b)
-    s = cr / maxc.clamp(min=1e-12)  # 0 where max == min (black and grays included)
-    crd = torch.where(cr == 0, torch.ones_like(cr), cr)
-    h = torch.where(maxc == r, (g - b) / crd,
-                    torch.where(maxc == g, 2.0 + (b - r) / crd, 4.0 + (r - g) / crd))
-    return torch.remainder(h / 6.0, 1.0), s, maxc
-
-
-def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Channel n of (r, g, b) = (5, 3, 1) is ``v - v s clamp(min(k, 4 - k), 0, 1)`` with
-    ``k = (n + 6 h) mod 6``: torchvision's sector table in closed form (fewer passes)."""
-    n = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(n + 6.0 * h, 6.0)
-    return v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
-
-
 def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    h, s, v = rgb_to_hsv(x)
-    return hsv_to_rgb(torch.remainder(h + f[:, None, None, None], 1.0), s, v)
+    """torchvision's hue shift (RGB -> HSV, h += f mod 1, -> RGB) in closed form, with fewer
+    passes (the CPU path pays for each): with ``v = max``, ``c = max - min`` and the hue in
+    sixths ``h6``, channel n of (r, g, b) = (5, 3, 1) is ``v - c clamp(min(k, 4 - k), 0, 1)``,
+    ``k = (n + h6 + 6 f) mod 6`` (``v s = c``, so the saturation never needs dividing out)."""
+    r, g, b = x.split(1, dim=1)
+    maxc, minc = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    cr = maxc - minc
+    inv = 1.0 / torch.where(cr == 0, torch.ones_like(cr), cr)  # grays: h6 = 0 below
+    h6 = torch.where(maxc == r, (g - b) * inv,
+                     torch.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
+    h6 = h6 + 6.0 * f.to(x.dtype)[:, None, None, None]
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(h6 + n, 6.0)
+    return maxc - cr * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
 JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # JITTER_OPS order
@@ -203,8 +199,7 @@ class ViewMaker:
             size = self.sizes[v0]
             plan, counts = self._plan(params, v0, v1)
             plan = _to_device(plan, x.device)
-            sample = torch.arange(batch, device=x.device).repeat(v1 - v0)
-            out = crop_resize(x, plan["boxes"], plan["flip"], size, c.interpolation, sample)
+            out = crop_resize(x, plan["boxes"], plan["flip"], size, c.interpolation)
             out = self._photometric(out, plan, counts, size)
             out = TF.normalize(out, list(c.mean), list(c.std), inplace=True)
             views += list(out.view(v1 - v0, batch, *out.shape[1:]).unbind(0))
