@@ -259,3 +259,20 @@ def test_pretrain_on_each_path(tmp_path, path):
     records = [r for r in read_metrics(run) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["loss_local"] > 0 for r in records)
+
+
+@pytest.mark.parametrize("override", ["crops.color_jitter=[0.4, 0.4, 0.2, 0.7]", "crops.blur_radius=[0, 2]",
+                                      "crops.blur_radius_reference=0", "crops.decode_size=0"])
+def test_view_recipe_validation(override):
+    from glsd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(None, [override])
+
+
+def test_where_views_are_made_is_not_part_of_a_runs_identity():
+    """Switching augment_on changes where, not what: a run may resume under the other."""
+    from glsd.config import identity, load_config
+
+    assert identity(load_config(None, ["data.augment_on=device"])) == identity(load_config(None, []))
+    assert identity(load_config(None, ["crops.color_jitter=[0.1, 0.1, 0.1, 0.1]"])) != identity(load_config(None, []))

@@ -365,6 +365,22 @@ def _patch_from_name(backbone: str) -> Optional[int]:
     return None
 
 
+def _validate_view_recipe(c: CropConfig) -> None:
+    b, k, sat, hue = c.color_jitter
+    if min(b, k, sat) < 0 or not 0.0 <= hue <= 0.5:
+        raise ConfigError(f"crops.color_jitter={list(c.color_jitter)}: brightness, contrast and "
+                          "saturation strengths must be >= 0 and the hue strength in [0, 0.5]")
+    if not 0.0 < c.blur_radius[0] <= c.blur_radius[1]:
+        raise ConfigError(f"crops.blur_radius={list(c.blur_radius)} must satisfy 0 < min <= max")
+    if c.blur_radius_reference is not None and c.blur_radius_reference <= 0:
+        raise ConfigError("crops.blur_radius_reference must be a positive size in pixels, or null "
+                          "for radii that do not scale with the view size")
+    if c.decode_size is not None and c.decode_size < 1:
+        raise ConfigError("crops.decode_size must be a positive size in pixels, or null for the default")
+    if not 0 <= c.solarize_threshold <= 256:
+        raise ConfigError(f"crops.solarize_threshold={c.solarize_threshold} must be in [0, 256] (uint8 levels)")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types cannot express; each message names the key and a fix."""
     d, c, m, l, t = cfg.data, cfg.crops, cfg.model, cfg.loss, cfg.train
@@ -381,6 +397,7 @@ def validate(cfg: Config) -> None:
     for name, (lo, hi) in (("global_scale", c.global_scale), ("local_scale", c.local_scale)):
         if not 0.0 < lo <= hi <= 1.0:
             raise ConfigError(f"crops.{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
+    _validate_view_recipe(c)
     patch = m.patch_size or _patch_from_name(m.backbone)
     if patch is not None:
         for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):

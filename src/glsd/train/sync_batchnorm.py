@@ -5,8 +5,8 @@ modules"), so under gloo a BatchNorm backbone would normalise each rank's slice 
 global batch by its own statistics, and 2 processes x B would not train like 1 x 2B. On a
 CPU :class:`GroupBatchNorm` takes the place of every BatchNorm layer: per channel, the sum,
 the sum of squares and the count of the local batch go through one differentiable
-all-reduce (``torch.distributed.nn.functional.all_reduce``, whose backward all-reduces the
-gradient), in float64 so that ``E[x^2] - E[x]^2`` keeps the precision of torch's two-pass
+all-reduce (:class:`_AllReduceSum`: the sum in forward, the sum of the ranks' gradients in
+backward, as ``torch.distributed.nn.functional.all_reduce``, which is deprecated), in float64 so that ``E[x^2] - E[x]^2`` keeps the precision of torch's two-pass
 variance. On CUDA torch's SyncBatchNorm is used as before.
 """
 from __future__ import annotations
@@ -14,7 +14,23 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of every rank's input is the sum of all ranks' output
+    gradients (each rank's loss depends on every rank's statistics)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -35,13 +51,13 @@ class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
         x64 = x.double()
         local = torch.cat([x64.sum(dims), (x64 * x64).sum(dims),
                            x64.new_full((1,), x.numel() / x.shape[1])])
-        total = all_reduce(local)  # (2C + 1,) summed over ranks, differentiable
+        total = _AllReduceSum.apply(local)  # (2C + 1,) summed over ranks, differentiable
         c = x.shape[1]
         count = total[2 * c]
         mean = total[:c] / count
         var = (total[c:2 * c] / count - mean * mean).clamp(min=0.0)  # biased, as BatchNorm
         if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), float(count))
+            self._update_running_stats(mean.detach(), var.detach(), float(count.detach()))
         shape = [1, c] + [1] * (x.dim() - 2)
         inv = torch.rsqrt(var + self.eps)
         y = (x64 - mean.view(shape)) * inv.view(shape)
