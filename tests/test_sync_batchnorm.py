@@ -4,6 +4,7 @@ Two ranks are tested in test_distributed.py (2 processes x B train like 1 x 2B w
 net); here one in-process gloo group of size 1 runs the all-reduce path itself, which must
 then be a BatchNorm: outputs, input and weight gradients, running statistics.
 """
+import copy
 import datetime
 
 import pytest
@@ -32,14 +33,7 @@ def _pair(channels=5):
     with torch.no_grad():
         ref[1].weight.uniform_(0.5, 1.5)
         ref[1].bias.uniform_(-0.5, 0.5)
-    ours = convert_group_batchnorm(nn.Sequential(*[m for m in _copy(ref)]))
-    return ref, ours
-
-
-def _copy(module):
-    import copy
-
-    return copy.deepcopy(module)
+    return ref, convert_group_batchnorm(copy.deepcopy(ref))
 
 
 @pytest.mark.parametrize("in_group", [False, True])

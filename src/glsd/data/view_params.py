@@ -31,7 +31,6 @@ TOP_U, LEFT_U, FLIP_U, JITTER_U = 20, 21, 22, 23
 FACTOR_U, ORDER_U = (24, 28), (28, 32)
 GRAY_U, BLUR_U, SIGMA_U, SOLAR_U = 32, 33, 34, 35
 N_UNIFORMS = 36
-JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # the columns of ``factors``
 
 
 def sample_seed(*keys) -> int:
@@ -60,9 +59,6 @@ class ViewParams:
 
     def select(self, views: slice) -> "ViewParams":
         return ViewParams(*(getattr(self, f.name)[views] for f in fields(self)))
-
-    def pin_memory(self) -> "ViewParams":
-        return ViewParams(*(getattr(self, f.name).pin_memory() for f in fields(self)))
 
 
 def view_sizes(cfg: CropConfig) -> list[int]:

@@ -18,8 +18,10 @@ Operations, in DINO's order, each row with its own parameters:
   operations in each row's own drawn order): hand-written, because
   ``torchvision.transforms.v2.functional.adjust_*`` take one float factor per call; the
   formulas are torchvision's and are tested against it row by row.
-- grayscale, solarize, normalisation: ``torchvision.transforms.v2.functional``
-  (``rgb_to_grayscale``, ``solarize``, ``normalize``), which take batches as they are.
+- grayscale and solarize: ``torchvision.transforms.v2.functional`` (``rgb_to_grayscale``,
+  ``solarize``), which take batches as they are; normalisation is v2's ``normalize``
+  arithmetic with mean / std tensors made once per device (v2 builds them from lists on
+  every call, a blocking copy on a GPU).
 - Gaussian blur: hand-written separable convolution, because v2's ``gaussian_blur`` takes
   one sigma per call; same kernel and reflect padding (tested against it row by row).
 
@@ -126,12 +128,12 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     h6 = torch.where(maxc == r, (g - b) * inv,
                      torch.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
     h6 = h6 + 6.0 * f.to(x.dtype)[:, None, None, None]
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
     k = torch.remainder(h6 + n, 6.0)
     return maxc - cr * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
-JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # JITTER_OPS order
+JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # ViewParams.factors' columns
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, half: int) -> torch.Tensor:
@@ -170,6 +172,14 @@ class ViewMaker:
     def __init__(self, cfg: CropConfig):
         self.cfg = cfg
         self.sizes = view_sizes(cfg)
+        self._constants: dict = {}
+
+    def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._constants:
+            self._constants[key] = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+                                         for v in (self.cfg.mean, self.cfg.std))
+        return self._constants[key]
 
     def _plan(self, p: ViewParams, v0: int, v1: int) -> tuple[dict, dict]:
         """Host-side row indices (rows are view-major: row = (v - v0) * B + b) and the
@@ -201,7 +211,10 @@ class ViewMaker:
             plan = _to_device(plan, x.device)
             out = crop_resize(x, plan["boxes"], plan["flip"], size, c.interpolation)
             out = self._photometric(out, plan, counts, size)
-            out = TF.normalize(out, list(c.mean), list(c.std), inplace=True)
+            # v2.normalize would build its mean / std from lists each call: on a GPU a
+            # blocking copy. Same arithmetic with tensors made once per device.
+            mean, std = self._mean_std(x.device)
+            out = out.sub_(mean).div_(std)
             views += list(out.view(v1 - v0, batch, *out.shape[1:]).unbind(0))
         return views
 
