@@ -120,6 +120,14 @@ def test_each_jitter_operation_matches_torchvision_v2(name):
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
 
 
+def test_jitter_in_chunks_is_the_same_operation():
+    from glsd.data.views import _in_chunks
+
+    x = torch.rand(10, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    f = torch.linspace(-0.4, 0.4, 10)
+    assert torch.equal(_in_chunks(adjust_hue, x, f, budget=3 * 64 * 3), adjust_hue(x, f))
+
+
 def test_blur_grayscale_solarize_normalize_match_torchvision_v2():
     x = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     sigma = torch.tensor([0.05, 0.3, 0.8, 1.5, 2.0])
