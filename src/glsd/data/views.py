@@ -171,7 +171,7 @@ class ViewMaker:
 
     uint8 images are scaled to [0, 1]; float images are taken as already in [0, 1].
     ``params`` (:class:`ViewParams`) may live on the host: every row selection is computed
-    there and moved to the images' device in one copy.
+    there and moved to the images' device in one pinned copy per dtype.
     """
 
     def __init__(self, cfg: CropConfig):
