@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
+from glsd.models.families import patch_from_name
+
 
 class ConfigError(ValueError):
     """A config key or value is invalid; the message names it and the fix."""
@@ -354,17 +356,6 @@ def _type_name(tp: Any) -> str:
     return " or ".join(names) + (" or null" if type(None) in typing.get_args(tp) else "")
 
 
-def _patch_from_name(backbone: str) -> Optional[int]:
-    """ViT-family names carry their patch size (vit_small_patch16_224 -> 16)."""
-    import re
-
-    match = re.search(r"patch(\d+)", backbone)
-    family = backbone.split("_")[0]
-    if match and family in ("vit", "deit", "deit3", "eva", "beit"):
-        return int(match.group(1))
-    return None
-
-
 def _validate_view_recipe(c: CropConfig) -> None:
     b, k, sat, hue = c.color_jitter
     if min(b, k, sat) < 0 or not 0.0 <= hue <= 0.5:
@@ -398,7 +389,7 @@ def validate(cfg: Config) -> None:
         if not 0.0 < lo <= hi <= 1.0:
             raise ConfigError(f"crops.{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
     _validate_view_recipe(c)
-    patch = m.patch_size or _patch_from_name(m.backbone)
+    patch = m.patch_size or patch_from_name(m.backbone)
     if patch is not None:
         for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
             if size % patch:

@@ -1,14 +1,16 @@
 """Backbones with one uniform output: a global embedding and a grid of local features.
 
-Any timm model works through ``forward_features``; what differs is the layout of its output:
-tokens with prefix (ViT: ``(B, P + H*W, D)``), channels-last maps (Swin: ``(B, H, W, D)``) or
-channels-first maps (ResNet, the small conv net: ``(B, D, H, W)``). The layout is detected
-once at construction by a dummy forward, so ``forward`` has no guessing in it.
+Every timm model (and glsd's conv net) declares how to read it: ``forward_intermediates``
+returns the last stage as an NCHW map whatever the family (ViT tokens are reshaped by timm,
+prefix tokens split off; Swin's NHWC maps are permuted), ``num_prefix_tokens`` says whether a
+class token exists, and ``feature_info[-1]["reduction"]`` is the total stride from image to
+grid. Nothing here guesses a layout from shapes.
 """
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from typing import Optional
 
 import timm
 import torch
@@ -16,6 +18,7 @@ from torch import nn
 
 from glsd.config import ConfigError, ModelConfig
 from glsd.models.convnet import ConvNet
+from glsd.models.families import DROP_PATH_FAMILIES, GLSD_CONVNET, family, is_swin, is_vit
 
 
 @dataclass
@@ -24,35 +27,51 @@ class BackboneOutput:
     local_feat: torch.Tensor  # (B, H, W, D): one feature per grid cell, row-major
 
 
+def declared_layout(model: nn.Module) -> str:
+    """The layout of ``forward_features`` as the model declares it: ``tokens`` (ViT family,
+    ``(B, P + H*W, D)``), ``nhwc`` (``output_fmt="NHWC"``: Swin) or ``nchw``."""
+    if hasattr(model, "num_prefix_tokens") and hasattr(model, "patch_embed"):
+        return "tokens"
+    return "nhwc" if getattr(model, "output_fmt", "NCHW") == "NHWC" else "nchw"
+
+
+def declared_stride(model: nn.Module) -> Optional[int]:
+    """Total stride image -> last feature map (``feature_info``), None if undeclared."""
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, (list, tuple)) and info and "reduction" in info[-1]:
+        return int(info[-1]["reduction"])
+    if hasattr(info, "reduction"):  # timm's FeatureInfo object
+        return int(info.reduction()[-1])
+    return None
+
+
+def last_stage(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final features in the model's own layout, last stage (B, D, gh, gw)), normalised by
+    the model's final norm as ``forward_features`` would be."""
+    final, intermediates = model.forward_intermediates(images, indices=1, norm=True, output_fmt="NCHW")
+    return final, intermediates[-1]
+
+
 class Backbone(nn.Module):
     """Wraps a timm (or glsd) model; ``self.model`` is the plain model that gets exported."""
 
-    def __init__(self, model: nn.Module, global_feature: str = "auto", probe_size: int = 32):
+    def __init__(self, model: nn.Module, global_feature: str = "auto"):
         super().__init__()
+        if not hasattr(model, "forward_intermediates"):
+            raise ConfigError(f"{type(model).__name__} has no forward_intermediates, so its feature "
+                              "grid cannot be read; use a ViT, Swin, ResNet, ConvNeXt or glsd_convnet "
+                              "(`glsd backbones PATTERN` lists the ones that work)")
         self.model = model
         self.embed_dim = int(getattr(model, "num_features"))
-        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-        self.layout = self._detect_layout(probe_size)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        self.layout = declared_layout(model)
+        self.stride = declared_stride(model)
+        has_cls = self.layout == "tokens" and self.num_prefix_tokens > 0
         if global_feature == "auto":
-            global_feature = "cls" if self.layout == "tokens" and self.num_prefix_tokens > 0 else "pooled"
-        if global_feature == "cls" and not (self.layout == "tokens" and self.num_prefix_tokens > 0):
+            global_feature = "cls" if has_cls else "pooled"
+        if global_feature == "cls" and not has_cls:
             raise ConfigError("model.global_feature=cls needs a ViT with a class token; use pooled")
         self.global_feature = global_feature
-
-    @torch.no_grad()
-    def _detect_layout(self, size: int) -> str:
-        was_training = self.model.training
-        self.model.eval()
-        out = self.model.forward_features(torch.zeros(1, 3, size, size))
-        self.model.train(was_training)
-        if out.ndim == 3:
-            return "tokens"
-        if out.ndim == 4 and out.shape[-1] == self.embed_dim and out.shape[1] != self.embed_dim:
-            return "nhwc"
-        if out.ndim == 4 and out.shape[1] == self.embed_dim:
-            return "nchw"
-        raise ConfigError(f"cannot read a feature grid from {type(self.model).__name__} output "
-                          f"of shape {tuple(out.shape)}; use a ViT, Swin, ResNet or conv backbone")
 
     @torch.no_grad()
     def grid_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
@@ -62,44 +81,22 @@ class Backbone(nn.Module):
         self.eval()
         param = next(self.model.parameters())
         x = torch.zeros(1, 3, *image_hw, device=param.device, dtype=param.dtype)
-        grid = self._to_grid(self.model.forward_features(x), image_hw)
+        _, grid = last_stage(self.model, x)
         self.train(was_training)
-        return tuple(grid.shape[1:3])
+        return tuple(grid.shape[2:4])
 
     def forward(self, images: torch.Tensor) -> BackboneOutput:
         """images (B, 3, H, W) -> BackboneOutput with local_feat (B, gh, gw, D)."""
-        out = self.model.forward_features(images)
-        grid = self._to_grid(out, images.shape[-2:])
-        if self.global_feature == "cls":
-            global_feat = out[:, 0]
-        else:
-            global_feat = grid.mean(dim=(1, 2))
+        final, grid = last_stage(self.model, images)
+        grid = grid.permute(0, 2, 3, 1)
+        global_feat = final[:, 0] if self.global_feature == "cls" else grid.mean(dim=(1, 2))
         return BackboneOutput(global_feat, grid)
-
-    def _to_grid(self, out: torch.Tensor, image_hw) -> torch.Tensor:
-        if self.layout == "nhwc":
-            return out
-        if self.layout == "nchw":
-            return out.permute(0, 2, 3, 1)
-        tokens = out[:, self.num_prefix_tokens:]
-        gh, gw = self._token_grid(image_hw, tokens.shape[1])
-        return tokens.reshape(tokens.shape[0], gh, gw, tokens.shape[-1])
-
-    def _token_grid(self, image_hw, n_tokens: int) -> tuple[int, int]:
-        embed = getattr(self.model, "patch_embed", None)
-        if embed is not None and hasattr(embed, "dynamic_feat_size"):
-            gh, gw = embed.dynamic_feat_size(tuple(int(s) for s in image_hw))
-        else:
-            gh = gw = int(round(n_tokens ** 0.5))
-        if gh * gw != n_tokens:
-            raise RuntimeError(f"{n_tokens} tokens do not form a {gh}x{gw} grid")
-        return int(gh), int(gw)
 
 
 def create_model(cfg: ModelConfig, image_size: int) -> nn.Module:
     """The bare backbone (timm or glsd) with no classifier; this is what gets exported."""
     kwargs = dict(cfg.backbone_kwargs)
-    if cfg.backbone.startswith("glsd_convnet"):
+    if cfg.backbone.startswith(GLSD_CONVNET):
         return ConvNet(**kwargs)
     if cfg.backbone not in timm.list_models():
         close = difflib.get_close_matches(cfg.backbone, timm.list_models(), n=5, cutoff=0.5)
@@ -119,21 +116,33 @@ def timm_kwargs(cfg: ModelConfig, image_size: int) -> dict:
     """The keyword arguments ``timm.create_model(cfg.backbone, ...)`` gets (no num_classes);
     the exported timm folder records them as ``model_args``."""
     kwargs = dict(cfg.backbone_kwargs)
-    family = cfg.backbone.split("_")[0]
-    if family in ("vit", "deit", "deit3", "eva", "beit"):
+    if is_vit(cfg.backbone):
         kwargs.setdefault("dynamic_img_size", True)
         kwargs.setdefault("img_size", image_size)
         if cfg.patch_size is not None:
             kwargs.setdefault("patch_size", cfg.patch_size)
-    elif family in ("swin", "swinv2"):
+    elif is_swin(cfg.backbone):
         kwargs.setdefault("img_size", image_size)
         kwargs.setdefault("strict_img_size", False)
-    if family in ("vit", "deit", "deit3", "eva", "beit", "swin", "swinv2", "resnet", "resnetv2", "convnext"):
-        # Always pass it, 0 included: timm's own default (0.1 for Swin) would otherwise leak
-        # stochastic depth into the teacher.
+    if family(cfg.backbone) in DROP_PATH_FAMILIES:
         kwargs.setdefault("drop_path_rate", cfg.drop_path_rate)
     return kwargs
 
 
 def build_backbone(cfg: ModelConfig, image_size: int) -> Backbone:
-    return Backbone(create_model(cfg, image_size), cfg.global_feature, probe_size=image_size)
+    return Backbone(create_model(cfg, image_size), cfg.global_feature)
+
+
+def meta_backbone(cfg: ModelConfig, image_size: int) -> Backbone:
+    """The backbone with shapes only (on the meta device): no weights allocated, so checks and
+    listings can probe large models in milliseconds."""
+    with torch.device("meta"):
+        return build_backbone(cfg, image_size).eval()  # eval: BatchNorm takes a 1-image batch
+
+
+def probe_grid(backbone: Backbone, size: int) -> tuple[int, int]:
+    """Grid ``(gh, gw)`` of a ``size`` x ``size`` crop through a meta-device backbone; raises
+    whatever the model raises for a size it cannot take."""
+    with torch.no_grad():
+        _, grid = last_stage(backbone.model, torch.zeros(1, 3, size, size, device="meta"))
+    return tuple(grid.shape[2:4])
