@@ -141,6 +141,9 @@ class TrainConfig:
     checkpoint_every_epochs: int = 10  # keep a numbered copy every N epochs (0: only last.pt)
     checkpoint_every_steps: int = 0  # also refresh last.pt every N steps (long epochs)
     resume: bool = True
+    # Resume under changed schedule keys (train.epochs, batch_size, lr, ...): continue the
+    # checkpoint under the new schedule. Without it such a resume is refused.
+    extend: bool = False
     deterministic: bool = False
     compile: bool = False
     progress: bool = True
@@ -166,6 +169,14 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where metrics go besides RUN_DIR/metrics.jsonl (always written)."""
+    tensorboard: bool = False  # RUN_DIR/tensorboard/ (the optional extra: glsd[tensorboard])
+    # Warn when the collapse indicators say so for this many logging steps in a row (0: never).
+    collapse_patience: int = 3
+
+
+@dataclass
 class StudyConfig:
     """The grid of ``glsd study`` (command-line flags override it)."""
     fractions: list[float] = field(default_factory=lambda: [0.05, 0.1])
@@ -185,6 +196,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     output_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -85,16 +85,46 @@ def open_source(cfg: DataConfig, split: Optional[str] = None) -> ImageSource:
     return flat_folder_source(root)
 
 
+# The rule data.source=auto applies to a folder; stated in its messages and the start summary.
+FOLDER_RULE = ("a folder whose non-hidden sub-folders hold the images (none at its top level) is an "
+               "ImageFolder (one class per sub-folder); any other folder is unlabelled and read "
+               "recursively; hidden folders (.name) are ignored; data.source=imagefolder|folder forces either")
+
+
 def _detect_kind(root: str) -> str:
+    return detect_kind(root)[0]
+
+
+def detect_kind(root: str) -> tuple[str, str]:
+    """(kind, why) for data.source=auto."""
     if not root:
         raise ConfigError("data.root is empty; give a folder, a zip, or set data.source "
                           f"(one of: imagefolder, folder, zip, {', '.join(TORCHVISION_SOURCES)}, synthetic)")
     path = Path(root)
     if path.suffix.lower() == ".zip":
-        return "zip"
-    if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
-        return "imagefolder"
-    return "folder"
+        return "zip", "a .zip file"
+    if not path.is_dir():
+        return "folder", "not a folder"
+    entries = list(path.iterdir())
+    subdirs = [p.name for p in entries if p.is_dir() and not _hidden(p.name)]
+    top_images = sum(1 for p in entries if p.is_file() and _is_image(p.name))
+    if subdirs and not top_images:
+        return "imagefolder", f"{len(subdirs)} sub-folders and no images at the top level"
+    why = f"{top_images} images at the top level" if top_images else "no sub-folders"
+    return "folder", why
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _walk_images(base: Path) -> list[str]:
+    """Image paths under ``base`` relative to it, sorted, skipping hidden folders."""
+    keys = []
+    for dirpath, dirnames, files in os.walk(base):
+        dirnames[:] = [d for d in dirnames if not _hidden(d)]
+        keys += [str(Path(dirpath, f).relative_to(base)) for f in files if _is_image(f)]
+    return sorted(keys)
 
 
 def _is_image(name: str) -> bool:
@@ -110,16 +140,15 @@ def imagefolder_source(root: Path, split: str) -> ImageSource:
         if splits:
             raise ConfigError(f"split '{split}' not in {root}; available: {', '.join(splits)} "
                               "(set data.split)")
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not _hidden(d.name))
     if not classes:
-        raise ConfigError(f"{base} has no class sub-folders; use data.source=folder for a flat folder")
+        raise ConfigError(f"{base} has no class sub-folders; use data.source=folder for a flat "
+                          f"folder (rule of data.source=auto: {FOLDER_RULE})")
     keys, labels = [], []
     for label, cls in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(base / cls)):
-            for f in sorted(files):
-                if _is_image(f):
-                    keys.append(str(Path(dirpath, f).relative_to(base)))
-                    labels.append(label)
+        found = _walk_images(base / cls)
+        keys += [str(Path(cls, k)) for k in found]
+        labels += [label] * len(found)
     if not keys:
         raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {base}")
     return ImageSource(f"imagefolder:{base}", keys, labels, classes,
@@ -130,7 +159,7 @@ def flat_folder_source(root: Path) -> ImageSource:
     """Every image under ``root`` (recursively), unlabeled."""
     if root.is_file():
         raise ConfigError(f"data.root={root} is a file; give a folder of images or a .zip")
-    keys = sorted(str(Path(d, f).relative_to(root)) for d, _, fs in os.walk(root) for f in fs if _is_image(f))
+    keys = _walk_images(root)
     if not keys:
         raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     return ImageSource(f"folder:{root}", keys, [-1] * len(keys), [], lambda key: _read_file(root / key))

@@ -55,6 +55,7 @@ class ViewGroupOutput:
     local_logits: Optional[torch.Tensor]  # (V, B, N, K_local) or None without a local head
     local_feat: torch.Tensor  # (V, B, N, D) backbone features (similarity matching)
     grid: tuple[int, int]
+    global_feat: Optional[torch.Tensor] = None  # (V*B, D) backbone global features
 
 
 class GLSDNet(nn.Module):
@@ -90,7 +91,7 @@ class GLSDNet(nn.Module):
         local_logits = None
         if self.local_head is not None:
             local_logits = self.local_head(local_feat)
-        return ViewGroupOutput(global_logits, local_logits, local_feat, (gh, gw))
+        return ViewGroupOutput(global_logits, local_logits, local_feat, (gh, gw), out.global_feat)
 
 
 def build_network(cfg: Config) -> GLSDNet:

@@ -6,6 +6,7 @@ images -> multi-crop views + geometry (data.loader) -> student / teacher (models
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -26,9 +27,12 @@ from glsd.data.sources import open_source
 from glsd.export import write_run_exports
 from glsd.models.heads import GLSDNet, build_network, build_teacher
 from glsd.train.checkpoint import export_backbone, save_checkpoint
+from glsd.train.collapse import CollapseMonitor, collapse_indicators
+from glsd.train.console import Console, fmt, start_summary
 from glsd.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, gather_objects,
                                     init_distributed, max_over_ranks, sum_over_ranks)
 from glsd.train.objective import GlobalLocalObjective, LossTerms
+from glsd.train.preflight import preflight
 from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.schedules import Schedules
 from glsd.train.sync_batchnorm import sync_batchnorm
@@ -136,6 +140,12 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
     seed_everything(cfg.train.seed, cfg.train.deterministic)  # same initial weights on every rank
     # Bad data paths and unknown backbones fail here, before the run folder is touched.
     source = open_source(cfg.data)
+    # Grids, strides, warm-up and schedule changes: refused or adjusted before any step.
+    cfg, plan = preflight(cfg, source, dinfo.world_size)
+    if cfg.log.tensorboard:
+        from glsd.train.tensorboard import require_tensorboard
+
+        require_tensorboard()
     student = build_network(cfg).to(device)
     teacher = build_teacher(cfg, student).to(device)
     run = RunFolder(cfg.output_dir, dinfo.is_main)
@@ -167,18 +177,29 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
         state = restore(resume, student, teacher, objective, optimizer, scaler, sampler)
     model = DistributedDataParallel(student) if dinfo.enabled else student
 
-    LOG.info("run %s: %d images, %d steps/epoch, %d epochs, device %s, precision %s, world %d",
-             run.root, len(subset), sampler.steps_per_epoch, cfg.train.epochs, device,
-             amp_dtype or "fp32", dinfo.world_size)
+    console = Console(dinfo.is_main, cfg.train.progress)
+    console.lines(start_summary(cfg, source, plan, device, _precision_name(amp_dtype), dinfo.world_size,
+                                run.root, state.step if resume is not None else None,
+                                state.skipped_images))
     ctx = Context(cfg, run, dinfo, device, amp_dtype, model, student, teacher, objective,
-                  optimizer, scaler, sched, loader, sampler, StepViews(cfg))
-    with StopRequested() as stop:
-        finished = train_loop(ctx, state, stop)
+                  optimizer, scaler, sched, loader, sampler, StepViews(cfg), console,
+                  CollapseMonitor(cfg.model.out_dim, cfg.log.collapse_patience,
+                                  max(sched.warmup_steps, sched.freeze_last_layer_steps)), _sinks(cfg, run, dinfo))
+    try:
+        with StopRequested() as stop:
+            finished = train_loop(ctx, state, stop)
+    finally:
+        console.close()
+        for sink in ctx.sinks:
+            sink.close()
+    export = None
     if finished and dinfo.is_main:
-        export_backbone(run.root / "backbone.safetensors", teacher.backbone.model, to_dict(cfg))
+        export = run.root / "backbone.safetensors"
+        export_backbone(export, teacher.backbone.model, to_dict(cfg))
         write_run_exports(run.root, teacher.backbone.model, cfg)  # + export/timm/, files 0644
-        LOG.info("done: %d steps; teacher backbone exported to %s", state.step,
-                 run.root / "backbone.safetensors")
+    if finished:
+        skipped = int(sum_over_ranks(state.skipped_images, device))
+        console.end(state.step, sampler.global_batch, skipped, str(export) if export else None)
     run.close()
     if not finished:
         raise TrainingInterrupted(f"stopped by a signal at step {state.step}; the checkpoint is "
@@ -204,13 +225,29 @@ class Context:
     loader: torch.utils.data.DataLoader
     sampler: object
     views: StepViews  # a Batch -> views and geometry on the device
+    console: Optional[Console] = None  # None (benchmarks): silent
+    monitor: Optional[CollapseMonitor] = None
+    sinks: list = dataclasses.field(default_factory=list)  # metric writers besides metrics.jsonl
+
+
+def _precision_name(amp_dtype: Optional[torch.dtype]) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp_dtype]
+
+
+def _sinks(cfg: Config, run: RunFolder, dinfo: DistInfo) -> list:
+    if not (cfg.log.tensorboard and dinfo.is_main):
+        return []
+    from glsd.train.tensorboard import TensorBoardSink
+
+    return [TensorBoardSink(run.root)]
 
 
 def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
     """Returns True when the schedule (or train.max_steps) completed, False on a signal."""
     cfg, t = ctx.cfg, ctx.cfg.train
     max_steps = min(ctx.sched.total_steps, t.max_steps or ctx.sched.total_steps)
-    progress = _progress_bar(ctx, state, max_steps)
+    console = ctx.console or Console(is_main=False)
+    console.begin(state.step, max_steps)
     while state.step < max_steps:
         ctx.sampler.set_epoch(state.epoch, state.step_in_epoch * ctx.sampler.global_batch)
         tick, since_log, stopping, batches, steps_before = time.perf_counter(), 0, None, 0, state.step
@@ -227,9 +264,8 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
             state.step_in_epoch += 1
             state.skipped_images += batch.skipped
             since_log += 1
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{terms.loss.item():.3f}")
+            console.update(state.step, terms.loss.item(), float(ctx.sched.lr[state.step - 1]),
+                           ctx.sampler.global_batch)
             if is_log_step:
                 elapsed = time.perf_counter() - tick
                 log_step(ctx, state, terms, since_log / max(elapsed, 1e-9))
@@ -245,6 +281,7 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
             checkpoint(ctx, state)
             LOG.warning("signal %d: stopped after step %d; checkpoint written, rerun to resume",
                         stopping, state.step)
+            console.close()
             print(f"glsd: stopped by signal {stopping} after step {state.step}; "
                   f"checkpoint saved in {ctx.run.last}. Rerun the same command to resume.",
                   file=sys.stderr)
@@ -257,8 +294,7 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
             state.step_in_epoch = 0
             end_of_epoch(ctx, state)
     checkpoint(ctx, state)
-    if progress is not None:
-        progress.close()
+    console.close()
     return True
 
 
@@ -289,8 +325,13 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
         student_out = ctx.model(views)
     # Losses in fp32: softmax over thousands of prototypes and their cross-entropy lose
     # the small differences that carry the signal when rounded to bf16.
+    collapse = {}
+    if want_stats:  # before the objective: with the centre the teacher targets were made with
+        collapse = collapse_indicators(teacher_out[0].global_logits, ctx.objective.global_loss.center.center,
+                                       float(sched.teacher_temp[step]), teacher_out[0].global_feat)
     terms = ctx.objective(student_out, teacher_out, geometry, float(sched.teacher_temp[step]),
                           diagnostics=want_stats)
+    terms.diagnostics.update(collapse)
     check_finite(terms, step + 1, ctx.dinfo.enabled)
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.scaler.scale(terms.loss).backward()
@@ -336,9 +377,13 @@ def log_step(ctx: Context, state: TrainState, terms: LossTerms, steps_per_sec: f
               "images_per_sec": steps_per_sec * ctx.sampler.global_batch,
               "skipped_images": int(sum_over_ranks(state.skipped_images, ctx.device))}
     ctx.run.log_metrics(record)
-    if ctx.dinfo.is_main:
-        LOG.info("step %d %s", state.step, {k: round(v, 4) if isinstance(v, float) else v
-                                             for k, v in record.items() if k != "step"})
+    for sink in ctx.sinks:
+        sink.write(record)
+    if ctx.console is not None:
+        ctx.console.log(record)
+        warning = ctx.monitor.update(record) if ctx.monitor is not None else None
+        if warning:
+            ctx.console.warn(warning)
 
 
 def end_of_epoch(ctx: Context, state: TrainState) -> None:
@@ -351,7 +396,9 @@ def end_of_epoch(ctx: Context, state: TrainState) -> None:
         result = online_knn(ctx.teacher.backbone, ctx.cfg, ctx.device, ctx.run.root)
         ctx.run.log_metrics({"step": state.step, "epoch": state.epoch,
                              **{f"knn_{k}": v for k, v in result.items()}})
-        LOG.info("epoch %d online k-NN: %s", state.epoch, result)
+        if ctx.console is not None:
+            ctx.console.lines([f"epoch {state.epoch} online k-NN: "
+                               + ", ".join(f"{k} {fmt(v)}" for k, v in result.items())])
 
 
 def checkpoint(ctx: Context, state: TrainState, keep: bool = False) -> None:
@@ -431,11 +478,3 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def _progress_bar(ctx: Context, state: TrainState, max_steps: int):
-    if not (ctx.cfg.train.progress and ctx.dinfo.is_main and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=max_steps, initial=state.step, unit="step", dynamic_ncols=True)

@@ -40,3 +40,4 @@ class Schedules:
                                                 int(lo.warmup_teacher_temp_epochs * steps_per_epoch), total)
         self.freeze_last_layer_steps = int(t.freeze_last_layer_epochs * steps_per_epoch)
         self.total_steps = total
+        self.warmup_steps = min(warmup, total)

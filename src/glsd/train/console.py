@@ -1,0 +1,175 @@
+"""What a run tells its user, on a terminal and off it (a log file, a SLURM job, CI).
+
+- a start summary (data, grids, matching, device, batch, schedule, run folder, resume) on
+  stderr and in train.log;
+- on a terminal a progress bar with loss, lr and images/s; elsewhere (or with
+  ``train.progress=false``) one line every ``train.log_every`` steps;
+- warnings (collapse, scaled warm-up) that the bar does not swallow;
+- an end summary (steps, time, images/s, skipped images, export path).
+
+Numbers are written ``%.3g`` (a learning rate of 3e-06 never reads as 0.0). Only the main
+process speaks.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from typing import Any, Optional, TextIO
+
+LOG = logging.getLogger("glsd")
+
+# The keys of a logged record shown on the console line, in order (the rest go to
+# metrics.jsonl only); short names keep the line within a terminal width.
+LINE_KEYS = (("loss", "loss"), ("loss_global", "global"), ("loss_local", "local"), ("lr", "lr"),
+             ("teacher_temp", "t_temp"), ("effective_prototypes", "eff_protos"),
+             ("images_per_sec", "img/s"))
+
+
+def fmt(value: Any) -> str:
+    """``%.3g`` for floats (3e-06, 0.0312, 412), ints and the rest as they are."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if math.isfinite(value) and value == int(value) and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def format_record(record: dict, max_steps: Optional[int] = None) -> str:
+    """``step 10/120 epoch 0.833 loss 5.23 ... lr 3.12e-05 img/s 412``."""
+    total = f"/{max_steps}" if max_steps else ""
+    parts = [f"step {record['step']}{total}"]
+    if "epoch" in record:
+        parts.append(f"epoch {fmt(float(record['epoch']))}")
+    parts += [f"{short} {fmt(record[key])}" for key, short in LINE_KEYS if key in record]
+    return " ".join(parts)
+
+
+def format_all(record: dict) -> str:
+    """Every key of a record, for train.log."""
+    return " ".join(f"{k}={fmt(v)}" for k, v in record.items())
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Console:
+    def __init__(self, is_main: bool = True, progress: bool = True, stream: Optional[TextIO] = None):
+        self.stream = stream or sys.stderr
+        self.is_main = is_main
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.want_bar = progress and self.tty
+        self.bar = None
+        self.max_steps: Optional[int] = None
+        self._last = (time.perf_counter(), 0)  # (time, step) of the last bar refresh
+        self.started = time.perf_counter()
+        self.first_step: Optional[int] = None
+
+    # -- plain output ------------------------------------------------------------------
+    def print(self, line: str) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:  # a line between bar refreshes, not through them
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def lines(self, lines: list[str]) -> None:
+        for line in lines:
+            self.print(line)
+            LOG.info("%s", line.strip())
+
+    def warn(self, message: str) -> None:
+        self.print(f"glsd: warning: {message}")
+        if self.is_main:
+            LOG.warning("%s", message)
+
+    # -- the loop ----------------------------------------------------------------------
+    def begin(self, step: int, max_steps: int) -> None:
+        self.max_steps, self.first_step = max_steps, step
+        self.started = time.perf_counter()
+        self._last = (self.started, step)
+        if self.want_bar and self.is_main and step < max_steps:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True,
+                            file=self.stream)
+
+    def update(self, step: int, loss: float, lr: float, global_batch: int) -> None:
+        """Every step: the bar (a terminal only)."""
+        if self.bar is None:
+            return
+        self.bar.update(step - self.bar.n)
+        now = time.perf_counter()
+        last_time, last_step = self._last
+        if now - last_time >= 0.5 or step == self.max_steps:
+            rate = (step - last_step) * global_batch / max(now - last_time, 1e-9)
+            self.bar.set_postfix_str(f"loss {fmt(loss)} lr {fmt(lr)} img/s {fmt(rate)}", refresh=False)
+            self._last = (now, step)
+
+    def log(self, record: dict) -> None:
+        """Every logging step: train.log always; the console when there is no bar."""
+        if not self.is_main:
+            return
+        LOG.info("%s", format_all(record))
+        if self.bar is None:
+            print(format_record(record, self.max_steps), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def end(self, step: int, global_batch: int, skipped: int, export: Optional[str]) -> None:
+        self.close()
+        elapsed = time.perf_counter() - self.started
+        done = step - (self.first_step or 0)
+        if done == 0:
+            self.lines([f"glsd: nothing to train: the run is already at step {step} of its schedule "
+                        "(to train longer, raise train.epochs and add train.extend=true)"])
+        else:
+            rate = done * global_batch / max(elapsed, 1e-9)
+            self.lines([f"glsd: done: {done} steps (step {step}) in {duration(elapsed)}, "
+                        f"{fmt(rate)} images/s, {skipped} images skipped"])
+        if export:
+            self.lines([f"glsd: teacher backbone exported to {export}"])
+
+
+def start_summary(cfg, source, plan, device, precision, world_size: int, run_root,
+                  resumed_step: Optional[int], skipped: int = 0) -> list[str]:
+    """The lines printed before the first step."""
+    d, t = cfg.data, cfg.train
+    labels = (f"{len(source.classes)} classes" if source.classes and any(l >= 0 for l in source.labels)
+              else "unlabelled")
+    used = "all used" if plan.num_images == len(source) else f"{plan.num_images:,} images used"
+    lines = [f"glsd pretrain {cfg.preset or '(defaults)'}",
+             f"  data       {source.name}: {len(source):,} images found, {used}, {labels}"]
+    if d.source == "auto" and d.root and not d.root.lower().endswith(".zip"):
+        from glsd.data.sources import FOLDER_RULE, detect_kind
+
+        kind, why = detect_kind(d.root)
+        lines.append(f"             read as {kind} ({why}; rule: {FOLDER_RULE})")
+    lines.append(f"             unreadable images are {'skipped and counted' if d.on_error == 'skip' else 'errors'}"
+                 f" (data.on_error={d.on_error})" + (f"; {skipped} skipped so far" if skipped else ""))
+    grids = ", ".join(f"{g[0]}x{g[1]} at {name}" for name, g in plan.grids.items())
+    stride = f", stride {plan.stride}" if plan.stride else ""
+    lines.append(f"  model      {cfg.model.backbone}{stride}: grid {grids}")
+    threshold = f", threshold {cfg.loss.match_threshold}" if cfg.loss.matching != "none" else ""
+    lines.append(f"  matching   {cfg.loss.matching}{threshold}")
+    lines.append(f"  device     {device}, precision {precision}")
+    per_step = t.batch_size * world_size
+    lines.append(f"  batch      {t.batch_size} per process x {world_size} process"
+                 f"{'es' if world_size > 1 else ''} = {per_step} images per step")
+    stop = f", stopping at train.max_steps={t.max_steps}" if t.max_steps else ""
+    lines.append(f"  schedule   {plan.steps_per_epoch:,} steps/epoch x {t.epochs} epochs = "
+                 f"{plan.total_steps:,} steps{stop}")
+    lines.append(f"  run folder {run_root}")
+    if resumed_step is not None:
+        lines.append(f"  resumed at step {resumed_step}")
+    lines += [f"  note: {n}" for n in plan.notes]
+    return lines

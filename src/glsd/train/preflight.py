@@ -1,0 +1,171 @@
+"""Checks before the first step (and before the run folder is touched): set-ups that would
+train silently wrong, or fail minutes in, are refused here with the fix named.
+
+- the feature grid of every crop size: a multiple of the backbone's stride, a size the
+  backbone can take at all, and at least 2x2 cells when a local loss is on;
+- a learning-rate warm-up longer than the run: **scaled** to a tenth of the run (DINO's 10 of
+  100 epochs) and said so, because refusing would break every quick trial of a preset with
+  ``train.epochs=1``; the scaled value is what ``config.yaml`` records;
+- a resume under changed schedule keys: refused, naming them, unless ``train.extend=true``
+  asks to continue the checkpoint under the new schedule.
+
+Shapes are probed on the meta device: no weights are allocated and no real forward runs, so
+the checks cost milliseconds even for a Swin-B.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from glsd.config import Config, ConfigError
+from glsd.data.sources import ImageSource, balanced_subset
+
+# The train keys that define the per-step schedules of a run (lr, wd, momentum, warm-ups);
+# max_steps only stops early and is free to change.
+SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "warmup_steps",
+                 "weight_decay", "weight_decay_end", "momentum_teacher", "momentum_teacher_end",
+                 "freeze_last_layer_epochs")
+WARMUP_FRACTION = 0.1  # of the run, when the configured warm-up does not fit in it
+MIN_CELLS = 2  # per side: a 1x1 grid turns the local loss into a second global loss
+
+
+@dataclass
+class Plan:
+    """What the checks found; the console's start summary prints it."""
+    grids: dict[str, tuple[int, int]]  # "global 32 px" -> (gh, gw)
+    stride: Optional[int]
+    num_images: int  # the pretraining subset
+    steps_per_epoch: int
+    total_steps: int
+    notes: list[str] = field(default_factory=list)  # warnings already acted on
+
+
+def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Config, Plan]:
+    """Raise ConfigError naming every problem (and its fix); return the config to run (the
+    warm-up possibly scaled) and the plan."""
+    grids, stride = check_grids(cfg)
+    n = len(balanced_subset(source, cfg.data.fraction, cfg.data.num_images, cfg.data.subset_seed))
+    steps_per_epoch = n // (cfg.train.batch_size * world_size)
+    notes: list[str] = []
+    cfg, note = scale_warmup(cfg, steps_per_epoch)
+    notes += [note] if note else []
+    notes += check_resume_schedule(cfg, Path(cfg.output_dir))
+    return cfg, Plan(grids, stride, n, steps_per_epoch, cfg.train.epochs * steps_per_epoch, notes)
+
+
+# ----------------------------------------------------------------------------------------
+# Crop sizes and feature grids
+
+def crop_sizes(cfg: Config) -> dict[str, int]:
+    """{"global_size": 32, "local_size": 16} (local only when local crops are drawn)."""
+    sizes = {"global_size": cfg.crops.global_size}
+    if cfg.crops.num_local:
+        sizes["local_size"] = cfg.crops.local_size
+    return sizes
+
+
+def nearest_multiples(size: int, stride: int) -> list[int]:
+    lo = (size // stride) * stride
+    return [s for s in (lo, lo + stride) if s > 0]
+
+
+def minimum_size(backbone, stride: Optional[int], limit: int = 1024) -> Optional[int]:
+    """The smallest square crop (a multiple of the stride) the backbone takes, or None."""
+    from glsd.models.backbone import probe_grid
+
+    step = stride or 1
+    for size in range(step, limit + 1, step):
+        try:
+            probe_grid(backbone, size)
+            return size
+        except Exception:  # noqa: BLE001 - any failure means: not this size
+            continue
+    return None
+
+
+def check_grids(cfg: Config) -> tuple[dict[str, tuple[int, int]], Optional[int]]:
+    """Grid per crop size; ConfigError listing every size that is off-stride, too small for
+    the backbone, or (with a local loss) below 2x2 cells."""
+    from glsd.models.backbone import meta_backbone, probe_grid
+
+    m = cfg.model
+    backbone = meta_backbone(m, cfg.crops.global_size)
+    stride, name = backbone.stride, m.backbone
+    problems, grids = [], {}
+    for key, size in crop_sizes(cfg).items():
+        try:
+            grid = probe_grid(backbone, size)
+        except Exception as e:  # noqa: BLE001 - the model's own error, reported with the fix
+            low = minimum_size(backbone, stride)
+            floor = f"its minimum is {low} px" if low else "no size up to 1024 px worked"
+            problems.append(f"{name} cannot take crops.{key}={size} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120]}); {floor}: raise crops.{key} or pick "
+                            "another model.backbone")
+            continue
+        grids[f"{key.split('_')[0]} {size} px"] = grid
+        if stride and size % stride:
+            valid = " or ".join(str(s) for s in nearest_multiples(size, stride))
+            problems.append(f"crops.{key}={size} is not a multiple of {name}'s stride {stride}, so the "
+                            f"grid cells do not tile the crop and their centres are off by up to half a "
+                            f"cell; nearest valid sizes: {valid}")
+        if cfg.loss.matching != "none" and min(grid) < MIN_CELLS:
+            need = MIN_CELLS * (stride or size)
+            problems.append(
+                f"crops.{key}={size} gives a {grid[0]}x{grid[1]} feature grid with {name}"
+                f"{f' (stride {stride})' if stride else ''}: loss.matching={cfg.loss.matching} needs at "
+                f"least {MIN_CELLS}x{MIN_CELLS} cells (a 1x1 grid makes the local loss a second global "
+                f"loss). Fix: crops of at least {need} px, a backbone of smaller stride (glsd_convnet, "
+                "a ViT with model.patch_size), or loss.matching=none")
+    if problems:
+        raise ConfigError("pre-flight check failed:\n  - " + "\n  - ".join(problems))
+    return grids, stride
+
+
+# ----------------------------------------------------------------------------------------
+# Schedules
+
+def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
+    t = cfg.train
+    return t.warmup_steps if t.warmup_steps is not None else int(t.warmup_epochs * steps_per_epoch)
+
+
+def scale_warmup(cfg: Config, steps_per_epoch: int) -> tuple[Config, Optional[str]]:
+    """A warm-up that would not end within the run is scaled to WARMUP_FRACTION of it."""
+    total = cfg.train.epochs * steps_per_epoch
+    warmup = warmup_steps(cfg, steps_per_epoch)
+    if total == 0 or warmup < total:
+        return cfg, None
+    scaled = int(WARMUP_FRACTION * total)
+    asked = (f"train.warmup_steps={cfg.train.warmup_steps}" if cfg.train.warmup_steps is not None
+             else f"train.warmup_epochs={cfg.train.warmup_epochs:g}")
+    note = (f"warm-up {asked} ({warmup} steps) is longer than the run ({total} steps): scaled to "
+            f"{scaled} steps ({WARMUP_FRACTION:.0%} of the run); set train.warmup_steps to choose")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_steps=scaled)), note
+
+
+def check_resume_schedule(cfg: Config, run_dir: Path) -> list[str]:
+    """A resume under changed schedule keys continues only with train.extend=true. The run
+    folder's config.yaml is the config its checkpoint was trained under (written at start)."""
+    last, recorded = run_dir / "checkpoints" / "last.pt", run_dir / "config.yaml"
+    if not (cfg.train.resume and last.is_file() and recorded.is_file()):
+        return []
+    try:
+        old = (yaml.safe_load(recorded.read_text()) or {}).get("train", {})
+    except yaml.YAMLError:
+        return []  # an unreadable record: the checkpoint's own config check still runs
+    new = dataclasses.asdict(cfg.train)
+    changed = [f"train.{k}: {old[k]!r} -> {new[k]!r}" for k in SCHEDULE_KEYS
+               if k in old and old[k] != new[k]]
+    if not changed:
+        return []
+    if not cfg.train.extend:
+        raise ConfigError(
+            f"{run_dir} was trained under another schedule ({'; '.join(changed)}). Resuming would "
+            "continue its checkpoint under schedules it was not trained with (and a finished run "
+            "would do zero new steps). Add train.extend=true to continue from the checkpoint under "
+            "the new schedule, use a new output_dir, or train.resume=false to start fresh.")
+    return [f"train.extend=true: the checkpoint continues under the new schedule ({'; '.join(changed)})"]
