@@ -1,0 +1,139 @@
+"""Pre-flight checks (glsd.train.preflight): degenerate or failing set-ups are refused before
+the first step, naming the fix; a warm-up longer than the run is scaled and said so; a resume
+under a changed schedule is refused unless train.extend=true. Folder detection's rule."""
+import dataclasses
+
+import pytest
+from PIL import Image
+
+from glsd.config import ConfigError, load_config
+from glsd.data.sources import detect_kind, open_source
+from glsd.train.preflight import check_grids, preflight, scale_warmup
+from helpers_tiny import CONVNET, read_metrics, tiny_config
+
+SWIN = ["model.backbone=swin_tiny_patch4_window7_224",
+        "model.backbone_kwargs={embed_dim: 24, depths: [1, 1], num_heads: [1, 2], window_size: 4}"]
+
+
+def _cfg(*overrides):
+    return load_config(None, ["crops.global_size=32", "crops.local_size=16", *overrides])
+
+
+def test_grids_of_the_tiny_backbones():
+    assert check_grids(_cfg(*CONVNET)) == ({"global 32 px": (8, 8), "local 16 px": (4, 4)}, 4)
+    assert check_grids(_cfg(*SWIN)) == ({"global 32 px": (4, 4), "local 16 px": (2, 2)}, 8)
+    vit = ["model.backbone=vit_tiny_patch16_224", "model.patch_size=4"]
+    assert check_grids(_cfg(*vit))[0] == {"global 32 px": (8, 8), "local 16 px": (4, 4)}
+
+
+def test_resnet18_at_32_16_px_is_refused_with_the_fix():
+    with pytest.raises(ConfigError) as e:
+        check_grids(_cfg("model.backbone=resnet18", "model.backbone_kwargs={}"))
+    msg = str(e.value)
+    assert "crops.global_size=32 gives a 1x1 feature grid with resnet18 (stride 32)" in msg
+    assert "loss.matching=none" in msg and "at least 64 px" in msg
+    assert "crops.local_size=16 is not a multiple of resnet18's stride 32" in msg
+    # without a local loss a 1x1 grid is fine; the off-stride local crop is still refused
+    with pytest.raises(ConfigError) as e:
+        check_grids(_cfg("model.backbone=resnet18", "loss.matching=none"))
+    assert "1x1" not in str(e.value) and "nearest valid sizes: 32" in str(e.value)
+    assert check_grids(_cfg("model.backbone=resnet18", "loss.matching=none", "crops.local_size=32"))[1] == 32
+
+
+@pytest.mark.parametrize("extra, key, valid", [
+    (CONVNET + ["crops.global_size=30"], "crops.global_size=30", "28 or 32"),
+    (SWIN + ["crops.local_size=20"], "crops.local_size=20", "16 or 24"),
+    (["model.backbone=resnet18", "crops.global_size=80", "crops.local_size=64"], "crops.global_size=80", "64 or 96"),
+])
+def test_crop_sizes_off_the_stride_name_the_nearest_valid_sizes(extra, key, valid):
+    with pytest.raises(ConfigError) as e:
+        check_grids(_cfg(*extra))
+    assert key in str(e.value) and f"nearest valid sizes: {valid}" in str(e.value)
+
+
+def test_a_crop_the_backbone_cannot_take_names_the_minimum_size():
+    with pytest.raises(ConfigError) as e:
+        check_grids(_cfg("model.backbone=convnext_atto", "loss.matching=none"))
+    msg = str(e.value)
+    assert "convnext_atto cannot take crops.local_size=16" in msg and "its minimum is 32 px" in msg
+    assert "Traceback" not in msg
+
+
+def test_warmup_longer_than_the_run_is_scaled_and_said():
+    cfg = tiny_config("unused", "train.epochs=5", "train.warmup_epochs=10", "train.warmup_steps=null")
+    scaled, note = scale_warmup(cfg, steps_per_epoch=4)  # 20 steps, warm-up 40
+    assert scaled.train.warmup_steps == 2 and "train.warmup_epochs=10 (40 steps)" in note
+    assert "longer than the run (20 steps)" in note and "scaled to 2 steps" in note
+    same, none = scale_warmup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=50)), 4)
+    assert none is None and same.train.warmup_steps is None
+
+
+def test_scaled_warmup_is_what_the_run_records(tmp_path, capsys):
+    from glsd.train.pretrain import pretrain
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, "train.epochs=1", "train.warmup_steps=null", "train.warmup_epochs=10",
+                         "train.max_steps=1"))
+    assert "warm-up train.warmup_epochs=10 (40 steps) is longer than the run" in capsys.readouterr().err
+    assert "warmup_steps: 0" in (run / "config.yaml").read_text()
+
+
+def test_resume_under_a_changed_schedule_is_refused_or_extended(tmp_path, capsys):
+    from glsd.train.pretrain import pretrain
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, "train.epochs=1", "train.max_steps=null"))  # 4 steps: finished
+    pretrain(tiny_config(run, "train.epochs=1", "train.max_steps=null"))  # the same: nothing to do
+    assert "nothing to train: the run is already at step 4" in capsys.readouterr().err
+    with pytest.raises(ConfigError) as e:
+        pretrain(tiny_config(run, "train.epochs=2", "train.batch_size=4", "train.max_steps=null"))
+    msg = str(e.value)
+    assert "train.epochs: 1 -> 2" in msg and "train.batch_size: 8 -> 4" in msg and "train.extend=true" in msg
+    pretrain(tiny_config(run, "train.epochs=2", "train.extend=true", "train.max_steps=null"))
+    err = capsys.readouterr().err
+    assert "resumed at step 4" in err and "continues under the new schedule (train.epochs: 1 -> 2)" in err
+    assert [r["step"] for r in read_metrics(run) if "loss" in r][-1] == 8
+
+
+# ---------------------------------------------------------------------------------------
+# folder detection
+
+def _image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+
+
+def test_flat_folder_with_a_hidden_subfolder_keeps_every_image(tmp_path):
+    for name in ("a.jpg", "b.png", "trip/c.jpg", "trip/deeper/d.jpg", ".thumbs/a.jpg"):
+        _image(tmp_path / name)
+    kind, why = detect_kind(str(tmp_path))
+    assert kind == "folder" and "2 images at the top level" in why
+    cfg = load_config(None, [f"data.root={tmp_path}"])
+    src = open_source(cfg.data)
+    assert src.keys == ["a.jpg", "b.png", "trip/c.jpg", "trip/deeper/d.jpg"] and src.classes == []
+    forced = open_source(load_config(None, [f"data.root={tmp_path}", "data.source=imagefolder"]).data)
+    assert forced.classes == ["trip"] and forced.keys == ["trip/c.jpg", "trip/deeper/d.jpg"]
+
+
+def test_class_folders_are_an_imagefolder_and_folder_forces_unlabelled(tmp_path):
+    for name in ("cat/1.jpg", "cat/sub/2.jpg", "dog/3.jpg", ".cache/x.jpg"):
+        _image(tmp_path / name)
+    assert detect_kind(str(tmp_path)) == ("imagefolder", "2 sub-folders and no images at the top level")
+    src = open_source(load_config(None, [f"data.root={tmp_path}"]).data)
+    assert src.classes == ["cat", "dog"] and src.labels == [0, 0, 1]
+    flat = open_source(load_config(None, [f"data.root={tmp_path}", "data.source=folder"]).data)
+    assert flat.labels == [-1, -1, -1] and "cat/sub/2.jpg" in flat.keys
+
+
+def test_the_detection_rule_is_stated(tmp_path):
+    (tmp_path / ".hidden").mkdir()
+    _image(tmp_path / ".hidden" / "x.jpg")
+    with pytest.raises(ConfigError) as e:
+        open_source(load_config(None, [f"data.root={tmp_path}", "data.source=imagefolder"]).data)
+    assert "hidden folders (.name) are ignored" in str(e.value)
+
+
+def test_preflight_plan_counts_the_subset(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "data.num_images=16")
+    cfg, plan = preflight(cfg, open_source(cfg.data))
+    assert (plan.num_images, plan.steps_per_epoch, plan.total_steps) == (16, 2, 200)
