@@ -1,13 +1,15 @@
-"""The ``glsd`` command line: pretrain, eval, study, bench, pictures."""
+"""The ``glsd`` command line: pretrain, eval, study, bench, pictures, discovery.
+
+Import-light: torch, torchvision and timm are imported by the commands that need them, so
+``glsd --help`` and ``glsd presets`` answer at once.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from glsd.config import ConfigError, load_config, preset_names
-from glsd.train.checkpoint import CheckpointError
-from glsd.train.pretrain import NonFiniteLossError, TrainingInterrupted
+from glsd.config import ConfigError, load_config
 
 
 def _cmd_pretrain(args) -> int:
@@ -102,8 +104,24 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_presets(args) -> int:
-    for name in preset_names():
-        print(name)
+    from glsd.discovery import preset_lines
+
+    print("\n".join(preset_lines()))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from glsd.discovery import config_dry_run
+
+    print(config_dry_run(args.config, args.overrides))
+    return 0
+
+
+def _cmd_backbones(args) -> int:
+    from glsd.discovery import backbone_lines
+
+    for line in backbone_lines(args.pattern, args.sizes, args.limit):
+        print(line, flush=True)
     return 0
 
 
@@ -217,8 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is steadier on a busy machine)")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("presets", help="list the shipped presets")
+    p = sub.add_parser("presets", help="list the shipped presets, one line each")
     p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("config", help="dry run: print the resolved, validated config and its feature grids")
+    p.add_argument("config", help="preset name or YAML path")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("backbones", help="timm models matching a pattern, with the grid each gives per crop size")
+    p.add_argument("pattern", nargs="?", help="wildcard pattern ('resnet*'; a bare word matches anywhere)")
+    p.add_argument("--sizes", nargs="+", type=int, default=[224, 96], metavar="PX",
+                   help="crop sizes to probe (default: 224 96)")
+    p.add_argument("--limit", type=int, default=40, help="list at most this many models (0: all)")
+    p.set_defaults(func=_cmd_backbones)
 
     p = sub.add_parser("show-matches", help="picture: geometric and similarity matches between two crops")
     p.add_argument("items", nargs="*", metavar="[RUN_DIR] [key=value]",
@@ -267,12 +297,24 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"glsd: config error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, NonFiniteLossError) as e:
+    except Exception as e:  # noqa: BLE001 - known errors get a message; others propagate
+        code = _known_error_code(e)
+        if code is None:
+            raise
         print(f"glsd: {e}", file=sys.stderr)
+        return code
+
+
+def _known_error_code(e: Exception):
+    """Exit code of an error the training code raises, None for others. Looked up in the
+    modules already imported: one that was never imported cannot have raised."""
+    checkpoint, pretrain = sys.modules.get("glsd.train.checkpoint"), sys.modules.get("glsd.train.pretrain")
+    if pretrain is not None and isinstance(e, pretrain.TrainingInterrupted):
+        return 0  # a clean stop (SIGTERM before preemption)
+    if (checkpoint is not None and isinstance(e, checkpoint.CheckpointError)) or \
+            (pretrain is not None and isinstance(e, pretrain.NonFiniteLossError)):
         return 1
-    except TrainingInterrupted as e:  # a clean stop (SIGTERM before preemption): exit 0
-        print(f"glsd: {e}", file=sys.stderr)
-        return 0
+    return None
 
 
 if __name__ == "__main__":

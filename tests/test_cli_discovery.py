@@ -1,0 +1,71 @@
+"""Discovery commands: an import-light CLI, ``glsd presets``, ``glsd config`` (dry run) and
+``glsd backbones``."""
+import subprocess
+import sys
+
+import yaml
+
+from glsd.config import from_dict, preset_names
+from helpers_tiny import cli, subprocess_env
+
+
+def test_cli_and_config_import_no_torch():
+    code = ("import sys, glsd.cli, glsd.config, glsd.discovery; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_help_and_presets_do_not_import_torch():
+    code = ("import sys, contextlib, io; from glsd.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    main(['presets'])\n"
+            "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_presets_one_line_each_with_a_description(capsys):
+    assert cli(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == preset_names()
+    by_name = {line.split()[0]: line.split(None, 1)[1] for line in lines}
+    assert by_name["cifar10-vit-tiny"] == "A tiny ViT on CIFAR-10-sized images, runnable on a CPU."
+    assert all(len(d) <= 104 and d != "(no description)" for d in by_name.values())
+
+
+def test_config_prints_resolved_yaml_and_grids(capsys):
+    assert cli(["config", "cifar10-vit-tiny", "train.epochs=3", "data.source=synthetic",
+                "data.synthetic_num_images=128", "train.batch_size=16"]) == 0
+    out = capsys.readouterr().out
+    cfg = from_dict(yaml.safe_load(out))  # the YAML reads back into the config it resolved
+    assert cfg.train.epochs == 3 and cfg.model.patch_size == 4
+    assert "# feature grid 8x8 at global 32 px" in out and "# feature grid 4x4 at local 16 px" in out
+    assert "# schedule 8 steps/epoch x 3 epochs = 24 steps" in out
+    assert "# note: warm-up train.warmup_epochs=10 (80 steps) is longer than the run" in out
+
+
+def test_config_refuses_a_degenerate_grid(capsys):
+    assert cli(["config", "cifar10-vit-tiny", "model.backbone=resnet18", "model.backbone_kwargs={}",
+                "model.patch_size=null"]) == 2
+    err = capsys.readouterr().err
+    assert "1x1 feature grid with resnet18" in err and "glsd: config error" in err
+
+
+def test_backbones_lists_grids_or_why_not(capsys):
+    assert cli(["backbones", "resnet18", "--sizes", "64", "48"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    line = next(line for line in lines if line.startswith("resnet18 "))
+    assert "stride 32" in line and "64: 2x2" in line and "48: 2x2 (not a multiple of 32: use 32 or 64)" in line
+    assert cli(["backbones", "convnext_atto", "--sizes", "16", "32", "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("convnext_atto ") and "16: fails (RuntimeError" in out and "32: 1x1" in out
+    assert "more; narrow the pattern" in out
+    assert cli(["backbones", "glsd_conv*", "--sizes", "32", "16"]) == 0
+    assert "glsd_convnet  stride 4  32: 8x8  16: 4x4" in capsys.readouterr().out
+    assert cli(["backbones", "no_such_net_*"]) == 0
+    assert "no timm model matches" in capsys.readouterr().out
