@@ -265,3 +265,44 @@ def test_gradients_reach_every_student_parameter(name, matching):
     if matching != "none":
         assert any(p.grad.abs().sum() > 0 for p in student.local_head.parameters())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# declared output format (forward_intermediates, feature_info, num_prefix_tokens)
+
+@pytest.mark.parametrize("name, stride", [("convnet", 4), ("vit", 4), ("swin", 8), ("resnet", 32)])
+def test_declared_stride_and_meta_grid_match_the_real_forward(name, stride):
+    from glsd.models.backbone import meta_backbone, probe_grid
+
+    cfg = make_cfg(name)
+    bb = build_backbone(cfg.model, 32).eval()
+    meta = meta_backbone(cfg.model, 32)
+    assert bb.stride == meta.stride == stride
+    assert next(meta.model.parameters()).device.type == "meta"
+    for size in (32, 16):
+        assert probe_grid(meta, size) == bb.grid_size((size, size))
+
+
+def test_convnet_implements_timms_intermediates_contract():
+    from glsd.models.convnet import ConvNet
+
+    net = ConvNet(widths=(8, 8, 16, 16, 24), pool_after=(1, 3)).eval()
+    assert [(f["num_chs"], f["reduction"]) for f in net.feature_info] == [(8, 1), (16, 2), (24, 4)]
+    x = torch.randn(2, 3, 32, 32)
+    final, inter = net.forward_intermediates(x)
+    torch.testing.assert_close(final, net.forward_features(x))
+    assert [tuple(t.shape) for t in inter] == [(2, 8, 32, 32), (2, 16, 16, 16), (2, 24, 8, 8)]
+    (last,) = net.forward_intermediates(x, indices=1, intermediates_only=True)
+    torch.testing.assert_close(last, final)
+    (first,) = net.forward_intermediates(x, indices=[0], intermediates_only=True)
+    torch.testing.assert_close(first, inter[0])
+    # the module layout (and so the exported state dict) is the plain Sequential of before
+    assert all(k.startswith("features.") for k in net.state_dict())
+
+
+def test_family_lists_have_one_home():
+    import pathlib
+
+    src = pathlib.Path(__file__).resolve().parents[1] / "src" / "glsd"
+    hits = [p.name for p in src.rglob("*.py") if '"deit3"' in p.read_text()]
+    assert hits == ["families.py"]
