@@ -137,3 +137,13 @@ def test_preflight_plan_counts_the_subset(tmp_path):
     cfg = tiny_config(tmp_path / "run", "data.num_images=16")
     cfg, plan = preflight(cfg, open_source(cfg.data))
     assert (plan.num_images, plan.steps_per_epoch, plan.total_steps) == (16, 2, 200)
+
+
+def test_another_run_is_refused_for_its_identity_first(tmp_path):
+    from glsd.train.pretrain import pretrain
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, "train.max_steps=1"))
+    with pytest.raises(ConfigError) as e:
+        pretrain(tiny_config(run, "train.max_steps=2", "model.out_dim=32", "train.lr=1e-4"))
+    assert "holds a run of another config" in str(e.value) and "model.out_dim" in str(e.value)

@@ -216,9 +216,12 @@ def test_resume_refuses_a_changed_config_naming_keys(tmp_path):
     # Nothing was touched.
     assert (run / "config.yaml").read_text() == config_before
     assert load_last(run)["step"] == 2 and last_step(run) == 2
-    # A train.* change (more steps, another lr) is a continuation, not another run.
-    pretrain(tiny_config(run, "train.max_steps=3", "train.lr=1e-4"))
+    # More steps is a continuation; another lr is another schedule, continued only when
+    # train.extend=true says so (test_preflight covers the refusal).
+    pretrain(tiny_config(run, "train.max_steps=3"))
     assert load_last(run)["step"] == 3
+    pretrain(tiny_config(run, "train.max_steps=4", "train.lr=1e-4", "train.extend=true"))
+    assert load_last(run)["step"] == 4
 
 
 def test_resume_false_or_new_output_dir_start_fresh_and_keep_old(tmp_path, capsys):

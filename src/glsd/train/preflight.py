@@ -21,7 +21,7 @@ from typing import Optional
 
 import yaml
 
-from glsd.config import Config, ConfigError
+from glsd.config import Config, ConfigError, diff_keys, from_dict, identity
 from glsd.data.sources import ImageSource, balanced_subset
 
 # The train keys that define the per-step schedules of a run (lr, wd, momentum, warm-ups);
@@ -110,8 +110,8 @@ def check_grids(cfg: Config) -> tuple[dict[str, tuple[int, int]], Optional[int]]
         if stride and size % stride:
             valid = " or ".join(str(s) for s in nearest_multiples(size, stride))
             problems.append(f"crops.{key}={size} is not a multiple of {name}'s stride {stride}, so the "
-                            f"grid cells do not tile the crop and their centres are off by up to half a "
-                            f"cell; nearest valid sizes: {valid}")
+                            f"feature grid does not tile the crop (the cell centres used for matching are "
+                            f"misplaced); nearest valid sizes: {valid}")
         if cfg.loss.matching != "none" and min(grid) < MIN_CELLS:
             need = MIN_CELLS * (stride or size)
             problems.append(
@@ -154,9 +154,12 @@ def check_resume_schedule(cfg: Config, run_dir: Path) -> list[str]:
     if not (cfg.train.resume and last.is_file() and recorded.is_file()):
         return []
     try:
-        old = (yaml.safe_load(recorded.read_text()) or {}).get("train", {})
-    except yaml.YAMLError:
+        raw = yaml.safe_load(recorded.read_text()) or {}
+        if diff_keys(identity(from_dict(raw)), identity(cfg)):
+            return []  # another run altogether: the run folder refuses it, naming those keys
+    except (yaml.YAMLError, ConfigError):
         return []  # an unreadable record: the checkpoint's own config check still runs
+    old = raw.get("train", {})
     new = dataclasses.asdict(cfg.train)
     changed = [f"train.{k}: {old[k]!r} -> {new[k]!r}" for k in SCHEDULE_KEYS
                if k in old and old[k] != new[k]]
