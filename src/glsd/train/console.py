@@ -140,10 +140,11 @@ class Console:
             self.lines([f"glsd: teacher backbone exported to {export}"])
 
 
-def start_summary(cfg, source, plan, device, precision, world_size: int, run_root,
+def start_summary(cfg, source, plan, device, amp_dtype, world_size: int, run_root,
                   resumed_step: Optional[int], skipped: int = 0) -> list[str]:
-    """The lines printed before the first step."""
+    """The lines printed before the first step (amp_dtype: the autocast dtype, None = fp32)."""
     d, t = cfg.data, cfg.train
+    precision = "fp32" if amp_dtype is None else f"{str(amp_dtype).replace('torch.', '')} autocast"
     labels = (f"{len(source.classes)} classes" if source.classes and any(l >= 0 for l in source.labels)
               else "unlabelled")
     used = "all used" if plan.num_images == len(source) else f"{plan.num_images:,} images used"

@@ -34,6 +34,7 @@ from glsd.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup,
 from glsd.train.objective import GlobalLocalObjective, LossTerms
 from glsd.train.preflight import preflight
 from glsd.train.run_folder import LOG, RunFolder
+from glsd.train.tensorboard import metric_sinks, require_sinks
 from glsd.train.schedules import Schedules
 from glsd.train.sync_batchnorm import sync_batchnorm
 
@@ -142,10 +143,7 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
     source = open_source(cfg.data)
     # Grids, strides, warm-up and schedule changes: refused or adjusted before any step.
     cfg, plan = preflight(cfg, source, dinfo.world_size)
-    if cfg.log.tensorboard:
-        from glsd.train.tensorboard import require_tensorboard
-
-        require_tensorboard()
+    require_sinks(cfg)
     student = build_network(cfg).to(device)
     teacher = build_teacher(cfg, student).to(device)
     run = RunFolder(cfg.output_dir, dinfo.is_main)
@@ -178,13 +176,13 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
     model = DistributedDataParallel(student) if dinfo.enabled else student
 
     console = Console(dinfo.is_main, cfg.train.progress)
-    console.lines(start_summary(cfg, source, plan, device, _precision_name(amp_dtype), dinfo.world_size,
+    console.lines(start_summary(cfg, source, plan, device, amp_dtype, dinfo.world_size,
                                 run.root, state.step if resume is not None else None,
                                 state.skipped_images))
     ctx = Context(cfg, run, dinfo, device, amp_dtype, model, student, teacher, objective,
                   optimizer, scaler, sched, loader, sampler, StepViews(cfg), console,
                   CollapseMonitor(cfg.model.out_dim, cfg.log.collapse_patience,
-                                  max(sched.warmup_steps, sched.freeze_last_layer_steps)), _sinks(cfg, run, dinfo))
+                                  max(sched.warmup_steps, sched.freeze_last_layer_steps)), metric_sinks(cfg, run.root, dinfo.is_main))
     try:
         with StopRequested() as stop:
             finished = train_loop(ctx, state, stop)
@@ -228,18 +226,6 @@ class Context:
     console: Optional[Console] = None  # None (benchmarks): silent
     monitor: Optional[CollapseMonitor] = None
     sinks: list = dataclasses.field(default_factory=list)  # metric writers besides metrics.jsonl
-
-
-def _precision_name(amp_dtype: Optional[torch.dtype]) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp_dtype]
-
-
-def _sinks(cfg: Config, run: RunFolder, dinfo: DistInfo) -> list:
-    if not (cfg.log.tensorboard and dinfo.is_main):
-        return []
-    from glsd.train.tensorboard import TensorBoardSink
-
-    return [TensorBoardSink(run.root)]
 
 
 def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:

@@ -17,6 +17,17 @@ def require_tensorboard() -> None:
         raise ConfigError(f"log.tensorboard=true needs the tensorboard package: {INSTALL_HINT}") from None
 
 
+def require_sinks(cfg) -> None:
+    """Before the run folder: the configured metric writers can be built."""
+    if cfg.log.tensorboard:
+        require_tensorboard()
+
+
+def metric_sinks(cfg, run_root: Path, is_main: bool) -> list:
+    """Writers that receive every metrics.jsonl record (``write``/``close``); rank 0 only."""
+    return [TensorBoardSink(run_root)] if cfg.log.tensorboard and is_main else []
+
+
 class TensorBoardSink:
     def __init__(self, run_root: Path):
         require_tensorboard()
