@@ -131,10 +131,11 @@ class Console:
         done = step - (self.first_step or 0)
         if done == 0:
             self.lines([f"glsd: nothing to train: the run is already at step {step} of its schedule "
-                        "(to train longer, raise train.epochs and add train.extend=true)"])
+                        "(to train longer: a higher train.max_steps, or train.epochs with train.extend=true)"])
         else:
             rate = done * global_batch / max(elapsed, 1e-9)
-            self.lines([f"glsd: done: {done} steps (step {step}) in {duration(elapsed)}, "
+            self.lines([f"glsd: done: {done} step{'' if done == 1 else 's'} (step {step}) in "
+                        f"{duration(elapsed)}, "
                         f"{fmt(rate)} images/s, {skipped} images skipped"])
         if export:
             self.lines([f"glsd: teacher backbone exported to {export}"])
@@ -167,7 +168,7 @@ def start_summary(cfg, source, plan, device, amp_dtype, world_size: int, run_roo
     lines.append(f"  batch      {t.batch_size} per process x {world_size} process"
                  f"{'es' if world_size > 1 else ''} = {per_step} images per step")
     stop = f", stopping at train.max_steps={t.max_steps}" if t.max_steps else ""
-    lines.append(f"  schedule   {plan.steps_per_epoch:,} steps/epoch x {t.epochs} epochs = "
+    lines.append(f"  schedule   {plan.steps_per_epoch:,} steps/epoch x {t.epochs} epoch{'' if t.epochs == 1 else 's'} = "
                  f"{plan.total_steps:,} steps{stop}")
     lines.append(f"  run folder {run_root}")
     if resumed_step is not None:

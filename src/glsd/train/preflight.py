@@ -143,7 +143,8 @@ def scale_warmup(cfg: Config, steps_per_epoch: int) -> tuple[Config, Optional[st
     asked = (f"train.warmup_steps={cfg.train.warmup_steps}" if cfg.train.warmup_steps is not None
              else f"train.warmup_epochs={cfg.train.warmup_epochs:g}")
     note = (f"warm-up {asked} ({warmup} steps) is longer than the run ({total} steps): scaled to "
-            f"{scaled} steps ({WARMUP_FRACTION:.0%} of the run); set train.warmup_steps to choose")
+            f"{scaled} step{'' if scaled == 1 else 's'} ({WARMUP_FRACTION:.0%} of the run); set "
+            "train.warmup_steps to choose")
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_steps=scaled)), note
 
 
