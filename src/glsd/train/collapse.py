@@ -4,6 +4,8 @@ DINO collapses in two ways (dino #61, #246; dinov2 #407): every image onto one p
 (the teacher's batch-mean distribution concentrates: few *effective prototypes*), or every
 output uniform (the teacher's per-image entropy reaches log K). Either way the backbone stops
 telling images apart: the per-dimension std of its L2-normalised features goes to zero.
+Under torchrun each rank computes them on its slice of the batch and the logged value is the
+mean over ranks (as for the losses).
 """
 from __future__ import annotations
 
