@@ -182,7 +182,8 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
     ctx = Context(cfg, run, dinfo, device, amp_dtype, model, student, teacher, objective,
                   optimizer, scaler, sched, loader, sampler, StepViews(cfg), console,
                   CollapseMonitor(cfg.model.out_dim, cfg.log.collapse_patience,
-                                  max(sched.warmup_steps, sched.freeze_last_layer_steps)), metric_sinks(cfg, run.root, dinfo.is_main))
+                                  max(sched.warmup_steps, sched.freeze_last_layer_steps)),
+                  metric_sinks(cfg, run.root, dinfo.is_main))
     try:
         with StopRequested() as stop:
             finished = train_loop(ctx, state, stop)
