@@ -101,12 +101,12 @@ def test_sharding_and_uneven_gather(monkeypatch):
         sent.append(t.clone())
         return torch.cat([t, t])
 
-    monkeypatch.setattr(features, "dist_rank_world", lambda: (1, 2))
+    monkeypatch.setattr(features, "rank_world", lambda: (1, 2))
     monkeypatch.setattr(features, "all_gather_cat", gather_rank1)
     extract_features(backbone, source, cfg, "cpu")
     assert [t.shape[0] for t in sent] == [1, 4, 4] and int(sent[0]) == 4  # 4 of 7 images
     calls = iter(sent)
-    monkeypatch.setattr(features, "dist_rank_world", lambda: (0, 2))
+    monkeypatch.setattr(features, "rank_world", lambda: (0, 2))
     monkeypatch.setattr(features, "all_gather_cat", lambda t: torch.cat([t, next(calls)]))
     feats, labels = extract_features(backbone, source, cfg, "cpu")
     assert torch.allclose(feats, ref_f, atol=1e-5) and torch.equal(labels, ref_y)

@@ -28,9 +28,11 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     # auto: a .zip -> zip, a folder with class sub-folders -> imagefolder, else folder.
+    # sample: the small labelled image set shipped with the package (glsd/sample/; needs no
+    # data.root), for a first run on any machine.
     source: Literal["auto", "imagefolder", "folder", "zip", "cifar10", "cifar100", "stl10",
-                    "fashion_mnist", "synthetic"] = "auto"
-    root: str = ""
+                    "fashion_mnist", "synthetic", "sample"] = "auto"
+    root: str = ""  # never set by a preset: the user's folder or zip, given on the command line
     split: str = "train"
     download: bool = False
     # Low-data regime: a class-balanced seeded subset (fraction of the split or a count).
@@ -145,7 +147,6 @@ class TrainConfig:
     # checkpoint under the new schedule. Without it such a resume is refused.
     extend: bool = False
     deterministic: bool = False
-    compile: bool = False
     progress: bool = True
 
 
@@ -235,10 +236,17 @@ def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = (
     preset = ""
     if name_or_path:
         raw, preset = _read_yaml(name_or_path)
-    raw = _merge(raw, parse_overrides(overrides))
-    cfg = from_dict(raw)
+    cfg = apply_overrides(raw, overrides)
     if preset and not cfg.preset:
         cfg.preset = preset
+    return cfg
+
+
+def apply_overrides(cfg_or_dict: Union["Config", dict], overrides: Sequence[str] = ()) -> "Config":
+    """A config (or a raw mapping, e.g. a run's ``config.yaml``) with dotted ``key=value``
+    overrides applied, through the same strict parsing and validation as :func:`load_config`."""
+    raw = to_dict(cfg_or_dict) if isinstance(cfg_or_dict, Config) else cfg_or_dict
+    cfg = from_dict(_merge(raw, parse_overrides(overrides)))
     validate(cfg)
     return cfg
 
@@ -276,11 +284,31 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+# Removed keys, ignored when read (old run folders hold them): key -> why it went.
+RETIRED_KEYS = {
+    "train.compile": "never read by the training loop; `glsd bench --compile` measures torch.compile",
+}
+
+
+def _drop_retired(raw: dict, prefix: str) -> dict:
+    """Older versions wrote retired keys at their default (false): their run folders and
+    checkpoints must still load. Asking for one is an error that says why it went."""
+    out = {}
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        if key not in RETIRED_KEYS:
+            out[k] = v
+        elif v:
+            raise ConfigError(f"'{key}' was removed: {RETIRED_KEYS[key]}")
+    return out
+
+
 def from_dict(raw: dict, cls: type = Config, prefix: str = "") -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    raw = _drop_retired(raw, prefix)
     unknown = [k for k in raw if k not in names]
     if unknown:
         key = unknown[0]

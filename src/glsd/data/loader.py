@@ -19,7 +19,7 @@ from glsd.config import Config, ConfigError
 from glsd.data.multicrop import Batch, DecodeToSquare, MultiCropDataset, ViewCollate, decode_size
 from glsd.data.views import ViewMaker
 from glsd.data.sources import ImageSource, balanced_subset, open_source
-from glsd.train.checkpoint import atomic_write
+from glsd.utils.io import atomic_write
 
 SUBSET_FILE = "subset.json"
 

@@ -13,26 +13,23 @@ Checkpoints are read only through :func:`glsd.train.checkpoint.load_checkpoint` 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 import yaml
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from glsd.config import Config, ConfigError, _merge, from_dict, parse_overrides, validate
+from glsd.config import Config, ConfigError, apply_overrides
 from glsd.data.sources import ImageSource
 from glsd.models.backbone import Backbone, build_backbone
-from glsd.train.checkpoint import load_checkpoint
-from glsd.train.distributed import all_gather_cat
+from glsd.train.checkpoint import load_checkpoint, read_backbone_config
+from glsd.train.distributed import all_gather_cat, rank_world
 
 Device = Union[str, torch.device]
 MODELS = ("teacher", "student")
@@ -63,8 +60,7 @@ def load_backbone(path: Union[str, Path], which: Optional[str] = "teacher", rand
     """
     path = Path(path)
     raw, loader, info = _locate(path)
-    cfg = from_dict(_merge(raw, parse_overrides(overrides)))
-    validate(cfg)
+    cfg = apply_overrides(raw, overrides)
     which = cfg.eval.model if which is None else which
     if which not in MODELS:
         raise ConfigError(f"which={which!r}: use one of {', '.join(MODELS)}")
@@ -164,10 +160,9 @@ def _ckpt_config(ckpt: dict, path: Path) -> dict:
 
 
 def _safetensors_config(path: Path) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "config" in meta:
-        return json.loads(meta["config"])
+    config = read_backbone_config(path)
+    if config is not None:
+        return config
     sibling = path.parent / "config.yaml"
     if sibling.is_file():
         return _read_yaml(sibling)
@@ -292,15 +287,9 @@ def _collate(items: list) -> _Batch:
                   [g[2] for g in good], bad)
 
 
-def dist_rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def progress_bar(total: int, desc: Optional[str], unit: str = "img"):
     """A tqdm bar on a terminal (rank 0 only) when ``desc`` is given, else None."""
-    if desc is None or dist_rank_world()[0] != 0 or not sys.stderr.isatty():
+    if desc is None or rank_world()[0] != 0 or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
@@ -361,7 +350,7 @@ def extract_features(backbone: Backbone, source: ImageSource, cfg: Config, devic
         feats ``(N, D)`` float32 and labels ``(N,)`` long (-1 where unlabeled), on ``device``.
     """
     device = torch.device(device)
-    rank, world = dist_rank_world()
+    rank, world = rank_world()
     n = len(source)
     shard = range(n * rank // world, n * (rank + 1) // world)
     feats, labels, skipped = [], [], 0

@@ -25,18 +25,20 @@ from typing import Optional, Sequence, Union
 import torch
 
 from glsd.config import Config, ConfigError, DataConfig, to_dict
+from glsd.data.loader import SUBSET_FILE
 from glsd.data.sources import ImageSource, balanced_subset, open_source
 from glsd.eval.data_spec import data_config
 from glsd.eval.dense import run_dense
-from glsd.eval.features import Device, dist_rank_world, extract_features, load_backbone, resolve_feature
+from glsd.eval.features import Device, extract_features, load_backbone, resolve_feature
 from glsd.eval.knn import knn_classify
 from glsd.eval.linear import linear_probe
 from glsd.models.backbone import Backbone
-from glsd.train.checkpoint import atomic_write
+from glsd.train.distributed import rank_world
+from glsd.utils.device import resolve_device as _resolve_device
+from glsd.utils.io import atomic_write
 
 KINDS = ("knn", "linear", "dense")
 KNN_KS = (10, 20, 100, 200)
-SUBSET_FILE = "subset.json"
 
 _SOURCES: dict[tuple[str, str], ImageSource] = {}
 _ONLINE: dict = {}
@@ -59,17 +61,10 @@ def clear_cache() -> None:
     _ONLINE.clear()
 
 
-def resolve_device(device: Device, cfg: Config) -> torch.device:
-    """"auto" -> the config's device; its "auto" -> CUDA when available, else CPU."""
-    name = cfg.device if str(device) == "auto" else device
-    if str(name) == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())  # the rank's GPU under torchrun
-    return dev
+def eval_device(device: Device, cfg: Config) -> torch.device:
+    """The device argument, "auto" deferring to the config's ``device`` (then
+    :func:`glsd.utils.device.resolve_device`)."""
+    return _resolve_device(cfg.device if str(device) == "auto" else device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -207,7 +202,7 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     path = Path(path)
     run_overrides = [o for o in overrides if not (o.startswith("data.") and (train_data or test_data))]
     backbone, cfg, info = load_backbone(path, which, random_init, run_overrides)
-    dev = resolve_device(device, cfg)
+    dev = eval_device(device, cfg)
     backbone.to(dev)
     base = path if path.is_dir() else Path(info["run_dir"])
     loaded = time.perf_counter()
@@ -218,11 +213,11 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     suffix = "" if info["model"] == "teacher" else f"-{info['model']}"
     out = base / "eval" / f"{kind}{suffix}{data_slug(train_data, test_data)}.json"
     record = {"kind": kind, **_model_record(cfg, info), **body,
-              "device": str(dev), "world_size": dist_rank_world()[1], "overrides": list(overrides),
+              "device": str(dev), "world_size": rank_world()[1], "overrides": list(overrides),
               "timing": {"load_s": loaded - start, **timing, "total_s": time.perf_counter() - start},
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "output": str(out),
               "config": to_dict(cfg)}
-    if dist_rank_world()[0] == 0:
+    if rank_world()[0] == 0:
         payload = json.dumps(record, indent=2).encode()
         atomic_write(out, lambda f: f.write(payload))
     return record

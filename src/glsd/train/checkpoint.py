@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, safe (weights-only) reads, and the exported backbone.
+"""Checkpoints: atomic writes (:mod:`glsd.utils.io`), safe (weights-only) reads, and the exported backbone.
 
 Checkpoints are untrusted input: they are read with ``torch.load(weights_only=True)``, which
 refuses any pickled object other than tensors and plain containers, so a crafted file cannot
@@ -8,47 +8,20 @@ moment leaves either the previous or the new checkpoint, never a torn one.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from glsd.utils.io import atomic_write
 
 FORMAT = "glsd-checkpoint-v1"
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, then atomically replace ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -77,20 +50,22 @@ def export_backbone(path: Path, model: torch.nn.Module, config: dict) -> None:
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": "glsd-backbone-v1", "backbone": config["model"]["backbone"],
             "config": json.dumps(config)}
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(Path(path).parent)
+    data = save(tensors, metadata=meta)
+    atomic_write(Path(path), lambda f: f.write(data))
 
 
-def read_backbone(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, config dict) of an exported backbone; the config is from its metadata."""
+def read_backbone_config(path: Path) -> Optional[dict]:
+    """The run config stored in an exported backbone's safetensors metadata (None if absent)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if "config" not in meta:
+    return json.loads(meta["config"]) if "config" in meta else None
+
+
+def read_backbone(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, config dict) of an exported backbone; the config is from its metadata."""
+    config = read_backbone_config(path)
+    if config is None:
         raise CheckpointError(f"{path} has no glsd config in its metadata; export it with glsd")
-    return load_file(str(path)), json.loads(meta["config"])
+    return load_file(str(path)), config

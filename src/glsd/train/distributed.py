@@ -37,6 +37,13 @@ def init_distributed(device_type: str) -> DistInfo:
     return info
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -37,6 +37,7 @@ from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.tensorboard import metric_sinks, require_sinks
 from glsd.train.schedules import Schedules
 from glsd.train.sync_batchnorm import sync_batchnorm
+from glsd.utils.device import resolve_device, resolve_precision
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,34 +49,6 @@ class TrainingInterrupted(Exception):
     either (callers such as the study must not treat the run as done)."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is visible; use device=cpu or auto")
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if _cpu_has_bf16() else None
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def param_groups(model: nn.Module) -> list[dict]:
     """Weight decay on weight matrices only; biases, norms and the prototype norms are exempt."""
     decay, no_decay = [], []
@@ -84,6 +57,40 @@ def param_groups(model: nn.Module) -> list[dict]:
             continue
         (no_decay if p.ndim <= 1 or name.endswith(".original0") else decay).append(p)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_networks(cfg: Config, device: torch.device) -> tuple[GLSDNet, GLSDNet]:
+    """(student, teacher) on ``device``: the teacher starts as a copy of the student."""
+    student = build_network(cfg).to(device)
+    return student, build_teacher(cfg, student).to(device)
+
+
+@dataclass
+class Optimisation:
+    """What a training step needs besides the networks (see :func:`build_optimisation`)."""
+    student: GLSDNet
+    teacher: GLSDNet
+    objective: GlobalLocalObjective
+    optimizer: torch.optim.Optimizer
+    amp_dtype: Optional[torch.dtype]
+    scaler: torch.amp.GradScaler
+
+
+def build_optimisation(cfg: Config, student: GLSDNet, teacher: GLSDNet, device: torch.device,
+                       distributed: bool = False) -> Optimisation:
+    """Memory layout, synchronised BatchNorm (under a process group), the objective (both
+    centres), AdamW and the grad scaler, as every training step uses them (also ``glsd bench``)."""
+    if cfg.model.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    if distributed and _has_batchnorm(student):  # statistics of the global batch
+        student = sync_batchnorm(student, device)
+        teacher = sync_batchnorm(teacher, device)
+    objective = GlobalLocalObjective(cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, foreach=True)
+    amp_dtype = resolve_precision(cfg.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return Optimisation(student, teacher, objective, optimizer, amp_dtype, scaler)
 
 
 @torch.no_grad()
@@ -144,8 +151,7 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
     # Grids, strides, warm-up and schedule changes: refused or adjusted before any step.
     cfg, plan = preflight(cfg, source, dinfo.world_size)
     require_sinks(cfg)
-    student = build_network(cfg).to(device)
-    teacher = build_teacher(cfg, student).to(device)
+    student, teacher = build_networks(cfg, device)
     run = RunFolder(cfg.output_dir, dinfo.is_main)
     resume = run.prepare(cfg)
     barrier()  # rank 0 may have archived an old run (and its subset.json): read after that
@@ -157,18 +163,11 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
     loader, sampler = build_loader(cfg, subset, dinfo.rank, dinfo.world_size,
                                    pin_memory=device.type == "cuda")
 
-    if cfg.model.channels_last:
-        student = student.to(memory_format=torch.channels_last)
-        teacher = teacher.to(memory_format=torch.channels_last)
     if dinfo.rank:  # from here on each rank draws its own random numbers (drop-path masks)
         seed_everything(cfg.train.seed + dinfo.rank, cfg.train.deterministic)
-    if dinfo.enabled and _has_batchnorm(student):  # statistics of the global batch
-        student = sync_batchnorm(student, device)
-        teacher = sync_batchnorm(teacher, device)
-    objective = GlobalLocalObjective(cfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, foreach=True)
-    amp_dtype = resolve_precision(cfg.train.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    opt = build_optimisation(cfg, student, teacher, device, dinfo.enabled)
+    student, teacher, objective, optimizer = opt.student, opt.teacher, opt.objective, opt.optimizer
+    amp_dtype, scaler = opt.amp_dtype, opt.scaler
     sched = Schedules(cfg, sampler.steps_per_epoch, sampler.global_batch)
     state = TrainState()
     if resume is not None:

@@ -1,0 +1,44 @@
+"""Which device and which autocast precision a run uses: one rule for training, evaluation,
+pictures and the bench."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from glsd.config import ConfigError
+
+
+def resolve_device(name: Union[str, torch.device]) -> torch.device:
+    """"auto" -> CUDA when available, else CPU; "cuda" without an index -> the current CUDA
+    device (the rank's GPU under torchrun, once the process group is set up)."""
+    name = str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``train.precision`` on ``device``, or None for fp32. "auto":
+    bf16 where the hardware has it (fp16 on older GPUs), else fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_bf16() else None
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
