@@ -18,26 +18,28 @@ if str(ROOT / "src") not in sys.path:
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from glsd import bench  # noqa: E402
-from glsd.config import load_config  # noqa: E402
+from glsd.config import apply_overrides, load_config  # noqa: E402
+from glsd.tools.bench.common import cpu_model  # noqa: E402
+from glsd.tools.bench.harness import build_harness, first_batch  # noqa: E402
+from glsd.tools.bench.run import DEFAULT_PRESET  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the preset")
-    ap.add_argument("--preset", default=bench.DEFAULT_PRESET)
+    ap.add_argument("--preset", default=DEFAULT_PRESET)
     ap.add_argument("--modes", default="none,geometric")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args(argv)
     cfg = load_config(args.preset, [*args.overrides, "device=cpu"])
-    batch = bench.first_batch(cfg)
-    print(f"# {bench._cpu_model()}, {torch.get_num_threads()} threads, preset {args.preset} "
+    batch = first_batch(cfg)
+    print(f"# {cpu_model()}, {torch.get_num_threads()} threads, preset {args.preset} "
           f"{' '.join(args.overrides)}, batch {cfg.train.batch_size}, {args.steps} profiled steps per mode")
     for mode in args.modes.split(","):
-        c = bench.with_overrides(cfg, [f"loss.matching={mode}"])
-        h = bench.build_harness(mode, c, torch.device("cpu"), batch, channels_last=c.model.channels_last)
+        c = apply_overrides(cfg, [f"loss.matching={mode}"])
+        h = build_harness(mode, c, torch.device("cpu"), batch)
         for _ in range(args.warmup):
             h.step(timed=False)
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -18,8 +18,9 @@ if str(ROOT / "src") not in sys.path:
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from glsd import bench  # noqa: E402
 from glsd.config import load_config  # noqa: E402
+from glsd.tools.bench.device import PAPER_PRESET, PAPER_STEP, device_batch  # noqa: E402
+from glsd.tools.bench.harness import build_harness  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,10 +35,10 @@ def main(argv=None) -> int:
         print("gpu_profile: no CUDA device visible", file=sys.stderr)
         return 1
     dev = torch.device("cuda")
-    cfg = load_config(None, [*bench.PAPER_SWIN_T, f"train.batch_size={args.batch}", "device=cuda",
-                             f"loss.matching={args.mode}"])
-    raw = bench.device_batch(cfg, dev, (375, 500))  # views made on the device in each step
-    h = bench.build_harness(args.mode, cfg, dev, raw, steps_per_epoch=1000)
+    cfg = load_config(PAPER_PRESET, [*PAPER_STEP, f"train.batch_size={args.batch}", "device=cuda",
+                                      f"loss.matching={args.mode}"])
+    raw = device_batch(cfg, dev, (375, 500))  # views made on the device in each step
+    h = build_harness(args.mode, cfg, dev, raw, steps_per_epoch=1000)
     for _ in range(args.warmup):
         h.step(timed=False)
     torch.cuda.synchronize()

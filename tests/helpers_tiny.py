@@ -35,6 +35,17 @@ BASE = [
     "train.max_steps=3", "device=cpu",
 ]
 
+# The paper-like device step of benchmarks/gpu_bench.py in miniature: the same code path (device
+# augmentation, bf16, none vs geometric) in seconds on a CPU.
+TINY_DEVICE_STEP = [
+    "model.backbone=vit_tiny_patch16_224", "model.patch_size=8",
+    "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}", "model.global_feature=cls",
+    "crops.global_size=32", "crops.local_size=16", "crops.num_global=2", "crops.num_local=2",
+    "model.out_dim=64", "model.hidden_dim=32", "model.bottleneck_dim=16",
+    "model.local_out_dim=64", "model.local_hidden_dim=32",
+    "train.batch_size=4", "train.precision=bf16", "data.augment_on=device", "data.source=synthetic",
+]
+
 METRIC_KEYS = ("step", "epoch", "loss", "loss_global", "loss_local", "lr", "wd", "momentum",
                "teacher_temp", "images_per_sec", "geo_valid_frac", "sim_geo_agree", "sim_dist_cells")
 

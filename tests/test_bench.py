@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from glsd.bench import SCHEMA, SECTIONS, TARGETS, allocator_info, run_bench
+from glsd.tools.bench import SCHEMA, SECTIONS, TARGETS, allocator_info, run_bench
 
 from helpers_tiny import subprocess_env
 

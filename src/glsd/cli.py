@@ -25,7 +25,7 @@ def _cmd_eval(args) -> int:
     from glsd.eval.runner import headline, run_eval
 
     from glsd.train.distributed import cleanup, init_distributed
-    from glsd.train.pretrain import resolve_device
+    from glsd.utils.device import resolve_device
 
     # Under torchrun every rank extracts a shard of the features; alone this is a no-op.
     dinfo = init_distributed(resolve_device(args.device).type)
@@ -89,7 +89,7 @@ def _study_lists(args) -> None:
 
 
 def _cmd_study(args) -> int:
-    from glsd.study import run_study
+    from glsd.tools.study import run_study
 
     _study_lists(args)
     result = run_study(args.config, args.out, args.overrides, args.fractions, args.matchings,
@@ -137,7 +137,7 @@ def _split_run_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
 
 def _cmd_picture(args) -> int:
     """show-matches, show-features and plot: one error path for their input problems."""
-    from glsd import viz
+    from glsd.tools import viz
 
     try:
         if args.command == "show-matches":
@@ -157,11 +157,11 @@ def _cmd_picture(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from glsd.bench import run_bench, write_json
+    from glsd.tools.bench import run_bench, write_json
 
     sections = [s for s in (args.sections or "").split(",") if s] or None
     result = run_bench(args.preset, args.overrides, quick=args.quick, sections=sections,
-                       compile_model=args.compile, threads=args.threads)
+                       compile_model=args.compile, threads=args.threads, data=args.data)
     print(write_json(result, args.out))
     return 0
 
@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the preset")
     p.add_argument("--preset", default="cpu-default", help="preset name or YAML path (default: cpu-default)")
     p.add_argument("--out", help="also write the JSON to this file")
+    p.add_argument("--data", metavar="PATH",
+                   help="a folder or zip of real images: the data section measures decoding them, and "
+                        "a preset without data.root trains on them (needed for step/data/utilisation then)")
     p.add_argument("--quick", action="store_true", help="smoke mode: tiny sizes, one or two timed iterations")
     p.add_argument("--sections", help="comma-separated subset of geometry,step,data,utilisation,knn")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile of the backbone")
