@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from glsd.study import Cell, report_markdown, run_study, summarize, verdict
+from glsd.tools.study import Cell, run_study
+from glsd.tools.study_report import report_markdown, summarize, verdict
 
 TINY = [
     "data.source=synthetic", "data.synthetic_num_images=32", "data.synthetic_num_classes=4",
@@ -14,6 +15,7 @@ TINY = [
     "model.out_dim=64", "model.hidden_dim=32", "model.bottleneck_dim=16",
     "train.batch_size=8", "train.epochs=1", "train.precision=fp32", "train.progress=false",
     "train.log_every=1", "eval.batch_size=16", "eval.dense_num_images=4", "device=cpu",
+    "eval.k=5", "eval.temperature=0.1",
 ]
 
 
@@ -45,6 +47,8 @@ def test_micro_grid_end_to_end_and_resume(tmp_path):
         assert 0 <= r["knn_top1"] <= 100 and 0 <= r["knn_floor_top1"] <= 100
         assert set(r["final"]) >= {"loss", "loss_global", "loss_local", "sim_geo_agree"}
     report = (out / "report.md").read_text()
+    # The stated settings are the run's (TINY evaluates at k=5, T=0.1), not hard-coded defaults.
+    assert "k=5, T=0.1" in report and "Data: synthetic (train)" in report
     table = _table_cells(report)
     assert table == {(r["fraction"], r["matching"]): pytest.approx(r["knn_top1"], abs=0.006)
                      for r in records}

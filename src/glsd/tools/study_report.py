@@ -1,0 +1,212 @@
+"""The study's report: mean ± std tables per fraction and matching, a cautious verdict per
+fraction (paired by seed), the paper's two claims, the matching diagnostics, and a plot.
+
+It reads the per-cell records of :mod:`glsd.tools.study` and nothing else, so
+``glsd study ... --report-only`` rewrites it from finished cells.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Optional
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(records: list[dict], key: str = "knn_top1") -> dict:
+    """{fraction: {matching: {"mean", "std", "n", "per_seed": {seed: value}}}}."""
+    table: dict = {}
+    for r in records:
+        if r.get("status") != "done":
+            continue
+        cell = table.setdefault(r["fraction"], {}).setdefault(r["matching"], {"per_seed": {}})
+        cell["per_seed"][r["seed"]] = r[key]
+    for row in table.values():
+        for cell in row.values():
+            cell["mean"], cell["std"] = mean_std(list(cell["per_seed"].values()))
+            cell["n"] = len(cell["per_seed"])
+    return table
+
+
+def paired_margin(row: dict, a: str, b: str) -> Optional[dict]:
+    """Mean paired difference a - b over the seeds both arms finished (same seed = same
+    subset and init), and whether it "exceeds the seed spread": larger than the larger of
+    the two arms' standard deviations, with every seed agreeing on the sign."""
+    seeds = sorted(set(row[a]["per_seed"]) & set(row[b]["per_seed"]))
+    diffs = [row[a]["per_seed"][s] - row[b]["per_seed"][s] for s in seeds]
+    if not diffs:
+        return None
+    margin = statistics.fmean(diffs)
+    spread = max(row[a]["std"], row[b]["std"])
+    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    clear = abs(margin) > spread and same_sign and len(diffs) > 1
+    return {"margin": margin, "spread": spread, "clear": clear, "diffs": diffs}
+
+
+def verdict(row: dict, digits: int = 2) -> str:
+    """Which matching wins at one fraction, by how much, and whether it beats the spread.
+    The rule is deliberately cautious: each arm's spread also holds the subset-to-subset
+    variation that pairing by seed removes."""
+    ranked = sorted(row, key=lambda m: -row[m]["mean"])
+    best = ranked[0]
+    if len(ranked) < 2:
+        return f"only {best} has finished cells: no comparison yet"
+    parts = [f"**{best}** wins"]
+    for other in ranked[1:]:
+        p = paired_margin(row, best, other)
+        if p is None:
+            continue
+        f = f"{{:+.{digits}f}}"
+        if len(p["diffs"]) == 1:
+            parts.append(f"{f.format(p['margin'])} over {other} (one seed: no spread to compare with)")
+            continue
+        parts.append(f"{f.format(p['margin'])} over {other} ({'exceeds' if p['clear'] else 'within'} "
+                     f"the seed spread of {p['spread']:.{digits}f}; per-seed differences "
+                     f"{', '.join(f.format(d) for d in p['diffs'])})")
+    return "; ".join(parts)
+
+
+PAPER_CLAIMS = (("geometric", "similarity", "geometric matching beats similarity matching"),
+                ("none", "similarity", "similarity matching is worse than global-only"))
+
+
+def paper_claims(row: dict, digits: int = 2) -> list[str]:
+    """The paper's two low-data claims, each checked at one fraction (paired by seed)."""
+    out = []
+    for a, b, claim in PAPER_CLAIMS:
+        p = paired_margin(row, a, b) if a in row and b in row else None
+        if p is None:
+            continue
+        holds = p["margin"] > 0
+        if len(p["diffs"]) == 1:
+            strength = "one seed: no spread to compare with"
+        elif p["clear"]:
+            strength = "beyond the seed spread" if holds else "the reverse is beyond the seed spread"
+        else:
+            strength = "within the seed spread"
+        out.append(f"{claim}: {'holds' if holds else 'does not hold'} "
+                   f"({a} - {b} = {p['margin']:+.{digits}f}, {strength})")
+    return out
+
+
+OTHER_EVALUATIONS = {
+    "linear_top1": ("Linear probe top-1 (%)", 2),
+    "dense_within_one": ("Dense correspondence: fraction of cells matched within one cell "
+                         "(label-free, held-out test images; `glsd eval dense`)", 3),
+}
+
+
+def other_evaluations(records: list[dict], matchings: list[str]) -> list[str]:
+    """A table and a verdict per fraction for each evaluation besides k-NN that was run."""
+    lines: list[str] = []
+    for key, (title, digits) in OTHER_EVALUATIONS.items():
+        done = [r for r in records if r.get("status") == "done" and r.get(key) is not None]
+        if not done:
+            continue
+        table = summarize(done, key)
+        lines += ["", f"## {title}", "", "| fraction | " + " | ".join(matchings) + " |",
+                  "|---|" + "---|" * len(matchings)]
+        for frac in sorted(table):
+            row = table[frac]
+            cells = [f"{row[m]['mean']:.{digits}f} ± {row[m]['std']:.{digits}f} (n={row[m]['n']})"
+                     if m in row else "-" for m in matchings]
+            lines.append(f"| {frac:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for frac in sorted(table):
+            claims = "; ".join(paper_claims(table[frac], digits))
+            lines.append(f"- fraction {frac:g}: {verdict(table[frac], digits)}."
+                         + (f" Paper: {claims}." if claims else ""))
+    return lines
+
+
+def settings(records: list[dict], key: str) -> str:
+    """The value of a per-cell setting (k, temperature, data) as one string: the common value,
+    all values when the cells differ, "?" for records written before it was recorded."""
+    values = sorted({str(r[key]) for r in records if r.get("status") == "done" and key in r})
+    return " / ".join(values) if values else "?"
+
+
+def report_markdown(records: list[dict]) -> str:
+    table = summarize(records)
+    floors = summarize(records, "knn_floor_top1")
+    matchings = [m for m in ("none", "similarity", "geometric")
+                 if any(m in row for row in table.values())]
+    lines = ["# Low-data study: k-NN top-1 (%) by data fraction and matching", "",
+             f"Data: {settings(records, 'data')}. Mean ± std over seeds (k={settings(records, 'knn_k')}, "
+             f"T={settings(records, 'knn_temperature')}, teacher backbone, labelled train images = the "
+             "pretraining subset, full test split). Floor: the same backbone at random init.", "",
+             "| fraction | images | floor | " + " | ".join(matchings) + " |",
+             "|---|---|---|" + "---|" * len(matchings)]
+    n_images = {r["fraction"]: r["n_images"] for r in records if r.get("status") == "done"}
+    for frac in sorted(table):
+        row = table[frac]
+        floor = mean_std([v for m in floors[frac].values() for v in m["per_seed"].values()])
+        cells = [f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f} (n={row[m]['n']})" if m in row else "-"
+                 for m in matchings]
+        lines.append(f"| {frac:g} | {n_images.get(frac, '?')} | {floor[0]:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "## Verdict per fraction", "",
+              "A comparison only means something when every arm learns: the bar is the "
+              "global-only (none) arm at least 10 points above the floor.", ""]
+    for frac in sorted(table):
+        floor = mean_std([v for m in floors[frac].values() for v in m["per_seed"].values()])[0]
+        lift = table[frac]["none"]["mean"] - floor if "none" in table[frac] else math.nan
+        bar = "met" if lift >= 10 else "NOT met: read the comparison with care"
+        claims = "; ".join(paper_claims(table[frac]))
+        lines.append(f"- fraction {frac:g}: {verdict(table[frac])}. Global-only arm vs floor: "
+                     f"{lift:+.2f} points ({bar})." + (f" Paper: {claims}." if claims else ""))
+    lines += other_evaluations(records, matchings)
+    lines += ["", "## Matching diagnostics at the end of training", "",
+              "How often the similarity match equals the geometric match (among cells with a valid "
+              "geometric match), and the mean distance of similarity matches from the true "
+              "location, in teacher cells; computed in every arm.", "",
+              "| fraction | matching | sim = geo | sim distance (cells) | valid geometric matches |",
+              "|---|---|---|---|---|"]
+    for frac in sorted(table):
+        for m in matchings:
+            rs = [r for r in records if r.get("status") == "done" and r["fraction"] == frac and r["matching"] == m]
+            if rs:
+                agree = mean_std([r["final"].get("sim_geo_agree") for r in rs])[0]
+                dist = mean_std([r["final"].get("sim_dist_cells") for r in rs])[0]
+                valid = mean_std([r["final"].get("geo_valid_frac") for r in rs])[0]
+                lines.append(f"| {frac:g} | {m} | {agree:.3f} | {dist:.2f} | {valid:.3f} |")
+    failed = [r for r in records if r.get("status") == "failed"]
+    if failed:
+        lines += ["", "## Failed cells", ""] + [f"- {r['name']}: {r['error']}" for r in failed]
+    missing = [r["name"] for r in records if r.get("status") == "not run"]
+    if missing:
+        lines += ["", "## Cells not run yet", "", ", ".join(missing)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summarize(records)
+    floors = summarize(records, "knn_floor_top1")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fracs = sorted(table)
+    for m in ("none", "similarity", "geometric"):
+        xs = [f for f in fracs if m in table[f]]
+        if xs:
+            ax.errorbar(xs, [table[f][m]["mean"] for f in xs], yerr=[table[f][m]["std"] for f in xs],
+                        marker="o", capsize=4, label=m)
+    floor = [mean_std([v for c in floors[f].values() for v in c["per_seed"].values()])[0] for f in fracs]
+    ax.plot(fracs, floor, "k--", label="random init (floor)")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"fraction of {settings(records, 'data')} used for pretraining")
+    ax.set_ylabel("k-NN top-1 (%)")
+    ax.set_xticks(fracs, [f"{f:g}" for f in fracs])
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
