@@ -11,7 +11,7 @@ from PIL import Image
 
 pytest.importorskip("matplotlib")
 
-from glsd import viz  # noqa: E402
+from glsd.tools import viz  # noqa: E402
 from glsd.config import load_config  # noqa: E402
 from glsd.models.backbone import build_backbone  # noqa: E402
 from glsd.train.pretrain import pretrain  # noqa: E402
@@ -100,7 +100,7 @@ def test_plot_runs_overlaid(vit_run, tmp_path):
         == "other: similarity, 400 images"
     assert viz.run_label("r", {"data": {"fraction": 0.05}, "loss": {"matching": "geometric"}}) \
         == "r: geometric, 5% of data"
-    assert viz._curve(viz.read_run(other)[0], "knn_top1") == ([3], [31.5])
+    assert viz.curves._curve(viz.read_run(other)[0], "knn_top1") == ([3], [31.5])
 
 
 def test_plot_rejects_a_folder_without_metrics(tmp_path, capsys):
