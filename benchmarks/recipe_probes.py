@@ -8,8 +8,8 @@ several recipe variants of a preset, each as its own ``glsd study`` cell in its 
 use 1), and writes ``summary.json``: per variant, its overrides, k-NN top-1, floor, lift over
 the floor, steps and wall time, plus the exact command of each cell.
 
-    python benchmarks/recipe_probes.py --out /tmp/probes --jobs 12 --device cuda
-    python benchmarks/recipe_probes.py --out /tmp/probes --only base out256   # a subset
+    python benchmarks/recipe_probes.py data.root=PATH/cifar10-jpg.zip --out /tmp/probes --jobs 12 --device cuda
+    python benchmarks/recipe_probes.py data.root=PATH/cifar10-jpg.zip --out /tmp/probes --only base out256
 """
 from __future__ import annotations
 

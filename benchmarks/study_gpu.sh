@@ -4,11 +4,12 @@
 # cells run side by side. Without CUDA MPS the processes' kernels take turns on the GPU, so
 # MPS is started when the driver has it (MPS=0 turns that off), and JOBS defaults to 18 with
 # MPS, else 9 (the cells then finish in two waves: the 5% subsets first, then the 10%).
-#   benchmarks/study_gpu.sh [WORK_DIR] [key=value ...]    needs ../shared/data/cifar10-jpg.zip
+#   GLSD_DATA=PATH/cifar10-jpg.zip benchmarks/study_gpu.sh [WORK_DIR] [key=value ...]
 # Copies results.json, report.md, report.png and command.txt to
 # benchmarks/results/study-cifar10-gpu-<device>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+: "${GLSD_DATA:?set GLSD_DATA to the CIFAR-10 JPEG zip (ImageFolder layout: train/<class>/*.jpg, test/<class>/*.jpg)}"
 PY="${PYTHON:-python3}"
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -34,13 +35,13 @@ if [ "${MPS:-1}" != 0 ] && command -v nvidia-cuda-mps-control >/dev/null; then
 fi
 echo "study_gpu: CUDA MPS $mps" >&2
 JOBS=${JOBS:-$([ $mps = on ] && echo 18 || echo 9)}
-CMD=(-m glsd study cifar10-lowdata-gpu "$@" --out "$WORK" --device cuda --jobs "$JOBS")
+CMD=(-m glsd study cifar10-lowdata-gpu "data.root=$GLSD_DATA" "$@" --out "$WORK" --device cuda --jobs "$JOBS")
 start=$(date +%s)
 status=0
 # STUDY_TIMEOUT (s) bounds a lent machine's session; unfinished cells resume on a rerun.
 timeout "${STUDY_TIMEOUT:-0}" "$PY" "${CMD[@]}" || status=$?
 if [ $status -ne 0 ]; then  # report what finished
-  "$PY" -m glsd study cifar10-lowdata-gpu "$@" --out "$WORK" --report-only || true
+  "$PY" -m glsd study cifar10-lowdata-gpu "data.root=$GLSD_DATA" "$@" --out "$WORK" --report-only || true
 fi
 mkdir -p "$DEST"
 cp "$WORK"/results.json "$WORK"/report.md "$DEST"/

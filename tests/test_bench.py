@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from glsd.tools.bench import SCHEMA, SECTIONS, TARGETS, allocator_info, run_bench
 
@@ -154,3 +155,42 @@ def test_gpu_bench_code_path_on_cpu(tmp_path):
 def test_gpu_bench_script_names_the_device():
     text = (ROOT / "benchmarks" / "gpu_bench.sh").read_text()
     assert "gpu-bench-${slug}.json" in text and "get_device_name" in text and "timeout" in text
+
+
+def test_image_sections_of_a_preset_without_data_need_the_data_flag(capsys):
+    from glsd.cli import main
+    from glsd.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--data PATH") as err:
+        run_bench("cifar10-lowdata-cpu", quick=True, sections=["geometry", "step"])
+    assert "step" in str(err.value) and "--sections geometry" in str(err.value)
+    assert main(["bench", "--preset", "cifar10-lowdata-cpu", "--quick", "--sections", "data"]) == 2
+    assert "--data" in capsys.readouterr().err
+    # Sections that need no images still run.
+    out = run_bench("cifar10-lowdata-cpu", quick=True, sections=["geometry", "knn"], threads=1)
+    assert out["sections"] == ["geometry", "knn"] and positive(out["geometry"]["min_speedup"])
+
+
+def test_data_section_measures_the_images_given_by_data():
+    from glsd.data.sample import sample_root
+
+    out = run_bench("cpu-default", quick=True, sections=["data"], data=str(sample_root()), threads=1)
+    d = out["data"]
+    assert set(d["sources"]) == {"preset", "data"} and d["headline_source"] == "data"
+    assert d["sources"]["data"]["root"] == str(sample_root())
+    assert positive(d["sources"]["data"]["cpu_batched"]["images_per_s"])
+    assert out["data_path"] == str(sample_root())
+
+
+def test_the_harness_times_the_matching_without_replacing_it():
+    from glsd.config import load_config
+    from glsd.tools.bench.harness import build_harness, first_batch, run_interleaved
+
+    from helpers_tiny import tiny_overrides
+
+    cfg = load_config(None, tiny_overrides("unused"))
+    h = build_harness("geometric", cfg, torch.device("cpu"), first_batch(cfg))
+    run_interleaved([h], warmup=1, reps=2)
+    assert "match" not in vars(h.ctx.objective)  # the objective's own method, not a wrapper
+    assert h.match_inputs is not None and len(h.match_seconds) == 2
+    assert positive(h.summary()["match_ms"]) and h.summary()["match_share"] < 1

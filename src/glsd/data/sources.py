@@ -70,6 +70,10 @@ def open_source(cfg: DataConfig, split: Optional[str] = None) -> ImageSource:
     kind = cfg.source
     if kind == "auto":
         kind = _detect_kind(cfg.root)
+    if kind == "sample":
+        from glsd.data.sample import sample_root
+
+        return imagefolder_source(sample_root(), split)
     if kind == "synthetic":
         return synthetic_source(cfg.synthetic_num_images, cfg.synthetic_image_size,
                                 cfg.synthetic_num_classes, seed=0 if split == "train" else 1)
@@ -98,8 +102,11 @@ def _detect_kind(root: str) -> str:
 def detect_kind(root: str) -> tuple[str, str]:
     """(kind, why) for data.source=auto."""
     if not root:
-        raise ConfigError("data.root is empty; give a folder, a zip, or set data.source "
-                          f"(one of: imagefolder, folder, zip, {', '.join(TORCHVISION_SOURCES)}, synthetic)")
+        raise ConfigError("data.root is empty: the config names no images. Pass data.root=PATH (a "
+                          "folder of images, an ImageFolder tree root/<class>/*, or a .zip of one), or "
+                          "data.source=sample (the small sample shipped with glsd), or "
+                          "data.source=cifar10 data.download=true (other sources: imagefolder, folder, "
+                          f"zip, {', '.join(TORCHVISION_SOURCES)}, synthetic)")
     path = Path(root)
     if path.suffix.lower() == ".zip":
         return "zip", "a .zip file"
