@@ -205,3 +205,25 @@ def test_unknown_preset_suggests_close_name():
 def test_shipped_presets_load(name):
     cfg = load_config(name)
     assert cfg.preset == name
+
+
+def test_apply_overrides_takes_a_config_or_a_raw_mapping():
+    from glsd.config import apply_overrides, to_dict
+
+    cfg = load_config(None, ["train.epochs=3"])
+    again = apply_overrides(cfg, ["train.lr=1e-3"])
+    assert (again.train.epochs, again.train.lr) == (3, 1e-3) and cfg.train.lr != 1e-3  # a copy
+    from_raw = apply_overrides(to_dict(cfg), ["model.out_dim=64"])
+    assert from_raw.train.epochs == 3 and from_raw.model.out_dim == 64
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        apply_overrides(cfg, ["train.epoch=2"])
+
+
+def test_a_retired_key_still_loads_from_old_runs_but_cannot_be_asked_for():
+    from glsd.config import apply_overrides, to_dict
+
+    old = to_dict(load_config())
+    old["train"]["compile"] = False  # what run folders of earlier versions hold
+    assert apply_overrides(old).train.epochs == 100
+    with pytest.raises(ConfigError, match=r"'train.compile' was removed"):
+        load_config(None, ["train.compile=true"])
