@@ -126,10 +126,16 @@ def other_evaluations(records: list[dict], matchings: list[str]) -> list[str]:
 
 
 def settings(records: list[dict], key: str) -> str:
-    """The value of a per-cell setting (k, temperature, data) as one string: the common value,
-    all values when the cells differ, "?" for records written before it was recorded."""
+    """A per-cell setting (k, temperature, data) as one string: the common value, all values
+    joined when cells differ, "" for records written before it was recorded."""
     values = sorted({str(r[key]) for r in records if r.get("status") == "done" and key in r})
-    return " / ".join(values) if values else "?"
+    return " / ".join(values)
+
+
+def _stated(records: list[dict]) -> tuple[str, str]:
+    """("Data: ... . ", "k=.., T=.., ") as the cells recorded them (empty when they did not)."""
+    data, k, temp = (settings(records, key) for key in ("data", "knn_k", "knn_temperature"))
+    return (f"Data: {data}. " if data else ""), (f"k={k}, T={temp}, " if k and temp else "")
 
 
 def report_markdown(records: list[dict]) -> str:
@@ -137,9 +143,9 @@ def report_markdown(records: list[dict]) -> str:
     floors = summarize(records, "knn_floor_top1")
     matchings = [m for m in ("none", "similarity", "geometric")
                  if any(m in row for row in table.values())]
+    data, knn = _stated(records)
     lines = ["# Low-data study: k-NN top-1 (%) by data fraction and matching", "",
-             f"Data: {settings(records, 'data')}. Mean ± std over seeds (k={settings(records, 'knn_k')}, "
-             f"T={settings(records, 'knn_temperature')}, teacher backbone, labelled train images = the "
+             f"{data}Mean ± std over seeds ({knn}teacher backbone, labelled train images = the "
              "pretraining subset, full test split). Floor: the same backbone at random init.", "",
              "| fraction | images | floor | " + " | ".join(matchings) + " |",
              "|---|---|---|" + "---|" * len(matchings)]
@@ -202,7 +208,7 @@ def plot_report(records: list[dict], path: Path) -> None:
     floor = [mean_std([v for c in floors[f].values() for v in c["per_seed"].values()])[0] for f in fracs]
     ax.plot(fracs, floor, "k--", label="random init (floor)")
     ax.set_xscale("log")
-    ax.set_xlabel(f"fraction of {settings(records, 'data')} used for pretraining")
+    ax.set_xlabel(f"fraction of {settings(records, 'data') or 'the train split'} used for pretraining")
     ax.set_ylabel("k-NN top-1 (%)")
     ax.set_xticks(fracs, [f"{f:g}" for f in fracs])
     ax.legend()
