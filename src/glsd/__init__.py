@@ -101,16 +101,12 @@ def pretrain(preset_or_yaml: Union[str, "Config"], **overrides: Any) -> RunResul
     >>> run.steps, sorted(p.name for p in run.export_dir.iterdir())
     (1, ['README.md', 'config.json', 'model.safetensors'])
     """
-    import dataclasses
-
-    from glsd.config import Config, _merge, from_dict, parse_overrides, to_dict, validate
+    from glsd.config import Config, apply_overrides
     from glsd.export import EXPORT_DIR
     from glsd.train.pretrain import pretrain as _pretrain
 
     if isinstance(preset_or_yaml, Config):
-        cfg = from_dict(_merge(to_dict(preset_or_yaml), parse_overrides(_override_strings(overrides))))
-        cfg = dataclasses.replace(cfg, preset=preset_or_yaml.preset)
-        validate(cfg)
+        cfg = apply_overrides(preset_or_yaml, _override_strings(overrides))
     else:
         cfg = load_config(preset_or_yaml, **overrides)
     run_dir = Path(_pretrain(cfg))

@@ -34,8 +34,8 @@ from glsd.config import ConfigError
 from glsd.data.sources import open_source
 from glsd.eval.data_spec import data_config
 from glsd.eval.features import iter_features, load_backbone, resolve_feature
-from glsd.eval.runner import resolve_device
-from glsd.train.checkpoint import atomic_write
+from glsd.eval.runner import eval_device
+from glsd.utils.io import atomic_write
 
 SUFFIXES = (".safetensors", ".npy")
 FILE_MODE = 0o644
@@ -85,7 +85,7 @@ def embed(source: Union[str, Path], data: str, out: Union[str, Path, None] = Non
         images = open_source(cfg.data)
     except ConfigError as e:
         raise ConfigError(f"DATA {data}: {e}") from None
-    dev = resolve_device(device, cfg)
+    dev = eval_device(device, cfg)
     backbone.to(dev)
     feature = resolve_feature(backbone, cfg.eval.features)
     rows, glob, loc, labels, bad = [], [], [], [], []

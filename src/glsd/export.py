@@ -117,7 +117,7 @@ def write_timm_export(out_dir: Union[str, Path], model: torch.nn.Module, cfg) ->
     """
     from safetensors.torch import save
 
-    from glsd.train.checkpoint import atomic_write
+    from glsd.utils.io import atomic_write
 
     out_dir = Path(out_dir)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}

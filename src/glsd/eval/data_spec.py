@@ -1,7 +1,7 @@
 """A data source named on the command line (``glsd embed RUN DATA``, ``--train-data X``).
 
 ``DATA`` is a dataset name (``cifar10``, ``cifar100``, ``stl10``, ``fashion_mnist``,
-``synthetic``) or a path (an ImageFolder, a flat folder, a zip), read exactly as pretraining
+``synthetic``, ``sample``) or a path (an ImageFolder, a flat folder, a zip), read exactly as pretraining
 reads ``data.root``. It replaces the run's ``data`` section: only ``data.num_workers`` is kept
 from the run, unreadable images are skipped (``data.on_error=skip``), and ``data.*`` overrides apply on top (for example
 ``data.split=test``, ``data.source=folder``, ``data.root=DIR`` for a dataset's download folder).
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from glsd.config import ConfigError, DataConfig, _merge, from_dict, parse_overrides
+from glsd.config import ConfigError, DataConfig, apply_overrides
 from glsd.data.sources import TORCHVISION_SOURCES
 
-DATASET_NAMES = (*TORCHVISION_SOURCES, "synthetic")
+DATASET_NAMES = (*TORCHVISION_SOURCES, "synthetic", "sample")
 
 
 def data_config(spec: str, base: DataConfig, overrides: Sequence[str] = ()) -> DataConfig:
@@ -26,5 +26,5 @@ def data_config(spec: str, base: DataConfig, overrides: Sequence[str] = ()) -> D
                           f"{', '.join(DATASET_NAMES)}")
     raw = {"num_workers": base.num_workers, "on_error": "skip"}
     raw.update({"source": spec} if spec in DATASET_NAMES else {"source": "auto", "root": spec})
-    extra = parse_overrides([o for o in overrides if o.split("=", 1)[0].startswith("data.")])
-    return from_dict(_merge(raw, extra.get("data", {})), DataConfig, "data.")
+    data_overrides = [o for o in overrides if o.split("=", 1)[0].startswith("data.")]
+    return apply_overrides({"data": raw}, data_overrides).data
