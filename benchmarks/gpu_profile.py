@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     cfg = load_config(PAPER_PRESET, [*PAPER_STEP, f"train.batch_size={args.batch}", "device=cuda",
                                       f"loss.matching={args.mode}"])
     raw = device_batch(cfg, dev, (375, 500))  # views made on the device in each step
+    b = cfg.train.batch_size
     h = build_harness(args.mode, cfg, dev, raw, steps_per_epoch=1000)
     for _ in range(args.warmup):
         h.step(timed=False)
