@@ -1,5 +1,6 @@
 """`glsd bench` in smoke mode (--quick): every section runs, the JSON has its keys, and every
 ratio is a positive finite number. Timings are never asserted (the machine is shared)."""
+import importlib.util
 import json
 import math
 import subprocess
@@ -194,3 +195,27 @@ def test_the_harness_times_the_matching_without_replacing_it():
     assert "match" not in vars(h.ctx.objective)  # the objective's own method, not a wrapper
     assert h.match_inputs is not None and len(h.match_seconds) == 2
     assert positive(h.summary()["match_ms"]) and h.summary()["match_share"] < 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lightly") is None,
+                    reason="lightly is not installed (pip install 'glsd[bench]')")
+def test_peer_lightly_quick(tmp_path):
+    """benchmarks/peer_lightly.py --quick: every arm steps, on both presets; glsd's global-only
+    arm and lightly's do the same work (equal FLOPs per step), the local loss adds some."""
+    out = tmp_path / "peer.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peer_lightly.py"), "--quick",
+                           "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["schema"] == "glsd-peer-lightly/1" and "peer_lightly.py --quick" in data["command"]
+    assert [r["preset"] for r in data["results"]] == ["cifar10-vit-tiny", "cifar10-lowdata-cpu"]
+    for r in data["results"]:
+        arms = r["arms"]
+        assert set(arms) == {"glsd_none", "lightly", "lightly_per_view", "glsd_geometric"}
+        for arm in arms.values():
+            assert positive(arm["images_per_s"]) and len(arm["step_ms_all"]) == 2
+        assert arms["glsd_none"]["flops_per_step"] == arms["lightly"]["flops_per_step"]
+        assert arms["lightly"]["flops_per_step"] == arms["lightly_per_view"]["flops_per_step"]
+        assert arms["glsd_geometric"]["flops_per_step"] > arms["glsd_none"]["flops_per_step"]
+        assert positive(r["ratios"]["glsd_none_speed_over_lightly"]["median"])
