@@ -219,3 +219,37 @@ def test_peer_lightly_quick(tmp_path):
         assert arms["lightly"]["flops_per_step"] == arms["lightly_per_view"]["flops_per_step"]
         assert arms["glsd_geometric"]["flops_per_step"] > arms["glsd_none"]["flops_per_step"]
         assert positive(r["ratios"]["glsd_none_speed_over_lightly"]["median"])
+
+
+def test_photo_data_quick(tmp_path):
+    """benchmarks/photo_data.py --quick: a folder of generated JPEGs of varied sizes, every CPU
+    decode path (decode, and decode + views at the photo preset's crops), and the step."""
+    out = tmp_path / "photo.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "photo_data.py"), "--quick",
+                           "--device", "cpu", "--folder", str(tmp_path / "jpg"), "--out", str(out)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["schema"] == "glsd-photo-data/1" and "photo_data.py --quick" in data["command"]
+    assert data["preset"] == "photos-vit-s16" and data["crops"]["global"] == 224 and data["crops"]["local"] == 96
+    assert len(data["image_sizes_wh"]) > 1 and len(list((tmp_path / "jpg").glob("*.jpg"))) == data["num_images"]
+    assert set(data["paths"]) == {"pil", "pil_draft", "tv_cpu"}  # no CUDA here
+    for row in data["paths"].values():
+        assert row["images"] == data["num_images"]
+        for key in ("decode_images_per_s", "decode_and_views_images_per_s", "ratio_decode_over_step"):
+            assert positive(row[key])
+        assert row["decode_and_views_images_per_s"] < row["decode_images_per_s"]
+    assert positive(data["step"]["images_per_s"])
+
+
+def test_photo_data_decoders_agree(tmp_path):
+    """The decode paths compared give the same square (up to resampling differences), so the
+    benchmark compares like with like."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import photo_data
+
+    (path,) = photo_data.make_images(tmp_path, 1, [(300, 400)], None)
+    pil = photo_data.pil_decode(path, 64, draft=False).float()
+    for other in (photo_data.pil_decode(path, 64, draft=True), photo_data.tv_decode(path, 64)):
+        assert other.shape == (3, 64, 64) and other.dtype == torch.uint8
+        assert (other.float() - pil).abs().mean() < 8  # of 255
