@@ -253,3 +253,48 @@ def test_photo_data_decoders_agree(tmp_path):
     for other in (photo_data.pil_decode(path, 64, draft=True), photo_data.tv_decode(path, 64)):
         assert other.shape == (3, 64, 64) and other.dtype == torch.uint8
         assert (other.float() - pil).abs().mean() < 8  # of 255
+
+
+def _gpu_limit(tmp_path, *extra):
+    out = tmp_path / "limit.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_limit.py"), "--dry-run",
+                           "--out", str(out), *extra],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text())
+
+
+def test_gpu_limit_dry_run(tmp_path):
+    """benchmarks/gpu_limit.py --dry-run: all three parts (glsd step per matching with syncs
+    and FLOPs, timm's supervised step, torch.compile in a child process) on a tiny Swin."""
+    data = _gpu_limit(tmp_path)
+    assert data["schema"] == "glsd-gpu-limit/1" and "--dry-run" in data["command"] and data["dry_run"]
+    assert data["preset"] == "imagenet-swin-t" and "train.precision=bf16" in data["config_overrides"]
+    rows = data["step"]["batches"]["2"]
+    assert set(rows) == {"none", "geometric", "similarity"}
+    for r in rows.values():
+        assert positive(r["images_per_s"]) and positive(r["achieved_flops_per_s"])
+        assert r["syncs"]["host_syncs"] == 0  # no CUDA runtime on a CPU
+    assert rows["geometric"]["flops_per_step"] > rows["none"]["flops_per_step"]
+    timm_row = data["timm"]["batches"]["2"]
+    assert positive(timm_row["images_per_s"]) and timm_row["n_params"] > 0
+    assert set(timm_row["flops_ratio_glsd_over_timm"]) == set(rows)
+    comp = data["compile"]["modes"]["default"]
+    assert comp["backend"] == "eager" and positive(comp["speedup"]) and comp["compile_s"] is not None
+
+
+def test_gpu_limit_compile_timeout_is_recorded(tmp_path):
+    """A compile that does not finish in its time limit is killed and recorded, not waited for."""
+    data = _gpu_limit(tmp_path, "--parts", "compile", "--compile-timeout", "0.5", "--budget-compile", "30")
+    assert "did not finish within" in data["compile"]["modes"]["default"]["error"]
+    assert data["compile"]["modes"]["default"]["wall_s"] < 20
+
+
+def test_gpu_limit_counts_only_blocking_calls():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_limit import sync_counts
+
+    names = ["cudaStreamSynchronize", "cudaMemcpyAsync", "cudaMemcpy", "cudaLaunchKernel",
+             "cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item"]
+    assert sync_counts(names) == {"events": {"cudaStreamSynchronize": 2, "cudaMemcpy": 1,
+                                             "cudaDeviceSynchronize": 1}, "host_syncs": 4}
