@@ -113,7 +113,6 @@ def is_oom(e: BaseException) -> bool:
 
 def part_step(args, clock: Clock) -> dict:
     """(a): per batch, the matchings interleaved; syncs and FLOPs of one step each."""
-    from glsd.train.pretrain import train_step
     from glsd.tools.bench.harness import build_harness
 
     start, out = time.perf_counter(), {"budget_s": args.budget_step, "batches": {}}
@@ -136,31 +135,43 @@ def part_step(args, clock: Clock) -> dict:
                 rows[mode] = {"error": f"out of memory: {e}"[:300]}
             if args.device.type == "cuda":
                 torch.cuda.empty_cache()
-        for r in range(args.steps):
-            if clock.since(start) > args.budget_step and r >= 1:
-                break
-            for k in range(len(harnesses)):
-                harnesses[(r + k) % len(harnesses)].step()
-        for h in harnesses:
-            s = h.summary()
-            s.pop("match_ms"), s.pop("match_share")
-            step = min(h.step0 + h.calls, h.ctx.sched.total_steps - 1)
-            s["syncs"] = count_syncs(lambda: train_step(h.ctx, h.batch, step, want_stats=False), args.device)
-            sync(args.device)
-            s["flops_per_step"] = flops_of(lambda: h.step(timed=False))
-            s["achieved_flops_per_s"] = ratio(s["flops_per_step"], s["step_ms"] / 1e3)
-            if args.device.type == "cuda":
-                s["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(args.device) / 2 ** 30
-            rows[h.name] = s
+        try:
+            for r in range(args.steps):
+                if clock.since(start) > args.budget_step and r >= 1:
+                    break
+                for k in range(len(harnesses)):
+                    harnesses[(r + k) % len(harnesses)].step()
+            for h in harnesses:
+                rows[h.name] = summarise(h, args.device)
+        except Exception as e:  # noqa: BLE001 - an OOM of the interleaved steps ends this batch
+            if not is_oom(e):
+                raise
+            rows["error"] = f"out of memory with {[h.name for h in harnesses]} built: {e}"[:300]
         del harnesses
         if args.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(args.device)
         out["batches"][str(b)] = rows
         log(f"step batch {b}: " + ", ".join(f"{m} {r.get('images_per_s', float('nan')):.1f} img/s"
-                                             for m, r in rows.items()))
+                                             for m, r in rows.items() if isinstance(r, dict)))
     out["elapsed_s"] = round(clock.since(start), 1)
     return out
+
+
+def summarise(h, device: torch.device) -> dict:
+    """A harness's timings, plus the host syncs and FLOPs of one more step."""
+    from glsd.train.pretrain import train_step
+
+    s = h.summary()
+    s.pop("match_ms"), s.pop("match_share")
+    step = min(h.step0 + h.calls, h.ctx.sched.total_steps - 1)
+    s["syncs"] = count_syncs(lambda: train_step(h.ctx, h.batch, step, want_stats=False), device)
+    sync(device)
+    s["flops_per_step"] = flops_of(lambda: h.step(timed=False))
+    s["achieved_flops_per_s"] = ratio(s["flops_per_step"], s["step_ms"] / 1e3)
+    if device.type == "cuda":
+        s["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return s
 
 
 def timm_step_fn(args, batch: int):
@@ -230,7 +241,7 @@ def part_timm(args, clock: Clock, step_part: dict) -> dict:
                "n_params": sum(p.numel() for p in model.parameters())}
         glsd = step_part.get("batches", {}).get(str(b), {})
         row["flops_ratio_glsd_over_timm"] = {m: ratio(r["achieved_flops_per_s"], row["achieved_flops_per_s"])
-                                             for m, r in glsd.items() if "achieved_flops_per_s" in r}
+                                             for m, r in glsd.items() if isinstance(r, dict) and "achieved_flops_per_s" in r}
         out["batches"][str(b)] = row
         del fn, model
         log(f"timm batch {b}: {row['images_per_s']:.1f} img/s; glsd FLOP/s over timm's "
@@ -333,6 +344,8 @@ def parse(argv):
     args.modes = [m for m in args.modes.split(",") if m]
     args.parts = [p for p in args.parts.split(",") if p]
     args.compile_modes = [m for m in args.compile_modes.split(",") if m]
+    if set(args.parts) - {"step", "timm", "compile"}:
+        ap.error(f"unknown part in --parts {args.parts}: use step, timm, compile")
     args.device = torch.device(args.device)
     return args
 
@@ -367,10 +380,8 @@ def main(argv=None) -> int:
             result["step"] = part_step(args, clock)
         elif part == "timm":
             result["timm"] = part_timm(args, clock, result.get("step", {}))
-        elif part == "compile":
-            result["compile"] = part_compile(args, clock, child_argv)
         else:
-            raise SystemExit(f"gpu_limit: unknown part {part!r} (step, timm, compile)")
+            result["compile"] = part_compile(args, clock, child_argv)
         result["elapsed_s"] = round(clock.since(clock.t0), 1)
         text = write_json(finite(result), args.out)
     print(text)
