@@ -180,6 +180,16 @@ def flops_of(arm, views) -> int:
     return int(counter.get_total_flops())
 
 
+def top_ops(arm, views, n: int) -> list[dict]:
+    """The ``n`` operators of one step with the most self time (where two arms differ)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        arm.step(views, timed=False)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
+    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 3), "calls": e.count} for e in rows]
+
+
 def quantiles(xs: list[float]) -> dict:
     xs = sorted(xs)
     if len(xs) < 2:
@@ -221,6 +231,8 @@ def measure(kind: str, batch_size: int, args, device: torch.device) -> dict:
                           "step_ms_all": [round(1e3 * s, 2) for s in secs]}
         if not args.no_flops:
             rows[arm.name]["flops_per_step"] = flops_of(arm, views)
+        if args.profile_top:
+            rows[arm.name]["top_ops"] = top_ops(arm, views, args.profile_top)
     out = {"preset": preset, "batch_size": batch_size, "config_overrides": base, "arms": rows,
            "views": [list(v.shape) for v in views], "ratios": {}}
     names = [a.name for a in arms]
@@ -255,6 +267,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count of one step per arm")
+    ap.add_argument("--profile-top", type=int, default=10,
+                    help="operators with the most self time in one profiled step per arm (0: none)")
     ap.add_argument("--quick", action="store_true", help="tiny networks, batch 4, 1 + 2 steps (smoke test)")
     args = ap.parse_args(argv)
     try:

@@ -219,6 +219,7 @@ def test_peer_lightly_quick(tmp_path):
         assert arms["lightly"]["flops_per_step"] == arms["lightly_per_view"]["flops_per_step"]
         assert arms["glsd_geometric"]["flops_per_step"] > arms["glsd_none"]["flops_per_step"]
         assert positive(r["ratios"]["glsd_none_speed_over_lightly"]["median"])
+        assert all(arm["top_ops"] and arm["top_ops"][0]["self_ms"] >= 0 for arm in arms.values())
 
 
 def test_photo_data_quick(tmp_path):
