@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 from glsd.config import ConfigError, load_config
+from glsd.errors import GlsdError, NonFiniteError, TrainingInterrupted
 
 
 def _cmd_pretrain(args) -> int:
@@ -168,6 +171,8 @@ def _cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glsd", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an input error too (or set GLSD_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain a backbone (resumes if the run folder has a checkpoint)")
@@ -293,31 +298,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside the training loop (which handles it itself): stop like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    """Exit codes: 0 done, 1 a failed run (non-finite training), 2 bad input (a GlsdError:
+    one message, no traceback unless --debug or GLSD_DEBUG=1), 128 + N stopped by signal N
+    (130 SIGINT, 143 SIGTERM; a training run checkpoints first)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("GLSD_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    previous = _install_sigterm()
     try:
+        args = parse_args(argv)
         return args.func(args)
-    except ConfigError as e:
-        print(f"glsd: config error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - known errors get a message; others propagate
-        code = _known_error_code(e)
-        if code is None:
-            raise
+    except TrainingInterrupted as e:  # checkpointed; rerunning resumes
         print(f"glsd: {e}", file=sys.stderr)
-        return code
+        return 128 + e.signal
+    except (KeyboardInterrupt, _Terminated) as e:
+        sig = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+        print(f"glsd: interrupted by {sig.name}; nothing of this command was finished", file=sys.stderr)
+        return 128 + int(sig)
+    except GlsdError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        kind = "config error: " if isinstance(e, ConfigError) else ""
+        print(f"glsd: {kind}{_message(e)}", file=sys.stderr)
+        return 1 if isinstance(e, NonFiniteError) else 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
-def _known_error_code(e: Exception):
-    """Exit code of an error the training code raises, None for others. Looked up in the
-    modules already imported: one that was never imported cannot have raised."""
-    checkpoint, pretrain = sys.modules.get("glsd.train.checkpoint"), sys.modules.get("glsd.train.pretrain")
-    if pretrain is not None and isinstance(e, pretrain.TrainingInterrupted):
-        return 0  # a clean stop (SIGTERM before preemption)
-    if (checkpoint is not None and isinstance(e, checkpoint.CheckpointError)) or \
-            (pretrain is not None and isinstance(e, pretrain.NonFiniteLossError)):
-        return 1
-    return None
+def _message(e: BaseException) -> str:
+    """The error's own message; one re-raised from a DataLoader worker carries the worker's
+    traceback, of which only its last line (the original message) is kept."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if last.startswith(("glsd.", type(e).__name__)) else last
+    return text
+
+
+def _install_sigterm():
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (tests calling main() from a thread)
+        return None
 
 
 if __name__ == "__main__":

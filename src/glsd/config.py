@@ -18,11 +18,8 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
+from glsd.errors import ConfigError  # noqa: F401 - glsd.config.ConfigError is the same class
 from glsd.models.families import patch_from_name
-
-
-class ConfigError(ValueError):
-    """A config key or value is invalid; the message names it and the fix."""
 
 
 @dataclass
@@ -40,6 +37,9 @@ class DataConfig:
     num_images: Optional[int] = None
     subset_seed: int = 0
     on_error: Literal["skip", "fail"] = "skip"
+    # One image read taking longer than this is a bad file (a hung network mount, a special
+    # file): skipped or failed per on_error, naming it. 0: no limit.
+    read_timeout_s: float = 120.0
     num_workers: int = 2
     # Where the views are made, not what they are (glsd.data.views, one implementation):
     # cpu: in the loader workers, one batched pass per batch; device: on the training device
@@ -220,14 +220,31 @@ def _read_yaml(name_or_path: str) -> tuple[dict, str]:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        return yaml.safe_load(path.read_text()) or {}, str(path)
+        return parse_yaml(path.read_text(), str(path)), str(path)
     res = resources.files("glsd").joinpath(f"presets/{name_or_path}.yaml")
     if not res.is_file():
         close = difflib.get_close_matches(name_or_path, preset_names(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown preset '{name_or_path}'.{hint} "
                           f"Presets: {', '.join(preset_names())}; or give a path to a YAML file.")
-    return yaml.safe_load(res.read_text()) or {}, name_or_path
+    return parse_yaml(res.read_text(), f"preset {name_or_path}"), name_or_path
+
+
+def parse_yaml(text: str, name: str) -> dict:
+    """A YAML config mapping; syntax errors and non-mappings are ConfigErrors naming the line."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{name}:{where}: YAML syntax error ({problem}); fix the file") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name} holds a {type(raw).__name__}, not a mapping of config sections "
+                          "(e.g. 'train:' then '  epochs: 5')")
+    return raw
 
 
 def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
@@ -262,7 +279,11 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        parsed = yaml.safe_load(value) if value != "" else ""
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or e}); quote it or fix brackets") from None
         # A mapping literal (model.backbone_kwargs={...}) replaces; a dotted key merges.
         node[parts[-1]] = _Replace(parsed) if isinstance(parsed, dict) else parsed
     return out
@@ -414,6 +435,10 @@ def _validate_view_recipe(c: CropConfig) -> None:
 
 def validate(cfg: Config) -> None:
     """Range checks that types cannot express; each message names the key and a fix."""
+    from glsd.validation import check_backbone_kwargs, check_ranges
+
+    check_ranges(cfg)
+    check_backbone_kwargs(cfg.model.backbone_kwargs)
     d, c, m, l, t = cfg.data, cfg.crops, cfg.model, cfg.loss, cfg.train
     if not 0.0 < d.fraction <= 1.0:
         raise ConfigError(f"data.fraction={d.fraction} must be in (0, 1]")
@@ -480,8 +505,8 @@ def identity(cfg: Config) -> dict:
     """The part of the config a checkpoint is bound to (model, data, loss, crops)."""
     d = to_dict(cfg)
     ident = {k: d[k] for k in Config.IDENTITY_SECTIONS}
-    # Workers, error policy and where views are made do not change what is learned.
-    for k in ("num_workers", "on_error", "download", "augment_on"):
+    # Workers, error policy, read limits and where views are made do not change what is learned.
+    for k in ("num_workers", "on_error", "download", "augment_on", "read_timeout_s"):
         ident["data"].pop(k, None)
     ident["model"].pop("channels_last", None)  # a memory layout, same numbers
     return ident

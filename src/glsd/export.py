@@ -36,6 +36,8 @@ import torch
 from glsd.config import ConfigError, from_dict
 from glsd.models.backbone import create_model
 from glsd.train.checkpoint import read_backbone
+from glsd.errors import CheckpointError
+from glsd.train.weights import check_weights, read_safetensors
 
 
 def load_exported(path: Union[str, Path]) -> torch.nn.Module:
@@ -58,6 +60,7 @@ def load_exported(path: Union[str, Path]) -> torch.nn.Module:
     state, raw = read_backbone(path)
     cfg = from_dict(raw)
     model = create_model(cfg.model, cfg.crops.global_size)
+    check_weights(state, model, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -198,15 +201,19 @@ def load_export_folder(folder: Union[str, Path]) -> torch.nn.Module:
     cfg_path, weights = folder / "config.json", folder / "model.safetensors"
     if not (cfg_path.is_file() and weights.is_file()):
         raise ConfigError(f"{folder} is not a glsd export folder (config.json + model.safetensors)")
-    raw = json.loads(cfg_path.read_text()).get("glsd", {}).get("config")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-export with `glsd export`") from None
+    raw = meta.get("glsd", {}).get("config") if isinstance(meta, dict) and isinstance(meta.get("glsd"), dict) else None
     if not isinstance(raw, dict):
         raise ConfigError(f"{cfg_path} has no glsd config ('glsd.config'); write it with `glsd export`")
-    from safetensors.torch import load_file
-
     cfg = from_dict(raw)
     model = create_model(dataclasses.replace(cfg.model, drop_path_rate=0.0), cfg.crops.global_size)
+    state = read_safetensors(weights)[0]  # checked header, dtypes and values (untrusted file)
+    check_weights(state, model, weights)
     try:
-        model.load_state_dict(load_file(str(weights)), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = " ".join(str(e).strip().splitlines()[:3])
         raise ConfigError(f"weights in {weights} do not fit {cfg.model.backbone} ({first})") from None

@@ -20,7 +20,6 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import yaml
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -30,6 +29,7 @@ from glsd.data.sources import ImageSource
 from glsd.models.backbone import Backbone, build_backbone
 from glsd.train.checkpoint import load_checkpoint, read_backbone_config
 from glsd.train.distributed import all_gather_cat, rank_world
+from glsd.train.weights import check_weights, read_safetensors
 
 Device = Union[str, torch.device]
 MODELS = ("teacher", "student")
@@ -160,7 +160,7 @@ def _ckpt_config(ckpt: dict, path: Path) -> dict:
 
 
 def _safetensors_config(path: Path) -> dict:
-    config = read_backbone_config(path)
+    config = read_backbone_config(path)  # checked header (untrusted file)
     if config is not None:
         return config
     sibling = path.parent / "config.yaml"
@@ -180,7 +180,7 @@ def _from_checkpoint(ckpt: dict, path: Path, which: str) -> tuple[dict, dict]:
 
 
 def _from_safetensors(path: Path) -> tuple[dict, dict]:
-    return load_file(str(path)), {"checkpoint": str(path), "step": None, "epoch": None}
+    return read_safetensors(path)[0], {"checkpoint": str(path), "step": None, "epoch": None}
 
 
 def backbone_state(net_state: dict) -> dict:
@@ -200,6 +200,7 @@ def backbone_state(net_state: dict) -> dict:
 
 
 def _load_weights(backbone: Backbone, state: dict, source: str, cfg: Config) -> None:
+    check_weights(state, backbone.model, source)
     try:
         backbone.model.load_state_dict(state, strict=True)
     except RuntimeError as e:

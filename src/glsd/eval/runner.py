@@ -34,6 +34,7 @@ from glsd.eval.knn import knn_classify
 from glsd.eval.linear import linear_probe
 from glsd.models.backbone import Backbone
 from glsd.train.distributed import rank_world
+from glsd.train.lock import locks_eval_output
 from glsd.utils.device import resolve_device as _resolve_device
 from glsd.utils.io import atomic_write
 
@@ -177,6 +178,7 @@ def _data_record(cfg: Config) -> dict:
 # ----------------------------------------------------------------------------------------
 # run_eval
 
+@locks_eval_output
 def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), random_init: bool = False,
              device: Device = "auto", which: Optional[str] = None, train_data: Optional[str] = None,
              test_data: Optional[str] = None, progress: bool = True) -> dict:

@@ -95,6 +95,13 @@ class Backbone(nn.Module):
 
 def create_model(cfg: ModelConfig, image_size: int) -> nn.Module:
     """The bare backbone (timm or glsd) with no classifier; this is what gets exported."""
+    from glsd.train.weights import check_model_size
+    from glsd.validation import check_backbone_kwargs
+
+    # Whatever config reaches here (a file's, a checkpoint's, an export's metadata): no file
+    # paths or loading options to timm, and no absurd size (measured on the meta device).
+    check_backbone_kwargs(cfg.backbone_kwargs)
+    check_model_size(lambda: create_model(cfg, image_size), f"model.backbone={cfg.backbone!r}")
     kwargs = dict(cfg.backbone_kwargs)
     if cfg.backbone.startswith(GLSD_CONVNET):
         return ConvNet(**kwargs)

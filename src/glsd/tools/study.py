@@ -18,6 +18,9 @@ from typing import Sequence
 
 from glsd.config import Config, config_hash, load_config
 from glsd.data.loader import SUBSET_FILE
+from glsd.errors import GlsdError, RunFolderBusy
+from glsd.train import lock
+from glsd.train.checkpoint import read_json_record
 from glsd.tools.study_report import plot_report, report_markdown
 from glsd.utils.io import atomic_write_json, atomic_write_text
 
@@ -75,9 +78,9 @@ def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=N
 
 
 def collected_record(out: Path, cell: Cell, status: str = "not run") -> dict:
-    path = out / cell.name / "cell.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    record = read_json_record(out / cell.name / "cell.json")  # torn or invalid: not done
+    if record is not None and record.get("status") == "done":
+        return record
     return {"name": cell.name, "fraction": cell.fraction, "matching": cell.matching,
             "seed": cell.seed, "status": status}
 
@@ -114,14 +117,32 @@ def run_cells_in_parallel(config, overrides, cells, out, evals, device, jobs) ->
 
 def run_cell(config: str, overrides: Sequence[str], cell: Cell, out: Path, evals: list[str],
              device: str) -> dict:
+    cfg = load_config(config, [*overrides, *cell.overrides(out)])
+    run_dir = Path(cfg.output_dir)
+    try:
+        lock.acquire(run_dir, "study cell")  # another study on this folder: leave the cell to it
+    except RunFolderBusy as e:
+        print(f"[study] {cell.name}: skipped, {e}", flush=True)
+        return {"name": cell.name, "fraction": cell.fraction, "matching": cell.matching,
+                "seed": cell.seed, "status": "busy", "error": str(e)}
+    try:
+        return _run_locked_cell(cfg, cell, out, evals, device, run_dir)
+    finally:
+        lock.release(run_dir)
+
+
+def _run_locked_cell(cfg: Config, cell: Cell, out: Path, evals: list[str], device: str,
+                     run_dir: Path) -> dict:
     from glsd.eval.runner import run_eval
     from glsd.train.pretrain import TrainingInterrupted, pretrain
 
-    cfg = load_config(config, [*overrides, *cell.overrides(out)])
-    run_dir = Path(cfg.output_dir)
     record_path = run_dir / "cell.json"
-    if record_path.is_file():
-        return json.loads(record_path.read_text())
+    if record_path.exists():
+        record = read_json_record(record_path)
+        if record is not None and record.get("status") == "done":
+            return record
+        print(f"[study] {cell.name}: {record_path} is torn or invalid; redoing the cell", flush=True)
+        record_path.unlink()
     start = time.time()
     try:
         cfg = with_step_budget(cfg)
@@ -131,7 +152,10 @@ def run_cell(config: str, overrides: Sequence[str], cell: Cell, out: Path, evals
     except TrainingInterrupted:
         raise  # a signal stops the whole study; the cell resumes on the next run
     except Exception as e:  # noqa: BLE001 - one failed cell must not stop the grid
-        traceback.print_exc()
+        if isinstance(e, GlsdError):  # bad input: its message says it all
+            print(f"[study] {cell.name} failed: {e}", flush=True)
+        else:
+            traceback.print_exc()
         return {"name": cell.name, "fraction": cell.fraction, "matching": cell.matching,
                 "seed": cell.seed, "status": "failed", "error": f"{type(e).__name__}: {e}"}
     record = cell_record(cfg, cell, run_dir, results, time.time() - start)
@@ -156,8 +180,9 @@ def knn_floor(run_dir: Path, cache: Path, device: str) -> dict:
     (fraction, seed): the matchings of a seed share subset and initialisation."""
     from glsd.eval.runner import run_eval
 
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    cached = read_json_record(cache)  # torn or invalid: computed again
+    if cached is not None:
+        return cached
     result = run_eval("knn", run_dir, random_init=True, device=device)
     # Cells of one (fraction, seed) may compute it at once (--jobs): publish atomically.
     atomic_write_json(cache, result)

@@ -2,34 +2,61 @@
 
 Checkpoints are untrusted input: they are read with ``torch.load(weights_only=True)``, which
 refuses any pickled object other than tensors and plain containers, so a crafted file cannot
-run code. Writes go to a temporary file that is flushed, fsynced and renamed, so a kill at any
-moment leaves either the previous or the new checkpoint, never a torn one.
+run code; whatever else is wrong with a file (truncated, fuzzed, another format, missing
+keys) is a :class:`CheckpointError` naming it. Writes go to a temporary file that is flushed,
+fsynced and renamed, so a kill at any moment leaves either the previous or the new
+checkpoint, never a torn one; a full disk is a :class:`DiskFull` error that says so.
 """
 from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
-from glsd.utils.io import atomic_write
+from glsd.errors import CheckpointError, DiskFull, GlsdError  # noqa: F401 - importable from here
+from glsd.utils.io import TMP_MARK, atomic_write, atomic_write_text
 
 FORMAT = "glsd-checkpoint-v1"
 
 
-class CheckpointError(RuntimeError):
-    pass
+def sweep_temp_files(root: Path) -> list[Path]:
+    """Remove temp files torn by a kill (``.NAME.tmp-PID``) under a run folder; call it with
+    the folder's lock held, when no writer of this run is live."""
+    removed = []
+    root = Path(root)  # not eval/: an evaluation may be writing there, under its own lock
+    for p in [*root.glob(f".*{TMP_MARK}*"), *(root / "checkpoints").glob(f".*{TMP_MARK}*")]:
+        if p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
 
 
+def safe_message(e: BaseException) -> str:
+    """An exception's message without torch's advice to load unsafely (``weights_only=False``)
+    or to allow-list globals: for an untrusted file that is the attack."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"Unsupported global: GLOBAL [\w.]+", text)
+    if found:  # the refused object; the rest of torch's text explains how to load it anyway
+        return found.group(0)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    keep = [line for line in lines if not any(w in line.lower() for w in (
+        "weights_only", "likely succeed", "safe_globals", "trust", "re-running", "can still be loaded",
+        "pytorch.org", "check the documentation", "allowlist"))]
+    return " ".join(keep)[:300] or type(e).__name__
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint without executing anything it may contain."""
+    """Read a checkpoint without executing anything it may contain; its structure is checked
+    (a dict of the glsd format whose ``student`` / ``teacher`` map names to tensors)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -37,11 +64,24 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and "
-                              f"plain containers, which could run code when unpickled ({e})") from None
-    except (RuntimeError, EOFError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e})") from None
+                              f"plain containers, which could run code when unpickled "
+                              f"({safe_message(e)})") from None
+    except MemoryError:
+        raise CheckpointError(f"checkpoint {path} is corrupt (it asks for more memory than "
+                              "exists)") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure means one thing: a bad file
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated "
+                              f"({type(e).__name__}: {safe_message(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a glsd checkpoint (format {FORMAT})")
+    for key in ("student", "teacher"):
+        state = ckpt.get(key)
+        if state is not None and not (isinstance(state, dict) and all(
+                isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
+            raise CheckpointError(f"checkpoint {path} is corrupt: '{key}' is not a mapping of "
+                                  "names to tensors")
+    if not isinstance(ckpt.get("step", 0), int) or not isinstance(ckpt.get("config", {}), dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt: bad 'step' or 'config' entry")
     return ckpt
 
 
@@ -55,17 +95,32 @@ def export_backbone(path: Path, model: torch.nn.Module, config: dict) -> None:
 
 
 def read_backbone_config(path: Path) -> Optional[dict]:
-    """The run config stored in an exported backbone's safetensors metadata (None if absent)."""
-    from safetensors import safe_open
+    """The run config stored in an exported backbone's safetensors metadata (None if absent);
+    the header is checked first (see glsd.train.weights)."""
+    from glsd.train.weights import metadata_config, read_safetensors_metadata
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta["config"]) if "config" in meta else None
+    meta = read_safetensors_metadata(path)
+    return metadata_config(meta, path) if "config" in meta else None
 
 
 def read_backbone(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, config dict) of an exported backbone; the config is from its metadata."""
-    config = read_backbone_config(path)
-    if config is None:
-        raise CheckpointError(f"{path} has no glsd config in its metadata; export it with glsd")
-    return load_file(str(path)), config
+    """(state dict, config dict) of an exported backbone; the config is from its metadata.
+    The file is checked before use (see glsd.train.weights.read_safetensors)."""
+    from glsd.train.weights import metadata_config, read_safetensors
+
+    state, meta = read_safetensors(path)
+    return state, metadata_config(meta, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A small text file (a JSON record, a report) written whole or not at all."""
+    atomic_write_text(Path(path), text)
+
+
+def read_json_record(path: Path):
+    """The JSON object in ``path``, or None when it is missing, torn or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None

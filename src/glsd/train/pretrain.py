@@ -26,7 +26,9 @@ from glsd.data.loader import SUBSET_FILE, StepViews, build_loader, select_images
 from glsd.data.sources import open_source
 from glsd.export import write_run_exports
 from glsd.models.heads import GLSDNet, build_network, build_teacher
-from glsd.train.checkpoint import export_backbone, save_checkpoint
+from glsd.errors import CheckpointError, DataError, NonFiniteError, TrainingInterrupted
+from glsd.train import finite
+from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
 from glsd.train.collapse import CollapseMonitor, collapse_indicators
 from glsd.train.console import Console, fmt, start_summary
 from glsd.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, gather_objects,
@@ -37,16 +39,12 @@ from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.tensorboard import metric_sinks, require_sinks
 from glsd.train.schedules import Schedules
 from glsd.train.sync_batchnorm import sync_batchnorm
+from glsd.train.weights import check_weights
 from glsd.utils.device import resolve_device, resolve_precision
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class TrainingInterrupted(Exception):
-    """SIGTERM/SIGINT stopped the run after a checkpoint: not an error, but not finished
-    either (callers such as the study must not treat the run as done)."""
+NonFiniteLossError = NonFiniteError  # the name before glsd.errors
+__all__ = ["pretrain", "NonFiniteLossError", "TrainingInterrupted"]
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -102,7 +100,9 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 class StopRequested:
-    """SIGTERM/SIGINT: finish the current step, write a checkpoint, exit cleanly."""
+    """SIGTERM/SIGINT: finish the current step, write a checkpoint, exit cleanly. A second
+    signal stops at once (a stuck data read, an impatient user): the step is dropped and the
+    last checkpoint on disk, complete by construction, is what a rerun resumes."""
 
     def __init__(self):
         self.signal: Optional[int] = None
@@ -117,6 +117,11 @@ class StopRequested:
         return self
 
     def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise TrainingInterrupted(
+                f"stopped at once by a second signal {signum} ({signal.Signals(signum).name}), "
+                "without finishing the step; the last checkpoint written (if any) is kept. "
+                "Rerun the same command to resume.", signum)
         self.signal = signum
 
     def __exit__(self, *exc):
@@ -130,6 +135,7 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     skipped_images: int = 0
+    checkpoint_step: Optional[int] = None  # step of the last checkpoint on disk
 
 
 def pretrain(cfg: Config) -> Path:
@@ -137,10 +143,16 @@ def pretrain(cfg: Config) -> Path:
     dinfo = init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dinfo.local_rank)
+    # Locked before anything is read or written there (rank 0; the other ranks share it).
+    folder = RunFolder(cfg.output_dir, dinfo.is_main)
     try:
+        folder.take_lock()
         return _pretrain(cfg, device, dinfo)
+    except Exception as e:  # (a signal's TrainingInterrupted is a BaseException: not failed)
+        folder.mark_failed(e)
+        raise
     finally:
-        RunFolder(cfg.output_dir).close()  # on errors too: no train.log handler left behind
+        folder.close()  # on errors too: no train.log handler or lock left behind
         cleanup()
 
 
@@ -195,13 +207,17 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
         export = run.root / "backbone.safetensors"
         export_backbone(export, teacher.backbone.model, to_dict(cfg))
         write_run_exports(run.root, teacher.backbone.model, cfg)  # + export/timm/, files 0644
+        sweep_temp_files(run.root)
     if finished:
         skipped = int(sum_over_ranks(state.skipped_images, device))
         console.end(state.step, sampler.global_batch, skipped, str(export) if export else None)
     run.close()
     if not finished:
-        raise TrainingInterrupted(f"stopped by a signal at step {state.step}; the checkpoint is "
-                                  f"in {run.last}. Rerun the same command to resume.")
+        signum = stop.signal or signal.SIGTERM
+        raise TrainingInterrupted(
+            f"stopped by signal {int(signum)} ({signal.Signals(signum).name}) after step "
+            f"{state.step}; checkpoint saved in {run.last}. Rerun the same command to resume.",
+            signum)
     return run.root
 
 
@@ -245,7 +261,11 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
                 state.skipped_images += batch.skipped
                 continue
             is_log_step = (state.step + 1) % t.log_every == 0 or state.step + 1 == max_steps
-            terms = train_step(ctx, batch, state.step, is_log_step)
+            try:
+                terms = train_step(ctx, batch, state.step, is_log_step)
+            except NonFiniteError as e:  # nothing of this step was applied or written
+                raise NonFiniteError(f"{e} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
+                                     f"{_advice(ctx, e)}") from None
             state.step += 1
             state.step_in_epoch += 1
             state.skipped_images += batch.skipped
@@ -268,13 +288,11 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
             LOG.warning("signal %d: stopped after step %d; checkpoint written, rerun to resume",
                         stopping, state.step)
             console.close()
-            print(f"glsd: stopped by signal {stopping} after step {state.step}; "
-                  f"checkpoint saved in {ctx.run.last}. Rerun the same command to resume.",
-                  file=sys.stderr)
+            stop.signal = stopping  # the CLI prints the one message (TrainingInterrupted)
             return False
         if whole_epoch and batches and state.step == steps_before:
-            raise RuntimeError(f"no image of {ctx.sampler.n} could be read in epoch {state.epoch} "
-                               f"(data.on_error=skip skipped them all); check data.root")
+            raise DataError(f"no image of {ctx.sampler.n} could be read in epoch {state.epoch} "
+                            f"(data.on_error=skip skipped them all); check data.root")
         if state.step_in_epoch >= ctx.sampler.steps_per_epoch:
             state.epoch += 1
             state.step_in_epoch = 0
@@ -323,7 +341,13 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
     ctx.scaler.scale(terms.loss).backward()
     ctx.scaler.unscale_(ctx.optimizer)
     if cfg.train.clip_grad:
-        torch.nn.utils.clip_grad_norm_(ctx.student.parameters(), cfg.train.clip_grad)
+        norm = torch.nn.utils.clip_grad_norm_(ctx.student.parameters(), cfg.train.clip_grad)
+    else:
+        norm = finite.grad_norm(ctx.student.parameters())
+    # fp16's scaler skips steps with inf gradients by design; otherwise they would be applied.
+    # Gradients are all-reduced, so every rank sees the same norm and stops together.
+    if not ctx.scaler.is_enabled() and not bool(torch.isfinite(norm)):
+        raise finite.grad_error(step + 1, float(norm))
     if step < sched.freeze_last_layer_steps:  # DINO: let prototypes settle before they move
         for head in (ctx.student.global_head, ctx.student.local_head):
             if head is not None:
@@ -337,17 +361,20 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
 
 def check_finite(terms: LossTerms, step: int, distributed: bool = False) -> None:
     finite_here = bool(torch.isfinite(terms.loss))
-    finite = finite_here
+    ok = finite_here
     if distributed:  # every rank must stop: one left in backward() would wait for the others
-        finite = max_over_ranks(float(not finite_here), terms.loss.device) == 0
-    if finite:
+        ok = max_over_ranks(float(not finite_here), terms.loss.device) == 0
+    if ok:
         return
-    where = "" if not finite_here else " (on another rank; this rank's terms follow)"
-    raise NonFiniteLossError(
-        f"non-finite loss at step {step}{where}: loss={terms.loss.item()}, "
-        f"loss_global={terms.loss_global.item()}, loss_local={terms.loss_local.item()}. "
-        "The last good checkpoint is kept. Try train.precision=fp32, a lower train.lr, "
-        "a lower loss.teacher_temp / loss.warmup_teacher_temp, or train.clip_grad=1.0.")
+    values = {"loss": terms.loss.item(), "loss_global": terms.loss_global.item(),
+              "loss_local": terms.loss_local.item()}
+    raise finite.loss_error(step, values, elsewhere=finite_here)
+
+
+def _advice(ctx: Context, error: NonFiniteError) -> str:
+    cause = "weights" if "weights" in str(error) else "loss"
+    return finite.advice(cause, float(ctx.sched.lr.max()), ctx.cfg.train.clip_grad,
+                         ctx.amp_dtype is not None)
 
 
 def log_step(ctx: Context, state: TrainState, terms: LossTerms, steps_per_sec: float) -> None:
@@ -390,13 +417,20 @@ def end_of_epoch(ctx: Context, state: TrainState) -> None:
 def checkpoint(ctx: Context, state: TrainState, keep: bool = False) -> None:
     # Every rank's own RNG and skip count (collective: all ranks checkpoint at the same step),
     # so a resume gives each rank its own drop-path and augmentation streams back.
+    states = {"student": ctx.student.state_dict(), "teacher": ctx.teacher.state_dict(),
+              "objective": ctx.objective.state_dict()}
+    bad = finite.nonfinite_tensors(states)  # identical on every rank: all stop together
+    if bad:
+        error = finite.weights_error(state.step, bad, sum(len(v) for v in states.values()))
+        raise NonFiniteError(f"{error} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
+                             f"{_advice(ctx, error)}")
     per_rank = gather_objects({"rng": rng_state(), "skipped_images": state.skipped_images})
+    state.checkpoint_step = state.step
     if not ctx.dinfo.is_main:
         return
     payload = {
         "config": to_dict(ctx.cfg),
-        "student": ctx.student.state_dict(), "teacher": ctx.teacher.state_dict(),
-        "objective": ctx.objective.state_dict(),  # both centres
+        **states,  # student, teacher, objective (both centres)
         "optimizer": ctx.optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
         "step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
         "samples_in_epoch": state.step_in_epoch * ctx.sampler.global_batch,
@@ -411,6 +445,17 @@ def checkpoint(ctx: Context, state: TrainState, keep: bool = False) -> None:
 
 
 def restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler) -> TrainState:
+    try:
+        return _restore(ckpt, student, teacher, objective, optimizer, scaler, sampler)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise CheckpointError(f"the checkpoint to resume is corrupt or of another model "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                              "start fresh with train.resume=false (it is moved aside)") from None
+
+
+def _restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler) -> TrainState:
+    check_weights(ckpt["student"], student, "student weights")
+    check_weights(ckpt["teacher"], teacher, "teacher weights")
     student.load_state_dict(ckpt["student"])
     teacher.load_state_dict(ckpt["teacher"])
     objective.load_state_dict(ckpt["objective"])
@@ -422,7 +467,7 @@ def restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler)
     # whole global batch of the new size (a few images may be seen twice).
     step_in_epoch = ckpt["samples_in_epoch"] // sampler.global_batch
     LOG.info("resumed from step %d (epoch %d, step %d of it)", ckpt["step"], ckpt["epoch"], step_in_epoch)
-    return TrainState(ckpt["step"], ckpt["epoch"], step_in_epoch, skipped)
+    return TrainState(ckpt["step"], ckpt["epoch"], step_in_epoch, skipped, ckpt["step"])
 
 
 def rank_state(ckpt: dict, rank: int, world_size: int) -> tuple[dict, int]:

@@ -1,7 +1,8 @@
 """The run folder: config.yaml, metrics.jsonl, train.log, checkpoints/, backbone.safetensors.
 
-Guards against the costly mistakes: resuming a run under a config that changes what is
-learned (refused, naming the keys) and silently overwriting another run.
+Guards against the costly mistakes: two processes in one folder (an exclusive lock, see
+train.lock), resuming a run under a config that changes what is learned (refused, naming the
+keys), resuming poisoned (non-finite) weights, and silently overwriting another run.
 """
 from __future__ import annotations
 
@@ -13,8 +14,20 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from glsd.config import Config, ConfigError, diff_keys, dump_yaml, from_dict, identity
-from glsd.train.checkpoint import load_checkpoint
+from glsd.errors import CheckpointError, GlsdError
+from glsd.train import lock
+from glsd.train.checkpoint import load_checkpoint, sweep_temp_files
+from glsd.train.finite import nonfinite_tensors
+
+RESUME_KEYS = ("student", "teacher", "objective", "optimizer", "scaler", "step", "epoch",
+               "samples_in_epoch", "rng")
+# What a start that never wrote a checkpoint leaves; a restart of the same config clears it.
+START_FILES = {"config.yaml", "metrics.jsonl", "train.log", "subset.json", "checkpoints",
+               "failed.txt", lock.LOCK_NAME}
+FAILED_FILE = "failed.txt"
 
 LOG = logging.getLogger("glsd")
 
@@ -25,20 +38,41 @@ class RunFolder:
         self.is_main = is_main
         self.checkpoints = self.root / "checkpoints"
         self.last = self.checkpoints / "last.pt"
+        self._locks = 0
 
     # -- start / resume -----------------------------------------------------------------
     def prepare(self, cfg: Config) -> Optional[dict]:
-        """Create the folder; return the checkpoint to resume from, or None for a fresh run."""
+        """Lock and create the folder; return the checkpoint to resume from, or None for a
+        fresh run. Under torchrun only rank 0 (is_main) locks and writes."""
+        self.take_lock()
+        try:
+            return self._prepare(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def take_lock(self) -> None:
+        """Lock the folder for this process (rank 0 only; re-entrant; close() gives it back)."""
+        if self.is_main:
+            lock.acquire(self.root, "pretrain")
+            self._locks += 1
+
+    def _prepare(self, cfg: Config) -> Optional[dict]:
         existing = self.root / "config.yaml"
         ckpt = None
+        if self.is_main:
+            sweep_temp_files(self.root)  # torn writes of killed runs (the lock says none is live)
         if self.last.is_file() and cfg.train.resume:
             ckpt = self._check_resumable(cfg)
             if self.is_main:
                 self._drop_metrics_after(ckpt["step"])
         elif existing.is_file() and self.is_main:
-            # Nothing to resume (or resume=false): keep the old files, out of the way.
-            self._archive()
-        elif self.root.is_dir() and any(self.root.iterdir()) and self.is_main:
+            if cfg.train.resume and self._is_same_unsaved_start(cfg):
+                self._clear_start()  # killed before its first checkpoint: nothing to keep
+            else:  # nothing to resume (or resume=false): keep the old files, out of the way
+                self._archive()
+        elif self.is_main and self.root.is_dir() and any(
+                p.name != lock.LOCK_NAME for p in self.root.iterdir()):
             raise ConfigError(f"output_dir {self.root} is not empty and holds no glsd run; "
                               "pick a new output_dir")
         if self.is_main:
@@ -49,6 +83,15 @@ class RunFolder:
 
     def _check_resumable(self, cfg: Config) -> dict:
         ckpt = load_checkpoint(self.last)
+        missing = [k for k in RESUME_KEYS if k not in ckpt]
+        if missing or not isinstance(ckpt.get("config"), dict):
+            raise CheckpointError(f"{self.last} cannot be resumed: it lacks {', '.join(missing) or 'config'}. "
+                                  "Start fresh with train.resume=false (the old run is moved aside).")
+        bad = nonfinite_tensors({k: ckpt[k] for k in ("student", "teacher") if isinstance(ckpt[k], dict)})
+        if bad:
+            raise CheckpointError(f"{self.last} (step {ckpt['step']}) holds non-finite weights "
+                                  f"({len(bad)} tensors, e.g. {bad[0]}); resuming would fail again. "
+                                  "Start fresh with train.resume=false (it is moved aside, not deleted).")
         diffs = diff_keys(identity(from_dict(ckpt["config"])), identity(cfg))
         if diffs:
             raise ConfigError(
@@ -71,6 +114,34 @@ class RunFolder:
                 continue
         path.write_text("".join(f"{line}\n" for line in kept))
 
+    def _is_same_unsaved_start(self, cfg: Config) -> bool:
+        names = {p.name for p in self.root.iterdir()}
+        if not names <= START_FILES or (self.root / "backbone.safetensors").exists():
+            return False
+        if any(not p.name.startswith(".") for p in self.checkpoints.glob("*")):
+            return False
+        try:
+            old = from_dict(yaml.safe_load((self.root / "config.yaml").read_text()))
+        except (GlsdError, yaml.YAMLError, OSError):
+            return False
+        return diff_keys(identity(old), identity(cfg)) == []
+
+    def _clear_start(self) -> None:
+        for name in START_FILES - {lock.LOCK_NAME}:
+            path = self.root / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    def mark_failed(self, error: BaseException) -> None:
+        """A run that fails before its first checkpoint says so in its folder."""
+        if self._locks and self.root.is_dir() and not self.last.exists() and \
+                (self.root / "config.yaml").exists():
+            (self.root / FAILED_FILE).write_text(
+                f"this run failed before its first checkpoint: {type(error).__name__}: {error}\n"
+                "Rerunning the same command starts it afresh (these files are replaced).\n")
+
     def _archive(self) -> None:
         stamp = time.strftime('%Y%m%d-%H%M%S')
         dest, n = self.root / f"previous-{stamp}", 1
@@ -79,7 +150,7 @@ class RunFolder:
             dest = self.root / f"previous-{stamp}-{n}"
         dest.mkdir()
         for item in list(self.root.iterdir()):
-            if not item.name.startswith("previous-"):
+            if not item.name.startswith("previous-") and item.name != lock.LOCK_NAME:
                 shutil.move(str(item), dest / item.name)
         print(f"glsd: moved the previous files in {self.root} to {dest}", file=sys.stderr)
 
@@ -98,7 +169,11 @@ class RunFolder:
                 f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
+        """Close train.log and give back this folder's lock (as often as it was taken)."""
         for h in list(LOG.handlers):
             if isinstance(h, logging.FileHandler):
                 h.close()
                 LOG.removeHandler(h)
+        while self._locks:
+            self._locks -= 1
+            lock.release(self.root)

@@ -2,10 +2,18 @@
 torn one (checkpoints, subset.json, evaluation and study records)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, IO
+
+from glsd.errors import DiskFull
+
+TMP_MARK = ".tmp-"
+# torch.save reports a failed write (ENOSPC included) as a RuntimeError of its zip writer.
+_WRITE_ERRORS = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
 
 
 def fsync_dir(path: Path) -> None:
@@ -21,20 +29,40 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, then atomically replace ``path``."""
+    """Call ``write(file)`` on a temp file beside ``path``, then atomically replace ``path``.
+    A full disk raises DiskFull ("disk full while writing ..."); ``path`` is then as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
+        _raise_if_disk_full(e, path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+def _raise_if_disk_full(e: BaseException, path: Path) -> None:
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        "No space left on device" in str(e)
+    if not full and any(m in str(e) for m in _WRITE_ERRORS):
+        try:
+            full = shutil.disk_usage(path.parent).free < 64 * 2**20
+        except OSError:
+            full = False
+    if not full or isinstance(e, DiskFull):
+        return
+    kept = (f"the previous {path.name} is intact" if path.exists()
+            else f"no previous {path.name} existed")
+    raise DiskFull(errno.ENOSPC, f"disk full while writing {path}; {kept}. Free space on "
+                   f"{path.parent} (or move the run), then rerun to resume") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

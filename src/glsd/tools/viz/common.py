@@ -49,10 +49,17 @@ def save(fig, out: PathLike) -> Path:
 
 
 def read_image(path: PathLike) -> Image.Image:
+    from glsd.data.sources import open_regular, to_rgb, upright
+    from glsd.errors import DataError
+
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as e:
+        with open_regular(Path(path)) as f, Image.open(f) as img:
+            img.load()
+            return to_rgb(upright(img))
+    except Image.DecompressionBombError as e:
+        raise VizError(f"refusing image {path}: it decodes to more pixels than PIL allows ({e}); "
+                       "give a smaller image") from None
+    except (OSError, ValueError, DataError) as e:
         raise VizError(f"cannot read image {path}: {e}") from None
 
 

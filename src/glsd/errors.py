@@ -1,0 +1,56 @@
+"""glsd's error types: one per kind of bad input, each message naming the problem and the fix.
+
+The command line catches :class:`GlsdError` and prints its message alone (exit code 2); any
+other exception is a bug and keeps its traceback. ``--debug`` or ``GLSD_DEBUG=1`` shows the
+traceback of a GlsdError too.
+"""
+from __future__ import annotations
+
+
+class GlsdError(Exception):
+    """Base of the errors glsd raises for bad input or a state it cannot continue from."""
+
+
+class ConfigError(GlsdError, ValueError):
+    """A config key or value is invalid; the message names it and the fix."""
+
+
+class CheckpointError(GlsdError, RuntimeError):
+    """A checkpoint or exported backbone is missing, corrupt, unsafe or does not fit."""
+
+
+class DataError(GlsdError, RuntimeError):
+    """An image or data source cannot be read (the message names the file)."""
+
+
+class RunFolderBusy(GlsdError, RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+class DiskFull(GlsdError, OSError):
+    """A write ran out of space; the message says which file is intact."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+class NotWritable(GlsdError, OSError):
+    """An output folder cannot be written (read-only, no permission); found before computing."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+class NonFiniteError(GlsdError, RuntimeError):
+    """A training step produced a non-finite loss, gradient or weight; nothing of it was saved."""
+
+
+class TrainingInterrupted(BaseException):
+    """SIGTERM/SIGINT stopped the run (after a checkpoint, unless a second signal stopped it at
+    once): not an error, but not finished either (callers such as the study must not treat
+    the run as done). A BaseException like KeyboardInterrupt, so that ``except Exception``
+    (a skipped bad image, a failed study cell) never swallows it."""
+
+    def __init__(self, message: str, signal: int = 2):
+        super().__init__(message)
+        self.signal = int(signal)

@@ -1,0 +1,84 @@
+"""The non-finite guard: a step whose loss, gradients or weights are not finite is never saved.
+
+Checks, cheapest first: the loss before ``backward`` (one scalar), the total gradient norm
+before the optimizer step (the norm clipping computes anyway), and every weight before a
+checkpoint is written (a fused norm per tensor list; a NaN or inf anywhere makes its norm
+non-finite). A failure raises :class:`NonFiniteError`; the checkpoint on disk, written from
+finite weights, is the state a rerun resumes from.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Optional
+
+import torch
+
+from glsd.errors import NonFiniteError
+
+
+def total_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """L2 norm over all tensors (0-dim, float32): non-finite iff any element is."""
+    tensors = [t.detach() for t in tensors if t is not None]
+    if not tensors:
+        return torch.zeros(())
+    norms = torch._foreach_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    return total_norm(p.grad for p in params if p.grad is not None)
+
+
+def nonfinite_tensors(states: Mapping[str, Mapping[str, torch.Tensor]]) -> list[str]:
+    """``"section.key"`` of every floating tensor holding a NaN or inf, e.g. over
+    ``{"student": student.state_dict(), "teacher": ...}``. One fused norm per section; the
+    per-tensor pass only runs when a section is bad."""
+    bad = []
+    for section, state in states.items():
+        names = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
+        if not names:
+            continue
+        norms = torch._foreach_norm([state[k].detach() for k in names])
+        finite = torch.isfinite(torch.stack([n.float() for n in norms]))
+        if bool(finite.all()):
+            continue
+        bad += [f"{section}.{k}" for k, ok in zip(names, finite.tolist()) if not ok]
+    return bad
+
+
+def advice(cause: str, lr: float, clip_grad: Optional[float], mixed_precision: bool) -> str:
+    """What to change, for the cause found ("loss", "gradients" or "weights")."""
+    hints = [f"a lower train.lr (the peak is now {lr:g})"]
+    if mixed_precision:
+        hints.insert(0, "train.precision=fp32")
+    if cause != "weights" and not clip_grad:
+        hints.append("train.clip_grad=1.0")
+    return "Try " + ", or ".join(hints) + "."
+
+
+def loss_error(step: int, values: Mapping[str, float], elsewhere: bool) -> NonFiniteError:
+    where = " (on another rank; this rank's terms follow)" if elsewhere else ""
+    terms = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+    return NonFiniteError(f"non-finite loss at step {step}{where}: {terms}; the step was not applied.")
+
+
+def grad_error(step: int, norm: float) -> NonFiniteError:
+    return NonFiniteError(f"non-finite gradients at step {step} (total norm {_fmt(norm)}) with a "
+                          "finite loss; the step was not applied.")
+
+
+def weights_error(step: int, bad: list[str], total: int) -> NonFiniteError:
+    return NonFiniteError(f"non-finite weights after step {step}: {len(bad)} of {total} tensors "
+                          f"(e.g. {', '.join(bad[:3])}); they were not written.")
+
+
+def kept_note(last_path, checkpoint_step: Optional[int]) -> str:
+    """Which checkpoint survives, truthfully."""
+    if checkpoint_step is None:
+        return "No checkpoint was written yet, so there is none to resume from."
+    return (f"The checkpoint {last_path} (step {checkpoint_step}, finite weights) is kept; "
+            "rerunning resumes from it.")
+
+
+def _fmt(v: float) -> str:
+    return str(v) if not math.isfinite(v) else f"{v:.4g}"

@@ -1,0 +1,181 @@
+"""An exclusive lock on a folder: ``<folder>/.glsd.lock`` holding the owner's pid and host.
+
+Two processes writing one run folder interleave metrics and overwrite each other's
+checkpoints, so pretraining, evaluation writes and study cells take this lock first. The
+file is created with O_EXCL (atomic on local and NFS v3+ file systems). A lock whose owner is
+gone (same host, dead pid) is stale and taken over; a lock of another host cannot be checked
+and is refused, naming the host and pid so the user can remove it. The lock is re-entrant
+within one process (a study cell locks its folder, then pretrains in it). Under torchrun only
+rank 0 takes it; the other ranks share it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import functools
+
+from glsd.errors import NotWritable, RunFolderBusy
+
+LOCK_NAME = ".glsd.lock"
+_held: dict[Path, int] = {}  # lock path -> depth, in this process
+_created_dirs: set[Path] = set()  # folders this process created only to lock them
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid
+    from the lock's owner; None where /proc is not available."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def _read(path: Path) -> Optional[dict]:
+    try:
+        info = json.loads(path.read_text())
+        return info if isinstance(info, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _stale(path: Path, info: Optional[dict]) -> bool:
+    if info is None:  # torn or foreign content: stale once it is older than a write takes
+        try:
+            return time.time() - path.stat().st_mtime > 10.0
+        except FileNotFoundError:
+            return True
+    if info.get("host") != socket.gethostname():
+        return False
+    pid = info.get("pid")
+    if not isinstance(pid, int) or not _alive(pid):
+        return True
+    started = info.get("pid_start")
+    return started is not None and _start_time(pid) not in (None, started)  # pid reused
+
+
+def acquire(folder: Path, what: str = "glsd") -> Path:
+    """Lock ``folder`` (created if missing) for this process; raise RunFolderBusy if a live
+    process holds it. Returns the lock file's path."""
+    folder = Path(folder).resolve()
+    path = folder / LOCK_NAME
+    if path in _held:
+        _held[path] += 1
+        return path
+    try:
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            _created_dirs.add(folder)
+        return _create(folder, path, what)
+    except OSError as e:
+        raise NotWritable(e.errno, f"cannot write in {folder} ({e.strerror or e}); nothing was "
+                          "computed. Fix its permissions, free space, or use a writable copy") from None
+
+
+def _create(folder: Path, path: Path, what: str) -> Path:
+    record = json.dumps({"pid": os.getpid(), "pid_start": _start_time(os.getpid()),
+                         "host": socket.gethostname(), "what": what,
+                         "command": " ".join(sys.argv)[:500], "started": time.time()})
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            info = _read(path)
+            if _stale(path, info):
+                _take_over(path, info)
+                continue
+            raise RunFolderBusy(_busy_message(folder, path, info)) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(record)
+        _held[path] = 1
+        return path
+    raise RunFolderBusy(_busy_message(folder, path, _read(path)))
+
+
+def _take_over(path: Path, info: Optional[dict]) -> None:
+    who = f"pid {info.get('pid')}" if info else "an unreadable lock"
+    print(f"glsd: taking over the stale lock {path} ({who} is gone)", file=sys.stderr)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _busy_message(folder: Path, path: Path, info: Optional[dict]) -> str:
+    if info is None:
+        owner = "another process (the lock file is being written)"
+    else:
+        owner = f"process {info.get('pid')} on host {info.get('host')} ({info.get('what')}: " \
+                f"{info.get('command', '?')})"
+    return (f"{folder} is in use by {owner}. Wait for it to finish, or use another folder; "
+            f"if that process is gone (another host's lock cannot be checked), delete {path}.")
+
+
+def release(folder: Path) -> None:
+    """Drop one level of this process's lock; the last one removes the lock file (and the
+    folder, if acquire created it and nothing else was written)."""
+    folder = Path(folder).resolve()
+    path = folder / LOCK_NAME
+    if path not in _held:
+        return
+    _held[path] -= 1
+    if _held[path] > 0:
+        return
+    del _held[path]
+    info = _read(path)
+    if info is not None and info.get("pid") == os.getpid():
+        path.unlink(missing_ok=True)
+    if folder in _created_dirs:
+        _created_dirs.discard(folder)
+        try:
+            folder.rmdir()  # only if empty: a failed start leaves no folder behind
+        except OSError:
+            pass
+
+
+def holds(folder: Path) -> bool:
+    return (Path(folder).resolve() / LOCK_NAME) in _held
+
+
+def eval_output_dir(path) -> Path:
+    """Where an evaluation of ``path`` (run folder, checkpoint or export) writes: ``<run>/eval``."""
+    path = Path(path)
+    if path.is_dir():
+        return path / "eval"
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return run / "eval"
+
+
+def locks_eval_output(fn):
+    """Decorate ``run_eval(kind, path, ...)``: lock ``<run>/eval`` first (rank 0), which also
+    proves it is writable before anything is computed."""
+    @functools.wraps(fn)
+    def wrapper(kind, path, *args, **kwargs):
+        import torch.distributed as dist
+
+        main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        out = eval_output_dir(path)
+        if not main or not Path(path).exists():
+            return fn(kind, path, *args, **kwargs)
+        acquire(out, "eval")
+        try:
+            return fn(kind, path, *args, **kwargs)
+        finally:
+            release(out)
+    return wrapper

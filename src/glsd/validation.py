@@ -1,0 +1,164 @@
+"""Config checks that types cannot express: numeric ranges, and what model construction may
+be passed. Pure Python (no torch): called by ``glsd.config.validate``.
+
+Every message names the key, the value and the allowed range.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from glsd.errors import ConfigError
+
+INF = math.inf
+# key -> (low, high, low_open, high_open); None values are allowed where the type is Optional.
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "data.num_workers": (0, 256, False, False),
+    "data.read_timeout_s": (0, INF, False, True),
+    "data.synthetic_num_images": (1, INF, False, True),
+    "data.synthetic_image_size": (8, 4096, False, False),
+    "data.synthetic_num_classes": (1, 8, False, False),
+    "crops.global_size": (1, 4096, False, False),
+    "crops.local_size": (1, 4096, False, False),
+    "crops.flip_p": (0, 1, False, False),
+    "crops.color_jitter_p": (0, 1, False, False),
+    "crops.grayscale_p": (0, 1, False, False),
+    "crops.solarize_p": (0, 1, False, False),
+    "model.patch_size": (1, 1024, False, False),
+    "model.out_dim": (1, 2**20, False, False),
+    "model.hidden_dim": (1, 2**16, False, False),
+    "model.bottleneck_dim": (1, 2**16, False, False),
+    "model.head_layers": (1, 64, False, False),
+    "model.local_out_dim": (1, 2**20, False, False),
+    "model.local_hidden_dim": (1, 2**16, False, False),
+    "model.local_bottleneck_dim": (1, 2**16, False, False),
+    "model.drop_path_rate": (0, 1, False, True),
+    "loss.global_weight": (0, INF, False, True),
+    "loss.local_weight": (0, INF, False, True),
+    "loss.student_temp": (0, INF, True, True),
+    "loss.teacher_temp": (0, INF, True, True),
+    "loss.warmup_teacher_temp": (0, INF, True, True),
+    "loss.warmup_teacher_temp_epochs": (0, INF, False, True),
+    "loss.center_momentum": (0, 1, False, False),
+    "train.epochs": (1, INF, False, True),
+    "train.max_steps": (1, INF, False, True),
+    "train.batch_size": (1, INF, False, True),
+    "train.lr": (0, INF, True, True),
+    "train.min_lr": (0, INF, False, True),
+    "train.warmup_epochs": (0, INF, False, True),
+    "train.warmup_steps": (0, INF, False, True),
+    "train.weight_decay": (0, INF, False, True),
+    "train.weight_decay_end": (0, INF, False, True),
+    "train.clip_grad": (0, INF, True, True),
+    "train.freeze_last_layer_epochs": (0, INF, False, True),
+    "train.log_every": (1, INF, False, True),
+    "train.checkpoint_every_epochs": (0, INF, False, True),
+    "train.checkpoint_every_steps": (0, INF, False, True),
+    "eval.every_epochs": (0, INF, False, True),
+    "eval.k": (1, INF, False, True),
+    "eval.temperature": (0, INF, True, True),
+    "eval.batch_size": (1, INF, False, True),
+    "eval.image_size": (1, 4096, False, False),
+    "eval.linear_epochs": (1, INF, False, True),
+    "eval.linear_lr": (0, INF, True, True),
+    "eval.dense_num_images": (1, INF, False, True),
+    "study.steps": (1, INF, False, True),
+}
+TUPLE_RANGES = {"crops.ratio": (0, INF, True, True), "crops.blur_p": (0, 1, False, False),
+                "crops.blur_radius": (0, INF, False, True), "crops.std": (0, INF, True, True)}
+
+
+def _interval(lo, hi, lo_open, hi_open) -> str:
+    return f"{'(' if lo_open else '['}{lo:g}, {'inf' if hi == INF else f'{hi:g}'}{')' if hi_open else ']'}"
+
+
+def _check(key: str, value: Any, spec) -> None:
+    lo, hi, lo_open, hi_open = spec
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: it must be a finite number in "
+                          f"{_interval(*spec)}")
+
+
+def _get(cfg, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_ranges(cfg) -> None:
+    """Every numeric key in its range (NaN and inf are never in range)."""
+    for key, spec in RANGES.items():
+        value = _get(cfg, key)
+        if value is not None:
+            _check(key, value, spec)
+    for key, spec in TUPLE_RANGES.items():
+        for v in _get(cfg, key):
+            _check(key, v, spec)
+    for key in ("crops.mean", "crops.global_scale", "crops.local_scale", "study.fractions"):
+        for v in _get(cfg, key):
+            if not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise ConfigError(f"{key} has {v!r}: every value must be a finite number")
+
+
+# ----------------------------------------------------------------------------------------
+# What a config may pass to a model constructor
+
+# Keys that make timm (or any constructor) read a file, fetch weights or take a loading recipe.
+DENIED_KWARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                 "pretrained_strict", "cache_dir", "file", "url", "hf_hub_id", "state_dict",
+                 "weights", "load", "path")
+MAX_KWARG_INT = 2**16  # a width or depth beyond this is a typo, and would exhaust memory
+
+
+def _denied(key: str) -> bool:
+    k = key.lower()
+    return (k in DENIED_KWARGS or k.startswith("pretrained") or "checkpoint" in k
+            or k.endswith(("_path", "_file", "_dir", "_url")))
+
+
+def _looks_like_path(value: str) -> bool:
+    v = value.strip()
+    return ("/" in v or "\\" in v or v.startswith((".", "~")) or "://" in v
+            or v.lower().endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pkl",
+                                   ".npz", ".npy", ".h5", ".tar", ".zip")))
+
+
+def check_backbone_kwargs(kwargs: Any, key: str = "model.backbone_kwargs") -> None:
+    """Refuse constructor arguments that load files or weights (``checkpoint_path``,
+    ``pretrained``, ``pretrained_cfg*``, ``*_path`` ...), path-like strings and absurd sizes."""
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"{key} must be a mapping, got {kwargs!r}")
+    for name, value in kwargs.items():
+        _check_kwarg(f"{key}.{name}", str(name), value)
+
+
+def _check_kwarg(full: str, name: str, value: Any, depth: int = 0) -> None:
+    if _denied(name):
+        raise ConfigError(f"{full} is not allowed: a model is built from its architecture "
+                          "keys only, never from files or pretrained weights named in a config "
+                          "(that would let a config or a checkpoint's metadata load a pickle). "
+                          "Remove the key; glsd trains from scratch")
+    if depth > 4:
+        raise ConfigError(f"{full} is nested too deeply")
+    if isinstance(value, str) and _looks_like_path(value):
+        raise ConfigError(f"{full}={value!r} looks like a file path or URL; model.backbone_kwargs "
+                          "take architecture values only")
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int) and abs(value) > MAX_KWARG_INT:
+        raise ConfigError(f"{full}={value} is out of range: sizes must be at most {MAX_KWARG_INT}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{full}={value} must be a finite number")
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _check_kwarg(full, name, v, depth + 1)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_kwarg(f"{full}.{k}", str(k), v, depth + 1)
+    elif not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{full} has a value of type {type(value).__name__}; use numbers, "
+                          "strings, lists or mappings")
+

@@ -1,0 +1,293 @@
+"""Issue 14, findings 1-3: no non-finite step written, no config path reaching timm's
+unpickling, one process per run folder."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from glsd.config import ConfigError, load_config
+from glsd.errors import CheckpointError, NonFiniteError, RunFolderBusy
+from glsd.train import lock
+from glsd.train.checkpoint import load_checkpoint
+from glsd.train.finite import nonfinite_tensors
+from glsd.train.objective import GlobalLocalObjective, LossTerms
+from glsd.train.pretrain import pretrain
+
+from helpers_tiny import (cli, last_step, load_last, start_pretrain, tiny_config, wait_for_step,
+                          write_config)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _all_finite(run: Path) -> bool:
+    ckpt = load_last(run)
+    return nonfinite_tensors({"student": ckpt["student"], "teacher": ckpt["teacher"]}) == []
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _poison_at(monkeypatch, call: int, how: str):
+    real, calls = GlobalLocalObjective.forward, []
+
+    def forward(self, *args, **kwargs):
+        terms = real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) != call:
+            return terms
+        if how == "grad":
+            return LossTerms(_NanGrad.apply(terms.loss), terms.loss_global, terms.loss_local, terms.diagnostics)
+        nan = torch.tensor(float("nan"))
+        return LossTerms(terms.loss * nan, terms.loss_global * nan, terms.loss_local, terms.diagnostics)
+
+    monkeypatch.setattr(GlobalLocalObjective, "forward", forward)
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Non-finite steps
+
+@pytest.mark.parametrize("clip", ["3.0", "null"], ids=["clipped", "unclipped"])
+def test_nonfinite_gradients_are_never_applied_or_saved(tmp_path, monkeypatch, clip):
+    """The loss is finite, its gradients are NaN: on main the update made every weight NaN and
+    the next checkpoint saved them. Now the step is refused and last.pt stays finite."""
+    _poison_at(monkeypatch, 3, "grad")
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError) as err:
+        pretrain(tiny_config(run, "train.checkpoint_every_steps=1", "train.max_steps=6",
+                             f"train.clip_grad={clip}"))
+    msg = str(err.value)
+    assert "non-finite gradients at step 3" in msg and "not applied" in msg, msg
+    assert "(step 2, finite weights) is kept" in msg and "train.lr" in msg
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
+    assert _all_finite(run)
+
+
+def test_nonfinite_weights_are_never_written(tmp_path, monkeypatch):
+    """An update that turns a weight to inf (what train.lr=inf did) is caught before the
+    checkpoint: last.pt keeps the previous, finite step, and the message says so."""
+    import glsd.train.pretrain as pretrain_mod
+
+    real = pretrain_mod.ema_update
+
+    def poisoned_ema(teacher, student, momentum):
+        real(teacher, student, momentum)
+        if poisoned_ema.calls == 1:  # the second step
+            with torch.no_grad():
+                next(student.parameters()).fill_(float("inf"))
+        poisoned_ema.calls += 1
+
+    poisoned_ema.calls = 0
+    monkeypatch.setattr(pretrain_mod, "ema_update", poisoned_ema)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError) as err:
+        pretrain(tiny_config(run, "train.checkpoint_every_steps=1", "train.max_steps=6"))
+    msg = str(err.value)
+    assert re.search(r"non-finite weights after step 2: \d+ of \d+ tensors \(e.g. student\.", msg), msg
+    assert "were not written" in msg and "(step 1, finite weights) is kept" in msg
+    assert load_last(run)["step"] == 1 and _all_finite(run)
+
+
+def test_nonfinite_loss_before_any_checkpoint_says_there_is_none(tmp_path, monkeypatch):
+    _poison_at(monkeypatch, 1, "loss")
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError) as err:
+        pretrain(tiny_config(run, "train.max_steps=3"))
+    msg = str(err.value)
+    assert "non-finite loss at step 1" in msg and "No checkpoint was written yet" in msg, msg
+    assert "is kept" not in msg and "temp" not in msg  # no false claim, no temperature advice
+    assert not (run / "checkpoints" / "last.pt").exists()
+    assert "failed before its first checkpoint" in (run / "failed.txt").read_text()
+
+
+def test_a_poisoned_checkpoint_is_not_resumed(tmp_path):
+    """A last.pt holding NaN weights (written by an older glsd) is refused, not resumed into
+    the same failure."""
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, "train.max_steps=2"))
+    ckpt = load_last(run)
+    key = next(iter(ckpt["teacher"]))
+    ckpt["teacher"][key] = torch.full_like(ckpt["teacher"][key], float("nan"))
+    torch.save(ckpt, run / "checkpoints" / "last.pt")
+    with pytest.raises(CheckpointError, match=r"non-finite weights .*train.resume=false"):
+        pretrain(tiny_config(run, "train.max_steps=4"))
+    assert cli(["eval", "knn", str(run), "--device", "cpu"]) == 2  # eval refuses it too
+
+
+@pytest.mark.parametrize("override", ["train.lr=inf", "train.lr=nan", "train.lr=.inf",
+                                      "loss.teacher_temp=0", "loss.student_temp=0"])
+def test_nonfinite_or_zero_settings_are_config_errors(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(key) + r".*out of range"):
+        load_config(None, [override])
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Nothing in a config makes timm load a file
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def _evil_pt(tmp_path) -> tuple[Path, Path]:
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"state_dict": {"x": _Evil(marker)}}, evil)
+    return evil, marker
+
+
+VIT_KW = "{embed_dim: 32, depth: 1, num_heads: 2, checkpoint_path: %s}"
+
+
+@pytest.mark.parametrize("kwargs", ["checkpoint_path: {evil}", "pretrained: true",
+                                    "pretrained_cfg_overlay: {{file: {evil}}}",
+                                    "pretrained_cfg: {{url: x}}", "init_path: {evil}",
+                                    "weights_file: a", "embed_dim: {evil}"])
+def test_backbone_kwargs_that_load_files_are_refused(tmp_path, kwargs):
+    evil, marker = _evil_pt(tmp_path)
+    override = "model.backbone_kwargs={" + kwargs.format(evil=evil) + "}"
+    with pytest.raises(ConfigError, match="model.backbone_kwargs"):
+        load_config(None, ["model.backbone=vit_tiny_patch16_224", override])
+    assert not marker.exists()
+
+
+def test_the_attack_through_config_file_metadata_and_checkpoint(tmp_path, capsys):
+    """checkpoint_path=evil.pt through `pretrain CONFIG`, an export's metadata
+    (load_exported, eval) and a checkpoint's config: refused by glsd, never handed to timm
+    (on main timm torch.load-ed the file: with timm < 1.0.26 the payload ran)."""
+    from glsd.export import load_exported
+    from glsd.models.backbone import create_model
+    from glsd.train.checkpoint import export_backbone
+    from glsd.config import from_dict, to_dict
+
+    evil, marker = _evil_pt(tmp_path)
+    run = tmp_path / "run"
+    cfg = tiny_config(run, "train.max_steps=1", vit=True)
+    raw = to_dict(cfg)
+    raw["model"]["backbone_kwargs"]["checkpoint_path"] = str(evil)
+    # 1. pretrain CONFIG
+    config = tmp_path / "evil.yaml"
+    config.write_text(json.dumps(raw))  # JSON is YAML
+    assert cli(["pretrain", str(config)]) == 2
+    assert "backbone_kwargs.checkpoint_path is not allowed" in capsys.readouterr().err
+    # 2. an export whose metadata carries the config
+    model = create_model(cfg.model, 32)
+    st = tmp_path / "backbone.safetensors"
+    export_backbone(st, model, raw)
+    with pytest.raises(ConfigError, match="checkpoint_path"):
+        load_exported(st)
+    assert cli(["eval", "knn", str(st), "--device", "cpu"]) == 2
+    # 3. a config that skipped validation (a checkpoint's) still cannot reach timm
+    with pytest.raises(ConfigError, match="checkpoint_path"):
+        create_model(from_dict(raw).model, 32)
+    assert not marker.exists()
+
+
+def test_timm_lower_bound_loads_weights_only():
+    """timm 1.0.26 made its torch.load calls weights_only=True by default; older releases
+    unpickled a checkpoint_path with weights_only=False."""
+    text = (ROOT / "pyproject.toml").read_text()
+    timm = re.search(r'"timm>=(\d+)\.(\d+)\.(\d+)"', text)
+    assert timm and tuple(map(int, timm.groups())) >= (1, 0, 26), text
+    torch_bound = re.search(r'"torch>=(\d+)\.(\d+)"', text)
+    assert tuple(map(int, torch_bound.groups())) >= (2, 6)  # torch.load defaults to weights_only
+
+
+def test_absurd_model_from_metadata_is_refused_before_it_is_built(tmp_path):
+    from glsd.export import load_exported
+    from glsd.models.backbone import create_model
+    from glsd.train.checkpoint import export_backbone
+    from glsd.config import to_dict
+
+    cfg = tiny_config(tmp_path / "r", vit=True)
+    raw = to_dict(cfg)
+    export_backbone(tmp_path / "b.safetensors", create_model(cfg.model, 32), raw)
+    raw["model"]["backbone_kwargs"] = {"embed_dim": 60000, "depth": 12, "num_heads": 2}
+    # Rewrite only the metadata: weights of a tiny ViT, config of a ~1 TB one.
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(tmp_path / "b.safetensors"), tmp_path / "big.safetensors",
+              metadata={"format": "glsd-backbone-v1", "backbone": "vit_tiny_patch16_224",
+                        "config": json.dumps(raw)})
+    with pytest.raises(ConfigError, match=r"parameters .* GB"):
+        load_exported(tmp_path / "big.safetensors")
+
+
+# ----------------------------------------------------------------------------------------
+# 3. One process per run folder
+
+def test_second_pretrain_on_a_live_folder_is_refused(tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(run, "train.max_steps=500")
+    proc = start_pretrain(write_config(cfg, tmp_path / "c.yaml"))
+    try:
+        wait_for_step(proc, run, 1)
+        info = json.loads((run / lock.LOCK_NAME).read_text())
+        assert info["pid"] == proc.pid and info["host"] == socket.gethostname()
+        before = (run / "metrics.jsonl").read_text()
+        with pytest.raises(RunFolderBusy) as err:
+            pretrain(cfg)
+        assert f"process {proc.pid} on host {socket.gethostname()}" in str(err.value)
+        assert not list(run.glob("previous-*"))  # nothing of the live run was moved
+        assert not (run / "failed.txt").exists()  # nor marked failed by the refused one
+        assert (run / "metrics.jsonl").read_text().startswith(before)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (run / lock.LOCK_NAME).exists()  # released on a clean stop
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_lock_is_taken_over_and_foreign_host_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = {"pid": _dead_pid(), "host": socket.gethostname(), "what": "pretrain"}
+    (run / lock.LOCK_NAME).write_text(json.dumps(stale))
+    pretrain(tiny_config(run, "train.max_steps=1"))
+    assert "taking over the stale lock" in capsys.readouterr().err
+    assert load_last(run)["step"] == 1 and not (run / lock.LOCK_NAME).exists()
+    # A live pid that is not the owner (the pid was reused after a reboot or wrap-around).
+    reused = {"pid": os.getpid(), "pid_start": "1", "host": socket.gethostname(), "what": "pretrain"}
+    (run / lock.LOCK_NAME).write_text(json.dumps(reused))
+    pretrain(tiny_config(run, "train.max_steps=2"))
+    assert load_last(run)["step"] == 2
+    (run / lock.LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "what": "pretrain"}))
+    with pytest.raises(RunFolderBusy, match=r"host elsewhere.*delete"):
+        pretrain(tiny_config(run, "train.max_steps=3"))
+    (run / lock.LOCK_NAME).unlink()
+
+
+def test_lock_is_reentrant_and_eval_locks_its_output(tmp_path):
+    folder = tmp_path / "f"
+    lock.acquire(folder)
+    lock.acquire(folder)
+    lock.release(folder)
+    assert (folder / lock.LOCK_NAME).exists()
+    lock.release(folder)
+    assert not folder.exists()  # created only to lock it, nothing written: removed
+    assert lock.eval_output_dir(tmp_path / "run" / "checkpoints" / "last.pt") == tmp_path / "run" / "eval"

@@ -1,0 +1,349 @@
+"""Issue 14, findings 5-8 and issue 15 item 4: leftovers, full disks, odd files, validation,
+silent conversions, exit codes and signals."""
+import errno
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from glsd.config import ConfigError, dump_yaml, load_config
+from glsd.data.sources import ImageSource, open_source, to_rgb, zip_source, _read_file
+from glsd.errors import DataError, DiskFull, NotWritable
+from glsd.train.checkpoint import load_checkpoint, save_checkpoint
+from glsd.train.pretrain import pretrain
+
+from helpers_tiny import (cli, load_last, start_pretrain, tiny_config, wait_for_step,
+                          write_config)
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Leftovers, failed starts, full disks, unwritable eval folders
+
+def test_temp_files_are_swept_and_unsaved_restarts_leave_no_archive(tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(run, "train.max_steps=1")
+    # What a kill before the first checkpoint leaves (on main each restart archived it).
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_yaml(cfg))
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (run / "checkpoints" / ".last.pt.tmp-999999").write_bytes(b"torn" * 1000)
+    (run / ".backbone.safetensors.tmp-4242").write_bytes(b"torn")
+    pretrain(cfg)
+    assert not list(run.glob("previous-*"))
+    assert [p for p in run.rglob("*") if ".tmp-" in p.name] == []
+    assert load_last(run)["step"] == 1
+
+
+def test_failed_start_leaves_no_folder_or_a_marked_one(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(["pretrain", str(write_config(tiny_config(run, "model.backbone=nope",
+                                                         "model.backbone_kwargs={}"), tmp_path / "c.yaml"))]) == 2
+    assert not run.exists()  # the lock made the folder; nothing else was written: removed
+    root = tmp_path / "images"
+    for c in "ab":
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            (root / c / f"{i}.jpg").write_text("not a JPEG")
+    cfg = tiny_config(run, "data.source=auto", f"data.root={root}", "data.on_error=fail")
+    capsys.readouterr()
+    assert cli(["pretrain", str(write_config(cfg, tmp_path / "d.yaml"))]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert "failed before its first checkpoint" in (run / "failed.txt").read_text()
+
+
+def test_faked_enospc_is_disk_full_with_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.ones(10), "step": 1})
+    real = torch.save
+
+    def full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskFull, match=r"disk full while writing .*last.pt; the previous last.pt is intact"):
+        save_checkpoint(path, {"w": torch.zeros(10), "step": 2})
+    monkeypatch.setattr(torch, "save", real)
+    assert load_checkpoint(path)["step"] == 1 and not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 3 MiB tmpfs (root and a mount namespace that allows it; else skipped)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_real_enospc_is_disk_full_with_the_previous_checkpoint_intact(small_fs):
+    path = small_fs / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"w": torch.ones(250_000), "step": 1})  # 1 MB
+    with pytest.raises(DiskFull, match="disk full while writing .*the previous last.pt is intact"):
+        save_checkpoint(path, {"w": torch.ones(1_000_000), "step": 2})  # 4 MB
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+
+
+def test_eval_on_a_read_only_run_fails_before_computing(small_fs, monkeypatch):
+    import glsd.eval.runner as runner
+
+    run = small_fs / "run"
+    pretrain(tiny_config(run, "train.max_steps=1"))
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+
+    def no_compute(*a, **k):
+        raise AssertionError("features were computed before the write check")
+
+    monkeypatch.setattr(runner, "load_backbone", no_compute)
+    with pytest.raises(NotWritable, match="cannot write in .*eval.*nothing was computed"):
+        runner.run_eval("knn", run, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Odd files, study records, decompression bombs
+
+def _finishes(fn, timeout=20.0):
+    """Run fn in a thread; (finished, exception). A FIFO read on main blocked forever."""
+    out = {}
+
+    def target():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001
+            out["e"] = e
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    return not t.is_alive(), out.get("e")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_named_like_an_image_is_refused_not_read(tmp_path):
+    from glsd.tools import viz
+
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "a" / "ok.png")
+    os.mkfifo(root / "a" / "stuck.jpg")
+    source = open_source(load_config(None, ["data.source=imagefolder", f"data.root={root}"]).data)
+    done, e = _finishes(lambda: source.load("a/stuck.jpg", on_error="fail"))
+    assert done, "reading a FIFO blocked"
+    assert isinstance(e, DataError) and "is a FIFO, not an image file" in str(e)
+    assert source.load("a/stuck.jpg") is None and source.load("a/ok.png") is not None
+    done, e = _finishes(lambda: viz.read_image(root / "a" / "stuck.jpg"))
+    assert done and isinstance(e, viz.VizError) and "FIFO" in str(e)
+
+
+def test_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
+    from glsd.tools import viz
+
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (200, 200)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40,000 px is then a bomb
+    with pytest.raises(viz.VizError, match="more pixels than PIL allows"):
+        viz.read_image(path)
+
+
+def test_a_torn_cell_file_is_redone_and_the_grid_goes_on(tmp_path, monkeypatch):
+    import glsd.train.pretrain as pretrain_mod
+    from glsd.tools.study import Cell, run_cell, run_study
+
+    config = write_config(tiny_config(tmp_path / "unused"), tmp_path / "c.yaml")
+    out = tmp_path / "study"
+    cell = Cell(0.5, "none", 0)
+    (out / cell.name).mkdir(parents=True)
+    (out / cell.name / "cell.json").write_text('{"name": "f0.5-none-s0", "stat')  # torn
+    # --report-only collects around it (on main: JSONDecodeError, the study crashed).
+    result = run_study(str(config), out, fractions=[0.5], matchings=["none", "geometric"],
+                       seeds=[0], report_only=True)
+    assert [r["status"] for r in result["records"]] == ["not run", "not run"]
+    assert json.loads((out / "results.json").read_text())[0]["status"] == "not run"
+
+    def retrained(cfg):
+        raise RuntimeError("retrained")
+
+    monkeypatch.setattr(pretrain_mod, "pretrain", retrained)
+    record = run_cell(str(config), [], cell, out, ["knn"], "cpu")
+    assert record["status"] == "failed" and "retrained" in record["error"]  # it was redone
+    assert not (out / cell.name / "cell.json").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Validation of every numeric key; YAML errors
+
+@pytest.mark.parametrize("override", [
+    "train.lr=nan", "train.lr=-.inf", "loss.teacher_temp=0", "loss.teacher_temp=-1",
+    "loss.student_temp=0", "train.weight_decay=-0.1", "train.clip_grad=-1", "train.log_every=0",
+    "data.num_workers=-1", "model.out_dim=0", "crops.global_size=0", "loss.center_momentum=2",
+    "eval.k=0", "train.max_steps=0", "loss.warmup_teacher_temp=0", "eval.temperature=0",
+    "crops.flip_p=1.5", "model.drop_path_rate=1", "train.min_lr=-1", "train.batch_size=0",
+])
+def test_every_numeric_key_is_range_checked(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(key) + r"=.* out of range: .* in [\[(]"):
+        load_config(None, [override])
+
+
+def test_yaml_syntax_errors_and_top_level_lists_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 5\n  lr: [1, 2\nmodel: {}\n")
+    with pytest.raises(ConfigError, match=re.escape(str(bad)) + r":.*line \d+, column \d+: YAML syntax error"):
+        load_config(str(bad))
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- train\n- model\n")
+    with pytest.raises(ConfigError, match=re.escape(str(listed)) + " holds a list, not a mapping"):
+        load_config(str(listed))
+    with pytest.raises(ConfigError, match="override 'train.lr=\\[1': the value is not valid YAML"):
+        load_config(None, ["train.lr=[1"])
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Silent conversions
+
+def test_16_bit_images_are_scaled_not_clipped():
+    arr = np.array([[0, 32896, 65535]], dtype=np.uint16)
+    img = Image.fromarray(arr)
+    assert img.mode.startswith("I;16")
+    assert np.asarray(to_rgb(img))[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees to view
+    path = tmp_path / "phone.jpg"
+    img.save(path, exif=exif)
+    assert _read_file(path).size == (20, 40)
+
+
+@pytest.mark.parametrize("member", ["train/../x.png", "/abs/a/x.png", "train/a/../../x.png"])
+def test_zip_members_escaping_their_folder_are_refused_by_name(tmp_path, member):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    path = tmp_path / "d.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("train/a/ok.png", buf.getvalue())
+        zf.writestr(member, buf.getvalue())
+    with pytest.raises(ConfigError, match=re.escape(repr(member))):
+        zip_source(path, "train")
+
+
+# ----------------------------------------------------------------------------------------
+# 9. Exit codes and signals (issue 15 item 4)
+
+def test_sigint_checkpoints_and_exits_130_with_one_message(tmp_path):
+    """(SIGTERM -> 143: test_reliability's SIGTERM test.)"""
+    sig = signal.SIGINT
+    run = tmp_path / "run"
+    proc = start_pretrain(write_config(tiny_config(run, "train.max_steps=500"), tmp_path / "c.yaml"))
+    try:
+        wait_for_step(proc, run, 2)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and err.count("glsd:") == 1 and f"signal {int(sig)}" in err, err
+    assert load_last(run)["step"] >= 2 and not (run / "backbone.safetensors").exists()
+
+
+def test_sigint_before_training_exits_130_without_traceback(tmp_path):
+    run = tmp_path / "run"
+    proc = start_pretrain(write_config(tiny_config(run, "train.max_steps=500"), tmp_path / "c.yaml"))
+    try:
+        import time
+
+        deadline = time.monotonic() + 120
+        while not (run / ".glsd.lock").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)  # the lock is the first thing pretraining writes
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.count("glsd:") <= 2, err  # (a stale-lock note aside)
+
+
+def test_a_finished_run_exits_0(tmp_path):
+    assert cli(["pretrain", str(write_config(tiny_config(tmp_path / "run", "train.max_steps=1"),
+                                             tmp_path / "c.yaml"))]) == 0
+
+
+def test_a_second_signal_stops_a_stuck_data_read(tmp_path, monkeypatch):
+    """A read that never returns (a hung network file system): the first SIGTERM waits for
+    the step, the second stops at once; the checkpoint on disk is kept."""
+    import time
+
+    import glsd.data.sources as sources
+    from glsd.errors import TrainingInterrupted
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, "train.max_steps=1"))
+    real, reads = sources.synthetic_source, []
+
+    def stuck_source(*args, **kwargs):
+        src = real(*args, **kwargs)
+        read = src.read
+
+        def slow(key):
+            reads.append(key)
+            if len(reads) > 8:  # the second batch never arrives
+                time.sleep(600)
+            return read(key)
+        src.read = slow
+        return src
+
+    monkeypatch.setattr(sources, "synthetic_source", stuck_source)
+
+    def signal_twice():
+        while len(reads) <= 8:
+            time.sleep(0.01)
+        for _ in range(2):
+            time.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=signal_twice, daemon=True)
+    t.start()
+    start = time.monotonic()
+    with pytest.raises(TrainingInterrupted, match="second signal 15") as err:
+        pretrain(tiny_config(run, "train.max_steps=5"))
+    assert err.value.signal == signal.SIGTERM and time.monotonic() - start < 60
+    assert load_last(run)["step"] >= 1
+
+
+def test_a_read_that_hangs_times_out_naming_the_file():
+    import time
+
+    def hung(key):
+        time.sleep(30 if key == "1" else 0)
+        return Image.new("RGB", (8, 8))
+
+    source = ImageSource("hung", ["0", "1"], [0, 0], ["a"], hung, read_timeout_s=0.2)
+    start = time.monotonic()
+    assert source.load("1") is None and source.load("0") is not None  # skipped, then fine
+    with pytest.raises(DataError, match=r"cannot read image '1' from hung: .*data.read_timeout_s=0.2"):
+        source.load("1", on_error="fail")
+    assert time.monotonic() - start < 10
+    assert load_config(None, ["data.read_timeout_s=0"]).data.read_timeout_s == 0  # 0: no limit
