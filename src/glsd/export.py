@@ -34,9 +34,9 @@ from typing import Union
 import torch
 
 from glsd.config import ConfigError, from_dict
+from glsd.errors import CheckpointError
 from glsd.models.backbone import create_model
 from glsd.train.checkpoint import read_backbone
-from glsd.errors import CheckpointError
 from glsd.train.weights import check_weights, read_safetensors
 
 
