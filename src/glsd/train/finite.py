@@ -49,8 +49,8 @@ def nonfinite_tensors(states: Mapping[str, Mapping[str, torch.Tensor]]) -> list[
 def advice(cause: str, lr: float, clip_grad: Optional[float], mixed_precision: bool) -> str:
     """What to change, for the cause found ("loss", "gradients" or "weights")."""
     hints = [f"a lower train.lr (the peak is now {lr:g})"]
-    if mixed_precision:
-        hints.insert(0, "train.precision=fp32")
+    if mixed_precision:  # overflow in 16 bits: first suspect for a loss or gradient, not weights
+        hints.insert(0 if cause != "weights" else 1, "train.precision=fp32")
     if cause != "weights" and not clip_grad:
         hints.append("train.clip_grad=1.0")
     return "Try " + ", or ".join(hints) + "."
