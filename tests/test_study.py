@@ -172,3 +172,14 @@ def test_cli_grid_lists_take_overrides_after_them():
         _study_lists(argparse.Namespace(overrides=[], fractions=None, matchings=["geo"], seeds=None, evals=None))
     with pytest.raises(SystemExit, match="--seeds takes int values"):
         _study_lists(argparse.Namespace(overrides=[], fractions=None, matchings=None, seeds=["x"], evals=None))
+
+
+def test_study_runs_the_seg_probe(tmp_path):
+    """`--evals seg` trains the cell and records the labelled dense probe's scores."""
+    out = tmp_path / "study"
+    run_study(None, out, [*TINY, "eval.seg_num_train=8", "eval.seg_num_test=4", "eval.seg_steps=5"],
+              fractions=[1.0], matchings=["none"], seeds=[0], evals=["seg"], device="cpu")
+    (record,) = json.loads((out / "results.json").read_text())
+    assert record["status"] == "done", record
+    assert 0.0 <= record["seg_accuracy"] <= 1.0 and 0.0 <= record["seg_miou"] <= 1.0
+    assert "## Labelled dense probe: cell accuracy" in (out / "report.md").read_text()

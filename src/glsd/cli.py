@@ -66,7 +66,7 @@ def _cmd_export(args) -> int:
 
 
 STUDY_LISTS = {"fractions": float, "seeds": int,
-               "matchings": ("none", "similarity", "geometric"), "evals": ("knn", "linear", "dense")}
+               "matchings": ("none", "similarity", "geometric"), "evals": ("knn", "linear", "dense", "seg")}
 
 
 def _study_lists(args) -> None:
@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("eval", help="evaluate a run folder or an exported backbone.safetensors")
-    p.add_argument("kind", choices=["knn", "linear", "dense"])
+    p.add_argument("kind", choices=["knn", "linear", "dense", "seg"],
+                   help="seg: linear probe of local features on labelled mosaics (eval.seg_*)")
     p.add_argument("path", help="run folder or backbone.safetensors")
     p.add_argument("overrides", nargs="*", help="key=value overrides (eval.k=10, eval.model=student, ...)")
     p.add_argument("--random-init", action="store_true",
@@ -222,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", nargs="+", metavar="F")
     p.add_argument("--matchings", nargs="+", metavar="{none,similarity,geometric}")
     p.add_argument("--seeds", nargs="+", metavar="S")
-    p.add_argument("--evals", nargs="+", metavar="{knn,linear,dense}")
+    p.add_argument("--evals", nargs="+", metavar="{knn,linear,dense,seg}")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--report-only", action="store_true",
                    help="write results.json / report.md / report.png from the finished cells; train nothing")

@@ -167,6 +167,13 @@ class EvalConfig:
     linear_lr: float = 1e-3
     dense_num_images: int = 256
     dense_seed: int = 0
+    # Labelled dense probe (glsd eval seg): mosaics of n x n labelled images, n from seg_tiles,
+    # seg_num_train mosaics of train images for the per-cell linear probe, seg_num_test to score.
+    seg_tiles: list[int] = field(default_factory=lambda: [2, 3])
+    seg_num_train: int = 256
+    seg_num_test: int = 128
+    seg_steps: int = 1000  # probe steps (1024 cells each), whatever the number of cells
+    seg_seed: int = 0
 
 
 @dataclass
@@ -477,9 +484,13 @@ def validate(cfg: Config) -> None:
     bad = [m for m in cfg.study.matchings if m not in ("none", "similarity", "geometric")]
     if bad:
         raise ConfigError(f"study.matchings has {bad}; valid: none, similarity, geometric")
-    bad = [e for e in cfg.study.evals if e not in ("knn", "linear", "dense")]
+    e = cfg.eval
+    if not e.seg_tiles or min(e.seg_tiles) < 1 or min(e.seg_num_train, e.seg_num_test, e.seg_steps) < 1:
+        raise ConfigError("eval.seg_tiles (tiles per side, e.g. [2, 3]), eval.seg_num_train, "
+                          "eval.seg_num_test and eval.seg_steps must be >= 1")
+    bad = [e for e in cfg.study.evals if e not in ("knn", "linear", "dense", "seg")]
     if bad:
-        raise ConfigError(f"study.evals has {bad}; valid: knn, linear, dense")
+        raise ConfigError(f"study.evals has {bad}; valid: knn, linear, dense, seg")
 
 
 # ----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ any backbone's feature scale.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,25 +42,15 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         ``{"top1", "top5", "train_top1"}`` in %, ``final_loss`` (mean training loss of the
         last epoch) and the settings used. Runs on train_feats' device.
     """
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"linear probe optimizer={optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
     if train_feats.shape[0] == 0 or test_feats.shape[0] == 0:
         raise ConfigError("the linear probe needs training and test images")
     check_labels(train_labels, num_classes, "the linear-probe training set")
     check_labels(test_labels, num_classes, "the linear-probe test set")
-    device = train_feats.device
-    mean = train_feats.float().mean(dim=0)
-    std = train_feats.float().std(dim=0, unbiased=False).clamp_min(1e-6)  # constant dims stay 0
-    x_train = (train_feats.float() - mean) / std  # (Nt, D)
-    x_test = (test_feats.to(device).float() - mean) / std  # (Nq, D)
-    y_train, y_test = train_labels.to(device).long(), test_labels.to(device).long()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        probe = nn.Linear(x_train.shape[1], num_classes).to(device)
-    loss = _train(probe, x_train, y_train, epochs, lr, batch_size, optimizer, weight_decay, seed)
-    with torch.no_grad():
-        test_scores, train_scores = probe(x_test), probe(x_train)
-    n_test, n_train = x_test.shape[0], x_train.shape[0]
+    scores, loss = fit_probe(train_feats, train_labels, num_classes, epochs, lr, batch_size,
+                             optimizer, weight_decay, seed)
+    y_train, y_test = train_labels.to(train_feats.device).long(), test_labels.to(train_feats.device).long()
+    test_scores, train_scores = scores(test_feats), scores(train_feats)
+    n_test, n_train = test_feats.shape[0], train_feats.shape[0]
     return {"top1": 100.0 * topk_hits(test_scores, y_test, 1) / n_test,
             "top5": 100.0 * topk_hits(test_scores, y_test, 5) / n_test,
             "train_top1": 100.0 * topk_hits(train_scores, y_train, 1) / n_train,
@@ -68,6 +58,34 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
             "batch_size": batch_size if batch_size and batch_size < n_train else n_train,
             "optimizer": optimizer, "weight_decay": weight_decay,
             "n_train": n_train, "n_test": n_test}
+
+
+def fit_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
+              epochs: int = 100, lr: float = 1e-3, batch_size: Optional[int] = 256,
+              optimizer: str = "adamw", weight_decay: float = 0.0,
+              seed: int = 0) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
+    """Train the probe on ``(Nt, D)`` features (standardised by their mean and std).
+
+    Returns ``(scores, final_loss)``: ``scores`` maps ``(N, D)`` features to ``(N, C)``
+    logits (same standardisation, no grad), on train_feats' device.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"linear probe optimizer={optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    device = train_feats.device
+    mean = train_feats.float().mean(dim=0)
+    std = train_feats.float().std(dim=0, unbiased=False).clamp_min(1e-6)  # constant dims stay 0
+    x_train = (train_feats.float() - mean) / std  # (Nt, D)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = nn.Linear(x_train.shape[1], num_classes).to(device)
+    loss = _train(probe, x_train, train_labels.to(device).long(), epochs, lr, batch_size,
+                  optimizer, weight_decay, seed)
+
+    @torch.no_grad()
+    def scores(feats: torch.Tensor) -> torch.Tensor:
+        return probe((feats.to(device).float() - mean) / std)
+
+    return scores, loss
 
 
 def _train(probe: nn.Linear, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float,

@@ -1,4 +1,4 @@
-"""Evaluation entry points: ``run_eval`` (k-NN, linear probe, dense) and ``online_knn``.
+"""Evaluation entry points: ``run_eval`` (k-NN, linear probe, dense, seg) and ``online_knn``.
 
 Evaluation data follow the run: the labelled train split restricted to exactly the images of
 ``RUN_DIR/subset.json`` (the pretraining images; the whole train split when there is no such
@@ -32,13 +32,14 @@ from glsd.eval.dense import run_dense
 from glsd.eval.features import Device, extract_features, load_backbone, resolve_feature
 from glsd.eval.knn import knn_classify
 from glsd.eval.linear import linear_probe
+from glsd.eval.seg import run_seg
 from glsd.models.backbone import Backbone
 from glsd.train.distributed import rank_world
 from glsd.train.lock import locks_eval_output
 from glsd.utils.device import resolve_device as _resolve_device
 from glsd.utils.io import atomic_write
 
-KINDS = ("knn", "linear", "dense")
+KINDS = ("knn", "linear", "dense", "seg")
 KNN_KS = (10, 20, 100, 200)
 
 _SOURCES: dict[tuple[str, str], ImageSource] = {}
@@ -186,7 +187,8 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
 
     Args:
         kind: "knn" (weighted k-NN at k in 10, 20, 100, 200 and eval.k), "linear" (probe on
-            cached features) or "dense" (label-free dense correspondence on the test split).
+            cached features), "dense" (label-free dense correspondence on the test split)
+            or "seg" (labelled dense probe on mosaics, :mod:`glsd.eval.seg`).
         overrides: ``key=value`` strings on top of the run config (``eval.*`` mostly).
         random_init: evaluate the same architecture with fresh weights (the floor).
         device: "auto" (the config's device, else CUDA if available), "cpu", "cuda", ...
@@ -210,6 +212,8 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     loaded = time.perf_counter()
     if kind == "dense":
         body, timing = _dense(backbone, cfg, dev, test_data, overrides, progress)
+    elif kind == "seg":
+        body, timing = _seg(backbone, cfg, dev, base, (train_data, test_data, overrides))
     else:
         body, timing = _classify(kind, backbone, cfg, dev, base, (train_data, test_data, overrides), progress)
     suffix = "" if info["model"] == "teacher" else f"-{info['model']}"
@@ -291,6 +295,18 @@ def _dense(backbone: Backbone, cfg: Config, dev: torch.device, test_data: Option
     return body, {"eval_s": time.perf_counter() - t0}
 
 
+def _seg(backbone: Backbone, cfg: Config, dev: torch.device, base: Path,
+         other: tuple = (None, None, ())) -> tuple[dict, dict]:
+    """Labelled dense probe on mosaics of the k-NN / linear images: (record body, timing)."""
+    train, test, data = eval_sources(cfg, base, *other)
+    t0 = time.perf_counter()
+    results = run_seg(backbone, train, test, cfg, dev, data["num_classes"])
+    e = cfg.eval
+    settings = {"seg_tiles": list(e.seg_tiles), "seg_num_train": e.seg_num_train,
+                "seg_num_test": e.seg_num_test, "seg_steps": e.seg_steps, "seg_seed": e.seg_seed}
+    return {**data, "feature": "local", **settings, "results": results}, {"eval_s": time.perf_counter() - t0}
+
+
 # ----------------------------------------------------------------------------------------
 # Online k-NN (called by the training loop)
 
@@ -348,6 +364,11 @@ def headline(record: dict) -> str:
         show = (lambda v: "n/a" if v is None else f"{100 * v:.1f} %")
         return (f"dense correspondence within one cell {show(within)} (chance {show(chance)}; "
                 f"{n_test:,} test images){model}")
+    if record["kind"] == "seg":
+        tiles = ", ".join(f"{n}x{n}" for n in record["seg_tiles"])
+        return (f"seg cell accuracy {100 * res['accuracy']:.1f} %, mIoU {100 * res['miou']:.1f} % "
+                f"(chance {100 * res['chance_accuracy']:.1f} %; {res['n_train_mosaics']:,} train / "
+                f"{res['n_test_mosaics']:,} test mosaics of {tiles}){model}")
     counts = f"{n_train:,} train / {n_test:,} test"
     if record["kind"] == "knn":
         return f"k-NN top-1 {res['top1']:.1f} % (k={record['k']}, {counts}){model}"

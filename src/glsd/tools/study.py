@@ -212,6 +212,9 @@ def cell_record(cfg: Config, cell: Cell, run_dir: Path, results: dict, wall: flo
         record["linear_top1"] = results["linear"]["results"]["top1"]
     if "dense" in results:
         record["dense_within_one"] = results["dense"]["results"]["within_one"]
+    if "seg" in results:
+        record["seg_accuracy"] = results["seg"]["results"]["accuracy"]
+        record["seg_miou"] = results["seg"]["results"]["miou"]
     return record
 
 

@@ -99,6 +99,9 @@ OTHER_EVALUATIONS = {
     "linear_top1": ("Linear probe top-1 (%)", 2),
     "dense_within_one": ("Dense correspondence: fraction of cells matched within one cell "
                          "(label-free, held-out test images; `glsd eval dense`)", 3),
+    "seg_accuracy": ("Labelled dense probe: cell accuracy of a linear probe of local features "
+                     "on mosaics of test images (`glsd eval seg`)", 3),
+    "seg_miou": ("Labelled dense probe: mIoU over the mosaic cells (`glsd eval seg`)", 3),
 }
 
 
