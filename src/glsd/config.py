@@ -136,6 +136,12 @@ class TrainConfig:
     momentum_teacher: float = 0.996
     momentum_teacher_end: float = 1.0
     clip_grad: Optional[float] = 3.0
+    # per_param: each parameter tensor's gradient is clipped to norm clip_grad on its own (DINO's
+    # utils.clip_gradients, the original's); global: one norm over all student parameters.
+    clip_grad_mode: Literal["per_param", "global"] = "per_param"
+    # Weight decay on the weight-norm magnitude of the heads' last layer (it trains when
+    # model.norm_last_layer=false): DINO decays every parameter of ndim >= 2, and it is (out, 1).
+    decay_weightnorm_magnitude: bool = True
     freeze_last_layer_epochs: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0

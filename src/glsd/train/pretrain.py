@@ -47,14 +47,39 @@ NonFiniteLossError = NonFiniteError  # the name before glsd.errors
 __all__ = ["pretrain", "NonFiniteLossError", "TrainingInterrupted"]
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """Weight decay on weight matrices only; biases, norms and the prototype norms are exempt."""
+def param_groups(model: nn.Module, decay_magnitude: bool = True) -> list[dict]:
+    """Weight decay on every parameter of ndim >= 2 (DINO's rule); biases and norms are exempt.
+
+    The weight-norm magnitude of a last layer (``.original0``, shape ``(out, 1)``) is decayed
+    as DINO does unless ``decay_magnitude`` is false (``train.decay_weightnorm_magnitude``).
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".original0") else decay).append(p)
+        exempt = p.ndim <= 1 or (not decay_magnitude and name.endswith(".original0"))
+        (no_decay if exempt else decay).append(p)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients(params, max_norm: float, mode: str = "per_param") -> torch.Tensor:
+    """Clip gradients in place: ``per_param`` scales each tensor's gradient to norm at most
+    ``max_norm`` on its own (DINO's ``utils.clip_gradients``, coefficient
+    ``max_norm / (norm + 1e-6)`` when below 1); ``global`` is ``clip_grad_norm_`` over all.
+
+    Returns the total norm of all gradients before clipping (a 0-dim tensor; the finite check).
+    """
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if mode == "global":
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params]
+    norms = torch._foreach_norm(grads)
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    coefs = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms]
+    torch._foreach_mul_(grads, coefs)  # one sync-free pass: no .item() per tensor
+    return total
 
 
 def build_networks(cfg: Config, device: torch.device) -> tuple[GLSDNet, GLSDNet]:
@@ -85,7 +110,8 @@ def build_optimisation(cfg: Config, student: GLSDNet, teacher: GLSDNet, device: 
         student = sync_batchnorm(student, device)
         teacher = sync_batchnorm(teacher, device)
     objective = GlobalLocalObjective(cfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, foreach=True)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.train.decay_weightnorm_magnitude), lr=0.0,
+                                  foreach=True)
     amp_dtype = resolve_precision(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return Optimisation(student, teacher, objective, optimizer, amp_dtype, scaler)
@@ -341,7 +367,7 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
     ctx.scaler.scale(terms.loss).backward()
     ctx.scaler.unscale_(ctx.optimizer)
     if cfg.train.clip_grad:
-        norm = torch.nn.utils.clip_grad_norm_(ctx.student.parameters(), cfg.train.clip_grad)
+        norm = clip_gradients(ctx.student.parameters(), cfg.train.clip_grad, cfg.train.clip_grad_mode)
     else:
         norm = finite.grad_norm(ctx.student.parameters())
     # fp16's scaler skips steps with inf gradients by design; otherwise they would be applied.

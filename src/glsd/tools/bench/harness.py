@@ -105,7 +105,8 @@ def build_harness(name: str, cfg: Config, device: torch.device, batch, *, fused_
         teacher.backbone = torch.compile(teacher.backbone)
     optimizer = opt.optimizer
     if fused_adamw:
-        optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, fused=True)
+        optimizer = torch.optim.AdamW(param_groups(student, cfg.train.decay_weightnorm_magnitude),
+                                      lr=0.0, fused=True)
     sched = Schedules(cfg, steps_per_epoch, cfg.train.batch_size)
     ctx = Context(cfg=cfg, run=None, dinfo=DistInfo(), device=device, amp_dtype=opt.amp_dtype,
                   model=student, student=student, teacher=teacher, objective=opt.objective,
