@@ -182,4 +182,5 @@ def test_study_runs_the_seg_probe(tmp_path):
     (record,) = json.loads((out / "results.json").read_text())
     assert record["status"] == "done", record
     assert 0.0 <= record["seg_accuracy"] <= 1.0 and 0.0 <= record["seg_miou"] <= 1.0
+    assert 0.0 <= record["seg_floor_accuracy"] <= 1.0 and (out / "seg-floor-f1-s0.json").is_file()
     assert "## Labelled dense probe: cell accuracy" in (out / "report.md").read_text()

@@ -149,6 +149,9 @@ def _run_locked_cell(cfg: Config, cell: Cell, out: Path, evals: list[str], devic
         pretrain(cfg)
         results = {kind: run_eval(kind, run_dir, device=device) for kind in evals}
         results["knn_random_init"] = knn_floor(run_dir, out / f"floor-f{cell.fraction:g}-s{cell.seed}.json", device)
+        if "seg" in evals:
+            results["seg_random_init"] = knn_floor(
+                run_dir, out / f"seg-floor-f{cell.fraction:g}-s{cell.seed}.json", device, kind="seg")
     except TrainingInterrupted:
         raise  # a signal stops the whole study; the cell resumes on the next run
     except Exception as e:  # noqa: BLE001 - one failed cell must not stop the grid
@@ -175,15 +178,15 @@ def with_step_budget(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
 
 
-def knn_floor(run_dir: Path, cache: Path, device: str) -> dict:
-    """k-NN of the same architecture at random init on the same images: the floor. One per
-    (fraction, seed): the matchings of a seed share subset and initialisation."""
+def knn_floor(run_dir: Path, cache: Path, device: str, kind: str = "knn") -> dict:
+    """k-NN (or ``kind``) of the same architecture at random init on the same images: the
+    floor. One per (fraction, seed): the matchings of a seed share subset and initialisation."""
     from glsd.eval.runner import run_eval
 
     cached = read_json_record(cache)  # torn or invalid: computed again
     if cached is not None:
         return cached
-    result = run_eval("knn", run_dir, random_init=True, device=device)
+    result = run_eval(kind, run_dir, random_init=True, device=device)
     # Cells of one (fraction, seed) may compute it at once (--jobs): publish atomically.
     atomic_write_json(cache, result)
     return result
@@ -215,6 +218,8 @@ def cell_record(cfg: Config, cell: Cell, run_dir: Path, results: dict, wall: flo
     if "seg" in results:
         record["seg_accuracy"] = results["seg"]["results"]["accuracy"]
         record["seg_miou"] = results["seg"]["results"]["miou"]
+        record["seg_floor_accuracy"] = results["seg_random_init"]["results"]["accuracy"]
+        record["seg_floor_miou"] = results["seg_random_init"]["results"]["miou"]
     return record
 
 
