@@ -169,8 +169,7 @@ def run_seg(backbone: Backbone, train: ImageSource, test: ImageSource, cfg: Conf
     epochs = max(1, round(e.seg_steps / math.ceil(len(x_train) / PROBE_BATCH)))
     scores, loss = fit_probe(x_train, y_train, num_classes, epochs, e.linear_lr, PROBE_BATCH,
                              seed=cfg.train.seed)
-    pred = torch.cat([scores(x_test[i:i + 65536]).argmax(1) for i in range(0, len(x_test), 65536)])
-    train_pred = torch.cat([scores(x_train[i:i + 65536]).argmax(1) for i in range(0, len(x_train), 65536)])
+    pred, train_pred = _predict(scores, x_test), _predict(scores, x_train)
     majority = torch.bincount(y_train, minlength=num_classes).argmax()
     pred, y_test, y_train = pred.cpu(), y_test.cpu(), y_train.cpu()
     overall = cell_scores(pred, y_test, num_classes)
@@ -189,3 +188,9 @@ def run_seg(backbone: Backbone, train: ImageSource, test: ImageSource, cfg: Conf
             "n_test_mosaics": len(draws["test"]) - info_test["skipped"],
             "tiles": list(e.seg_tiles), "tile_size": e.image_size or cfg.crops.global_size,
             "steps": epochs * math.ceil(len(x_train) / PROBE_BATCH), "epochs": epochs, "lr": e.linear_lr, "batch_size": PROBE_BATCH, "seed": e.seg_seed}
+
+
+def _predict(scores, feats: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """Predicted class ``(M,)`` of ``(M, D)`` cell features, in chunks (a standardised copy of
+    all of them at once would double their memory)."""
+    return torch.cat([scores(feats[i:i + chunk]).argmax(1) for i in range(0, len(feats), chunk)])
