@@ -95,6 +95,29 @@ def test_resume_under_a_changed_schedule_is_refused_or_extended(tmp_path, capsys
     assert [r["step"] for r in read_metrics(run) if "loss" in r][-1] == 8
 
 
+def test_a_run_recorded_before_the_clipping_keys_resumes_under_its_own_rule(tmp_path):
+    """A config.yaml without train.clip_grad_mode was trained with a global norm and an
+    undecayed weight-norm magnitude: today's defaults would change that mid-run."""
+    import yaml
+
+    from glsd.train.pretrain import pretrain
+
+    old_rule = ["train.clip_grad_mode=global", "train.decay_weightnorm_magnitude=false"]
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, "train.max_steps=1", *old_rule))
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    for key in ("clip_grad_mode", "decay_weightnorm_magnitude"):
+        del raw["train"][key]
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    # The optimizer's parameter groups follow the magnitude's decay: refused even with extend.
+    with pytest.raises(ConfigError, match="Resume with train.decay_weightnorm_magnitude=false"):
+        pretrain(tiny_config(run, "train.max_steps=2", "train.extend=true"))
+    with pytest.raises(ConfigError, match="train.clip_grad_mode: 'global' -> 'per_param'"):
+        pretrain(tiny_config(run, "train.max_steps=2", "train.decay_weightnorm_magnitude=false"))
+    pretrain(tiny_config(run, "train.max_steps=2", *old_rule))
+    assert [r["step"] for r in read_metrics(run) if "loss" in r][-1] == 2
+
+
 # ---------------------------------------------------------------------------------------
 # folder detection
 

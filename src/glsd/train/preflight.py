@@ -7,7 +7,9 @@ train silently wrong, or fail minutes in, are refused here with the fix named.
   100 epochs) and said so, because refusing would break every quick trial of a preset with
   ``train.epochs=1``; the scaled value is what ``config.yaml`` records;
 - a resume under changed schedule keys: refused, naming them, unless ``train.extend=true``
-  asks to continue the checkpoint under the new schedule.
+  asks to continue the checkpoint under the new schedule; a run recorded before
+  ``train.clip_grad_mode`` / ``train.decay_weightnorm_magnitude`` existed counts as trained
+  with a global norm and an undecayed magnitude, and the latter never changes on resume.
 
 Shapes are probed on the meta device: no weights are allocated and no real forward runs, so
 the checks cost milliseconds even for a Swin-B.
@@ -28,7 +30,12 @@ from glsd.data.sources import ImageSource, balanced_subset
 # max_steps only stops early and is free to change.
 SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "warmup_steps",
                  "weight_decay", "weight_decay_end", "momentum_teacher", "momentum_teacher_end",
-                 "freeze_last_layer_epochs")
+                 "freeze_last_layer_epochs", "clip_grad", "clip_grad_mode")
+# Keys the optimizer state depends on (which parameters sit in which group): never changed on resume.
+FIXED_KEYS = ("decay_weightnorm_magnitude",)
+# The rule of runs recorded before these keys existed (a global norm, an undecayed magnitude):
+# resuming one under today's defaults would change its optimisation mid-run.
+BEFORE_KEYS = {"clip_grad_mode": "global", "decay_weightnorm_magnitude": False}
 WARMUP_FRACTION = 0.1  # of the run, when the configured warm-up does not fit in it
 MIN_CELLS = 2  # per side: a 1x1 grid turns the local loss into a second global loss
 
@@ -160,8 +167,14 @@ def check_resume_schedule(cfg: Config, run_dir: Path) -> list[str]:
             return []  # another run altogether: the run folder refuses it, naming those keys
     except (yaml.YAMLError, ConfigError):
         return []  # an unreadable record: the checkpoint's own config check still runs
-    old = raw.get("train", {})
+    old = {**BEFORE_KEYS, **raw.get("train", {})}
     new = dataclasses.asdict(cfg.train)
+    fixed = [f"train.{k}={str(old[k]).lower()}" for k in FIXED_KEYS if old[k] != new[k]]
+    if fixed:
+        raise ConfigError(f"{run_dir} was trained with {' '.join(fixed)}: its optimizer state "
+                          f"holds the parameter groups that follow from it. Resume with "
+                          f"{' '.join(fixed)}, use a new output_dir, or train.resume=false to "
+                          "start fresh.")
     changed = [f"train.{k}: {old[k]!r} -> {new[k]!r}" for k in SCHEDULE_KEYS
                if k in old and old[k] != new[k]]
     if not changed:
