@@ -206,7 +206,10 @@ def test_two_processes_match_one_process_of_twice_the_batch(two_ranks, one_rank,
     # A few float32 ulps at 1.0: BatchNorm running variances from GroupBatchNorm's float64
     # sums against torch's float32 statistics.
     assert _max_diff(r0["teacher_1"], single["teacher_1"]) < 5e-7
-    assert _max_diff(r0["student_end"], single["student_end"]) < 1e-5
+    # After two steps at lr 0.05: ~1.0e-5 under per-parameter clipping (1.7e-6 with one global
+    # norm, which also scales float-noise gradients down), at the ViT's attn.qkv.bias, whose key
+    # third has a zero gradient in exact arithmetic: AdamW turns that noise into steps.
+    assert _max_diff(r0["student_end"], single["student_end"]) < 3e-5
     assert _max_diff(r0["objective_end"], single["objective_end"]) < 1e-5
 
 
