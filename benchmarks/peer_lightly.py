@@ -106,7 +106,7 @@ class LightlyDINO:
         loss = cfg.loss
         self.criterion = DINOLoss(m.out_dim, loss.warmup_teacher_temp, loss.teacher_temp,
                                   student_temp=loss.student_temp, center_momentum=loss.center_momentum).to(device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0.0, foreach=True)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.train.decay_weightnorm_magnitude), lr=0.0, foreach=True)
         self.amp_dtype = resolve_precision(cfg.train.precision, device)
 
     def _forward(self, net: nn.ModuleDict, views: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -125,6 +125,8 @@ class LightlyDINO:
 
     def step(self, views: list[torch.Tensor], timed: bool = True) -> None:
         from lightly.models.utils import update_momentum
+
+        from glsd.train.pretrain import clip_gradients
 
         cfg, sched = self.cfg, self.sched
         step = min(self.step0 + self.calls, sched.total_steps - 1)
@@ -151,7 +153,7 @@ class LightlyDINO:
         loss.backward()
         self.student["head"].cancel_last_layer_gradients(current_epoch=step)  # past the freeze
         if cfg.train.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.train.clip_grad)
+            clip_gradients(self.student.parameters(), cfg.train.clip_grad, cfg.train.clip_grad_mode)
         self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
