@@ -490,8 +490,8 @@ def validate(cfg: Config) -> None:
     bad = [m for m in cfg.study.matchings if m not in ("none", "similarity", "geometric")]
     if bad:
         raise ConfigError(f"study.matchings has {bad}; valid: none, similarity, geometric")
-    e = cfg.eval
-    if not e.seg_tiles or min(e.seg_tiles) < 1 or min(e.seg_num_train, e.seg_num_test, e.seg_steps) < 1:
+    ev = cfg.eval
+    if not ev.seg_tiles or min(ev.seg_tiles) < 1 or min(ev.seg_num_train, ev.seg_num_test, ev.seg_steps) < 1:
         raise ConfigError("eval.seg_tiles (tiles per side, e.g. [2, 3]), eval.seg_num_train, "
                           "eval.seg_num_test and eval.seg_steps must be >= 1")
     bad = [e for e in cfg.study.evals if e not in ("knn", "linear", "dense", "seg")]
