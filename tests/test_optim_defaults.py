@@ -6,7 +6,7 @@ from torch import nn
 
 from glsd.config import ConfigError, load_config
 from glsd.models.heads import build_network
-from glsd.train.pretrain import clip_gradients, param_groups
+from glsd.train.optim import clip_gradients, param_groups
 
 from helpers_tiny import tiny_config
 

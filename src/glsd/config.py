@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 import yaml
 
 from glsd.errors import ConfigError  # noqa: F401 - glsd.config.ConfigError is the same class
-from glsd.models.families import patch_from_name
+from glsd.config_types import coerce
 
 
 @dataclass
@@ -358,145 +358,16 @@ def from_dict(raw: dict, cls: type = Config, prefix: str = "") -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = from_dict(raw[name], tp, f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(raw[name], tp, f"{prefix}{name}")
+            kwargs[name] = coerce(raw[name], tp, f"{prefix}{name}")
     return cls(**kwargs)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin is Union:
-        if value is None and type(None) in args:
-            return None
-        # str last: it would accept a number (match_threshold=4.5 must stay a float).
-        for arg in sorted(args, key=lambda a: a is str):
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"bad value {value!r} for '{key}': expected {_type_name(tp)}")
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ConfigError(f"bad value {value!r} for '{key}'. Valid values: {', '.join(map(str, args))}")
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"bad value {value!r} for '{key}': expected a list like [0.4, 1.0]")
-        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
-            raise ConfigError(f"bad value {value!r} for '{key}': expected {len(args)} items")
-        item_types = args if origin is tuple and args and args[-1] is not Ellipsis else [args[0] if args else Any] * len(value)
-        return origin(_coerce(v, t, key) for v, t in zip(value, item_types))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"bad value {value!r} for '{key}': expected a mapping")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"bad value {value!r} for '{key}': expected true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"bad value {value!r} for '{key}': expected an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads 1e-3 (no dot) as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"bad value {value!r} for '{key}': expected a number")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"bad value {value!r} for '{key}': expected a string")
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    names = []
-    for a in args:
-        if typing.get_origin(a) is Literal:
-            names.append(" | ".join(map(str, typing.get_args(a))))
-        else:
-            names.append(getattr(a, "__name__", str(a)))
-    return " or ".join(names) + (" or null" if type(None) in typing.get_args(tp) else "")
-
-
-def _validate_view_recipe(c: CropConfig) -> None:
-    b, k, sat, hue = c.color_jitter
-    if min(b, k, sat) < 0 or not 0.0 <= hue <= 0.5:
-        raise ConfigError(f"crops.color_jitter={list(c.color_jitter)}: brightness, contrast and "
-                          "saturation strengths must be >= 0 and the hue strength in [0, 0.5]")
-    if not 0.0 < c.blur_radius[0] <= c.blur_radius[1]:
-        raise ConfigError(f"crops.blur_radius={list(c.blur_radius)} must satisfy 0 < min <= max")
-    if c.blur_radius_reference is not None and c.blur_radius_reference <= 0:
-        raise ConfigError("crops.blur_radius_reference must be a positive size in pixels, or null "
-                          "for radii that do not scale with the view size")
-    if c.decode_size is not None and c.decode_size < 1:
-        raise ConfigError("crops.decode_size must be a positive size in pixels, or null for the default")
-    if not 0 <= c.solarize_threshold <= 256:
-        raise ConfigError(f"crops.solarize_threshold={c.solarize_threshold} must be in [0, 256] (uint8 levels)")
-
-
 def validate(cfg: Config) -> None:
-    """Range checks that types cannot express; each message names the key and a fix."""
-    from glsd.validation import check_backbone_kwargs, check_ranges
+    """Range and consistency checks that types cannot express (:mod:`glsd.validation`); each
+    message names the key and a fix."""
+    from glsd.validation import check_config
 
-    check_ranges(cfg)
-    check_backbone_kwargs(cfg.model.backbone_kwargs)
-    d, c, m, l, t = cfg.data, cfg.crops, cfg.model, cfg.loss, cfg.train
-    if not 0.0 < d.fraction <= 1.0:
-        raise ConfigError(f"data.fraction={d.fraction} must be in (0, 1]")
-    if d.num_images is not None and d.num_images <= 0:
-        raise ConfigError(f"data.num_images={d.num_images} must be positive (or null for all)")
-    if c.num_local < 0:
-        raise ConfigError(f"crops.num_local={c.num_local} must be >= 0")
-    if c.num_global < 1:
-        raise ConfigError(f"crops.num_global={c.num_global} must be >= 1")
-    if c.num_global + c.num_local < 2:
-        raise ConfigError("need at least two views: raise crops.num_global or crops.num_local")
-    for name, (lo, hi) in (("global_scale", c.global_scale), ("local_scale", c.local_scale)):
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ConfigError(f"crops.{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
-    _validate_view_recipe(c)
-    patch = m.patch_size or patch_from_name(m.backbone)
-    if patch is not None:
-        for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
-            if size % patch:
-                raise ConfigError(f"crops.{name}={size} is not a multiple of the patch size "
-                                  f"(model.patch_size={patch}, {m.backbone}); pick crop sizes "
-                                  "divisible by it or another model.patch_size")
-    if isinstance(l.match_threshold, str) and l.match_threshold not in ("half_diagonal", "none"):
-        raise ConfigError(f"loss.match_threshold={l.match_threshold!r}: use half_diagonal, none, "
-                          "or a distance in original-image pixels")
-    if isinstance(l.match_threshold, float) and l.match_threshold <= 0:
-        raise ConfigError("loss.match_threshold must be positive")
-    if t.batch_size < 1 or t.epochs < 1:
-        raise ConfigError("train.batch_size and train.epochs must be >= 1")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr={t.lr} must be positive")
-    if not 0.0 <= t.momentum_teacher <= t.momentum_teacher_end <= 1.0:
-        raise ConfigError("need 0 <= train.momentum_teacher <= train.momentum_teacher_end <= 1")
-    if cfg.eval.train_fraction is not None and not 0.0 < cfg.eval.train_fraction <= 1.0:
-        raise ConfigError("eval.train_fraction must be in (0, 1]")
-    bad = [m for m in cfg.study.matchings if m not in ("none", "similarity", "geometric")]
-    if bad:
-        raise ConfigError(f"study.matchings has {bad}; valid: none, similarity, geometric")
-    ev = cfg.eval
-    if not ev.seg_tiles or min(ev.seg_tiles) < 1 or min(ev.seg_num_train, ev.seg_num_test, ev.seg_steps) < 1:
-        raise ConfigError("eval.seg_tiles (tiles per side, e.g. [2, 3]), eval.seg_num_train, "
-                          "eval.seg_num_test and eval.seg_steps must be >= 1")
-    bad = [e for e in cfg.study.evals if e not in ("knn", "linear", "dense", "seg")]
-    if bad:
-        raise ConfigError(f"study.evals has {bad}; valid: knn, linear, dense, seg")
+    check_config(cfg)
 
 
 # ----------------------------------------------------------------------------------------

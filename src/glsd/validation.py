@@ -1,14 +1,15 @@
 """Config checks that types cannot express: numeric ranges, and what model construction may
-be passed. Pure Python (no torch): called by ``glsd.config.validate``.
+be passed, crop and view-recipe consistency. Pure Python (no torch): called by ``glsd.config.validate``.
 
 Every message names the key, the value and the allowed range.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 from glsd.errors import ConfigError
+from glsd.models.families import patch_from_name
 
 INF = math.inf
 # key -> (low, high, low_open, high_open); None values are allowed where the type is Optional.
@@ -162,3 +163,69 @@ def _check_kwarg(full: str, name: str, value: Any, depth: int = 0) -> None:
         raise ConfigError(f"{full} has a value of type {type(value).__name__}; use numbers, "
                           "strings, lists or mappings")
 
+
+def _check_view_recipe(c) -> None:
+    b, k, sat, hue = c.color_jitter
+    if min(b, k, sat) < 0 or not 0.0 <= hue <= 0.5:
+        raise ConfigError(f"crops.color_jitter={list(c.color_jitter)}: brightness, contrast and "
+                          "saturation strengths must be >= 0 and the hue strength in [0, 0.5]")
+    if not 0.0 < c.blur_radius[0] <= c.blur_radius[1]:
+        raise ConfigError(f"crops.blur_radius={list(c.blur_radius)} must satisfy 0 < min <= max")
+    if c.blur_radius_reference is not None and c.blur_radius_reference <= 0:
+        raise ConfigError("crops.blur_radius_reference must be a positive size in pixels, or null "
+                          "for radii that do not scale with the view size")
+    if c.decode_size is not None and c.decode_size < 1:
+        raise ConfigError("crops.decode_size must be a positive size in pixels, or null for the default")
+    if not 0 <= c.solarize_threshold <= 256:
+        raise ConfigError(f"crops.solarize_threshold={c.solarize_threshold} must be in [0, 256] (uint8 levels)")
+
+
+def check_config(cfg) -> None:
+    """Every check of a resolved config (called by ``glsd.config.validate``)."""
+    check_ranges(cfg)
+    check_backbone_kwargs(cfg.model.backbone_kwargs)
+    d, c, m, l, t = cfg.data, cfg.crops, cfg.model, cfg.loss, cfg.train
+    if not 0.0 < d.fraction <= 1.0:
+        raise ConfigError(f"data.fraction={d.fraction} must be in (0, 1]")
+    if d.num_images is not None and d.num_images <= 0:
+        raise ConfigError(f"data.num_images={d.num_images} must be positive (or null for all)")
+    if c.num_local < 0:
+        raise ConfigError(f"crops.num_local={c.num_local} must be >= 0")
+    if c.num_global < 1:
+        raise ConfigError(f"crops.num_global={c.num_global} must be >= 1")
+    if c.num_global + c.num_local < 2:
+        raise ConfigError("need at least two views: raise crops.num_global or crops.num_local")
+    for name, (lo, hi) in (("global_scale", c.global_scale), ("local_scale", c.local_scale)):
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"crops.{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
+    _check_view_recipe(c)
+    patch = m.patch_size or patch_from_name(m.backbone)
+    if patch is not None:
+        for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
+            if size % patch:
+                raise ConfigError(f"crops.{name}={size} is not a multiple of the patch size "
+                                  f"(model.patch_size={patch}, {m.backbone}); pick crop sizes "
+                                  "divisible by it or another model.patch_size")
+    if isinstance(l.match_threshold, str) and l.match_threshold not in ("half_diagonal", "none"):
+        raise ConfigError(f"loss.match_threshold={l.match_threshold!r}: use half_diagonal, none, "
+                          "or a distance in original-image pixels")
+    if isinstance(l.match_threshold, float) and l.match_threshold <= 0:
+        raise ConfigError("loss.match_threshold must be positive")
+    if t.batch_size < 1 or t.epochs < 1:
+        raise ConfigError("train.batch_size and train.epochs must be >= 1")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr={t.lr} must be positive")
+    if not 0.0 <= t.momentum_teacher <= t.momentum_teacher_end <= 1.0:
+        raise ConfigError("need 0 <= train.momentum_teacher <= train.momentum_teacher_end <= 1")
+    if cfg.eval.train_fraction is not None and not 0.0 < cfg.eval.train_fraction <= 1.0:
+        raise ConfigError("eval.train_fraction must be in (0, 1]")
+    bad = [m for m in cfg.study.matchings if m not in ("none", "similarity", "geometric")]
+    if bad:
+        raise ConfigError(f"study.matchings has {bad}; valid: none, similarity, geometric")
+    ev = cfg.eval
+    if not ev.seg_tiles or min(ev.seg_tiles) < 1 or min(ev.seg_num_train, ev.seg_num_test, ev.seg_steps) < 1:
+        raise ConfigError("eval.seg_tiles (tiles per side, e.g. [2, 3]), eval.seg_num_train, "
+                          "eval.seg_num_test and eval.seg_steps must be >= 1")
+    bad = [e for e in cfg.study.evals if e not in ("knn", "linear", "dense", "seg")]
+    if bad:
+        raise ConfigError(f"study.evals has {bad}; valid: knn, linear, dense, seg")

@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
-import math
-import random
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,95 +30,24 @@ from glsd.train.console import Console, fmt, start_summary
 from glsd.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, gather_objects,
                                     init_distributed, max_over_ranks, sum_over_ranks)
 from glsd.train.objective import GlobalLocalObjective, LossTerms
+from glsd.train.optim import build_optimisation, clip_gradients, ema_update
 from glsd.train.preflight import preflight
 from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.tensorboard import metric_sinks, require_sinks
+from glsd.train.rng import rank_state, rng_state, seed_everything, set_rng_state
 from glsd.train.schedules import Schedules
-from glsd.train.sync_batchnorm import sync_batchnorm
 from glsd.train.weights import check_weights
-from glsd.utils.device import resolve_device, resolve_precision
+from glsd.utils.device import resolve_device
 
 
 NonFiniteLossError = NonFiniteError  # the name before glsd.errors
 __all__ = ["pretrain", "NonFiniteLossError", "TrainingInterrupted"]
 
 
-def param_groups(model: nn.Module, decay_magnitude: bool = True) -> list[dict]:
-    """Weight decay on every parameter of ndim >= 2 (DINO's rule); biases and norms are exempt.
-
-    The weight-norm magnitude of a last layer (``.original0``, shape ``(out, 1)``) is decayed
-    as DINO does unless ``decay_magnitude`` is false (``train.decay_weightnorm_magnitude``).
-    """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exempt = p.ndim <= 1 or (not decay_magnitude and name.endswith(".original0"))
-        (no_decay if exempt else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def clip_gradients(params, max_norm: float, mode: str = "per_param") -> torch.Tensor:
-    """Clip gradients in place: ``per_param`` scales each tensor's gradient to norm at most
-    ``max_norm`` on its own (DINO's ``utils.clip_gradients``, coefficient
-    ``max_norm / (norm + 1e-6)`` when below 1); ``global`` is ``clip_grad_norm_`` over all.
-
-    Returns the total norm of all gradients before clipping (a 0-dim tensor; the finite check).
-    """
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    if mode == "global":
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grads = [p.grad for p in params]
-    norms = torch._foreach_norm(grads)
-    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-    coefs = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms]
-    torch._foreach_mul_(grads, coefs)  # one sync-free pass: no .item() per tensor
-    return total
-
-
 def build_networks(cfg: Config, device: torch.device) -> tuple[GLSDNet, GLSDNet]:
     """(student, teacher) on ``device``: the teacher starts as a copy of the student."""
     student = build_network(cfg).to(device)
     return student, build_teacher(cfg, student).to(device)
-
-
-@dataclass
-class Optimisation:
-    """What a training step needs besides the networks (see :func:`build_optimisation`)."""
-    student: GLSDNet
-    teacher: GLSDNet
-    objective: GlobalLocalObjective
-    optimizer: torch.optim.Optimizer
-    amp_dtype: Optional[torch.dtype]
-    scaler: torch.amp.GradScaler
-
-
-def build_optimisation(cfg: Config, student: GLSDNet, teacher: GLSDNet, device: torch.device,
-                       distributed: bool = False) -> Optimisation:
-    """Memory layout, synchronised BatchNorm (under a process group), the objective (both
-    centres), AdamW and the grad scaler, as every training step uses them (also ``glsd bench``)."""
-    if cfg.model.channels_last:
-        student = student.to(memory_format=torch.channels_last)
-        teacher = teacher.to(memory_format=torch.channels_last)
-    if distributed and _has_batchnorm(student):  # statistics of the global batch
-        student = sync_batchnorm(student, device)
-        teacher = sync_batchnorm(teacher, device)
-    objective = GlobalLocalObjective(cfg).to(device)
-    optimizer = torch.optim.AdamW(param_groups(student, cfg.train.decay_weightnorm_magnitude), lr=0.0,
-                                  foreach=True)
-    amp_dtype = resolve_precision(cfg.train.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return Optimisation(student, teacher, objective, optimizer, amp_dtype, scaler)
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, in one fused call."""
-    t_params = [p for p in teacher.parameters()]
-    s_params = [p.detach() for p in student.parameters()]
-    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
 
 
 class StopRequested:
@@ -496,42 +421,3 @@ def _restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler
     return TrainState(ckpt["step"], ckpt["epoch"], step_in_epoch, skipped, ckpt["step"])
 
 
-def rank_state(ckpt: dict, rank: int, world_size: int) -> tuple[dict, int]:
-    """(RNG state, skipped images) of this rank from a checkpoint. Under the world size that
-    wrote it, each rank gets its own; under another one there is no own state to take: every
-    rank takes rank 0's RNG and rank 0 the whole skip count."""
-    per_rank = ckpt.get("rng_per_rank")
-    if per_rank is not None and len(per_rank) == world_size:
-        return per_rank[rank], ckpt["skipped_per_rank"][rank]
-    if world_size > 1:
-        LOG.warning("checkpoint written by %s processes, resumed by %d: every rank restarts from "
-                    "rank 0's random state", len(per_rank) if per_rank else "an unknown number of",
-                    world_size)
-    total = sum(ckpt.get("skipped_per_rank") or [ckpt.get("skipped_images", 0)])
-    return ckpt["rng"], total if rank == 0 else 0
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_version": random.getstate()[0]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -1,7 +1,7 @@
 """The real training step on a fixed batch, built by pretraining's own builders.
 
 :func:`build_harness` calls :func:`glsd.train.pretrain.build_networks` and
-:func:`glsd.train.pretrain.build_optimisation` (what ``glsd pretrain`` runs), then times
+:func:`glsd.train.optim.build_optimisation` (what ``glsd pretrain`` runs), then times
 :func:`glsd.train.pretrain.train_step`. The matching is timed on its own: a forward pre-hook on
 the objective keeps the first step's inputs, and :meth:`GlobalLocalObjective.match` is then run
 alone on them (nothing of the objective is replaced).
@@ -94,7 +94,8 @@ def build_harness(name: str, cfg: Config, device: torch.device, batch, *, fused_
     (fused AdamW, torch.compile of the backbones)."""
     from glsd.data.loader import StepViews
     from glsd.train.distributed import DistInfo
-    from glsd.train.pretrain import Context, build_networks, build_optimisation, param_groups
+    from glsd.train.optim import build_optimisation, param_groups
+    from glsd.train.pretrain import Context, build_networks
     from glsd.train.schedules import Schedules
 
     torch.manual_seed(cfg.train.seed)

@@ -123,7 +123,7 @@ def bench_utilisation(cfg: Config, device: torch.device, quick: bool, batch, com
 def bench_optimizer_step(cfg: Config, device: torch.device, quick: bool, batch) -> dict:
     """optimizer.step alone: foreach vs fused AdamW on the student's parameters."""
     from glsd.models.heads import build_network
-    from glsd.train.pretrain import param_groups
+    from glsd.train.optim import param_groups
 
     net = build_network(cfg).to(device)
     for p in net.parameters():

@@ -1,0 +1,46 @@
+"""Random state of a process: seeding, and the per-rank RNG states a checkpoint keeps so that
+a resume gives each rank its own drop-path and augmentation streams back."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from glsd.train.run_folder import LOG
+
+
+def rank_state(ckpt: dict, rank: int, world_size: int) -> tuple[dict, int]:
+    """(RNG state, skipped images) of this rank from a checkpoint. Under the world size that
+    wrote it, each rank gets its own; under another one there is no own state to take: every
+    rank takes rank 0's RNG and rank 0 the whole skip count."""
+    per_rank = ckpt.get("rng_per_rank")
+    if per_rank is not None and len(per_rank) == world_size:
+        return per_rank[rank], ckpt["skipped_per_rank"][rank]
+    if world_size > 1:
+        LOG.warning("checkpoint written by %s processes, resumed by %d: every rank restarts from "
+                    "rank 0's random state", len(per_rank) if per_rank else "an unknown number of",
+                    world_size)
+    total = sum(ckpt.get("skipped_per_rank") or [ckpt.get("skipped_images", 0)])
+    return ckpt["rng"], total if rank == 0 else 0
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
