@@ -76,7 +76,7 @@ class LightlyDINO:
         from lightly.models.utils import deactivate_requires_grad
 
         from glsd.models.backbone import create_model
-        from glsd.train.pretrain import param_groups
+        from glsd.train.optim import param_groups
         from glsd.utils.device import resolve_precision
 
         m, size = cfg.model, cfg.crops.global_size
@@ -126,7 +126,7 @@ class LightlyDINO:
     def step(self, views: list[torch.Tensor], timed: bool = True) -> None:
         from lightly.models.utils import update_momentum
 
-        from glsd.train.pretrain import clip_gradients
+        from glsd.train.optim import clip_gradients
 
         cfg, sched = self.cfg, self.sched
         step = min(self.step0 + self.calls, sched.total_steps - 1)
