@@ -126,7 +126,7 @@ class LightlyDINO:
     def step(self, views: list[torch.Tensor], timed: bool = True) -> None:
         from lightly.models.utils import update_momentum
 
-        from glsd.train.optim import clip_gradients
+        from glsd.train.optim import apply_schedule, clip_gradients
 
         cfg, sched = self.cfg, self.sched
         step = min(self.step0 + self.calls, sched.total_steps - 1)
@@ -134,10 +134,7 @@ class LightlyDINO:
         t = time.perf_counter()
         if cfg.model.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        for i, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = float(sched.lr[step])
-            if i == 0:
-                group["weight_decay"] = float(sched.wd[step])
+        apply_schedule(self.optimizer, sched, step)
         # lightly's example: EMA first, then the forward passes.
         update_momentum(self.student, self.teacher, m=float(sched.momentum[step]))
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype

@@ -138,3 +138,14 @@ def cli(argv: Sequence[str]) -> int:
     from glsd.cli import main
 
     return main(list(argv))
+
+
+def modules_after_import(imports: str, prefixes: tuple[str, ...]) -> list[str]:
+    """Names of the loaded modules under ``prefixes`` after ``import IMPORTS`` in a fresh
+    interpreter (what an import really pulls in, unaffected by this test process)."""
+    code = (f"import json, sys, {imports}; "
+            f"print(json.dumps(sorted(m for m in sys.modules if m.startswith({prefixes!r}))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)

@@ -6,16 +6,12 @@ import sys
 import yaml
 
 from glsd.config import from_dict, preset_names
-from helpers_tiny import cli, subprocess_env
+from helpers_tiny import cli, modules_after_import, subprocess_env
 
 
 def test_cli_and_config_import_no_torch():
-    code = ("import sys, glsd.cli, glsd.config, glsd.discovery; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=subprocess_env(), timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    heavy = modules_after_import("glsd.cli, glsd.config, glsd.discovery", ("torch", "torchvision", "timm"))
+    assert [m for m in heavy if m.split(".")[0] in ("torch", "torchvision", "timm")] == []
 
 
 def test_help_and_presets_do_not_import_torch():

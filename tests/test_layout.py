@@ -2,13 +2,12 @@
 this workspace, every imported package is declared, the tooling's files stay small."""
 import ast
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers_tiny import subprocess_env
+from helpers_tiny import modules_after_import
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "src" / "glsd"
@@ -48,12 +47,8 @@ def test_the_cli_imports_the_tooling_only_inside_its_subcommands():
 
 
 def test_importing_training_and_evaluation_loads_no_tooling():
-    code = ("import sys, glsd.train.pretrain, glsd.eval.runner, glsd.export, glsd.cli; "
-            "print([m for m in sys.modules if m.startswith('glsd.tools')])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=subprocess_env(), timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert modules_after_import("glsd.train.pretrain, glsd.eval.runner, glsd.export, glsd.cli",
+                                ("glsd.tools",)) == []
 
 
 def test_the_scan_would_see_a_core_import_of_the_tooling(tmp_path):

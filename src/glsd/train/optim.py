@@ -90,3 +90,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, sched, step: int) -> None:
+    """This step's learning rate on every group and weight decay on the decayed group (the
+    first, see :func:`param_groups`)."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = float(sched.lr[step])
+        if i == 0:
+            group["weight_decay"] = float(sched.wd[step])

@@ -30,7 +30,7 @@ from glsd.train.console import Console, fmt, start_summary
 from glsd.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, gather_objects,
                                     init_distributed, max_over_ranks, sum_over_ranks)
 from glsd.train.objective import GlobalLocalObjective, LossTerms
-from glsd.train.optim import build_optimisation, clip_gradients, ema_update
+from glsd.train.optim import apply_schedule, build_optimisation, clip_gradients, ema_update
 from glsd.train.preflight import preflight
 from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.tensorboard import metric_sinks, require_sinks
@@ -268,10 +268,7 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
     views, geometry = ctx.views(batch, ctx.device)
     if cfg.model.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    for i, group in enumerate(ctx.optimizer.param_groups):
-        group["lr"] = float(sched.lr[step])
-        if i == 0:
-            group["weight_decay"] = float(sched.wd[step])
+    apply_schedule(ctx.optimizer, sched, step)
     autocast = (torch.autocast(ctx.device.type, dtype=ctx.amp_dtype) if ctx.amp_dtype
                 else contextlib.nullcontext())
     with autocast:
