@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from glsd.config import ConfigError, dump_yaml, load_config
-from glsd.data.sources import ImageSource, open_source, to_rgb, zip_source, _read_file
+from glsd.data.image_file import read_image_file, to_rgb
+from glsd.data.sources import ImageSource, open_source, zip_source
 from glsd.errors import DataError, DiskFull, NotWritable
 from glsd.train.checkpoint import load_checkpoint, save_checkpoint
 from glsd.train.pretrain import pretrain
@@ -233,7 +234,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # stored sideways: rotate 90 degrees to view
     path = tmp_path / "phone.jpg"
     img.save(path, exif=exif)
-    assert _read_file(path).size == (20, 40)
+    assert read_image_file(path).size == (20, 40)
 
 
 @pytest.mark.parametrize("member", ["train/../x.png", "/abs/a/x.png", "train/a/../../x.png"])

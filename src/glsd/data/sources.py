@@ -6,21 +6,18 @@ chosen subset can be written to the run folder and reused by evaluation.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import signal
-import stat
-import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 from glsd.config import ConfigError, DataConfig
+from glsd.data.image_file import decode_image, read_deadline, read_image_file, to_rgb  # noqa: F401 - to_rgb: its old home
 from glsd.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -45,7 +42,7 @@ class ImageSource:
         """The image, or None for an unreadable file under ``on_error="skip"``; a read that
         takes over ``read_timeout_s`` counts as unreadable."""
         try:
-            with _deadline(self.read_timeout_s):
+            with read_deadline(self.read_timeout_s):
                 return self.read(key)
         except Exception as e:  # noqa: BLE001 - any decoder error means the same: a bad file
             if on_error == "fail":
@@ -61,49 +58,6 @@ class ImageSource:
                               f"source {self.name}; was the data changed since the run?")
         return ImageSource(self.name, list(keys), [self.labels[index[k]] for k in keys],
                            self.classes, self.read, self.read_timeout_s)
-
-
-class ReadTimedOut(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float):
-    """Interrupt the block with ReadTimedOut after ``seconds`` (SIGALRM: main thread of a
-    process, e.g. each DataLoader worker, on POSIX); elsewhere, or for 0, no limit."""
-    if seconds <= 0 or not hasattr(signal, "setitimer") or \
-            threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expired(signum, frame):
-        raise ReadTimedOut(f"the read took over data.read_timeout_s={seconds:g} s (a hung file "
-                           "system or a special file?)")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Grayscale, palette, RGBA (composited on black, as most loaders do) -> RGB; 16-bit
-    grayscale is scaled to 8 bits (PIL's own conversion would clip it at 255)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and img.getextrema()[1] > 255):
-        arr = np.asarray(img, dtype=np.float64)
-        arr = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img.convert("RGB")
 
 
 def open_source(cfg: DataConfig, split: Optional[str] = None) -> ImageSource:
@@ -206,7 +160,7 @@ def imagefolder_source(root: Path, split: str) -> ImageSource:
     if not keys:
         raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {base}")
     return ImageSource(f"imagefolder:{base}", keys, labels, classes,
-                       lambda key: _read_file(base / key))
+                       lambda key: read_image_file(base / key))
 
 
 def flat_folder_source(root: Path) -> ImageSource:
@@ -216,50 +170,7 @@ def flat_folder_source(root: Path) -> ImageSource:
     keys = _walk_images(root)
     if not keys:
         raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return ImageSource(f"folder:{root}", keys, [-1] * len(keys), [], lambda key: _read_file(root / key))
-
-
-def open_regular(path: Path):
-    """A binary file object for ``path``, refusing anything but a regular file: a FIFO, device
-    or socket named like an image would block a reader forever. O_NONBLOCK makes opening a
-    FIFO return at once, and fstat of the opened descriptor leaves no race."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder"
-                    if stat.S_ISDIR(mode) else "not a regular file")
-            raise DataError(f"{path} is {kind}, not an image file")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def upright(img: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation (phone photos are stored sideways with a rotation tag)."""
-    try:
-        orientation = img.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
-        return img
-    return ImageOps.exif_transpose(img) if orientation not in (1, None) else img
-
-
-def _decode(f) -> Image.Image:
-    with Image.open(f) as img:
-        img.load()
-        return to_rgb(upright(img))
-
-
-def _read_file(path: Path) -> Image.Image:
-    with open_regular(path) as f:
-        try:
-            return _decode(f)
-        except UnidentifiedImageError:  # PIL would name the descriptor, not the file
-            raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
+    return ImageSource(f"folder:{root}", keys, [-1] * len(keys), [], lambda key: read_image_file(root / key))
 
 
 class _ZipReader:
@@ -275,7 +186,7 @@ class _ZipReader:
             self._handle = zipfile.ZipFile(self.path)
             self._pid = os.getpid()
         with self._handle.open(member) as f:
-            return _decode(f)
+            return decode_image(f)
 
     def __getstate__(self):
         return {"path": self.path, "_handle": None, "_pid": -1}

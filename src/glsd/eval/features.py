@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
-import yaml
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from glsd.config import Config, ConfigError, apply_overrides
+from glsd.config_files import parse_yaml
 from glsd.data.sources import ImageSource
 from glsd.models.backbone import Backbone, build_backbone
 from glsd.train.checkpoint import load_checkpoint, read_backbone_config
@@ -147,10 +147,7 @@ def _locate_safetensors(path: Path):
 
 
 def _read_yaml(path: Path) -> dict:
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} does not hold a config mapping")
-    return raw
+    return parse_yaml(path.read_text(), str(path))
 
 
 def _ckpt_config(ckpt: dict, path: Path) -> dict:

@@ -36,6 +36,7 @@ from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.tensorboard import metric_sinks, require_sinks
 from glsd.train.rng import rank_state, rng_state, seed_everything, set_rng_state
 from glsd.train.schedules import Schedules
+from glsd.train.signals import StopRequested
 from glsd.train.weights import check_weights
 from glsd.utils.device import resolve_device
 
@@ -48,36 +49,6 @@ def build_networks(cfg: Config, device: torch.device) -> tuple[GLSDNet, GLSDNet]
     """(student, teacher) on ``device``: the teacher starts as a copy of the student."""
     student = build_network(cfg).to(device)
     return student, build_teacher(cfg, student).to(device)
-
-
-class StopRequested:
-    """SIGTERM/SIGINT: finish the current step, write a checkpoint, exit cleanly. A second
-    signal stops at once (a stuck data read, an impatient user): the step is dropped and the
-    last checkpoint on disk, complete by construction, is what a rerun resumes."""
-
-    def __init__(self):
-        self.signal: Optional[int] = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise TrainingInterrupted(
-                f"stopped at once by a second signal {signum} ({signal.Signals(signum).name}), "
-                "without finishing the step; the last checkpoint written (if any) is kept. "
-                "Rerun the same command to resume.", signum)
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass

@@ -49,7 +49,7 @@ def save(fig, out: PathLike) -> Path:
 
 
 def read_image(path: PathLike) -> Image.Image:
-    from glsd.data.sources import open_regular, to_rgb, upright
+    from glsd.data.image_file import open_regular, to_rgb, upright
     from glsd.errors import DataError
 
     try:

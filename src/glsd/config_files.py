@@ -1,0 +1,48 @@
+"""Reading config files: the presets shipped in the package and YAML files by path, with
+syntax errors and non-mappings reported as ConfigErrors naming the file and line."""
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from glsd.errors import ConfigError
+
+
+def preset_names() -> list[str]:
+    files = resources.files("glsd").joinpath("presets").iterdir()
+    return sorted(p.name[:-5] for p in files if p.name.endswith(".yaml"))
+
+
+def read_yaml(name_or_path: str) -> tuple[dict, str]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return parse_yaml(path.read_text(), str(path)), str(path)
+    res = resources.files("glsd").joinpath(f"presets/{name_or_path}.yaml")
+    if not res.is_file():
+        close = difflib.get_close_matches(name_or_path, preset_names(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown preset '{name_or_path}'.{hint} "
+                          f"Presets: {', '.join(preset_names())}; or give a path to a YAML file.")
+    return parse_yaml(res.read_text(), f"preset {name_or_path}"), name_or_path
+
+
+def parse_yaml(text: str, name: str) -> dict:
+    """A YAML config mapping; syntax errors and non-mappings are ConfigErrors naming the line."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{name}:{where}: YAML syntax error ({problem}); fix the file") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name} holds a {type(raw).__name__}, not a mapping of config sections "
+                          "(e.g. 'train:' then '  epochs: 5')")
+    return raw

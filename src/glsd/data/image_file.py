@@ -1,0 +1,101 @@
+"""One image file, read safely: regular files only, a read deadline, EXIF orientation, and
+every mode (16-bit, palette, RGBA, ...) converted to 8-bit RGB."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import stat
+import threading
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from glsd.errors import DataError
+
+
+class ReadTimedOut(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def read_deadline(seconds: float):
+    """Interrupt the block with ReadTimedOut after ``seconds`` (SIGALRM: main thread of a
+    process, e.g. each DataLoader worker, on POSIX); elsewhere, or for 0, no limit."""
+    if seconds <= 0 or not hasattr(signal, "setitimer") or \
+            threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise ReadTimedOut(f"the read took over data.read_timeout_s={seconds:g} s (a hung file "
+                           "system or a special file?)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale, palette, RGBA (composited on black, as most loaders do) -> RGB; 16-bit
+    grayscale is scaled to 8 bits (PIL's own conversion would clip it at 255)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and img.getextrema()[1] > 255):
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def open_regular(path: Path):
+    """A binary file object for ``path``, refusing anything but a regular file: a FIFO, device
+    or socket named like an image would block a reader forever. O_NONBLOCK makes opening a
+    FIFO return at once, and fstat of the opened descriptor leaves no race."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder"
+                    if stat.S_ISDIR(mode) else "not a regular file")
+            raise DataError(f"{path} is {kind}, not an image file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phone photos are stored sideways with a rotation tag)."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
+        return img
+    return ImageOps.exif_transpose(img) if orientation not in (1, None) else img
+
+
+def decode_image(f) -> Image.Image:
+    with Image.open(f) as img:
+        img.load()
+        return to_rgb(upright(img))
+
+
+def read_image_file(path: Path) -> Image.Image:
+    with open_regular(path) as f:
+        try:
+            return decode_image(f)
+        except UnidentifiedImageError:  # PIL would name the descriptor, not the file
+            raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
