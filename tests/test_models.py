@@ -227,7 +227,7 @@ def _geoms(n_views, b, size):
     return torch.stack(out)  # (V, B, 5)
 
 
-@pytest.mark.parametrize("matching", ["none", "geometric", "similarity"])
+@pytest.mark.parametrize("matching", ["none", "geometric", "similarity", "soft_geometric", "hybrid"])
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_gradients_reach_every_student_parameter(name, matching):
     cfg = make_cfg(name, matching=matching)

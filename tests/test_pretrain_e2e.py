@@ -32,7 +32,7 @@ def _capture_ctx(monkeypatch) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("matching", ["none", "similarity", "geometric"])
+@pytest.mark.parametrize("matching", ["none", "similarity", "geometric", "soft_geometric", "hybrid"])
 def test_run_folder_export_and_teacher(tmp_path, monkeypatch, matching):
     run = tmp_path / "run"
     cfg = tiny_config(run, f"loss.matching={matching}", "train.max_steps=3")

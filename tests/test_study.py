@@ -168,7 +168,7 @@ def test_cli_grid_lists_take_overrides_after_them():
     _study_lists(args)
     assert args.fractions == [0.05, 0.1] and args.seeds == [0, 1] and args.matchings == ["geometric"]
     assert args.overrides == ["a.b=1", "model.local_out_dim=256"]
-    with pytest.raises(SystemExit, match="--matchings 'geo' is not one of none, similarity, geometric"):
+    with pytest.raises(SystemExit, match="--matchings 'geo' is not one of none, similarity, geometric, soft_geometric, hybrid"):
         _study_lists(argparse.Namespace(overrides=[], fractions=None, matchings=["geo"], seeds=None, evals=None))
     with pytest.raises(SystemExit, match="--seeds takes int values"):
         _study_lists(argparse.Namespace(overrides=[], fractions=None, matchings=None, seeds=["x"], evals=None))

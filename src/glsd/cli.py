@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from glsd.config import ConfigError, load_config
+from glsd.config import MATCHINGS, ConfigError, load_config
 from glsd.errors import GlsdError, NonFiniteError, TrainingInterrupted
 
 
@@ -66,7 +66,7 @@ def _cmd_export(args) -> int:
 
 
 STUDY_LISTS = {"fractions": float, "seeds": int,
-               "matchings": ("none", "similarity", "geometric"), "evals": ("knn", "linear", "dense", "seg")}
+               "matchings": MATCHINGS, "evals": ("knn", "linear", "dense", "seg")}
 
 
 def _study_lists(args) -> None:
@@ -215,13 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder to write (default RUN_DIR/export/timm)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("study", help="compare none / similarity / geometric matching over data fractions and seeds")
+    p = sub.add_parser("study", help="compare matchings (none / similarity / geometric / soft_geometric / hybrid) over data fractions and seeds")
     p.add_argument("config", help="preset name or YAML path (its study: section gives the default grid)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
     p.add_argument("--out", required=True, help="study folder (rerun to resume)")
     # Typed after parsing: a key=value written after a list (--seeds 0 1 a.b=2) is an override.
     p.add_argument("--fractions", nargs="+", metavar="F")
-    p.add_argument("--matchings", nargs="+", metavar="{none,similarity,geometric}")
+    p.add_argument("--matchings", nargs="+", metavar="{" + ",".join(MATCHINGS) + "}")
     p.add_argument("--seeds", nargs="+", metavar="S")
     p.add_argument("--evals", nargs="+", metavar="{knn,linear,dense,seg}")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

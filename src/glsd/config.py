@@ -104,9 +104,18 @@ class ModelConfig:
     drop_path_rate: float = 0.1
 
 
+# The local-loss arms, in the order reports list them.
+Matching = Literal["none", "similarity", "geometric", "soft_geometric", "hybrid"]
+MATCHINGS: tuple[str, ...] = typing.get_args(Matching)
+
+
 @dataclass
 class LossConfig:
-    matching: Literal["none", "similarity", "geometric"] = "geometric"
+    # soft_geometric: the teacher's probabilities bilinearly interpolated at the student
+    # cell's centre; hybrid: the most similar of the hybrid_candidates nearest teacher cells.
+    # Both keep the geometric arm's validity (threshold).
+    matching: Matching = "geometric"
+    hybrid_candidates: int = 4
     # "half_diagonal" (the original), a distance in original-image pixels, or "none".
     match_threshold: Union[str, float] = "half_diagonal"
     # all: masked cells count as zero in the mean over student cells (the original);
@@ -193,6 +202,7 @@ class LogConfig:
 class StudyConfig:
     """The grid of ``glsd study`` (command-line flags override it)."""
     fractions: list[float] = field(default_factory=lambda: [0.05, 0.1])
+    # Any of MATCHINGS, e.g. add soft_geometric and hybrid.
     matchings: list[str] = field(default_factory=lambda: ["none", "similarity", "geometric"])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     evals: list[str] = field(default_factory=lambda: ["knn"])

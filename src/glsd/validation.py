@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from glsd.config import MATCHINGS
 from glsd.errors import ConfigError
 from glsd.models.families import patch_from_name
 
@@ -211,6 +212,9 @@ def check_config(cfg) -> None:
                           "or a distance in original-image pixels")
     if isinstance(l.match_threshold, float) and l.match_threshold <= 0:
         raise ConfigError("loss.match_threshold must be positive")
+    if l.hybrid_candidates < 1:
+        raise ConfigError(f"loss.hybrid_candidates={l.hybrid_candidates} must be >= 1 (the number "
+                          "of nearest teacher cells the hybrid matching picks the most similar of)")
     if t.batch_size < 1 or t.epochs < 1:
         raise ConfigError("train.batch_size and train.epochs must be >= 1")
     if t.lr <= 0:
@@ -219,9 +223,9 @@ def check_config(cfg) -> None:
         raise ConfigError("need 0 <= train.momentum_teacher <= train.momentum_teacher_end <= 1")
     if cfg.eval.train_fraction is not None and not 0.0 < cfg.eval.train_fraction <= 1.0:
         raise ConfigError("eval.train_fraction must be in (0, 1]")
-    bad = [m for m in cfg.study.matchings if m not in ("none", "similarity", "geometric")]
+    bad = [m for m in cfg.study.matchings if m not in MATCHINGS]
     if bad:
-        raise ConfigError(f"study.matchings has {bad}; valid: none, similarity, geometric")
+        raise ConfigError(f"study.matchings has {bad}; valid: {', '.join(MATCHINGS)}")
     ev = cfg.eval
     if not ev.seg_tiles or min(ev.seg_tiles) < 1 or min(ev.seg_num_train, ev.seg_num_test, ev.seg_steps) < 1:
         raise ConfigError("eval.seg_tiles (tiles per side, e.g. [2, 3]), eval.seg_num_train, "

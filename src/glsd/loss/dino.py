@@ -86,7 +86,9 @@ class DINOLocalLoss(nn.Module):
       - student_groups: list of ``(Vg, B, Ns, K)`` local logits, one per view size;
       - teacher_logits: ``(Vt, B, Nt, K)``;
       - pairs: per group, ``(t_idx, s_idx)`` of shape ``(P,)`` (``s_idx`` within the group);
-      - matches: per group, Matches with ``(P, B, Ns)`` index into Nt and validity.
+      - matches: per group, Matches with ``(P, B, Ns)`` index into Nt and validity, or
+        soft Matches whose ``(P, B, Ns, J)`` index / weight give each target as a weighted
+        sum of J teacher cells.
     Per pair the loss is the batch mean of ``sum_cells valid * CE / Ns`` (``normalize="all"``,
     the original: unmatched cells count as zero) or the mean over valid cells
     (``normalize="valid"``); the loss is the mean over all pairs of all groups.
@@ -95,7 +97,7 @@ class DINOLocalLoss(nn.Module):
     their weights, are summed per student cell first (no gradient flows there): everything
     that carries a gradient is ``(Vg, B, Ns, K)``, never one copy of the student's
     log-probabilities per pair. The one ``(P, B, Ns, K)`` tensor per group is the gathered
-    teacher targets.
+    teacher targets (a soft match fills it one candidate at a time).
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
@@ -121,9 +123,18 @@ class DINOLocalLoss(nn.Module):
     @torch.no_grad()
     def summed_targets(self, probs: torch.Tensor, student_shape: torch.Size, t_idx: torch.Tensor,
                        s_idx: torch.Tensor, match: Matches, n_pairs: int) -> torch.Tensor:
-        """probs ``(Vt, B, Nt, K)`` -> per student cell, the sum over the pairs it is in of
-        weight * matched teacher probabilities ``(Vg, B, Ns, K)``, with weight = valid /
-        (cells counted per pair) / pairs."""
+        """Per student cell, the sum over the pairs it is in of weight * matched teacher
+        probabilities, with weight = valid / (cells counted per pair) / pairs.
+
+        Args:
+            probs: ``(Vt, B, Nt, K)`` teacher probabilities; student_shape: ``(Vg, B, Ns, K)``;
+            t_idx, s_idx: ``(P,)`` view pairs; match: hard (index ``(P, B, Ns)``) or soft
+                (index and weight ``(P, B, Ns, J)``: the matched probabilities are the
+                J-weighted sum of teacher rows).
+        Returns:
+            ``(Vg, B, Ns, K)`` targets. A soft match adds one candidate at a time into the
+            ``(P, B, Ns, K)`` buffer: at most two such tensors live, whatever J.
+        """
         _, batch, n_tcells, k = probs.shape
         n_views, _, n_cells, _ = student_shape
         if len(t_idx) == 0:  # e.g. the global group with one global view: no pair, no term
@@ -133,9 +144,17 @@ class DINOLocalLoss(nn.Module):
             per_pair = 1.0 / valid.sum((1, 2)).clamp(min=1.0)
         else:
             per_pair = valid.new_full((len(t_idx),), 1.0 / (batch * n_cells))
-        weight = valid * (per_pair / n_pairs)[:, None, None]
+        cell_weight = valid * (per_pair / n_pairs)[:, None, None]  # (P, B, Ns)
         sample = torch.arange(batch, device=probs.device)
-        row = (t_idx[:, None, None] * batch + sample[None, :, None]) * n_tcells + match.index
-        weighted = probs.reshape(-1, k)[row].mul_(weight[..., None])  # (P, B, Ns, K), one copy
+        base = (t_idx[:, None, None] * batch + sample[None, :, None]) * n_tcells  # (P, B, 1)
+        flat = probs.reshape(-1, k)
+        if match.weight is None:
+            weighted = flat[base + match.index].mul_(cell_weight[..., None])  # (P, B, Ns, K)
+        else:
+            rows = base[..., None] + match.index  # (P, B, Ns, J)
+            cand_weight = match.weight.to(probs.dtype) * cell_weight[..., None]
+            weighted = flat[rows[..., 0]].mul_(cand_weight[..., 0, None])
+            for j in range(1, rows.shape[-1]):
+                weighted.addcmul_(flat[rows[..., j]], cand_weight[..., j, None])
         target = probs.new_zeros(n_views, batch * n_cells * k)
         return target.index_add_(0, s_idx, weighted.view(len(s_idx), -1)).view(n_views, batch, n_cells, k)

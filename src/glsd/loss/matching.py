@@ -1,7 +1,7 @@
-"""Local matching: which teacher cell each student cell is compared with.
+"""Local matching: which teacher cell(s) each student cell is compared with.
 
 Pure functions on tensors, batched over any leading dims (view pairs x batch). Shapes use
-Ns student cells, Nt teacher cells, D feature channels.
+Ns student cells, Nt teacher cells, D feature channels, J candidate cells per student cell.
 """
 from __future__ import annotations
 
@@ -11,13 +11,19 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from glsd.data.geometry import cell_centers, half_diagonal_sq
+from glsd.data.geometry import FLIP, HEIGHT, LEFT, TOP, WIDTH, cell_centers, half_diagonal_sq
+
+MODES = ("geometric", "similarity", "soft_geometric", "hybrid")
 
 
 @dataclass
 class Matches:
-    index: torch.Tensor  # (..., Ns) long: matched teacher cell per student cell
+    """Hard matches (``weight`` None): ``index`` ``(..., Ns)``, one teacher cell per student
+    cell. Soft matches: ``index`` and ``weight`` ``(..., Ns, J)``, the target is the
+    weighted sum of J teacher cells (weights sum to 1 per student cell)."""
+    index: torch.Tensor  # (..., Ns) or (..., Ns, J) long: matched teacher cell(s)
     valid: torch.Tensor  # (..., Ns) bool: the match counts in the loss
+    weight: Optional[torch.Tensor] = None  # (..., Ns, J) float, or None for a hard match
 
 
 def geometric_match(student_centers: torch.Tensor, teacher_centers: torch.Tensor,
@@ -32,7 +38,11 @@ def geometric_match(student_centers: torch.Tensor, teacher_centers: torch.Tensor
     Returns:
         Matches, and ``(..., Ns)`` squared distance of each student cell to its match.
     """
-    d2 = squared_distances(student_centers, teacher_centers)  # (..., Ns, Nt)
+    return nearest_match(squared_distances(student_centers, teacher_centers), threshold_sq)
+
+
+def nearest_match(d2: torch.Tensor, threshold_sq: Optional[torch.Tensor]) -> tuple[Matches, torch.Tensor]:
+    """``d2`` ``(..., Ns, Nt)`` squared centre distances -> geometric_match's result."""
     dist_sq, index = d2.min(dim=-1)
     if threshold_sq is None:
         valid = torch.ones_like(index, dtype=torch.bool)
@@ -49,6 +59,13 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return dy * dy + dx * dx
 
 
+def cosine_similarities(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """``(..., Ns, D)``, ``(..., Nt, D)`` -> ``(..., Ns, Nt)`` cosine similarity (fp32)."""
+    s = F.normalize(student_feat.float(), dim=-1)
+    t = F.normalize(teacher_feat.float(), dim=-1)
+    return torch.matmul(s, t.transpose(-1, -2))
+
+
 def similarity_match(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> Matches:
     """EsViT's matching: the teacher cell of highest cosine similarity of backbone features.
 
@@ -57,10 +74,55 @@ def similarity_match(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> 
     Returns:
         Matches with every match valid (no threshold).
     """
-    s = F.normalize(student_feat.float(), dim=-1)
-    t = F.normalize(teacher_feat.float(), dim=-1)
-    index = torch.matmul(s, t.transpose(-1, -2)).argmax(dim=-1)
+    index = cosine_similarities(student_feat, teacher_feat).argmax(dim=-1)
     return Matches(index, torch.ones_like(index, dtype=torch.bool))
+
+
+def soft_geometric_match(student_centers: torch.Tensor, teacher_geom: torch.Tensor,
+                         teacher_grid: tuple[int, int], valid: torch.Tensor) -> Matches:
+    """Bilinear interpolation of the teacher grid at each student cell centre.
+
+    The centre's continuous position in the teacher grid is ``u = (y - top) / h * gh - 0.5``,
+    ``v = (x - left) / w * gw - 0.5`` (mirrored ``v -> gw - 1 - v`` for a flipped teacher),
+    clamped to the grid; the 4 surrounding cells get the bilinear weights.
+
+    Args:
+        student_centers: ``(..., Ns, 2)`` (y, x); teacher_geom: ``(..., 5)`` crop records;
+        valid: ``(..., Ns)`` the validity to keep (the geometric arm's).
+    Returns:
+        Matches with ``index`` and ``weight`` ``(..., Ns, 4)``.
+    """
+    gh, gw = teacher_grid
+    g = teacher_geom.float()[..., None, :]  # (..., 1, 5)
+    u = (student_centers[..., 0] - g[..., TOP]) / g[..., HEIGHT] * gh - 0.5  # (..., Ns)
+    v = (student_centers[..., 1] - g[..., LEFT]) / g[..., WIDTH] * gw - 0.5
+    v = torch.where(g[..., FLIP] > 0.5, (gw - 1) - v, v)
+    u, v = u.clamp(0, gh - 1), v.clamp(0, gw - 1)
+    u0, v0 = u.floor(), v.floor()
+    fu, fv = u - u0, v - v0  # 0 on the last row / column: the "+1" neighbour weighs nothing
+    u0, v0 = u0.long(), v0.long()
+    u1, v1 = (u0 + 1).clamp(max=gh - 1), (v0 + 1).clamp(max=gw - 1)
+    index = torch.stack([u0 * gw + v0, u0 * gw + v1, u1 * gw + v0, u1 * gw + v1], dim=-1)
+    weight = torch.stack([(1 - fu) * (1 - fv), (1 - fu) * fv, fu * (1 - fv), fu * fv], dim=-1)
+    return Matches(index, valid, weight)
+
+
+def hybrid_match(d2: torch.Tensor, sim: torch.Tensor, candidates: int,
+                 geometric: Matches) -> Matches:
+    """Among the ``candidates`` geometrically nearest teacher cells, the most similar one.
+
+    Args:
+        d2: ``(..., Ns, Nt)`` squared centre distances; sim: ``(..., Ns, Nt)`` cosine
+            similarities; geometric: the geometric arm's matches, whose validity is kept.
+    Returns:
+        Hard Matches ``(..., Ns)``; with one candidate exactly the geometric matches.
+    """
+    k = min(candidates, d2.shape[-1])
+    if k == 1:  # the nearest cell itself (the same tie-break as the geometric arm)
+        return Matches(geometric.index, geometric.valid)
+    near = d2.topk(k, dim=-1, largest=False).indices  # (..., Ns, k)
+    best = torch.gather(sim, -1, near).argmax(dim=-1, keepdim=True)
+    return Matches(torch.gather(near, -1, best)[..., 0], geometric.valid)
 
 
 def match_threshold_sq(student_geom: torch.Tensor, student_grid: tuple[int, int],
@@ -82,47 +144,74 @@ def match_threshold_sq(student_geom: torch.Tensor, student_grid: tuple[int, int]
 @dataclass
 class PairMatching:
     """Matches of a group of (teacher view, student view) pairs, plus diagnostics."""
-    matches: Matches  # index/valid (P, B, Ns)
+    matches: Matches  # index/valid (P, B, Ns); soft: index/weight (P, B, Ns, J)
     stats: dict[str, torch.Tensor]  # scalar diagnostics
+
+
+def needs_features(mode: str, diagnostics: bool) -> bool:
+    """Whether match_pairs reads backbone features for this mode."""
+    return diagnostics or mode in ("similarity", "hybrid")
 
 
 @torch.no_grad()
 def match_pairs(mode: str, threshold, student_geom: torch.Tensor, student_grid: tuple[int, int],
                 teacher_geom: torch.Tensor, teacher_grid: tuple[int, int],
                 student_feat: Optional[torch.Tensor], teacher_feat: Optional[torch.Tensor],
-                diagnostics: bool = True) -> PairMatching:
+                diagnostics: bool = True, candidates: int = 4) -> PairMatching:
     """Match P view pairs at once.
 
     Args:
-        mode: "geometric" or "similarity" (which matches the loss uses). With
-            ``diagnostics`` both are computed, so the statistics describe how the two would
-            differ whatever the mode; without, only the one the loss needs (stats empty).
+        mode: one of MODES (which matches the loss uses). With ``diagnostics`` geometric
+            and similarity matches are both computed, so the statistics describe how the
+            two would differ whatever the mode; without, only what the mode needs.
         student_geom, teacher_geom: ``(P, B, 5)`` crop records of the paired views.
         student_feat: ``(P, B, Ns, D)``; teacher_feat: ``(P, B, Nt, D)`` backbone features
-            (may be None for geometric matching without diagnostics).
+            (may be None when ``needs_features`` is false).
+        candidates: hybrid only, how many nearest teacher cells compete on similarity.
     Returns:
-        PairMatching with ``(P, B, Ns)`` matches and diagnostics:
+        PairMatching with ``(P, B, Ns)`` matches (soft_geometric: ``(P, B, Ns, 4)`` index
+        and weight) and diagnostics:
         ``geo_valid_frac`` (student cells with a geometric match under the threshold),
         ``sim_geo_agree`` (similarity match == geometric match, among geometrically valid
         cells) and ``sim_dist_cells`` (distance from a student cell's centre to its
         similarity-matched teacher cell's centre, in teacher cell sizes).
     """
+    if mode not in MODES:
+        raise ValueError(f"matching mode {mode!r}: use one of {', '.join(MODES)}")
     if not diagnostics and mode == "similarity":
         return PairMatching(similarity_match(student_feat, teacher_feat), {})
     s_centers = cell_centers(student_geom, student_grid)  # (P, B, Ns, 2)
     t_centers = cell_centers(teacher_geom, teacher_grid)  # (P, B, Nt, 2)
     thr = match_threshold_sq(student_geom, student_grid, teacher_geom, teacher_grid, threshold)
-    geo, _ = geometric_match(s_centers, t_centers, thr)
+    d2 = squared_distances(s_centers, t_centers)  # (P, B, Ns, Nt)
+    geo, _ = nearest_match(d2, thr)
+    sim = (cosine_similarities(student_feat, teacher_feat)
+           if needs_features(mode, diagnostics) else None)  # (P, B, Ns, Nt)
+    if mode == "soft_geometric":
+        chosen = soft_geometric_match(s_centers, teacher_geom, teacher_grid, geo.valid)
+    elif mode == "hybrid":
+        chosen = hybrid_match(d2, sim, candidates, geo)
+    elif mode == "similarity":
+        sim_index = sim.argmax(dim=-1)
+        chosen = Matches(sim_index, torch.ones_like(sim_index, dtype=torch.bool))
+    else:
+        chosen = geo
     if not diagnostics:
-        return PairMatching(geo, {})
-    sim = similarity_match(student_feat, teacher_feat)
+        return PairMatching(chosen, {})
+    return PairMatching(chosen, _diagnostics(geo, sim.argmax(dim=-1), s_centers, t_centers,
+                                             teacher_geom, teacher_grid))
+
+
+def _diagnostics(geo: Matches, sim_index: torch.Tensor, s_centers: torch.Tensor,
+                 t_centers: torch.Tensor, teacher_geom: torch.Tensor,
+                 teacher_grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """How the similarity matches ``(P, B, Ns)`` relate to the geometric ones (scalars)."""
     t_cell = (teacher_geom[..., 2] / teacher_grid[0] * teacher_geom[..., 3] / teacher_grid[1]).sqrt()
-    sim_xy = torch.gather(t_centers, -2, sim.index[..., None].expand(*sim.index.shape, 2))
+    sim_xy = torch.gather(t_centers, -2, sim_index[..., None].expand(*sim_index.shape, 2))
     sim_dist = (sim_xy - s_centers).pow(2).sum(-1).sqrt() / t_cell[..., None]
     valid = geo.valid.float()
-    stats = {
+    return {
         "geo_valid_frac": valid.mean(),
-        "sim_geo_agree": ((sim.index == geo.index).float() * valid).sum() / valid.sum().clamp(min=1),
+        "sim_geo_agree": ((sim_index == geo.index).float() * valid).sum() / valid.sum().clamp(min=1),
         "sim_dist_cells": sim_dist.mean(),
     }
-    return PairMatching(geo if mode == "geometric" else sim, stats)

@@ -1,5 +1,6 @@
 """The study's report: mean ± std tables per fraction and matching, a cautious verdict per
-fraction (paired by seed), the paper's two claims, the matching diagnostics, and a plot.
+fraction (paired by seed), the paper's two claims, the new arms against the paper's three,
+the matching diagnostics, and a plot.
 
 It reads the per-cell records of :mod:`glsd.tools.study` and nothing else, so
 ``glsd study ... --report-only`` rewrites it from finished cells.
@@ -10,6 +11,11 @@ import math
 import statistics
 from pathlib import Path
 from typing import Optional
+
+from glsd.config import MATCHINGS
+
+BASELINE_ARMS = ("none", "similarity", "geometric")  # the paper's arms
+NEW_ARMS = tuple(m for m in MATCHINGS if m not in BASELINE_ARMS)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -95,6 +101,37 @@ def paper_claims(row: dict, digits: int = 2) -> list[str]:
     return out
 
 
+def new_arm_verdict(row: dict, digits: int = 2) -> Optional[str]:
+    """The best new arm against the best baseline arm at one fraction (paired by seed), or
+    None when either side has no finished cell."""
+    new = [m for m in NEW_ARMS if m in row]
+    old = [m for m in BASELINE_ARMS if m in row]
+    if not new or not old:
+        return None
+    best_new = max(new, key=lambda m: row[m]["mean"])
+    best_old = max(old, key=lambda m: row[m]["mean"])
+    p = paired_margin(row, best_new, best_old)
+    if p is None:
+        return None
+    if len(p["diffs"]) == 1:
+        strength = "one seed: no spread to compare with"
+    elif p["clear"]:
+        strength = "beyond the seed spread" if p["margin"] > 0 else "worse, beyond the seed spread"
+    else:
+        strength = "within the seed spread"
+    return (f"best new arm ({best_new}) vs the best of {'/'.join(BASELINE_ARMS)} ({best_old}): "
+            f"{p['margin']:+.{digits}f} ({strength}, spread {p['spread']:.{digits}f})")
+
+
+def verdict_lines(frac: float, row: dict, text: str, digits: int = 2) -> list[str]:
+    """A fraction's verdict bullet, then the new-arm line when new arms ran."""
+    lines = [f"- fraction {frac:g}: {text}"]
+    new = new_arm_verdict(row, digits)
+    if new:
+        lines.append(f"- fraction {frac:g}, new arms: {new}.")
+    return lines
+
+
 OTHER_EVALUATIONS = {
     "linear_top1": ("Linear probe top-1 (%)", 2),
     "dense_within_one": ("Dense correspondence: fraction of cells matched within one cell "
@@ -123,8 +160,8 @@ def other_evaluations(records: list[dict], matchings: list[str]) -> list[str]:
         lines.append("")
         for frac in sorted(table):
             claims = "; ".join(paper_claims(table[frac], digits))
-            lines.append(f"- fraction {frac:g}: {verdict(table[frac], digits)}."
-                         + (f" Paper: {claims}." if claims else ""))
+            lines += verdict_lines(frac, table[frac], f"{verdict(table[frac], digits)}."
+                                   + (f" Paper: {claims}." if claims else ""), digits)
     return lines
 
 
@@ -144,8 +181,7 @@ def _stated(records: list[dict]) -> tuple[str, str]:
 def report_markdown(records: list[dict]) -> str:
     table = summarize(records)
     floors = summarize(records, "knn_floor_top1")
-    matchings = [m for m in ("none", "similarity", "geometric")
-                 if any(m in row for row in table.values())]
+    matchings = [m for m in MATCHINGS if any(m in row for row in table.values())]
     data, knn = _stated(records)
     lines = ["# Low-data study: k-NN top-1 (%) by data fraction and matching", "",
              f"{data}Mean ± std over seeds ({knn}teacher backbone, labelled train images = the "
@@ -167,8 +203,9 @@ def report_markdown(records: list[dict]) -> str:
         lift = table[frac]["none"]["mean"] - floor if "none" in table[frac] else math.nan
         bar = "met" if lift >= 10 else "NOT met: read the comparison with care"
         claims = "; ".join(paper_claims(table[frac]))
-        lines.append(f"- fraction {frac:g}: {verdict(table[frac])}. Global-only arm vs floor: "
-                     f"{lift:+.2f} points ({bar})." + (f" Paper: {claims}." if claims else ""))
+        lines += verdict_lines(frac, table[frac], f"{verdict(table[frac])}. Global-only arm vs "
+                               f"floor: {lift:+.2f} points ({bar})."
+                               + (f" Paper: {claims}." if claims else ""))
     lines += other_evaluations(records, matchings)
     lines += ["", "## Matching diagnostics at the end of training", "",
               "How often the similarity match equals the geometric match (among cells with a valid "
@@ -203,7 +240,7 @@ def plot_report(records: list[dict], path: Path) -> None:
     floors = summarize(records, "knn_floor_top1")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     fracs = sorted(table)
-    for m in ("none", "similarity", "geometric"):
+    for m in MATCHINGS:
         xs = [f for f in fracs if m in table[f]]
         if xs:
             ax.errorbar(xs, [table[f][m]["mean"] for f in xs], yerr=[table[f][m]["std"] for f in xs],

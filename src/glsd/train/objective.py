@@ -13,7 +13,7 @@ from torch import nn
 
 from glsd.config import Config
 from glsd.loss.dino import DINOGlobalLoss, DINOLocalLoss, view_pairs
-from glsd.loss.matching import match_pairs
+from glsd.loss.matching import match_pairs, needs_features
 from glsd.models.heads import ViewGroupOutput
 
 
@@ -39,6 +39,7 @@ class GlobalLocalObjective(nn.Module):
         lc, mc = cfg.loss, cfg.model
         self.matching = lc.matching
         self.threshold = lc.match_threshold
+        self.candidates = lc.hybrid_candidates
         self.global_loss = DINOGlobalLoss(mc.out_dim, lc.student_temp, lc.center_momentum)
         self.local_loss = None
         if lc.matching != "none":
@@ -70,7 +71,8 @@ class GlobalLocalObjective(nn.Module):
     @torch.no_grad()
     def match(self, student: list[ViewGroupOutput], t_out: ViewGroupOutput, geometry: torch.Tensor,
               diagnostics: bool = True):
-        """Per student group: view pairs, matches ``(P, B, Ns)`` and pooled diagnostics
+        """Per student group: view pairs, matches ``(P, B, Ns)`` (soft_geometric: index and
+        weight ``(P, B, Ns, 4)``) and pooled diagnostics
         (computed only when asked: the second matching costs as much as the first)."""
         n_teacher = t_out.global_logits.shape[0]
         pairs, matches, stats_sum, total_pairs = [], [], {}, 0
@@ -81,10 +83,10 @@ class GlobalLocalObjective(nn.Module):
             mode = self.matching if self.matching != "none" else "geometric"
             # Features per pair are a (P, B, N, D) copy: gathered only when a similarity is taken.
             feats = ((group.local_feat.detach()[s_idx], t_out.local_feat[t_idx])
-                     if diagnostics or mode == "similarity" else (None, None))
+                     if needs_features(mode, diagnostics) else (None, None))
             result = match_pairs(mode, self.threshold,
                                  geometry[first + s_idx], group.grid, geometry[t_idx], t_out.grid,
-                                 *feats, diagnostics)
+                                 *feats, diagnostics, self.candidates)
             pairs.append((t_idx, s_idx))
             matches.append(result.matches)
             for k, v in result.stats.items():  # weight each group by its pair count

@@ -48,7 +48,8 @@ def _curve(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 # Line style by matching, colour by run: runs that differ only in matching stay apart.
-LINESTYLES = {"none": ":", "similarity": "--", "geometric": "-"}
+LINESTYLES = {"none": ":", "similarity": "--", "geometric": "-", "soft_geometric": "-.",
+              "hybrid": (0, (5, 1))}
 
 
 def plot_runs(run_dirs: Sequence[PathLike], out: PathLike, dpi: int = DPI) -> Path:
