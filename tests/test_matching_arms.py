@@ -274,3 +274,46 @@ def test_report_lists_new_arms_in_order_and_judges_them():
     assert "+0.25 (within the seed spread" in new_arm_verdict(close[0.1])
     only_old = [_rec(0.1, m, 0, 30.0) for m in ("none", "geometric")]
     assert "new arms" not in report_markdown(only_old)
+
+
+# ---------------------------------------------------------------------------------------
+# the training objective
+
+CONVNET = ["model.backbone=glsd_convnet",
+           "model.backbone_kwargs={widths: [8, 8, 16, 16], pool_after: [1, 3]}",
+           "model.out_dim=12", "model.hidden_dim=16", "model.bottleneck_dim=8",
+           "model.local_out_dim=10", "model.local_hidden_dim=12",
+           "crops.global_size=32", "crops.local_size=16", "crops.num_global=2", "crops.num_local=2"]
+
+
+def _objective_loss(student, views, geometry, *overrides, diagnostics=True):
+    from glsd.models.heads import build_teacher
+    from glsd.train.objective import GlobalLocalObjective
+
+    cfg = load_config(None, CONVNET + list(overrides))
+    teacher = build_teacher(cfg, student)
+    with torch.no_grad():
+        t_out = teacher(views[:2])
+    return GlobalLocalObjective(cfg)(student(views), t_out, geometry, 0.04, diagnostics)
+
+
+def test_objective_runs_the_new_arms_and_hybrid_one_is_geometric():
+    from glsd.models.heads import build_network
+
+    torch.manual_seed(0)
+    student = build_network(load_config(None, CONVNET)).eval()  # eval: no drop path
+    views = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32),
+             torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)]
+    gen = torch.Generator().manual_seed(1)
+    geometry = torch.cat([_random_geom(2, 2, gen=gen), _random_geom(2, 2, gen=gen)])  # (4, B, 5)
+    geo = _objective_loss(student, views, geometry, "loss.matching=geometric")
+    for diagnostics in (True, False):
+        one = _objective_loss(student, views, geometry, "loss.matching=hybrid",
+                              "loss.hybrid_candidates=1", diagnostics=diagnostics)
+        torch.testing.assert_close(one.loss_local, geo.loss_local)
+    for mode in ("soft_geometric", "hybrid"):
+        terms = _objective_loss(student, views, geometry, f"loss.matching={mode}")
+        assert torch.isfinite(terms.loss) and terms.loss_local > 0
+        assert terms.diagnostics.keys() == geo.diagnostics.keys()
+        assert terms.diagnostics["geo_valid_frac"] == geo.diagnostics["geo_valid_frac"]
+        assert not torch.isclose(terms.loss_local, geo.loss_local)
