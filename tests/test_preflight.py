@@ -170,3 +170,11 @@ def test_another_run_is_refused_for_its_identity_first(tmp_path):
     with pytest.raises(ConfigError) as e:
         pretrain(tiny_config(run, "train.max_steps=2", "model.out_dim=32", "train.lr=1e-4"))
     assert "holds a run of another config" in str(e.value) and "model.out_dim" in str(e.value)
+
+
+def test_freeze_last_layer_steps_overrides_the_epochs_rule():
+    from glsd.train.schedules import Schedules
+    by_epochs = Schedules(_cfg("train.freeze_last_layer_epochs=1", "train.epochs=4"), 781, 64)
+    by_steps = Schedules(_cfg("train.freeze_last_layer_epochs=1", "train.freeze_last_layer_steps=39",
+                              "train.epochs=4"), 781, 64)
+    assert (by_epochs.freeze_last_layer_steps, by_steps.freeze_last_layer_steps) == (781, 39)

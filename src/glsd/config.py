@@ -151,6 +151,9 @@ class TrainConfig:
     # model.norm_last_layer=false): DINO decays every parameter of ndim >= 2, and it is (out, 1).
     decay_weightnorm_magnitude: bool = True
     freeze_last_layer_epochs: float = 1.0
+    # Overrides freeze_last_layer_epochs: a study compares subsets of different sizes at one
+    # step budget, where "1 epoch" would freeze the prototypes for 8 steps on 1% and 780 on 100%.
+    freeze_last_layer_steps: Optional[int] = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0
     log_every: int = 10

@@ -49,6 +49,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "train.min_lr": (0, INF, False, True),
     "train.warmup_epochs": (0, INF, False, True),
     "train.warmup_steps": (0, INF, False, True),
+    "train.freeze_last_layer_steps": (0, INF, False, True),
     "train.weight_decay": (0, INF, False, True),
     "train.weight_decay_end": (0, INF, False, True),
     "train.clip_grad": (0, INF, True, True),

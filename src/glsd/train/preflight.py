@@ -30,7 +30,7 @@ from glsd.data.sources import ImageSource, balanced_subset
 # max_steps only stops early and is free to change.
 SCHEDULE_KEYS = ("epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "warmup_steps",
                  "weight_decay", "weight_decay_end", "momentum_teacher", "momentum_teacher_end",
-                 "freeze_last_layer_epochs", "clip_grad", "clip_grad_mode")
+                 "freeze_last_layer_epochs", "freeze_last_layer_steps", "clip_grad", "clip_grad_mode")
 # Keys the optimizer state depends on (which parameters sit in which group): never changed on resume.
 FIXED_KEYS = ("decay_weightnorm_magnitude",)
 # The rule of runs recorded before these keys existed (a global norm, an undecayed magnitude):

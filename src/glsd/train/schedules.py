@@ -38,6 +38,7 @@ class Schedules:
         self.momentum = cosine(t.momentum_teacher, t.momentum_teacher_end, total)
         self.teacher_temp = teacher_temperature(lo.warmup_teacher_temp, lo.teacher_temp,
                                                 int(lo.warmup_teacher_temp_epochs * steps_per_epoch), total)
-        self.freeze_last_layer_steps = int(t.freeze_last_layer_epochs * steps_per_epoch)
+        self.freeze_last_layer_steps = (t.freeze_last_layer_steps if t.freeze_last_layer_steps is not None
+                                        else int(t.freeze_last_layer_epochs * steps_per_epoch))
         self.total_steps = total
         self.warmup_steps = min(warmup, total)
