@@ -229,6 +229,31 @@ def test_every_path_makes_the_same_views(tmp_path):
     assert out["cpu"][1].views is not None and out["cpu"][1].images is None
 
 
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_a_batch_crosses_processes_packed_and_unchanged(tmp_path, path):
+    """A worker's batch is pickled as one flat tensor per dtype (not one shared-memory segment
+    per tensor) and comes back field for field, dtypes included."""
+    import dataclasses
+    import pickle
+
+    _, batch, _, _ = _loader_views(tmp_path, path)
+    _, (_, spec, flat) = batch.__reduce__()
+    assert len(flat) == len({dtype for dtype, _ in spec}) and len(spec) >= 4
+    back = pickle.loads(pickle.dumps(batch))
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return a.dtype == b.dtype and torch.equal(a, b)
+        if isinstance(a, list):
+            return len(a) == len(b) and all(map(same, a, b))
+        if dataclasses.is_dataclass(a):
+            return all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+        return a == b
+
+    assert all(same(getattr(batch, f.name), getattr(back, f.name)) for f in dataclasses.fields(batch))
+    assert (back.views is None) == (path == "device") and (back.params is None) == (path == "cpu")
+
+
 @pytest.mark.parametrize("path", ["cpu", "device"])  # cpu_batched: the same loader as cpu
 def test_loader_workers_persist_and_each_epoch_is_its_own(tmp_path, path):
     """Workers persist across epochs, yet every epoch delivers the sampler's order and the
