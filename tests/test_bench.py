@@ -63,7 +63,6 @@ def test_geometry_section(quick):
 
 def test_step_section(quick):
     s = quick["step"]
-    assert set(s["modes"]) == {"none", "similarity", "geometric"}
     for name, mode in s["modes"].items():
         assert positive(mode["images_per_s"]) and positive(mode["step_ms"])
         assert positive(mode["flops_per_step"])
@@ -71,7 +70,9 @@ def test_step_section(quick):
     assert s["modes"]["none"]["match_share"] == 0  # no local loss, no matching on a plain step
     assert positive(s["modes"]["geometric"]["match_share"])
     assert s["modes"]["geometric"]["flops_per_step"] > s["modes"]["none"]["flops_per_step"]
-    for key in ("ratio_geometric_over_none", "ratio_similarity_over_none", "match_share_geometric"):
+    assert set(s["modes"]) == {"none", "similarity", "geometric", "soft_geometric", "hybrid"}
+    for key in ("ratio_geometric_over_none", "ratio_similarity_over_none", "match_share_geometric",
+                "ratio_soft_geometric_over_none", "ratio_hybrid_over_none"):
         assert positive(s[key])
     assert len(s["local_head"]) >= 2
     for row in s["local_head"]:

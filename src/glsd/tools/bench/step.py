@@ -6,26 +6,27 @@ from __future__ import annotations
 
 import torch
 
-from glsd.config import Config, apply_overrides
+from glsd.config import MATCHINGS, Config, apply_overrides
 from glsd.tools.bench.common import allocator_info, log, median, ratio, time_calls
 from glsd.tools.bench.harness import build_harness, count_step_flops, has_conv, run_interleaved
 from glsd.utils.device import resolve_precision
 
 
 def head_settings(cfg: Config, quick: bool) -> list[tuple[int, int]]:
-    """(local_hidden_dim, local_out_dim) pairs: the preset's first, then wider ones."""
+    """(local_hidden_dim, local_out_dim) pairs: the preset's first, then a lighter and a
+    wider one (the local head's width is the main lever of the local loss's cost)."""
     m = cfg.model
     preset = (m.local_hidden_dim or m.hidden_dim, m.local_out_dim or m.out_dim)
     if quick:
         return [preset, (max(8, preset[0] // 2), max(8, preset[1] // 2))]
-    wider = [(512, 1024), (2048, 4096)]
-    return [preset] + [s for s in wider if s != preset]
+    others = [(64, 256), (512, 1024)]
+    return [preset] + [s for s in others if s != preset]
 
 
 def bench_step(cfg: Config, device: torch.device, quick: bool, batch) -> dict:
     warmup, reps = (1, 2) if quick else (2, 5)
     harnesses = []
-    for mode in ("none", "similarity", "geometric"):
+    for mode in MATCHINGS:
         c = apply_overrides(cfg, [f"loss.matching={mode}"])
         harnesses.append(build_harness(mode, c, device, batch))
     heads = head_settings(cfg, quick)
@@ -36,8 +37,8 @@ def bench_step(cfg: Config, device: torch.device, quick: bool, batch) -> dict:
     log(f"step: {len(harnesses)} configurations, {warmup} warm-up + {reps} timed steps each")
     run_interleaved(harnesses, warmup, reps)
     by_name = {h.name: h.summary() for h in harnesses}
-    modes = {m: by_name[m] for m in ("none", "similarity", "geometric")}
-    flops = {m: count_step_flops(h) for h, m in zip(harnesses[:3], modes)}
+    modes = {m: by_name[m] for m in MATCHINGS}
+    flops = {m: count_step_flops(h) for h, m in zip(harnesses[:len(MATCHINGS)], modes)}
     for m in modes:
         modes[m]["flops_per_step"] = flops[m]
         modes[m]["gflops_per_image"] = flops[m] / cfg.train.batch_size / 1e9
@@ -59,6 +60,8 @@ def bench_step(cfg: Config, device: torch.device, quick: bool, batch) -> dict:
         "modes": modes,
         "ratio_geometric_over_none": ratio(none_ips, modes["geometric"]["images_per_s"]),
         "ratio_similarity_over_none": ratio(none_ips, modes["similarity"]["images_per_s"]),
+        **{f"ratio_{m}_over_none": ratio(none_ips, modes[m]["images_per_s"])
+           for m in MATCHINGS if m not in ("none", "similarity", "geometric")},
         "match_share_geometric": modes["geometric"]["match_share"],
         "match_share_similarity": modes["similarity"]["match_share"],
         "local_head": head_rows,
