@@ -6,7 +6,7 @@
 # MPS, else 9 (the cells then finish in two waves: the 5% subsets first, then the 10%).
 #   GLSD_DATA=PATH/cifar10-jpg.zip benchmarks/study_gpu.sh [WORK_DIR] [key=value ...]
 # Copies results.json, report.md, report.png and command.txt to
-# benchmarks/results/study-cifar10-gpu-<device>/.
+# benchmarks/results/study-sweep-gpu-<device>/ (the earlier 5%/10% grid is in study-cifar10-gpu-nvidia-h200/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${GLSD_DATA:?set GLSD_DATA to the CIFAR-10 JPEG zip (ImageFolder layout: train/<class>/*.jpg, test/<class>/*.jpg)}"
@@ -17,7 +17,7 @@ WORK=${1:-/tmp/study-gpu}
 shift || true
 name=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')
 slug=$(printf '%s' "$name" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
-DEST=benchmarks/results/study-cifar10-gpu-$slug
+DEST=benchmarks/results/study-sweep-gpu-$slug
 mps=off
 quit_mps() { echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true; }
 if [ "${MPS:-1}" != 0 ] && command -v nvidia-cuda-mps-control >/dev/null; then
