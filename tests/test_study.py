@@ -1,4 +1,5 @@
 """The study command end to end on a 2 x 2 micro grid of synthetic data."""
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -184,3 +185,19 @@ def test_study_runs_the_seg_probe(tmp_path):
     assert 0.0 <= record["seg_accuracy"] <= 1.0 and 0.0 <= record["seg_miou"] <= 1.0
     assert 0.0 <= record["seg_floor_accuracy"] <= 1.0 and (out / "seg-floor-f1-s0.json").is_file()
     assert "## Labelled dense probe: cell accuracy" in (out / "report.md").read_text()
+
+
+def test_study_records_the_dense_floor_and_draws_it(tmp_path):
+    """`--evals dense` records the score and its random-init floor; report.png gets its panel."""
+    out = tmp_path / "study"
+    run_study(None, out, TINY, fractions=[1.0], matchings=["none"], seeds=[0], evals=["knn", "dense"],
+              device="cpu")
+    (record,) = json.loads((out / "results.json").read_text())
+    assert record["status"] == "done", record
+    assert 0.0 <= record["dense_within_one"] <= 1.0 and 0.0 <= record["dense_floor_within_one"] <= 1.0
+    assert (out / "dense-floor-f1-s0.json").is_file()
+    if importlib.util.find_spec("matplotlib"):
+        from glsd.tools.study_plot import present_metrics
+
+        assert [m[0] for m in present_metrics([record])] == ["knn_top1", "dense_within_one"]
+        assert (out / "report.png").stat().st_size > 10_000

@@ -21,7 +21,8 @@ from glsd.data.loader import SUBSET_FILE
 from glsd.errors import GlsdError, RunFolderBusy
 from glsd.train import lock
 from glsd.train.checkpoint import read_json_record
-from glsd.tools.study_report import plot_report, report_markdown
+from glsd.tools.study_plot import plot_report
+from glsd.tools.study_report import report_markdown
 from glsd.utils.io import atomic_write_json, atomic_write_text
 
 
@@ -149,9 +150,10 @@ def _run_locked_cell(cfg: Config, cell: Cell, out: Path, evals: list[str], devic
         pretrain(cfg)
         results = {kind: run_eval(kind, run_dir, device=device) for kind in evals}
         results["knn_random_init"] = knn_floor(run_dir, out / f"floor-f{cell.fraction:g}-s{cell.seed}.json", device)
-        if "seg" in evals:
-            results["seg_random_init"] = knn_floor(
-                run_dir, out / f"seg-floor-f{cell.fraction:g}-s{cell.seed}.json", device, kind="seg")
+        for kind in ("dense", "seg"):  # the dense evaluations' floors too, when they ran
+            if kind in evals:
+                results[f"{kind}_random_init"] = knn_floor(
+                    run_dir, out / f"{kind}-floor-f{cell.fraction:g}-s{cell.seed}.json", device, kind=kind)
     except TrainingInterrupted:
         raise  # a signal stops the whole study; the cell resumes on the next run
     except Exception as e:  # noqa: BLE001 - one failed cell must not stop the grid
@@ -215,6 +217,7 @@ def cell_record(cfg: Config, cell: Cell, run_dir: Path, results: dict, wall: flo
         record["linear_top1"] = results["linear"]["results"]["top1"]
     if "dense" in results:
         record["dense_within_one"] = results["dense"]["results"]["within_one"]
+        record["dense_floor_within_one"] = results["dense_random_init"]["results"]["within_one"]
     if "seg" in results:
         record["seg_accuracy"] = results["seg"]["results"]["accuracy"]
         record["seg_miou"] = results["seg"]["results"]["miou"]
@@ -233,9 +236,8 @@ def data_label(cfg: Config) -> str:
 def write_outputs(out: Path, records: list[dict]) -> None:
     atomic_write_json(out / "results.json", records)
     atomic_write_text(out / "report.md", report_markdown(records))
-    done = [r for r in records if r.get("status") == "done"]
-    if done:
-        try:
-            plot_report(done, out / "report.png")
+    if any(r.get("status") == "done" for r in records):
+        try:  # every record: the picture states which cells are not run yet
+            plot_report(records, out / "report.png")
         except ImportError:
             print("[study] matplotlib missing: no report.png (pip install glsd[viz])")

@@ -1,6 +1,6 @@
 """The study's report: mean ± std tables per fraction and matching, a cautious verdict per
 fraction (paired by seed), the paper's two claims, the new arms against the paper's three,
-the matching diagnostics, and a plot.
+and the matching diagnostics (the picture: :mod:`glsd.tools.study_plot`).
 
 It reads the per-cell records of :mod:`glsd.tools.study` and nothing else, so
 ``glsd study ... --report-only`` rewrites it from finished cells.
@@ -82,12 +82,19 @@ PAPER_CLAIMS = (("geometric", "similarity", "geometric matching beats similarity
                 ("none", "similarity", "similarity matching is worse than global-only"))
 
 
-def paper_claims(row: dict, digits: int = 2) -> list[str]:
-    """The paper's two low-data claims, each checked at one fraction (paired by seed)."""
+def paper_claims(row: dict, digits: int = 2, not_run: bool = False) -> list[str]:
+    """The paper's two low-data claims, each checked at one fraction (paired by seed).
+    A claim whose arms have no finished cell in common is left out, or with ``not_run``
+    stated as not run."""
     out = []
     for a, b, claim in PAPER_CLAIMS:
         p = paired_margin(row, a, b) if a in row and b in row else None
         if p is None:
+            if not_run:
+                missing = [m for m in (a, b) if m not in row]
+                why = (f"no finished {' or '.join(missing)} cell" if missing
+                       else f"no seed finished in both {a} and {b}")
+                out.append(f"{claim}: not run ({why})")
             continue
         holds = p["margin"] > 0
         if len(p["diffs"]) == 1:
@@ -228,31 +235,3 @@ def report_markdown(records: list[dict]) -> str:
     if missing:
         lines += ["", "## Cells not run yet", "", ", ".join(missing)]
     return "\n".join(lines) + "\n"
-
-
-def plot_report(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = summarize(records)
-    floors = summarize(records, "knn_floor_top1")
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    fracs = sorted(table)
-    for m in MATCHINGS:
-        xs = [f for f in fracs if m in table[f]]
-        if xs:
-            ax.errorbar(xs, [table[f][m]["mean"] for f in xs], yerr=[table[f][m]["std"] for f in xs],
-                        marker="o", capsize=4, label=m)
-    floor = [mean_std([v for c in floors[f].values() for v in c["per_seed"].values()])[0] for f in fracs]
-    ax.plot(fracs, floor, "k--", label="random init (floor)")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"fraction of {settings(records, 'data') or 'the train split'} used for pretraining")
-    ax.set_ylabel("k-NN top-1 (%)")
-    ax.set_xticks(fracs, [f"{f:g}" for f in fracs])
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
