@@ -28,27 +28,33 @@ def naive_global(student, teacher, center):
     return total / pairs
 
 
+def _teacher_target(teacher_cells, center, match, p, i, c):
+    """The matched teacher probabilities of one student cell: one cell's, or the weighted
+    sum over a soft match's candidates (double precision)."""
+    def probs(row):
+        return torch.softmax((teacher_cells[row].double() - center.double()) / TT, dim=-1)
+    if match.weight is None:
+        return probs(match.index[p, i, c])
+    return sum(match.weight[p, i, c, j].double() * probs(match.index[p, i, c, j])
+               for j in range(match.index.shape[-1]))
+
+
 def naive_local(groups, teacher, pairs, matches, center, normalize):
-    """Per pair: batch mean of sum_cells valid*CE / Ns ('all') or mean over valid cells."""
+    """Per pair: batch mean of sum_cells valid*CE / Ns ('all') or mean over valid cells; hard
+    or weighted (soft) matches."""
     total, n_pairs = 0.0, 0
     for logits, (t_idx, s_idx), m in zip(groups, pairs, matches):
         _, b, ns, _ = logits.shape
         for p in range(len(t_idx)):
             t, s = int(t_idx[p]), int(s_idx[p])
-            acc, n_valid, per_sample = 0.0, 0, []
+            acc, n_valid = 0.0, 0
             for i in range(b):
-                cell_sum = 0.0
                 for c in range(ns):
                     if m.valid[p, i, c]:
-                        ce = _ce(teacher[t, i, m.index[p, i, c]], center[0], logits[s, i, c])
-                        cell_sum += ce
+                        target = _teacher_target(teacher[t, i], center, m, p, i, c)
+                        acc = acc - (target * torch.log_softmax(logits[s, i, c].double() / TS, -1)).sum()
                         n_valid += 1
-                per_sample.append(cell_sum / ns)
-                acc += cell_sum
-            if normalize == "all":
-                total += sum(per_sample) / b
-            else:
-                total += acc / max(n_valid, 1)
+            total = total + (acc / (b * ns) if normalize == "all" else acc / max(n_valid, 1))
             n_pairs += 1
     return total / n_pairs
 

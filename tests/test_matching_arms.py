@@ -8,6 +8,7 @@ from glsd.data.geometry import cell_centers, make_geometry
 from glsd.loss.dino import DINOLocalLoss, view_pairs
 from glsd.loss.matching import Matches, match_pairs, match_threshold_sq, squared_distances
 from glsd.tools.study_report import new_arm_verdict, report_markdown, summarize
+from test_losses import naive_local
 
 TS, TT = 0.1, 0.05
 
@@ -175,28 +176,6 @@ def test_arms_match_without_diagnostics_as_with():
 # ---------------------------------------------------------------------------------------
 # the local loss with weighted (soft) matches
 
-def naive_weighted_local(groups, teacher, pairs, matches, center, normalize):
-    """Per pair and cell: CE against sum_j w_j * p_teacher[index_j] (double precision)."""
-    total, n_pairs = 0.0, 0
-    for logits, (t_idx, s_idx), m in zip(groups, pairs, matches):
-        _, b, ns, _ = logits.shape
-        for p in range(len(t_idx)):
-            t, s = int(t_idx[p]), int(s_idx[p])
-            acc, n_valid = 0.0, 0
-            for i in range(b):
-                for c in range(ns):
-                    if not m.valid[p, i, c]:
-                        continue
-                    probs = torch.softmax((teacher[t, i].double() - center.double()) / TT, dim=-1)
-                    target = sum(m.weight[p, i, c, j].double() * probs[m.index[p, i, c, j]]
-                                 for j in range(m.index.shape[-1]))
-                    acc = acc - (target * torch.log_softmax(logits[s, i, c].double() / TS, -1)).sum()
-                    n_valid += 1
-            total = total + (acc / (b * ns) if normalize == "all" else acc / max(n_valid, 1))
-            n_pairs += 1
-    return total / n_pairs
-
-
 def _soft_setup(seed, j=4):
     gen = torch.Generator().manual_seed(seed)
     vt, vl, b, k, nt = 2, 3, 2, 5, 6
@@ -225,7 +204,7 @@ def test_weighted_local_loss_value_and_gradient_match_naive(normalize, seed):
     loss.backward()
     assert teacher.grad is None  # no gradient reaches the teacher
     ref_groups = [g.detach().double().requires_grad_() for g in groups]
-    want = naive_weighted_local(ref_groups, teacher.detach(), pairs, matches, center[0], normalize)
+    want = naive_local(ref_groups, teacher.detach(), pairs, matches, center[0], normalize)
     want.backward()
     torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
     for g, ref in zip(groups, ref_groups):
