@@ -85,7 +85,7 @@ def _panel(ax, records: list[dict], metric: tuple, colors: dict) -> None:
     floor = floor_line(records, floor_key)
     fx = [f for f in fracs if f in floor and not math.isnan(floor[f])]
     if fx:
-        ax.plot(fx, [floor[f] for f in fx], "k--", label="random init (floor)")
+        ax.plot(fx, [floor[f] for f in fx], "k--", marker="_", markersize=16, label="random init (floor)")
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.set_xticks(fracs, [f"{f:g}" for f in fracs])
