@@ -51,7 +51,9 @@ def bench_knn(device: torch.device, quick: bool) -> dict:
     hwm = _rss_kib("VmHWM")
     maxrss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if reset and hwm is not None and rss0 is not None:
-        peak_mib, method = (hwm - rss0) / 1024, "VmHWM after clear_refs reset - VmRSS before"
+        # The reset sets VmHWM to the RSS of that instant, which can sit a page or two below the
+        # VmRSS read just after it: a run that reuses freed memory then reads slightly negative.
+        peak_mib, method = max(hwm - rss0, 0) / 1024, "VmHWM after clear_refs reset - VmRSS before"
     else:
         peak_mib, method = (maxrss1 - maxrss0) / 1024, "ru_maxrss delta (0 if an earlier peak was higher)"
     secs = median(times)
