@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The fraction sweep on this project's 2-core CPU: cifar10-lowdata-cpu's grid (1/5/20/100% x five
 # arms x two seeds, k-NN + dense + seg), about 15 minutes a cell on a quiet machine, so about 10
-# hours in all: rerun to resume (finished cells are skipped, a stopped one resumes from its
-# checkpoint); the report files are copied to benchmarks/results/study-sweep-cpu/ each time.
+# hours in all: more than one working session. So it runs one cell per `glsd study` call and,
+# after each, archives what the report needs (each finished cell's record and metrics, the
+# random-init floors) into benchmarks/results/study-sweep-cpu/cells/, which is committed. On a
+# new machine the archive is laid back into WORK first: finished cells are skipped, and a cell
+# stopped on this machine resumes from its checkpoint (every 500 steps).
 # Seed 0 of every fraction first, then seed 1, so a partial grid already spans the fractions.
 #   GLSD_DATA=PATH/cifar10-jpg.zip benchmarks/study_cpu.sh [WORK_DIR]
 set -euo pipefail
@@ -10,9 +13,51 @@ cd "$(dirname "$0")/.."
 : "${GLSD_DATA:?set GLSD_DATA to the CIFAR-10 JPEG zip (ImageFolder layout: train/<class>/*.jpg, test/<class>/*.jpg)}"
 WORK=${1:-../study-sweep-cpu}
 DEST=benchmarks/results/study-sweep-cpu
-for seeds in 0 1; do
-  glsd study cifar10-lowdata-cpu "data.root=$GLSD_DATA" --seeds $seeds --out "$WORK"
+ARCHIVE=$DEST/cells
+PRESET=cifar10-lowdata-cpu
+mkdir -p "$WORK" "$ARCHIVE"
+
+restore() {  # the archive into WORK, never over a newer local copy
+  local f
+  for f in "$ARCHIVE"/*.json; do [ -e "$f" ] && cp -n "$f" "$WORK"/; done
+  for f in "$ARCHIVE"/*/cell.json; do
+    [ -e "$f" ] || continue
+    local cell; cell=$(basename "$(dirname "$f")")
+    mkdir -p "$WORK/$cell"
+    cp -n "$ARCHIVE/$cell"/* "$WORK/$cell"/
+  done
+}
+
+archive() {  # the finished cells and the floors out of WORK
+  local f
+  for f in "$WORK"/*floor-*.json; do [ -e "$f" ] && cp "$f" "$ARCHIVE"/; done
+  for f in "$WORK"/*/cell.json; do
+    [ -e "$f" ] || continue
+    local dir; dir=$(dirname "$f")
+    local cell; cell=$(basename "$dir")
+    mkdir -p "$ARCHIVE/$cell"
+    cp "$f" "$dir"/metrics.jsonl "$ARCHIVE/$cell"/
+    cp "$dir"/eval/*.json "$ARCHIVE/$cell"/ 2>/dev/null || true
+  done
+}
+
+report() {
+  glsd study "$PRESET" "data.root=$GLSD_DATA" --out "$WORK" --report-only
+  cp "$WORK"/results.json "$WORK"/report.md "$DEST"/
+  cp "$WORK"/report.png "$DEST"/ 2>/dev/null || true
+}
+
+restore
+read -r -a fractions < <(python3 -c "from glsd.config import load_config; print(*load_config('$PRESET').study.fractions)")
+read -r -a matchings < <(python3 -c "from glsd.config import load_config; print(*load_config('$PRESET').study.matchings)")
+for seed in 0 1; do
+  for fraction in "${fractions[@]}"; do
+    for matching in "${matchings[@]}"; do
+      glsd study "$PRESET" "data.root=$GLSD_DATA" --fractions "$fraction" --matchings "$matching" \
+        --seeds "$seed" --out "$WORK"
+      archive
+    done
+    report  # after each fraction: the partial grid, ready to commit
+  done
 done
-glsd study cifar10-lowdata-cpu "data.root=$GLSD_DATA" --out "$WORK" --report-only
-mkdir -p "$DEST"
-cp "$WORK"/results.json "$WORK"/report.md "$WORK"/report.png "$DEST"/
+report

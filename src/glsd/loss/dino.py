@@ -79,6 +79,34 @@ def view_pairs(num_teacher: int, first_view: int, num_views: int,
     return t[keep].to(device), s[keep].to(device)
 
 
+class SoftTargetCrossEntropy(torch.autograd.Function):
+    """``-sum(target * log_softmax(logits / temp))`` over every element, as one scalar.
+
+    The same value and gradient as autograd through ``log_softmax``, with fewer passes over
+    the ``(..., K)`` tensors, which on a CPU are the local loss's cost (it is memory-bound: a
+    pass per elementwise op over every cell's K outputs): the temperature divides the fp32 copy
+    in place, the product with the target is a dot product (no product tensor), and the
+    backward writes ``(softmax * sum_k target - target) / temp`` into one buffer.
+
+    forward(logits ``(..., K)`` any float dtype, target ``(..., K)`` fp32 without gradient,
+    temp) -> fp32 scalar; the gradient has the logits' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, temp: float) -> torch.Tensor:
+        z = logits.detach().to(torch.float32, copy=True).div_(temp)
+        log_p = torch.log_softmax(z, dim=-1)
+        ctx.save_for_backward(log_p, target)
+        ctx.temp, ctx.logits_dtype = temp, logits.dtype
+        return -torch.dot(target.reshape(-1), log_p.reshape(-1))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        log_p, target = ctx.saved_tensors
+        grad = log_p.exp().mul_(target.sum(-1, keepdim=True)).sub_(target)
+        return grad.mul_(grad_out / ctx.temp).to(ctx.logits_dtype), None, None
+
+
 class DINOLocalLoss(nn.Module):
     """Cross-entropy between each student cell and its matched teacher cell.
 
@@ -96,8 +124,8 @@ class DINOLocalLoss(nn.Module):
     The loss is linear in the targets, so each group's matched teacher probabilities, times
     their weights, are summed per student cell first (no gradient flows there): everything
     that carries a gradient is ``(Vg, B, Ns, K)``, never one copy of the student's
-    log-probabilities per pair. The one ``(P, B, Ns, K)`` tensor per group is the gathered
-    teacher targets (a soft match fills it one candidate at a time).
+    log-probabilities per pair. The sum is one ``embedding_bag`` over the teacher's rows, so
+    no ``(P, B, Ns, K)`` copy of the matched rows is made either.
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
@@ -110,15 +138,24 @@ class DINOLocalLoss(nn.Module):
     def forward(self, student_groups: list[torch.Tensor], teacher_logits: torch.Tensor,
                 pairs: list[tuple[torch.Tensor, torch.Tensor]], matches: list[Matches],
                 teacher_temp: float) -> torch.Tensor:
-        probs = teacher_probs(teacher_logits.detach(), self.center.center, teacher_temp)
+        probs = self.teacher_probs_then_update(teacher_logits.detach(), teacher_temp)
         n_pairs = sum(len(t_idx) for t_idx, _ in pairs)
         total = probs.new_zeros(())
         for logits, (t_idx, s_idx), match in zip(student_groups, pairs, matches):
+            if len(t_idx) == 0:  # e.g. the global group with one global view: no pair, no term
+                continue
             target = self.summed_targets(probs, logits.shape, t_idx, s_idx, match, n_pairs)
-            log_p = F.log_softmax(logits.float() / self.student_temp, dim=-1)
-            total = total - (target * log_p).sum()
-        self.center.update(teacher_logits.detach().flatten(0, -2))
+            total = total + SoftTargetCrossEntropy.apply(logits, target, self.student_temp)
         return total
+
+    @torch.no_grad()
+    def teacher_probs_then_update(self, logits: torch.Tensor, temp: float) -> torch.Tensor:
+        """:func:`teacher_probs` under the current centre, then the centre's update, sharing
+        one fp32 copy of the ``(Vt, B, Nt, K)`` logits (edited in place)."""
+        z = logits.to(torch.float32, copy=True)
+        center = self.center.center.clone()
+        self.center.update(z.flatten(0, -2))
+        return torch.softmax(z.sub_(center).div_(temp), dim=-1)
 
     @torch.no_grad()
     def summed_targets(self, probs: torch.Tensor, student_shape: torch.Size, t_idx: torch.Tensor,
@@ -128,33 +165,51 @@ class DINOLocalLoss(nn.Module):
 
         Args:
             probs: ``(Vt, B, Nt, K)`` teacher probabilities; student_shape: ``(Vg, B, Ns, K)``;
-            t_idx, s_idx: ``(P,)`` view pairs; match: hard (index ``(P, B, Ns)``) or soft
-                (index and weight ``(P, B, Ns, J)``: the matched probabilities are the
+            t_idx, s_idx: ``(P,)`` view pairs (P >= 1); match: hard (index ``(P, B, Ns)``) or
+                soft (index and weight ``(P, B, Ns, J)``: the matched probabilities are the
                 J-weighted sum of teacher rows).
         Returns:
-            ``(Vg, B, Ns, K)`` targets. A soft match adds one candidate at a time into the
-            ``(P, B, Ns, K)`` buffer: at most two such tensors live, whatever J.
+            ``(Vg, B, Ns, K)`` targets.
         """
         _, batch, n_tcells, k = probs.shape
         n_views, _, n_cells, _ = student_shape
-        if len(t_idx) == 0:  # e.g. the global group with one global view: no pair, no term
-            return probs.new_zeros(n_views, batch, n_cells, k)
         valid = match.valid.to(probs.dtype)  # (P, B, Ns)
         if self.normalize == "valid":
             per_pair = 1.0 / valid.sum((1, 2)).clamp(min=1.0)
         else:
             per_pair = valid.new_full((len(t_idx),), 1.0 / (batch * n_cells))
-        cell_weight = valid * (per_pair / n_pairs)[:, None, None]  # (P, B, Ns)
+        weight = valid * (per_pair / n_pairs)[:, None, None]  # (P, B, Ns)
         sample = torch.arange(batch, device=probs.device)
-        base = (t_idx[:, None, None] * batch + sample[None, :, None]) * n_tcells  # (P, B, 1)
-        flat = probs.reshape(-1, k)
+        rows = (t_idx[:, None, None] * batch + sample[None, :, None]) * n_tcells  # (P, B, 1)
         if match.weight is None:
-            weighted = flat[base + match.index].mul_(cell_weight[..., None])  # (P, B, Ns, K)
+            rows, weight = (rows + match.index)[..., None], weight[..., None]
         else:
-            rows = base[..., None] + match.index  # (P, B, Ns, J)
-            cand_weight = match.weight.to(probs.dtype) * cell_weight[..., None]
-            weighted = flat[rows[..., 0]].mul_(cand_weight[..., 0, None])
-            for j in range(1, rows.shape[-1]):
-                weighted.addcmul_(flat[rows[..., j]], cand_weight[..., j, None])
-        target = probs.new_zeros(n_views, batch * n_cells * k)
-        return target.index_add_(0, s_idx, weighted.view(len(s_idx), -1)).view(n_views, batch, n_cells, k)
+            rows = rows[..., None] + match.index  # (P, B, Ns, J)
+            weight = match.weight.to(probs.dtype) * weight[..., None]
+        rows, weight = bags_per_student_cell(rows, weight, s_idx, n_views)
+        target = F.embedding_bag(rows, probs.reshape(-1, k), mode="sum", per_sample_weights=weight)
+        return target.view(n_views, batch, n_cells, k)
+
+
+def bags_per_student_cell(rows: torch.Tensor, weight: torch.Tensor, s_idx: torch.Tensor,
+                          n_views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, B, Ns, J)`` teacher rows and weights of P pairs -> ``(Vg * B * Ns, C * J)``: one
+    bag per student cell with every (pair, candidate) it is compared with.
+
+    Each view gets C = ceil(P / Vg) slots, in pair order. That is every pair when the views'
+    pair counts differ by at most one, as :func:`view_pairs` makes them (a group holding every
+    view: its global views skip their own teacher view); a spare slot holds row 0 at weight 0.
+    A view in more than C pairs is an index error, never a silently dropped pair. Built on the
+    device from shapes alone: no host sync.
+    """
+    n_pairs = s_idx.shape[0]
+    slots = -(-n_pairs // n_views)
+    onehot = F.one_hot(s_idx, n_views)  # (P, Vg)
+    rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # (P,) rank of the pair among its view's
+    position = s_idx * slots + rank
+    shape = (n_views * slots, *rows.shape[1:])
+    rows = rows.new_zeros(shape).index_copy_(0, position, rows)
+    weight = weight.new_zeros(shape).index_copy_(0, position, weight)
+    bag = slots * rows.shape[-1]
+    return (rows.view(n_views, slots, *shape[1:]).permute(0, 2, 3, 1, 4).reshape(-1, bag),
+            weight.view(n_views, slots, *shape[1:]).permute(0, 2, 3, 1, 4).reshape(-1, bag))
