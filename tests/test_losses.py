@@ -252,3 +252,48 @@ def test_local_loss_with_a_group_without_pairs():
     loss = loss_fn(groups, teacher, pairs, matches, TT)
     torch.testing.assert_close(loss.double(), naive_local(groups, teacher, pairs, matches, center, "all"),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_local_loss_one_group_holding_every_view_matches_naive():
+    # Global and local crops of one size form one group: its global views are in one pair
+    # fewer than its local views (no pair with their own teacher view), so the per-cell bags
+    # carry zero-weight fillers. Value and gradient must still be the naive loop's.
+    torch.manual_seed(7)
+    vt, vl, b, k, n = 2, 3, 2, 5, 4
+    teacher = torch.randn(vt, b, n, k)
+    group = torch.randn(vt + vl, b, n, k)
+    t_idx, s_idx = view_pairs(vt, 0, vt + vl)
+    assert torch.bincount(s_idx).tolist() == [1, 1, 2, 2, 2]
+    match = Matches(torch.randint(0, n, (len(t_idx), b, n)), torch.rand(len(t_idx), b, n) > 0.3)
+    loss_fn = DINOLocalLoss(k, TS)
+    center = loss_fn.center.center.clone()
+    fast, slow = group.clone().requires_grad_(), group.clone().double().requires_grad_()
+    loss = loss_fn([fast], teacher, [(t_idx, s_idx)], [match], TT)
+    want = naive_local([slow], teacher, [(t_idx, s_idx)], [match], center, "all")
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(fast.grad.double(), slow.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_local_loss_on_bf16_logits_matches_fp32_and_leaves_inputs_alone():
+    # The training step feeds bf16 logits (autocast): the loss upcasts them, its gradient comes
+    # back in bf16, and neither the student's nor the teacher's tensors are edited in place.
+    groups, teacher, pairs, matches, k = _local_setup(8)
+    teacher16 = teacher.bfloat16()
+    teacher_before = teacher16.clone()
+    half = [g.bfloat16().requires_grad_() for g in groups]
+    full = [g.bfloat16().float().requires_grad_() for g in groups]
+    a = DINOLocalLoss(k, TS)(half, teacher16, pairs, matches, TT)
+    b = DINOLocalLoss(k, TS)(full, teacher16.float(), pairs, matches, TT)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    a.backward()
+    b.backward()
+    for h, f in zip(half, full):
+        assert h.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(h.grad.float(), f.grad, rtol=1e-2, atol=1e-4)
+    assert torch.equal(teacher16, teacher_before)
+    # fp32 teacher logits: the loss's working copy is a copy, not the caller's tensor
+    fp32_teacher = teacher.clone()
+    DINOLocalLoss(k, TS)(groups, fp32_teacher, pairs, matches, TT)
+    assert torch.equal(fp32_teacher, teacher)
