@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from glsd.data.geometry import cell_centers, make_geometry
 from glsd.loss.matching import (geometric_match, match_pairs, match_threshold_sq,
-                                similarity_match, squared_distances)
+                                nearest_cell_match, similarity_match, squared_distances)
 
 
 def _geo_match(s_geom, s_grid, t_geom, t_grid, threshold="half_diagonal"):
@@ -222,3 +222,39 @@ def test_match_pairs_no_valid_cells_agree_is_finite():
     assert not out.matches.valid.any()
     assert out.stats["geo_valid_frac"].item() == 0.0
     assert torch.isfinite(out.stats["sim_geo_agree"])
+
+
+@pytest.mark.parametrize("s_grid,t_grid", [((2, 2), (4, 4)), ((4, 4), (8, 8)), ((3, 5), (7, 6)),
+                                           ((8, 8), (8, 8)), ((1, 1), (1, 1))])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nearest_cell_match_is_the_distance_table_argmin(s_grid, t_grid, seed):
+    # The analytic nearest cell (rounded grid coordinates) against the (Ns, Nt) table's argmin,
+    # on random crops (flips included; many student cells outside the teacher crop): the
+    # same cell wherever the table has no near tie, the same distance and validity.
+    torch.manual_seed(seed)
+    s_geom, t_geom = _random_geoms((64,)), _random_geoms((64,))
+    s_centers = cell_centers(s_geom, s_grid)
+    d2 = squared_distances(s_centers, cell_centers(t_geom, t_grid))
+    thr = match_threshold_sq(s_geom, s_grid, t_geom, t_grid, "half_diagonal")
+    table, table_d2 = geometric_match(s_centers, cell_centers(t_geom, t_grid), thr)
+    fast, fast_d2 = nearest_cell_match(s_centers, t_geom, t_grid, thr)
+    best2 = d2.topk(min(2, d2.shape[-1]), dim=-1, largest=False).values
+    clear = (best2[..., -1] - best2[..., 0] > 1e-3 * (1 + best2[..., 0])) | (d2.shape[-1] == 1)
+    assert clear.float().mean() > 0.9  # the comparison is not vacuous
+    assert torch.equal(fast.index[clear], table.index[clear])
+    same = fast.index == table.index
+    assert torch.equal(fast_d2[same], table_d2[same])
+    assert torch.equal(fast.valid[same], table.valid[same])
+    torch.testing.assert_close(fast_d2, table_d2, rtol=1e-5, atol=1e-4)  # near ties: equally near
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+def test_nearest_cell_match_breaks_exact_ties_as_the_table(flipped):
+    # A student centre exactly between the centres of a 2x2 teacher grid: every cell is as
+    # near; the table's min takes the first (index 0), and so must the analytic rule.
+    t_geom = make_geometry(0, 0, 4, 4, flipped)
+    s_geom = make_geometry(1, 1, 2, 2, False)  # one cell, centred at (2, 2)
+    s_centers = cell_centers(s_geom, (1, 1))
+    table, _ = geometric_match(s_centers, cell_centers(t_geom, (2, 2)), None)
+    fast, _ = nearest_cell_match(s_centers, t_geom, (2, 2), None)
+    assert table.index.item() == fast.index.item() == 0

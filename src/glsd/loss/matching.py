@@ -78,12 +78,67 @@ def similarity_match(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> 
     return Matches(index, torch.ones_like(index, dtype=torch.bool))
 
 
+def grid_coordinates(points: torch.Tensor, teacher_geom: torch.Tensor,
+                     teacher_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Continuous (row, column) position of original-image points in a view's cell grid.
+
+    ``u = (y - top) / h * gh - 0.5``, ``v = (x - left) / w * gw - 0.5``, mirrored
+    ``v -> gw - 1 - v`` for a flipped view: integer values are cell centres.
+
+    Args:
+        points: ``(..., Ns, 2)`` (y, x); teacher_geom: ``(..., 5)`` crop records.
+    Returns:
+        ``(..., Ns)`` u and v, unclamped.
+    """
+    gh, gw = teacher_grid
+    g = teacher_geom.float()[..., None, :]  # (..., 1, 5)
+    u = (points[..., 0] - g[..., TOP]) / g[..., HEIGHT] * gh - 0.5
+    v = (points[..., 1] - g[..., LEFT]) / g[..., WIDTH] * gw - 0.5
+    return u, torch.where(g[..., FLIP] > 0.5, (gw - 1) - v, v)
+
+
+def nearest_cell_match(student_centers: torch.Tensor, teacher_geom: torch.Tensor,
+                       teacher_grid: tuple[int, int],
+                       threshold_sq: Optional[torch.Tensor]) -> tuple[Matches, torch.Tensor]:
+    """:func:`geometric_match` without the ``(Ns, Nt)`` distance table.
+
+    Teacher cell centres form a product grid, so the squared distance is a row term plus a
+    column term and the nearest cell is the nearest row and the nearest column: each is the
+    rounded, clamped grid coordinate, a tie going to the lower index as ``min`` does over the
+    row-major table. The distance is then computed exactly as :func:`cell_centers` and
+    :func:`squared_distances` would, so validity agrees with the table bit for bit; only a
+    tie within float rounding (two cells equally near to ~1e-7 pixel) may pick the other one.
+
+    Args:
+        student_centers: ``(..., Ns, 2)`` cell centres (y, x); teacher_geom: ``(..., 5)``.
+        threshold_sq: ``(...)`` or None, as for :func:`geometric_match`.
+    Returns:
+        Matches, and ``(..., Ns)`` squared distance of each student cell to its match.
+    """
+    gh, gw = teacher_grid
+    u, v = grid_coordinates(student_centers, teacher_geom, teacher_grid)
+    row = torch.ceil(u - 0.5).clamp_(0, gh - 1)  # round half down: the lower index wins a tie
+    col = torch.ceil(v - 0.5).clamp_(0, gw - 1)
+    g = teacher_geom.float()[..., None, :]
+    rows = (row + 0.5) / gh
+    cols = (col + 0.5) / gw
+    cols = torch.where(g[..., FLIP] > 0.5, 1.0 - cols, cols)
+    dy = student_centers[..., 0] - (g[..., TOP] + rows * g[..., HEIGHT])
+    dx = student_centers[..., 1] - (g[..., LEFT] + cols * g[..., WIDTH])
+    dist_sq = dy * dy + dx * dx
+    index = row.long() * gw + col.long()
+    if threshold_sq is None:
+        valid = torch.ones_like(index, dtype=torch.bool)
+    else:
+        valid = dist_sq < threshold_sq[..., None]
+    return Matches(index, valid), dist_sq
+
+
 def soft_geometric_match(student_centers: torch.Tensor, teacher_geom: torch.Tensor,
                          teacher_grid: tuple[int, int], valid: torch.Tensor) -> Matches:
     """Bilinear interpolation of the teacher grid at each student cell centre.
 
-    The centre's continuous position in the teacher grid is ``u = (y - top) / h * gh - 0.5``,
-    ``v = (x - left) / w * gw - 0.5`` (mirrored ``v -> gw - 1 - v`` for a flipped teacher),
+    The centre's continuous position in the teacher grid (:func:`grid_coordinates`) is
     clamped to the grid; the 4 surrounding cells get the bilinear weights.
 
     Args:
@@ -93,10 +148,7 @@ def soft_geometric_match(student_centers: torch.Tensor, teacher_geom: torch.Tens
         Matches with ``index`` and ``weight`` ``(..., Ns, 4)``.
     """
     gh, gw = teacher_grid
-    g = teacher_geom.float()[..., None, :]  # (..., 1, 5)
-    u = (student_centers[..., 0] - g[..., TOP]) / g[..., HEIGHT] * gh - 0.5  # (..., Ns)
-    v = (student_centers[..., 1] - g[..., LEFT]) / g[..., WIDTH] * gw - 0.5
-    v = torch.where(g[..., FLIP] > 0.5, (gw - 1) - v, v)
+    u, v = grid_coordinates(student_centers, teacher_geom, teacher_grid)
     u, v = u.clamp(0, gh - 1), v.clamp(0, gw - 1)
     u0, v0 = u.floor(), v.floor()
     fu, fv = u - u0, v - v0  # 0 on the last row / column: the "+1" neighbour weighs nothing
@@ -181,15 +233,14 @@ def match_pairs(mode: str, threshold, student_geom: torch.Tensor, student_grid: 
     if not diagnostics and mode == "similarity":
         return PairMatching(similarity_match(student_feat, teacher_feat), {})
     s_centers = cell_centers(student_geom, student_grid)  # (P, B, Ns, 2)
-    t_centers = cell_centers(teacher_geom, teacher_grid)  # (P, B, Nt, 2)
     thr = match_threshold_sq(student_geom, student_grid, teacher_geom, teacher_grid, threshold)
-    d2 = squared_distances(s_centers, t_centers)  # (P, B, Ns, Nt)
-    geo, _ = nearest_match(d2, thr)
+    geo, _ = nearest_cell_match(s_centers, teacher_geom, teacher_grid, thr)
     sim = (cosine_similarities(student_feat, teacher_feat)
            if needs_features(mode, diagnostics) else None)  # (P, B, Ns, Nt)
     if mode == "soft_geometric":
         chosen = soft_geometric_match(s_centers, teacher_geom, teacher_grid, geo.valid)
-    elif mode == "hybrid":
+    elif mode == "hybrid":  # the k nearest cells: the one mode that needs the distance table
+        d2 = squared_distances(s_centers, cell_centers(teacher_geom, teacher_grid))
         chosen = hybrid_match(d2, sim, candidates, geo)
     elif mode == "similarity":
         sim_index = sim.argmax(dim=-1)
@@ -198,7 +249,8 @@ def match_pairs(mode: str, threshold, student_geom: torch.Tensor, student_grid: 
         chosen = geo
     if not diagnostics:
         return PairMatching(chosen, {})
-    return PairMatching(chosen, _diagnostics(geo, sim.argmax(dim=-1), s_centers, t_centers,
+    return PairMatching(chosen, _diagnostics(geo, sim.argmax(dim=-1), s_centers,
+                                             cell_centers(teacher_geom, teacher_grid),
                                              teacher_geom, teacher_grid))
 
 
