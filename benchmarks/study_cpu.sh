@@ -5,7 +5,8 @@
 # after each, archives what the report needs (each finished cell's record and metrics, the
 # random-init floors) into benchmarks/results/study-sweep-cpu/cells/, which is committed. On a
 # new machine the archive is laid back into WORK first: finished cells are skipped, and a cell
-# stopped on this machine resumes from its checkpoint (every 500 steps).
+# stopped on this machine resumes from its checkpoint (every 500 steps). Each archived cell
+# has the commit it ran in commit.txt (a cell resumed across commits names the last one).
 # Seed 0 of every fraction first, then seed 1, so a partial grid already spans the fractions.
 #   GLSD_DATA=PATH/cifar10-jpg.zip benchmarks/study_cpu.sh [WORK_DIR]
 set -euo pipefail
@@ -28,16 +29,18 @@ restore() {  # the archive into WORK, never over a newer local copy
   done
 }
 
-archive() {  # the finished cells and the floors out of WORK
+archive() {  # the finished cells and the floors out of WORK; $1: the commit the cell ran
   local f
   for f in "$WORK"/*floor-*.json; do [ -e "$f" ] && cp "$f" "$ARCHIVE"/; done
   for f in "$WORK"/*/cell.json; do
     [ -e "$f" ] || continue
     local dir; dir=$(dirname "$f")
     local cell; cell=$(basename "$dir")
+    [ -e "$ARCHIVE/$cell/cell.json" ] && continue  # archived already, with its commit
     mkdir -p "$ARCHIVE/$cell"
     cp "$f" "$dir"/metrics.jsonl "$ARCHIVE/$cell"/
     cp "$dir"/eval/*.json "$ARCHIVE/$cell"/ 2>/dev/null || true
+    echo "$1" > "$ARCHIVE/$cell/commit.txt"
   done
 }
 
@@ -53,9 +56,10 @@ read -r -a matchings < <(python3 -c "from glsd.config import load_config; print(
 for seed in 0 1; do
   for fraction in "${fractions[@]}"; do
     for matching in "${matchings[@]}"; do
+      commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo '+uncommitted src changes')"
       glsd study "$PRESET" "data.root=$GLSD_DATA" --fractions "$fraction" --matchings "$matching" \
         --seeds "$seed" --out "$WORK"
-      archive
+      archive "$commit"
     done
     report  # after each fraction: the partial grid, ready to commit
   done
