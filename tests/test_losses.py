@@ -297,3 +297,15 @@ def test_local_loss_on_bf16_logits_matches_fp32_and_leaves_inputs_alone():
     fp32_teacher = teacher.clone()
     DINOLocalLoss(k, TS)(groups, fp32_teacher, pairs, matches, TT)
     assert torch.equal(fp32_teacher, teacher)
+
+
+def test_bags_refuse_a_view_in_more_pairs_than_its_slots():
+    # 3 pairs over 2 views, all on view 0: 2 slots per view cannot hold them. That must fail
+    # loudly, not spill a pair into view 1's bag.
+    from glsd.loss.dino import bags_per_student_cell
+
+    rows = torch.arange(3 * 1 * 1 * 1).view(3, 1, 1, 1)
+    with pytest.raises((IndexError, RuntimeError)):
+        bags_per_student_cell(rows, torch.ones(3, 1, 1, 1), torch.tensor([0, 0, 0]), 2)
+    bags, weights = bags_per_student_cell(rows, torch.ones(3, 1, 1, 1), torch.tensor([0, 1, 0]), 2)
+    assert bags.tolist() == [[0, 2], [1, 0]] and weights.tolist() == [[1, 1], [1, 0]]

@@ -101,6 +101,7 @@ class SoftTargetCrossEntropy(torch.autograd.Function):
         return -torch.dot(target.reshape(-1), log_p.reshape(-1))
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises, not zeros
     def backward(ctx, grad_out: torch.Tensor):
         log_p, target = ctx.saved_tensors
         grad = log_p.exp().mul_(target.sum(-1, keepdim=True)).sub_(target)
@@ -206,7 +207,9 @@ def bags_per_student_cell(rows: torch.Tensor, weight: torch.Tensor, s_idx: torch
     slots = -(-n_pairs // n_views)
     onehot = F.one_hot(s_idx, n_views)  # (P, Vg)
     rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # (P,) rank of the pair among its view's
-    position = s_idx * slots + rank
+    # A pair past its view's C slots gets an index past the end: index_copy_ fails on it
+    # rather than writing into the next view's slot.
+    position = torch.where(rank < slots, s_idx * slots + rank, n_views * slots)
     shape = (n_views * slots, *rows.shape[1:])
     rows = rows.new_zeros(shape).index_copy_(0, position, rows)
     weight = weight.new_zeros(shape).index_copy_(0, position, weight)
