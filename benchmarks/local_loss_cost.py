@@ -7,16 +7,17 @@ backward), this tree's against ``--rev``'s, interleaved call by call.
 
 A preset's shapes (views, batch, grid cells, local prototypes) and bf16 logits in the range a
 DINO head gives (cosines of L2-normalised bottleneck features and unit prototypes: |x| < 1;
-far larger values would time exp's slow underflow path instead); geometric-like hard matches with 20% invalid cells, or soft 4-cell
-matches. Prints one JSON object (``--out`` writes it too) with the median milliseconds per
+far larger values would time exp's slow underflow path instead); geometric-like hard matches
+with 20% invalid cells, or soft 4-cell matches. Prints one JSON object (``--out`` writes it too) with the median milliseconds per
 call, the per-round paired ratio (old / new, > 1: the new one is faster) and its quartiles,
 and the largest difference of value and gradient between the two.
 
-    python benchmarks/local_loss_forms.py --rev HEAD~1 --preset cifar10-lowdata-cpu
+    python benchmarks/local_loss_cost.py --rev HEAD~1 --preset cifar10-lowdata-cpu --parts loss
 """
 from __future__ import annotations
 
 import argparse
+import math
 import importlib.util
 import json
 import subprocess
@@ -33,9 +34,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from glsd.config import load_config  # noqa: E402
-from glsd.tools.bench.common import cpu_model  # noqa: E402
 from glsd.loss.dino import DINOLocalLoss, view_pairs  # noqa: E402
 from glsd.loss.matching import Matches  # noqa: E402
+from glsd.tools.bench.common import cpu_model  # noqa: E402
+from glsd.train.preflight import check_grids  # noqa: E402
 
 
 def module_at(rev: str, path: str, name: str):
@@ -53,8 +55,9 @@ def module_at(rev: str, path: str, name: str):
 def inputs(preset: str, soft: bool, seed: int = 0):
     cfg = load_config(preset, ["data.source=synthetic"])
     c, m = cfg.crops, cfg.model
-    stride = 4 if m.backbone == "glsd_convnet" else (m.patch_size or 16)
-    nt, nl = (c.global_size // stride) ** 2, (c.local_size // stride) ** 2
+    grids = check_grids(cfg)[0]
+    nt, nl = (math.prod(grids[f"{kind} {size} px"]) for kind, size in
+              (("global", c.global_size), ("local", c.local_size)))
     vt, vl, b, k = c.num_global, c.num_local, cfg.train.batch_size, m.local_out_dim or m.out_dim
     g = torch.Generator().manual_seed(seed)
     prototypes = F.normalize(torch.randn(k, m.local_bottleneck_dim or m.bottleneck_dim, generator=g), dim=-1)

@@ -300,3 +300,36 @@ def test_gpu_limit_counts_only_blocking_calls():
              "cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item"]
     assert sync_counts(names) == {"events": {"cudaStreamSynchronize": 2, "cudaMemcpy": 1,
                                              "cudaDeviceSynchronize": 1}, "host_syncs": 4}
+
+
+def test_local_loss_cost_quick(tmp_path):
+    """benchmarks/local_loss_cost.py against HEAD's own loss: both parts run, the swapped-in
+    loss of the same commit gives the same value and gradient, and every arm steps."""
+    out = tmp_path / "cost.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "local_loss_cost.py"), "--rev", "HEAD",
+                           "--preset", "cpu-default", "--rounds", "1", "--step-rounds", "1",
+                           "--out", str(out)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert "local_loss_cost.py --rev HEAD" in data["command"]
+    assert data["loss"]["max_abs_diff"] == {"loss": 0.0, "grad": 0.0}
+    assert data["loss"]["shapes"]["student"] == [[2, 64, 64, 256], [4, 64, 16, 256]]
+    step = data["step"]
+    assert set(step["step_ms_median"]) == {"none", "geometric", "geometric_old_loss"}
+    assert all(positive(v) for v in step["images_per_s"].values())
+    assert positive(step["geometric_over_none"]["median"])
+
+
+def test_step_breakdown_quick(tmp_path):
+    """benchmarks/step_breakdown.py: every part of both arms timed; only the geometric arm
+    matches and has a local loss."""
+    out = tmp_path / "parts.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_breakdown.py"),
+                           "--preset", "cpu-default", "--rounds", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    parts = json.loads(out.read_text())["ms_median"]
+    assert {"matching", "local_loss"} <= set(parts["geometric"]) and "local_loss" not in parts["none"]
+    for arm in parts.values():
+        assert all(v >= 0 for v in arm.values()) and positive(arm["backward"])
