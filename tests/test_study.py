@@ -31,7 +31,7 @@ def _table_cells(report: str) -> dict:
             break
         for name, value in zip(header[3:], parts[3:]):
             if value != "-":
-                cells[(float(parts[0]), name)] = float(value.split("±")[0])
+                cells[(float(parts[0]), name)] = float(value.split()[0])  # "m ± s (n=k)", "m (1 seed)"
     return cells
 
 
@@ -201,3 +201,14 @@ def test_study_records_the_dense_floor_and_draws_it(tmp_path):
 
         assert [m[0] for m in present_metrics([record])] == ["knn_top1", "dense_within_one"]
         assert (out / "report.png").stat().st_size > 10_000
+
+
+def test_report_gives_floors_of_dense_evaluations_and_no_spread_for_one_seed():
+    # One seed: no "± 0.000" that reads like a measured spread. The dense table gets the floor
+    # column the k-NN table has, the mean of its seeds' floors (every arm of a seed shares one).
+    records = [dict(_rec(0.1, m, 0, 30.0), dense_within_one=v, dense_floor_within_one=0.5)
+               for m, v in (("none", 0.70), ("geometric", 0.90))]
+    records.append(dict(_rec(0.1, "none", 1, 31.0), dense_within_one=0.72, dense_floor_within_one=0.6))
+    text = report_markdown(records)
+    assert "| fraction | floor | none | geometric |" in text
+    assert "| 0.1 | 0.550 | 0.710 ± 0.014 (n=2) | 0.900 (1 seed) |" in text

@@ -25,6 +25,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def mean_cell(entry: dict, digits: int) -> str:
+    """One table cell: "mean ± std (n=k)", or "mean (1 seed)" where there is no spread yet."""
+    if entry["n"] == 1:
+        return f"{entry['mean']:.{digits}f} (1 seed)"
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f} (n={entry['n']})"
+
+
+def floor_of(records: list[dict], key: str, fraction: float) -> float:
+    """The random-init floor of ``key`` at ``fraction``: the mean over its seeds' floors
+    (every arm of a seed shares one)."""
+    per_seed = {r["seed"]: r[key] for r in records if r.get("status") == "done"
+                and r["fraction"] == fraction and r.get(key) is not None}
+    return mean_std(list(per_seed.values()))[0]
+
+
 def summarize(records: list[dict], key: str = "knn_top1") -> dict:
     """{fraction: {matching: {"mean", "std", "n", "per_seed": {seed: value}}}}."""
     table: dict = {}
@@ -139,6 +154,9 @@ def verdict_lines(frac: float, row: dict, text: str, digits: int = 2) -> list[st
     return lines
 
 
+# The record key of each evaluation's random-init floor, where the study computes one.
+FLOOR_KEYS = {"knn_top1": "knn_floor_top1", "dense_within_one": "dense_floor_within_one",
+              "seg_accuracy": "seg_floor_accuracy", "seg_miou": "seg_floor_miou"}
 OTHER_EVALUATIONS = {
     "linear_top1": ("Linear probe top-1 (%)", 2),
     "dense_within_one": ("Dense correspondence: fraction of cells matched within one cell "
@@ -157,12 +175,15 @@ def other_evaluations(records: list[dict], matchings: list[str]) -> list[str]:
         if not done:
             continue
         table = summarize(done, key)
-        lines += ["", f"## {title}", "", "| fraction | " + " | ".join(matchings) + " |",
-                  "|---|" + "---|" * len(matchings)]
+        floor_key = FLOOR_KEYS.get(key)
+        with_floor = floor_key is not None and any(r.get(floor_key) is not None for r in done)
+        lines += ["", f"## {title}", "", "| fraction | " + ("floor | " if with_floor else "")
+                  + " | ".join(matchings) + " |", "|---|" + "---|" * (len(matchings) + with_floor)]
         for frac in sorted(table):
             row = table[frac]
-            cells = [f"{row[m]['mean']:.{digits}f} ± {row[m]['std']:.{digits}f} (n={row[m]['n']})"
-                     if m in row else "-" for m in matchings]
+            cells = [mean_cell(row[m], digits) if m in row else "-" for m in matchings]
+            if with_floor:
+                cells.insert(0, f"{floor_of(done, floor_key, frac):.{digits}f}")
             lines.append(f"| {frac:g} | " + " | ".join(cells) + " |")
         lines.append("")
         for frac in sorted(table):
@@ -199,8 +220,7 @@ def report_markdown(records: list[dict]) -> str:
     for frac in sorted(table):
         row = table[frac]
         floor = mean_std([v for m in floors[frac].values() for v in m["per_seed"].values()])
-        cells = [f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f} (n={row[m]['n']})" if m in row else "-"
-                 for m in matchings]
+        cells = [mean_cell(row[m], 2) if m in row else "-" for m in matchings]
         lines.append(f"| {frac:g} | {n_images.get(frac, '?')} | {floor[0]:.2f} | " + " | ".join(cells) + " |")
     lines += ["", "## Verdict per fraction", "",
               "A comparison only means something when every arm learns: the bar is the "
