@@ -6,7 +6,7 @@
 # random-init floors) into benchmarks/results/study-sweep-cpu/cells/, which is committed. On a
 # new machine the archive is laid back into WORK first: finished cells are skipped, and a cell
 # stopped on this machine resumes from its checkpoint (every 500 steps). Each archived cell
-# has the commit it ran in commit.txt (a cell resumed across commits names the last one).
+# names in commit.txt the last commit that changed src/ when it started: the code it ran.
 # Seed 0 of every fraction first, then seed 1, so a partial grid already spans the fractions.
 #   GLSD_DATA=PATH/cifar10-jpg.zip benchmarks/study_cpu.sh [WORK_DIR]
 set -euo pipefail
@@ -56,7 +56,8 @@ read -r -a matchings < <(python3 -c "from glsd.config import load_config; print(
 for seed in 0 1; do
   for fraction in "${fractions[@]}"; do
     for matching in "${matchings[@]}"; do
-      commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo '+uncommitted src changes')"
+      # the last commit that changed the package: the code the cell runs
+      commit="$(git log -1 --format=%h -- src)$(git diff --quiet HEAD -- src || echo '+uncommitted src changes')"
       glsd study "$PRESET" "data.root=$GLSD_DATA" --fractions "$fraction" --matchings "$matching" \
         --seeds "$seed" --out "$WORK"
       archive "$commit"
