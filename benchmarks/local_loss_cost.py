@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import importlib.util
-import json
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 from glsd.config import load_config  # noqa: E402
 from glsd.loss.dino import DINOLocalLoss, view_pairs  # noqa: E402
 from glsd.loss.matching import Matches  # noqa: E402
-from glsd.tools.bench.common import cpu_model  # noqa: E402
+from glsd.tools.bench.common import cpu_model, finite, write_json  # noqa: E402
 from glsd.train.preflight import check_grids  # noqa: E402
 
 
@@ -173,10 +172,7 @@ def main(argv=None) -> int:
         out["loss"] = bench_loss(old_mod, args.preset, args.soft, args.rounds)
     if "step" in args.parts:
         out["step"] = bench_step(old_mod, args.preset, args.step_rounds)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print(write_json(finite(out), args.out))
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ if str(ROOT / "src") not in sys.path:
 import torch  # noqa: E402
 
 from glsd.config import apply_overrides, load_config  # noqa: E402
-from glsd.tools.bench.common import cpu_model, sync  # noqa: E402
+from glsd.tools.bench.common import cpu_model, finite, sync, write_json  # noqa: E402
 from glsd.tools.bench.harness import build_harness, first_batch  # noqa: E402
 
 
@@ -100,10 +99,7 @@ def main(argv=None) -> int:
     out = {"command": " ".join(["python", "benchmarks/step_breakdown.py", *(argv or sys.argv[1:])]),
            "preset": args.preset, "cpu": cpu_model(), "threads": torch.get_num_threads(),
            "rounds": args.rounds, "ms_median": medians, "geometric_minus_none_ms": extra}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print(write_json(finite(out), args.out))
     return 0
 
 
