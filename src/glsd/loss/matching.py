@@ -44,11 +44,7 @@ def geometric_match(student_centers: torch.Tensor, teacher_centers: torch.Tensor
 def nearest_match(d2: torch.Tensor, threshold_sq: Optional[torch.Tensor]) -> tuple[Matches, torch.Tensor]:
     """``d2`` ``(..., Ns, Nt)`` squared centre distances -> geometric_match's result."""
     dist_sq, index = d2.min(dim=-1)
-    if threshold_sq is None:
-        valid = torch.ones_like(index, dtype=torch.bool)
-    else:
-        valid = dist_sq < threshold_sq[..., None]
-    return Matches(index, valid), dist_sq
+    return Matches(index, within(dist_sq, threshold_sq)), dist_sq
 
 
 def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -105,8 +101,8 @@ def nearest_cell_match(student_centers: torch.Tensor, teacher_geom: torch.Tensor
     Teacher cell centres form a product grid, so the squared distance is a row term plus a
     column term and the nearest cell is the nearest row and the nearest column: each is the
     rounded, clamped grid coordinate, a tie going to the lower index as ``min`` does over the
-    row-major table. The distance is then computed exactly as :func:`cell_centers` and
-    :func:`squared_distances` would, so validity agrees with the table bit for bit; only a
+    row-major table. The distance is taken to that cell's centre from :func:`cell_centers` as
+    :func:`squared_distances` takes it, so validity agrees with the table bit for bit; only a
     tie within float rounding (two cells equally near to ~1e-7 pixel) may pick the other one.
 
     Args:
@@ -117,21 +113,23 @@ def nearest_cell_match(student_centers: torch.Tensor, teacher_geom: torch.Tensor
     """
     gh, gw = teacher_grid
     u, v = grid_coordinates(student_centers, teacher_geom, teacher_grid)
-    row = torch.ceil(u - 0.5).clamp_(0, gh - 1)  # round half down: the lower index wins a tie
-    col = torch.ceil(v - 0.5).clamp_(0, gw - 1)
-    g = teacher_geom.float()[..., None, :]
-    rows = (row + 0.5) / gh
-    cols = (col + 0.5) / gw
-    cols = torch.where(g[..., FLIP] > 0.5, 1.0 - cols, cols)
-    dy = student_centers[..., 0] - (g[..., TOP] + rows * g[..., HEIGHT])
-    dx = student_centers[..., 1] - (g[..., LEFT] + cols * g[..., WIDTH])
+    row = torch.ceil(u - 0.5).clamp_(0, gh - 1).long()  # round half down: a tie to the lower index
+    col = torch.ceil(v - 0.5).clamp_(0, gw - 1).long()
+    index = row * gw + col
+    t_centers = cell_centers(teacher_geom, teacher_grid)  # (..., Nt, 2): the table's own centres
+    matched = torch.gather(t_centers, -2, index[..., None].expand(*index.shape, 2))
+    dy = student_centers[..., 0] - matched[..., 0]
+    dx = student_centers[..., 1] - matched[..., 1]
     dist_sq = dy * dy + dx * dx
-    index = row.long() * gw + col.long()
+    return Matches(index, within(dist_sq, threshold_sq)), dist_sq
+
+
+def within(dist_sq: torch.Tensor, threshold_sq: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(..., Ns)`` validity of matches at ``dist_sq``: strictly under the per-sample
+    ``(...)`` squared threshold, or all valid without one."""
     if threshold_sq is None:
-        valid = torch.ones_like(index, dtype=torch.bool)
-    else:
-        valid = dist_sq < threshold_sq[..., None]
-    return Matches(index, valid), dist_sq
+        return torch.ones_like(dist_sq, dtype=torch.bool)
+    return dist_sq < threshold_sq[..., None]
 
 
 def soft_geometric_match(student_centers: torch.Tensor, teacher_geom: torch.Tensor,
