@@ -208,7 +208,6 @@ def _stated(records: list[dict]) -> tuple[str, str]:
 
 def report_markdown(records: list[dict]) -> str:
     table = summarize(records)
-    floors = summarize(records, "knn_floor_top1")
     matchings = [m for m in MATCHINGS if any(m in row for row in table.values())]
     data, knn = _stated(records)
     lines = ["# Low-data study: k-NN top-1 (%) by data fraction and matching", "",
@@ -219,14 +218,14 @@ def report_markdown(records: list[dict]) -> str:
     n_images = {r["fraction"]: r["n_images"] for r in records if r.get("status") == "done"}
     for frac in sorted(table):
         row = table[frac]
-        floor = mean_std([v for m in floors[frac].values() for v in m["per_seed"].values()])
+        floor = floor_of(records, "knn_floor_top1", frac)
         cells = [mean_cell(row[m], 2) if m in row else "-" for m in matchings]
-        lines.append(f"| {frac:g} | {n_images.get(frac, '?')} | {floor[0]:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {frac:g} | {n_images.get(frac, '?')} | {floor:.2f} | " + " | ".join(cells) + " |")
     lines += ["", "## Verdict per fraction", "",
               "A comparison only means something when every arm learns: the bar is the "
               "global-only (none) arm at least 10 points above the floor.", ""]
     for frac in sorted(table):
-        floor = mean_std([v for m in floors[frac].values() for v in m["per_seed"].values()])[0]
+        floor = floor_of(records, "knn_floor_top1", frac)
         lift = table[frac]["none"]["mean"] - floor if "none" in table[frac] else math.nan
         bar = "met" if lift >= 10 else "NOT met: read the comparison with care"
         claims = "; ".join(paper_claims(table[frac]))
