@@ -313,7 +313,10 @@ def test_local_loss_cost_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert "local_loss_cost.py --rev HEAD" in data["command"]
-    assert data["loss"]["max_abs_diff"] == {"loss": 0.0, "grad": 0.0}
+    unchanged = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src/glsd/loss/dino.py"],
+                               cwd=ROOT).returncode == 0
+    if unchanged:  # HEAD's loss against itself (a work tree editing the loss differs, rightly)
+        assert data["loss"]["max_abs_diff"] == {"loss": 0.0, "grad": 0.0}
     assert data["loss"]["shapes"]["student"] == [[2, 64, 64, 256], [4, 64, 16, 256]]
     step = data["step"]
     assert set(step["step_ms_median"]) == {"none", "geometric", "geometric_old_loss"}
