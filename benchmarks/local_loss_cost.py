@@ -12,6 +12,10 @@ with 20% invalid cells, or soft 4-cell matches. Prints one JSON object (``--out`
 call, the per-round paired ratio (old / new, > 1: the new one is faster) and its quartiles,
 and the largest difference of value and gradient between the two.
 
+**compile**: the lever of fused kernels. The loss alone, this tree's eager against this tree's
+and ``--rev``'s under ``torch.compile``, with each compile's seconds (cold only with an empty
+``TORCHINDUCTOR_CACHE_DIR``).
+
     python benchmarks/local_loss_cost.py --rev HEAD~1 --preset cifar10-lowdata-cpu --parts loss
 """
 from __future__ import annotations
@@ -115,6 +119,38 @@ def bench_loss(old_mod, preset: str, soft: bool, rounds: int) -> dict:
     }
 
 
+def bench_compile(old_mod, preset: str, rounds: int) -> dict:
+    """The lever of fused kernels: this tree's loss eager, and this tree's and ``--rev``'s
+    under ``torch.compile`` (static shapes), interleaved; with the seconds each compile took."""
+    data = inputs(preset, soft=False)
+    forms = {"eager": DINOLocalLoss(data["k"]),
+             "compiled": torch.compile(DINOLocalLoss(data["k"]), dynamic=False),
+             "compiled_rev": torch.compile(old_mod.DINOLocalLoss(data["k"]), dynamic=False)}
+    compile_s, results = {}, {}
+    for name, fn in forms.items():
+        t = time.perf_counter()
+        results[name] = call(fn, data)
+        compile_s[name] = time.perf_counter() - t
+    times = {name: [] for name in forms}
+    for r in range(rounds + 2):  # two warm-up rounds
+        order = list(forms)[r % len(forms):] + list(forms)[:r % len(forms)]
+        for name in order:
+            t = time.perf_counter()
+            call(forms[name], data)
+            if r >= 2:
+                times[name].append(time.perf_counter() - t)
+    v_ref, g_ref = results["eager"]
+    return {
+        "shapes": data["shapes"], "first_call_s": compile_s,
+        "ms_median": {n: 1e3 * sorted(t)[len(t) // 2] for n, t in times.items()},
+        "eager_over": {n: quartiles([e / c for e, c in zip(times["eager"], times[n])])
+                       for n in forms if n != "eager"},
+        "max_abs_diff_to_eager": {n: {"loss": float((v - v_ref).abs()), "grad": max(
+            float((a.float() - b.float()).abs().max()) for a, b in zip(g, g_ref))}
+            for n, (v, g) in results.items() if n != "eager"},
+    }
+
+
 def bench_step(old_mod, preset: str, rounds: int) -> dict:
     from glsd.config import apply_overrides
     from glsd.tools.bench.harness import build_harness, first_batch
@@ -157,7 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--soft", action="store_true", help="soft 4-cell matches (soft_geometric)")
     ap.add_argument("--rounds", type=int, default=30, help="rounds of the loss part")
     ap.add_argument("--step-rounds", type=int, default=15, help="rounds of the step part")
-    ap.add_argument("--parts", default="loss,step")
+    ap.add_argument("--parts", default="loss,step", help="any of loss, step, compile")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     old_mod = module_at(args.rev, "src/glsd/loss/dino.py", "dino_at_rev")
@@ -170,6 +206,8 @@ def main(argv=None) -> int:
     }
     if "loss" in args.parts:
         out["loss"] = bench_loss(old_mod, args.preset, args.soft, args.rounds)
+    if "compile" in args.parts:
+        out["compile"] = bench_compile(old_mod, args.preset, args.rounds)
     if "step" in args.parts:
         out["step"] = bench_step(old_mod, args.preset, args.step_rounds)
     print(write_json(finite(out), args.out))

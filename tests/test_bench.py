@@ -324,6 +324,21 @@ def test_local_loss_cost_quick(tmp_path):
     assert positive(step["geometric_over_none"]["median"])
 
 
+@pytest.mark.slow  # three torch.compile runs: a minute of CPU
+def test_local_loss_cost_compile(tmp_path):
+    """The compile part: the compiled losses give the eager loss's value and gradient."""
+    out = tmp_path / "compile.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "local_loss_cost.py"), "--rev", "HEAD",
+                           "--preset", "cpu-default", "--rounds", "1", "--parts", "compile",
+                           "--out", str(out)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())["compile"]
+    assert set(data["ms_median"]) == {"eager", "compiled", "compiled_rev"}
+    for diff in data["max_abs_diff_to_eager"].values():
+        assert diff["loss"] < 1e-4 and diff["grad"] < 1e-6
+
+
 def test_step_breakdown_quick(tmp_path):
     """benchmarks/step_breakdown.py: every part of both arms timed; only the geometric arm
     matches and has a local loss."""
