@@ -97,7 +97,7 @@ def test_summary_and_verdict_maths():
     assert table["none"]["mean"] == 31.0 and table["none"]["std"] == pytest.approx(2 ** 0.5)
     text = verdict(table)
     assert text.startswith("**geometric** wins")
-    assert "+4.50 over none (exceeds" in text  # diffs +5, +4 > spread 1.41, same sign
+    assert "+4.50 over none (beyond the seed spread of 1.41" in text  # diffs +5, +4 > spread 1.41, same sign
     assert "+2.50 over similarity (within" in text  # diffs -1, +6: signs disagree
     assert "| 0.1 | 100 | 10.00 |" in report_markdown(records)
 
@@ -142,7 +142,7 @@ def test_report_tabulates_dense_when_run():
     text = report_markdown(records)
     assert "## Dense correspondence" in text
     assert "| 0.1 | 0.710 ± 0.014 (n=2) | 0.905 ± 0.007 (n=2) |" in text
-    assert "- fraction 0.1: **geometric** wins; +0.195 over none (exceeds the seed spread of 0.014" in text
+    assert "- fraction 0.1: **geometric** wins; +0.195 over none (beyond the seed spread of 0.014" in text
     assert "Linear probe" not in text  # not run, not reported
 
 
@@ -152,11 +152,13 @@ def test_report_checks_the_papers_two_claims():
                _rec(0.1, "geometric", 0, 36.0), _rec(0.1, "geometric", 1, 36.5)]
     text = report_markdown(records)
     assert ("geometric matching beats similarity matching: holds "
-            "(geometric - similarity = +1.75, within the seed spread)") in text
+            "(geometric - similarity = +1.75, within the seed spread of") in text
     assert ("similarity matching is worse than global-only: does not hold "
-            "(none - similarity = -4.00, the reverse is beyond the seed spread)") in text
+            "(none - similarity = -4.00, beyond the seed spread of") in text
     one_seed = report_markdown([r for r in records if r["seed"] == 0])
     assert "(geometric - similarity = +3.00, one seed: no spread to compare with)" in one_seed
+    tie = report_markdown([_rec(0.1, "geometric", 0, 30.001), _rec(0.1, "similarity", 0, 30.0)])
+    assert "geometric matching beats similarity matching: a tie (geometric - similarity = +0.00" in tie
 
 
 def test_cli_grid_lists_take_overrides_after_them():

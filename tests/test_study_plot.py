@@ -44,18 +44,18 @@ def test_verdicts_state_the_papers_claims_per_fraction_as_measured():
     text = verdict_text(_records(dense=False))
     assert text[0] == "k-NN top-1 (%):"
     assert ("  fraction 0.05: geometric matching beats similarity matching: holds "
-            "(geometric - similarity = +10.00, beyond the seed spread)") in text
+            "(geometric - similarity = +10.00, beyond the seed spread of 1.00)") in text
     assert ("  fraction 0.05: similarity matching is worse than global-only: holds "
-            "(none - similarity = +5.00, beyond the seed spread)") in text
+            "(none - similarity = +5.00, beyond the seed spread of 1.00)") in text
     assert ("  fraction 0.05: best new arm (hybrid) vs the best of none/similarity/geometric "
-            "(geometric): +5.00 (beyond the seed spread, spread 1.00)") in text
+            "(geometric): +5.00 (beyond the seed spread of 1.00)") in text
     assert ("  fraction 0.1: geometric matching beats similarity matching: does not hold "
-            "(geometric - similarity = -10.00, the reverse is beyond the seed spread)") in text
+            "(geometric - similarity = -10.00, beyond the seed spread of 1.00)") in text
     assert ("  fraction 0.1: similarity matching is worse than global-only: not run "
             "(no finished none cell)") in text  # its only none cell failed
     assert "  fraction 0.1: best new arm vs the best of none/similarity/geometric: not run" in text
     assert ("  fraction 0.5: geometric matching beats similarity matching: holds "
-            "(geometric - similarity = +1.00, within the seed spread)") in text
+            "(geometric - similarity = +1.00, within the seed spread of 2.00)") in text
     assert any(line.startswith("  fraction 0.5: best new arm (soft_geometric)")
                and "one seed: no spread to compare with" in line for line in text)
     assert "  fraction 1: not run" in text
@@ -72,7 +72,7 @@ def test_verdicts_cover_every_recorded_metric():
                       "labelled dense probe: cell accuracy:", "labelled dense probe: mIoU:"]
     dense = text[text.index(titles[1]):text.index(titles[2])]
     assert ("  fraction 0.05: geometric matching beats similarity matching: holds "
-            "(geometric - similarity = +0.100, beyond the seed spread)") in dense
+            "(geometric - similarity = +0.100, beyond the seed spread of 0.010)") in dense
     assert "  fraction 0.5: not run" in dense and "  fraction 1: not run" in dense
 
 

@@ -84,13 +84,19 @@ def verdict(row: dict, digits: int = 2) -> str:
         if p is None:
             continue
         f = f"{{:+.{digits}f}}"
-        if len(p["diffs"]) == 1:
-            parts.append(f"{f.format(p['margin'])} over {other} (one seed: no spread to compare with)")
-            continue
-        parts.append(f"{f.format(p['margin'])} over {other} ({'exceeds' if p['clear'] else 'within'} "
-                     f"the seed spread of {p['spread']:.{digits}f}; per-seed differences "
-                     f"{', '.join(f.format(d) for d in p['diffs'])})")
+        detail = evidence(p, digits)
+        if len(p["diffs"]) > 1:
+            detail += f"; per-seed differences {', '.join(f.format(d) for d in p['diffs'])}"
+        parts.append(f"{f.format(p['margin'])} over {other} ({detail})")
     return "; ".join(parts)
+
+
+def evidence(p: dict, digits: int) -> str:
+    """How far a paired margin can be trusted: one seed, beyond the spread, or within it."""
+    if len(p["diffs"]) == 1:
+        return "one seed: no spread to compare with"
+    where = "beyond" if p["clear"] else "within"
+    return f"{where} the seed spread of {p['spread']:.{digits}f}"
 
 
 PAPER_CLAIMS = (("geometric", "similarity", "geometric matching beats similarity matching"),
@@ -111,15 +117,10 @@ def paper_claims(row: dict, digits: int = 2, not_run: bool = False) -> list[str]
                        else f"no seed finished in both {a} and {b}")
                 out.append(f"{claim}: not run ({why})")
             continue
-        holds = p["margin"] > 0
-        if len(p["diffs"]) == 1:
-            strength = "one seed: no spread to compare with"
-        elif p["clear"]:
-            strength = "beyond the seed spread" if holds else "the reverse is beyond the seed spread"
-        else:
-            strength = "within the seed spread"
-        out.append(f"{claim}: {'holds' if holds else 'does not hold'} "
-                   f"({a} - {b} = {p['margin']:+.{digits}f}, {strength})")
+        margin = round(p["margin"], digits)
+        outcome = "holds" if margin > 0 else "a tie" if margin == 0 else "does not hold"
+        out.append(f"{claim}: {outcome} "
+                   f"({a} - {b} = {p['margin']:+.{digits}f}, {evidence(p, digits)})")
     return out
 
 
@@ -135,14 +136,8 @@ def new_arm_verdict(row: dict, digits: int = 2) -> Optional[str]:
     p = paired_margin(row, best_new, best_old)
     if p is None:
         return None
-    if len(p["diffs"]) == 1:
-        strength = "one seed: no spread to compare with"
-    elif p["clear"]:
-        strength = "beyond the seed spread" if p["margin"] > 0 else "worse, beyond the seed spread"
-    else:
-        strength = "within the seed spread"
     return (f"best new arm ({best_new}) vs the best of {'/'.join(BASELINE_ARMS)} ({best_old}): "
-            f"{p['margin']:+.{digits}f} ({strength}, spread {p['spread']:.{digits}f})")
+            f"{p['margin']:+.{digits}f} ({evidence(p, digits)})")
 
 
 def verdict_lines(frac: float, row: dict, text: str, digits: int = 2) -> list[str]:
