@@ -38,6 +38,18 @@ def test_numeric_match_threshold(value, expected):
     assert isinstance(cfg.loss.match_threshold, float)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_numeric_match_threshold_must_be_a_positive_finite_distance(value):
+    # NaN would make every match invalid: the local loss silently zero
+    with pytest.raises(ConfigError, match="loss.match_threshold"):
+        load_config(None, [f"loss.match_threshold={value}"])
+
+
+def test_an_override_inside_a_value_set_earlier_is_a_config_error():
+    with pytest.raises(ConfigError, match="'train.epochs'"):
+        load_config(None, ["train.epochs=5", "train.epochs.x=1"])
+
+
 def test_numeric_match_threshold_from_yaml(tmp_path):
     path = tmp_path / "thr.yaml"
     path.write_text("loss:\n  match_threshold: 6.0\n")

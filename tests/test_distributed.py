@@ -281,3 +281,22 @@ def test_one_rank_signal_or_nan_stops_all_ranks(two_ranks):
         assert r["nan_s"] < 15, r
     assert "on another rank" in r0["nan"] and "on another rank" not in r1["nan"]
     assert torch.load(out_dir / "nan" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_the_backend_is_chosen_without_touching_a_gpu(monkeypatch):
+    """init_distributed gets the device type before torchrun's rank is given its GPU: asking
+    for the current device there would open every rank on GPU 0."""
+    from glsd.config import ConfigError
+    from glsd.utils.device import device_type
+
+    assert device_type("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device=cpu or device=auto"):
+            device_type("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def no_device_query():
+        raise AssertionError("a GPU was touched")
+
+    monkeypatch.setattr(torch.cuda, "current_device", no_device_query)
+    assert device_type("auto") == "cuda" and device_type("cuda:1") == "cuda"

@@ -108,3 +108,25 @@ def test_view_pairs_are_seeded_and_geometry_is_exact():
     assert idx == dense_indices(100, cfg) and len(idx) == 5 and idx == sorted(idx)
     assert dense_indices(3, cfg) == [0, 1, 2]
     assert float(ga[4]) in (0.0, 1.0)
+
+
+def test_unreadable_image_is_skipped_or_a_data_error():
+    """The dense probe reads through ImageSource.load: the same skip / fail rule and message
+    as training (a DataError naming the file), never a raw traceback."""
+    from glsd.data.sources import ImageSource
+    from glsd.errors import DataError
+    from glsd.eval.dense import _read_pairs
+
+    good = Image.new("RGB", (40, 40), (120, 30, 60))
+
+    def read(key):
+        if key == "bad.jpg":
+            raise OSError("cannot identify image file")
+        return good
+
+    source = ImageSource("folder", ["a.jpg", "bad.jpg", "c.jpg"], [0, 0, 0], ["x"], read)
+    cfg = load_config(None, ["crops.global_size=16"])
+    assert len(_read_pairs(source, [0, 1, 2], cfg)) == 2
+    fail = load_config(None, ["crops.global_size=16", "data.on_error=fail"])
+    with pytest.raises(DataError, match="bad.jpg.*data.on_error=skip"):
+        _read_pairs(source, [0, 1, 2], fail)

@@ -273,7 +273,7 @@ def _objective_loss(student, views, geometry, *overrides, diagnostics=True):
     teacher = build_teacher(cfg, student)
     with torch.no_grad():
         t_out = teacher(views[:2])
-    return GlobalLocalObjective(cfg)(student(views), t_out, geometry, 0.04, diagnostics)
+    return GlobalLocalObjective.from_config(cfg)(student(views), t_out, geometry, 0.04, diagnostics)
 
 
 def test_objective_runs_the_new_arms_and_hybrid_one_is_geometric():

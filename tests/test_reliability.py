@@ -226,6 +226,17 @@ def test_resume_refuses_a_changed_config_naming_keys(tmp_path):
     assert load_last(run)["step"] == 4
 
 
+def test_resume_of_a_config_this_version_cannot_read_names_the_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(run, "train.max_steps=1")
+    pretrain(cfg)
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    ckpt["config"]["train"]["a_later_key"] = 1  # as a newer glsd might have written it
+    save_checkpoint(run / "checkpoints" / "last.pt", ckpt)
+    with pytest.raises(ConfigError, match=r"saved in .*last\.pt cannot be read: .*a_later_key"):
+        pretrain(tiny_config(run, "train.max_steps=2"))
+
+
 def test_resume_false_or_new_output_dir_start_fresh_and_keep_old(tmp_path, capsys):
     run = tmp_path / "run"
     pretrain(tiny_config(run, "train.max_steps=2"))
@@ -291,8 +302,10 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
     assert last_step(run) == 2
     assert not (run / "backbone.safetensors").exists()
-    # The failed run let go of its train.log (later runs in this process must not write to it).
+    # The failed run let go of its train.log (later runs in this process must not write to it)
+    # and of its folder's lock (a study's next cell, or a rerun from the same Python session).
     assert not [h for h in logging.getLogger("glsd").handlers if isinstance(h, logging.FileHandler)]
+    assert not (run / ".glsd.lock").exists()
 
 
 # ----------------------------------------------------------------------------------------
@@ -402,11 +415,18 @@ def _data_error_cases(tmp: Path):
         "missing path": (["data.source=auto", f"data.root={tmp / 'nowhere'}"], "does not exist"),
         "missing path, imagefolder": (["data.source=imagefolder", f"data.root={tmp / 'nowhere'}"],
                                       "does not exist"),
+        "online k-NN without a test split": (["data.source=imagefolder", f"data.root={folder}",
+                                              "eval.every_epochs=1"],
+                                             "online k-NN (eval.every_epochs=1): "),
+        "online k-NN on the train images": (["data.source=imagefolder", f"data.root={folder}",
+                                             "eval.every_epochs=1", "eval.test_split=train"],
+                                            "online k-NN (eval.every_epochs=1): the test split"),
     }
 
 
 @pytest.mark.parametrize("case", ["empty folder", "zip without images", "wrong split in a zip",
-                                  "wrong split in a folder", "missing path", "missing path, imagefolder"])
+                                  "wrong split in a folder", "missing path", "missing path, imagefolder",
+                                  "online k-NN without a test split", "online k-NN on the train images"])
 def test_data_errors_before_training(tmp_path, monkeypatch, case):
     overrides, expected = _data_error_cases(tmp_path)[case]
 
@@ -556,3 +576,23 @@ def test_skip_counts_per_rank_survive_a_resume():
     assert [rank_state(ckpt, r, 2)[1] for r in range(2)] == [7, 0]
     old_format = {"rng": rngs[0], "skipped_images": 4}  # written before per-rank state existed
     assert rank_state(old_format, 0, 1) == (rngs[0], 4)
+
+
+def test_gpu_random_state_is_the_rank_device_only(monkeypatch):
+    """A checkpoint keeps its own GPU's stream, so a node with fewer GPUs can resume it; an
+    older checkpoint's list of every visible GPU gives the resuming device its entry."""
+    from glsd.train import rng
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([10 + device]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((int(s), device)))
+    state = rng.rng_state()
+    assert int(state["cuda_device"]) == 11 and "cuda" not in state
+    rng.set_rng_state(state)
+    every = [torch.tensor([20 + d]) for d in range(8)]  # written on 8 visible GPUs
+    rng.set_rng_state({**state, "cuda": every, "cuda_device": None})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    rng.set_rng_state({k: v for k, v in state.items() if k != "cuda_device"} | {"cuda": every[:2]})
+    assert restored == [(11, 1), (21, 1), (20, 3)]

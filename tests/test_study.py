@@ -100,6 +100,9 @@ def test_summary_and_verdict_maths():
     assert "+4.50 over none (beyond the seed spread of 1.41" in text  # diffs +5, +4 > spread 1.41, same sign
     assert "+2.50 over similarity (within" in text  # diffs -1, +6: signs disagree
     assert "| 0.1 | 100 | 10.00 |" in report_markdown(records)
+    with_steps = [dict(r, steps=3003 if r["fraction"] == 0.1 else 2964) for r in records]
+    with_steps.append(dict(_rec(0.2, "none", 0, 40.0), steps=2964))
+    assert "Optimisation steps per cell: 0.1: 3,003; 0.2: 2,964." in report_markdown(with_steps)
 
 
 def test_cell_overrides_pair_the_arms():

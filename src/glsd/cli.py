@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from glsd.config import MATCHINGS, ConfigError, load_config
+from glsd.config import EVALUATIONS, MATCHINGS, ConfigError, load_config
 from glsd.errors import GlsdError, NonFiniteError, TrainingInterrupted
 
 
@@ -28,10 +28,10 @@ def _cmd_eval(args) -> int:
     from glsd.eval.runner import headline, run_eval
 
     from glsd.train.distributed import cleanup, init_distributed
-    from glsd.utils.device import resolve_device
+    from glsd.utils.device import device_type
 
     # Under torchrun every rank extracts a shard of the features; alone this is a no-op.
-    dinfo = init_distributed(resolve_device(args.device).type)
+    dinfo = init_distributed(device_type(args.device))
     try:
         result = run_eval(args.kind, args.path, args.overrides, random_init=args.random_init,
                           device=args.device, which="student" if args.student else None,
@@ -66,7 +66,7 @@ def _cmd_export(args) -> int:
 
 
 STUDY_LISTS = {"fractions": float, "seeds": int,
-               "matchings": MATCHINGS, "evals": ("knn", "linear", "dense", "seg")}
+               "matchings": MATCHINGS, "evals": EVALUATIONS}
 
 
 def _study_lists(args) -> None:
@@ -175,13 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an input error too (or set GLSD_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _add_pretrain(sub)
+    _add_use_of_backbones(sub)
+    _add_study_and_bench(sub)
+    _add_inspection(sub)
+    _add_pictures(sub)
+    return parser
+
+
+def _add_pretrain(sub) -> None:
+    """The subcommands of pretraining."""
     p = sub.add_parser("pretrain", help="pretrain a backbone (resumes if the run folder has a checkpoint)")
     p.add_argument("config", help="preset name (see `glsd presets`) or path to a YAML file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
     p.set_defaults(func=_cmd_pretrain)
 
+
+def _add_use_of_backbones(sub) -> None:
+    """The subcommands of evaluating, embedding and exporting a backbone."""
     p = sub.add_parser("eval", help="evaluate a run folder or an exported backbone.safetensors")
-    p.add_argument("kind", choices=["knn", "linear", "dense", "seg"],
+    p.add_argument("kind", choices=EVALUATIONS,
                    help="seg: linear probe of local features on labelled mosaics (eval.seg_*)")
     p.add_argument("path", help="run folder or backbone.safetensors")
     p.add_argument("overrides", nargs="*", help="key=value overrides (eval.k=10, eval.model=student, ...)")
@@ -215,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder to write (default RUN_DIR/export/timm)")
     p.set_defaults(func=_cmd_export)
 
+
+def _add_study_and_bench(sub) -> None:
+    """The subcommands of the study and the benchmark."""
     p = sub.add_parser("study", help="compare matchings (none / similarity / geometric / soft_geometric / hybrid) over data fractions and seeds")
     p.add_argument("config", help="preset name or YAML path (its study: section gives the default grid)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
@@ -223,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", nargs="+", metavar="F")
     p.add_argument("--matchings", nargs="+", metavar="{" + ",".join(MATCHINGS) + "}")
     p.add_argument("--seeds", nargs="+", metavar="S")
-    p.add_argument("--evals", nargs="+", metavar="{knn,linear,dense,seg}")
+    p.add_argument("--evals", nargs="+", metavar="{" + ",".join(EVALUATIONS) + "}")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--report-only", action="store_true",
                    help="write results.json / report.md / report.png from the finished cells; train nothing")
@@ -244,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is steadier on a busy machine)")
     p.set_defaults(func=_cmd_bench)
 
+
+def _add_inspection(sub) -> None:
+    """The subcommands of presets, configs and backbones before a run."""
     p = sub.add_parser("presets", help="list the shipped presets, one line each")
     p.set_defaults(func=_cmd_presets)
 
@@ -259,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=40, help="list at most this many models (0: all)")
     p.set_defaults(func=_cmd_backbones)
 
+
+def _add_pictures(sub) -> None:
+    """The subcommands of pictures."""
     p = sub.add_parser("show-matches", help="picture: geometric and similarity matches between two crops")
     p.add_argument("items", nargs="*", metavar="[RUN_DIR] [key=value]",
                    help="a run folder (its teacher; omit it for a random backbone of --config) and "
@@ -284,8 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="PNG to write")
     p.set_defaults(func=_cmd_picture)
-    return parser
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Like ``parse_args``, but ``key=value`` written after a flag (``glsd eval knn RUN

@@ -107,6 +107,8 @@ class ModelConfig:
 # The local-loss arms, in the order reports list them.
 Matching = Literal["none", "similarity", "geometric", "soft_geometric", "hybrid"]
 MATCHINGS: tuple[str, ...] = typing.get_args(Matching)
+# The evaluations (`glsd eval KIND`, study.evals), here so the CLI and validation need no torch.
+EVALUATIONS: tuple[str, ...] = ("knn", "linear", "dense", "seg")
 
 
 @dataclass
@@ -265,8 +267,12 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         key, value = item.split("=", 1)
         node = out
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        for depth, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' goes inside "
+                                  f"'{'.'.join(parts[:depth + 1])}', which an earlier override "
+                                  "set to a single value; give that key once")
         try:
             parsed = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError as e:

@@ -37,7 +37,7 @@ from glsd.config import ConfigError, from_dict
 from glsd.errors import CheckpointError
 from glsd.models.backbone import create_model
 from glsd.train.checkpoint import read_backbone
-from glsd.train.weights import check_weights, read_safetensors
+from glsd.train.weights import load_checked_weights, read_safetensors
 
 
 def load_exported(path: Union[str, Path]) -> torch.nn.Module:
@@ -58,17 +58,16 @@ def load_exported(path: Union[str, Path]) -> torch.nn.Module:
         raise ConfigError(f"{path} does not exist; it is written at the end of pretraining as "
                           "RUN_DIR/backbone.safetensors")
     state, raw = read_backbone(path)
-    cfg = from_dict(raw)
-    model = create_model(cfg.model, cfg.crops.global_size)
-    check_weights(state, model, path)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = " ".join(str(e).strip().splitlines()[:3])
-        raise ConfigError(f"weights in {path} do not fit model.backbone={cfg.model.backbone!r} as "
-                          f"its metadata describes it ({first}); was it written by another glsd "
-                          "or timm version?") from None
-    return model.eval()
+    return _backbone_of(from_dict(raw), state, path).eval()
+
+
+def _backbone_of(cfg, state: dict, source) -> torch.nn.Module:
+    """The backbone ``cfg`` describes (no stochastic depth: it is for inference) holding
+    ``state``, checked."""
+    model = create_model(dataclasses.replace(cfg.model, drop_path_rate=0.0), cfg.crops.global_size)
+    return load_checked_weights(model, state, source,
+                                f"model.backbone={cfg.model.backbone!r} as its metadata describes "
+                                "it; was it written by another glsd or timm version?")
 
 
 # ----------------------------------------------------------------------------------------
@@ -208,13 +207,5 @@ def load_export_folder(folder: Union[str, Path]) -> torch.nn.Module:
     raw = meta.get("glsd", {}).get("config") if isinstance(meta, dict) and isinstance(meta.get("glsd"), dict) else None
     if not isinstance(raw, dict):
         raise ConfigError(f"{cfg_path} has no glsd config ('glsd.config'); write it with `glsd export`")
-    cfg = from_dict(raw)
-    model = create_model(dataclasses.replace(cfg.model, drop_path_rate=0.0), cfg.crops.global_size)
     state = read_safetensors(weights)[0]  # checked header, dtypes and values (untrusted file)
-    check_weights(state, model, weights)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = " ".join(str(e).strip().splitlines()[:3])
-        raise ConfigError(f"weights in {weights} do not fit {cfg.model.backbone} ({first})") from None
-    return model.eval()
+    return _backbone_of(from_dict(raw), state, weights).eval()

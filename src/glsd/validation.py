@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from glsd.config import MATCHINGS
+from glsd.config import EVALUATIONS, MATCHINGS
 from glsd.errors import ConfigError
 from glsd.models.families import patch_from_name
 
@@ -211,8 +211,8 @@ def check_config(cfg) -> None:
     if isinstance(l.match_threshold, str) and l.match_threshold not in ("half_diagonal", "none"):
         raise ConfigError(f"loss.match_threshold={l.match_threshold!r}: use half_diagonal, none, "
                           "or a distance in original-image pixels")
-    if isinstance(l.match_threshold, float) and l.match_threshold <= 0:
-        raise ConfigError("loss.match_threshold must be positive")
+    if isinstance(l.match_threshold, float):  # the other form of this key: its own check
+        _check("loss.match_threshold", l.match_threshold, (0, INF, True, True))
     if l.hybrid_candidates < 1:
         raise ConfigError(f"loss.hybrid_candidates={l.hybrid_candidates} must be >= 1 (the number "
                           "of nearest teacher cells the hybrid matching picks the most similar of)")
@@ -231,6 +231,6 @@ def check_config(cfg) -> None:
     if not ev.seg_tiles or min(ev.seg_tiles) < 1 or min(ev.seg_num_train, ev.seg_num_test, ev.seg_steps) < 1:
         raise ConfigError("eval.seg_tiles (tiles per side, e.g. [2, 3]), eval.seg_num_train, "
                           "eval.seg_num_test and eval.seg_steps must be >= 1")
-    bad = [e for e in cfg.study.evals if e not in ("knn", "linear", "dense", "seg")]
+    bad = [e for e in cfg.study.evals if e not in EVALUATIONS]
     if bad:
-        raise ConfigError(f"study.evals has {bad}; valid: knn, linear, dense, seg")
+        raise ConfigError(f"study.evals has {bad}; valid: {', '.join(EVALUATIONS)}")

@@ -30,11 +30,28 @@ def select_images(cfg: Config, run_dir: Optional[Path],
     reruns and evaluation use exactly the same images."""
     source = open_source(cfg.data) if source is None else source
     record = run_dir / SUBSET_FILE if run_dir is not None else None
-    if record is not None and record.is_file():
-        keys = json.loads(record.read_text())["keys"]
+    recorded = read_subset(record) if record is not None else None
+    if recorded is not None:
+        keys = recorded["keys"]
     else:
         keys = balanced_subset(source, cfg.data.fraction, cfg.data.num_images, cfg.data.subset_seed)
     return source, source.subset(keys)
+
+
+def read_subset(path: Path) -> Optional[dict]:
+    """A run's ``subset.json`` as a dict, None if absent; a malformed file is an error (its
+    images could not be known, and guessing would pretrain or evaluate on others)."""
+    if not path.is_file():
+        return None
+    fix = ("delete it: pretraining then draws its subset afresh (data.fraction, "
+           "data.subset_seed) and evaluation uses the whole train split")
+    try:
+        subset = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(subset, dict) or not isinstance(subset.get("keys"), list):
+        raise ConfigError(f"{path} has no 'keys' list; {fix}")
+    return subset
 
 
 def write_subset(path: Path, subset: ImageSource, split: str) -> None:

@@ -169,12 +169,7 @@ def run_dense(backbone: Backbone, source: ImageSource, cfg: Config, device: Devi
 def _read_pairs(source: ImageSource, indices: list[int], cfg: Config):
     pairs = []
     for i in indices:
-        try:
-            img = source.read(source.keys[i])
-        except Exception as e:  # noqa: BLE001 - any decoder error means the same: a bad file
-            if cfg.data.on_error == "fail":
-                raise RuntimeError(f"cannot read image {source.keys[i]!r} from {source.name}: {e}. "
-                                   "Fix or remove it, or set data.on_error=skip") from e
-            continue
-        pairs.append(view_pair(img, i, cfg))
+        img = source.load(source.keys[i], cfg.data.on_error)
+        if img is not None:
+            pairs.append(view_pair(img, i, cfg))
     return pairs

@@ -29,7 +29,7 @@ from glsd.data.sources import ImageSource
 from glsd.models.backbone import Backbone, build_backbone
 from glsd.train.checkpoint import load_checkpoint, read_backbone_config
 from glsd.train.distributed import all_gather_cat, rank_world
-from glsd.train.weights import check_weights, read_safetensors
+from glsd.train.weights import load_checked_weights, read_safetensors
 
 Device = Union[str, torch.device]
 MODELS = ("teacher", "student")
@@ -197,14 +197,9 @@ def backbone_state(net_state: dict) -> dict:
 
 
 def _load_weights(backbone: Backbone, state: dict, source: str, cfg: Config) -> None:
-    check_weights(state, backbone.model, source)
-    try:
-        backbone.model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0:3]
-        raise ConfigError(f"weights in {source} do not fit model.backbone={cfg.model.backbone!r} "
-                          f"as configured ({' '.join(first)}); do not override model.* keys, "
-                          "or evaluate with random_init") from None
+    load_checked_weights(backbone.model, state, source,
+                         f"model.backbone={cfg.model.backbone!r} as configured; do not override "
+                         "model.* keys, or evaluate with random_init")
 
 
 # ----------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from glsd.config import Config, ConfigError, DataConfig, to_dict
-from glsd.data.loader import SUBSET_FILE
+from glsd.config import EVALUATIONS, Config, ConfigError, DataConfig, to_dict
+from glsd.data.loader import SUBSET_FILE, read_subset
 from glsd.data.sources import ImageSource, balanced_subset, open_source
 from glsd.eval.data_spec import data_config
 from glsd.eval.dense import run_dense
@@ -39,7 +39,7 @@ from glsd.train.lock import locks_eval_output
 from glsd.utils.device import resolve_device as _resolve_device
 from glsd.utils.io import atomic_write
 
-KINDS = ("knn", "linear", "dense", "seg")
+KINDS = EVALUATIONS
 KNN_KS = (10, 20, 100, 200)
 
 _SOURCES: dict[tuple[str, str], ImageSource] = {}
@@ -71,20 +71,6 @@ def eval_device(device: Device, cfg: Config) -> torch.device:
 
 # ----------------------------------------------------------------------------------------
 # Data
-
-def read_subset(path: Path) -> Optional[dict]:
-    """``subset.json`` as a dict, None if absent; a malformed file is an error."""
-    if not path.is_file():
-        return None
-    try:
-        subset = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); delete it to evaluate on the whole "
-                          "train split") from None
-    if not isinstance(subset, dict) or not isinstance(subset.get("keys"), list):
-        raise ConfigError(f"{path} has no 'keys' list; delete it to evaluate on the whole train split")
-    return subset
-
 
 def train_subset(full: ImageSource, subset: Optional[dict], cfg: Config) -> ImageSource:
     """The pretraining images of ``full`` (all without a subset), then ``eval.train_fraction``."""
@@ -344,15 +330,23 @@ def _online_sources(cfg: Config, train_keys: Optional[Sequence[str]]) -> tuple[I
     key = (None if train_keys is None else tuple(train_keys), cfg.data.split, cfg.eval.test_split, cfg.eval.train_fraction,
            cfg.data.subset_seed, json.dumps(dataclasses.asdict(cfg.data), sort_keys=True))
     if _ONLINE.get("key") != key:
-        full = open_cached(cfg, cfg.data.split)
-        subset = None if train_keys is None else {"keys": list(train_keys), "source": full.name}
-        test = open_cached(cfg, cfg.eval.test_split)
         try:
+            full = open_cached(cfg, cfg.data.split)
+            test = open_cached(cfg, cfg.eval.test_split)
             check_split_pair(full, test, cfg.data.split, cfg.eval.test_split)
         except ConfigError as e:
-            raise ConfigError(f"online k-NN: {e}; or turn it off with eval.every_epochs=0") from None
+            raise ConfigError(f"online k-NN (eval.every_epochs={cfg.eval.every_epochs}): {e}; "
+                              "or turn it off with eval.every_epochs=0") from None
+        subset = None if train_keys is None else {"keys": list(train_keys), "source": full.name}
         _ONLINE.update(key=key, sources=(train_subset(full, subset, cfg), test))
     return _ONLINE["sources"]
+
+
+def check_online_knn(cfg: Config) -> None:
+    """The labelled, held-out splits online k-NN needs (``eval.every_epochs``): checked before
+    the first step, not at the end of the first epoch."""
+    if cfg.eval.every_epochs:
+        _online_sources(cfg, None)
 
 
 def headline(record: dict) -> str:

@@ -169,7 +169,9 @@ def _run_locked_cell(cfg: Config, cell: Cell, out: Path, evals: list[str], devic
 
 
 def with_step_budget(cfg: Config) -> Config:
-    """Give the cell ``study.steps`` optimisation steps whatever its subset size."""
+    """Give the cell about ``study.steps`` optimisation steps whatever its subset size: the
+    whole number of epochs nearest to it (a schedule ends at an epoch's end), so cells of
+    different fractions differ by up to half an epoch (CIFAR-10 at 100 %: 3,124 for 3,000)."""
     if cfg.study.steps is None:
         return cfg
     from glsd.data.loader import select_images

@@ -216,6 +216,10 @@ def report_markdown(records: list[dict]) -> str:
         floor = floor_of(records, "knn_floor_top1", frac)
         cells = [mean_cell(row[m], 2) if m in row else "-" for m in matchings]
         lines.append(f"| {frac:g} | {n_images.get(frac, '?')} | {floor:.2f} | " + " | ".join(cells) + " |")
+    steps = {r["fraction"]: r["steps"] for r in records if r.get("status") == "done" and "steps" in r}
+    if steps:  # whole epochs: study.steps rounded to a multiple of each subset's epoch
+        lines += ["", "Optimisation steps per cell: " + "; ".join(
+            f"{f:g}: {steps[f]:,}" for f in sorted(steps)) + "."]
     lines += ["", "## Verdict per fraction", "",
               "A comparison only means something when every arm learns: the bar is the "
               "global-only (none) arm at least 10 points above the floor.", ""]

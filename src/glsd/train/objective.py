@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from glsd.config import Config
+from glsd.config import Config, LossConfig
 from glsd.loss.dino import DINOGlobalLoss, DINOLocalLoss, view_pairs
 from glsd.loss.matching import match_pairs, needs_features
 from glsd.models.heads import ViewGroupOutput
@@ -34,20 +34,24 @@ class LossTerms:
 class GlobalLocalObjective(nn.Module):
     """Owns both losses (and their centres, which are part of the training state)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, lc: LossConfig, out_dim: int, local_out_dim: int):
+        """lc: the ``loss`` section; out_dim / local_out_dim: the heads' prototype counts."""
         super().__init__()
-        lc, mc = cfg.loss, cfg.model
         self.matching = lc.matching
         self.threshold = lc.match_threshold
         self.candidates = lc.hybrid_candidates
-        self.global_loss = DINOGlobalLoss(mc.out_dim, lc.student_temp, lc.center_momentum)
+        self.global_loss = DINOGlobalLoss(out_dim, lc.student_temp, lc.center_momentum)
         self.local_loss = None
         if lc.matching != "none":
-            self.local_loss = DINOLocalLoss(mc.local_out_dim or mc.out_dim, lc.student_temp,
-                                            lc.center_momentum, lc.local_normalize)
+            self.local_loss = DINOLocalLoss(local_out_dim, lc.student_temp, lc.center_momentum,
+                                            lc.local_normalize)
         default_global = 1.0 if lc.matching == "none" else 0.5
         self.global_weight = default_global if lc.global_weight is None else lc.global_weight
         self.local_weight = 0.5 if lc.local_weight is None else lc.local_weight
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "GlobalLocalObjective":
+        return cls(cfg.loss, cfg.model.out_dim, cfg.model.local_out_dim or cfg.model.out_dim)
 
     def forward(self, student: list[ViewGroupOutput], teacher: list[ViewGroupOutput],
                 geometry: torch.Tensor, teacher_temp: float, diagnostics: bool = True) -> LossTerms:

@@ -72,7 +72,7 @@ def build_optimisation(cfg: Config, student: GLSDNet, teacher: GLSDNet, device: 
     if distributed and has_batchnorm(student):  # statistics of the global batch
         student = sync_batchnorm(student, device)
         teacher = sync_batchnorm(teacher, device)
-    objective = GlobalLocalObjective(cfg).to(device)
+    objective = GlobalLocalObjective.from_config(cfg).to(device)
     optimizer = torch.optim.AdamW(param_groups(student, cfg.train.decay_weightnorm_magnitude), lr=0.0,
                                   foreach=True)
     amp_dtype = resolve_precision(cfg.train.precision, device)

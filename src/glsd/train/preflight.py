@@ -25,6 +25,7 @@ import yaml
 
 from glsd.config import Config, ConfigError, diff_keys, from_dict, identity
 from glsd.data.sources import ImageSource, balanced_subset
+from glsd.train.schedules import warmup_steps
 
 # The train keys that define the per-step schedules of a run (lr, wd, momentum, warm-ups);
 # max_steps only stops early and is free to change.
@@ -61,6 +62,9 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
     cfg, note = scale_warmup(cfg, steps_per_epoch)
     notes += [note] if note else []
     notes += check_resume_schedule(cfg, Path(cfg.output_dir))
+    from glsd.eval.runner import check_online_knn  # training's one use of evaluation
+
+    check_online_knn(cfg)
     return cfg, Plan(grids, stride, n, steps_per_epoch, cfg.train.epochs * steps_per_epoch, notes)
 
 
@@ -134,11 +138,6 @@ def check_grids(cfg: Config) -> tuple[dict[str, tuple[int, int]], Optional[int]]
 
 # ----------------------------------------------------------------------------------------
 # Schedules
-
-def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
-    t = cfg.train
-    return t.warmup_steps if t.warmup_steps is not None else int(t.warmup_epochs * steps_per_epoch)
-
 
 def scale_warmup(cfg: Config, steps_per_epoch: int) -> tuple[Config, Optional[str]]:
     """A warm-up that would not end within the run is scaled to WARMUP_FRACTION of it."""

@@ -38,7 +38,7 @@ from glsd.train.rng import rank_state, rng_state, seed_everything, set_rng_state
 from glsd.train.schedules import Schedules
 from glsd.train.signals import StopRequested
 from glsd.train.weights import check_weights
-from glsd.utils.device import resolve_device
+from glsd.utils.device import device_type, resolve_device
 
 
 NonFiniteLossError = NonFiniteError  # the name before glsd.errors
@@ -61,15 +61,15 @@ class TrainState:
 
 
 def pretrain(cfg: Config) -> Path:
+    dinfo = init_distributed(device_type(cfg.device))
     device = resolve_device(cfg.device)
-    dinfo = init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dinfo.local_rank)
     # Locked before anything is read or written there (rank 0; the other ranks share it).
     folder = RunFolder(cfg.output_dir, dinfo.is_main)
     try:
         folder.take_lock()
-        return _pretrain(cfg, device, dinfo)
+        return _pretrain(cfg, device, dinfo, folder)
     except Exception as e:  # (a signal's TrainingInterrupted is a BaseException: not failed)
         folder.mark_failed(e)
         raise
@@ -78,7 +78,8 @@ def pretrain(cfg: Config) -> Path:
         cleanup()
 
 
-def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
+def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo, run: RunFolder) -> Path:
+    """The run in ``run`` (locked by the caller, who closes it however this ends)."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)  # same initial weights on every rank
     # Bad data paths and unknown backbones fail here, before the run folder is touched.
     source = open_source(cfg.data)
@@ -86,7 +87,6 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
     cfg, plan = preflight(cfg, source, dinfo.world_size)
     require_sinks(cfg)
     student, teacher = build_networks(cfg, device)
-    run = RunFolder(cfg.output_dir, dinfo.is_main)
     resume = run.prepare(cfg)
     barrier()  # rank 0 may have archived an old run (and its subset.json): read after that
     _, subset = select_images(cfg, run.root, source)
@@ -133,7 +133,6 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo) -> Path:
     if finished:
         skipped = int(sum_over_ranks(state.skipped_images, device))
         console.end(state.step, sampler.global_batch, skipped, str(export) if export else None)
-    run.close()
     if not finished:
         signum = stop.signal or signal.SIGTERM
         raise TrainingInterrupted(

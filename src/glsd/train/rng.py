@@ -25,18 +25,27 @@ def rank_state(ckpt: dict, rank: int, world_size: int) -> tuple[dict, int]:
 
 
 def rng_state() -> dict:
+    """This process's random state. Of the GPUs only its own device's: a rank sees every GPU
+    of its node, and a list of all of them could not be restored on a node with fewer."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
              "python_version": random.getstate()[0]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return  # a GPU checkpoint resumed on a CPU: the CPU streams are restored
+    device = torch.cuda.current_device()
+    own = state.get("cuda_device")
+    if own is None and state.get("cuda"):  # checkpoints before 2026-12: every visible GPU's
+        every = state["cuda"]
+        own = every[device] if device < len(every) else every[0]
+    if own is not None:
+        torch.cuda.set_rng_state(own, device)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

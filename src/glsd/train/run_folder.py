@@ -92,7 +92,13 @@ class RunFolder:
             raise CheckpointError(f"{self.last} (step {ckpt['step']}) holds non-finite weights "
                                   f"({len(bad)} tensors, e.g. {bad[0]}); resuming would fail again. "
                                   "Start fresh with train.resume=false (it is moved aside, not deleted).")
-        diffs = diff_keys(identity(from_dict(ckpt["config"])), identity(cfg))
+        try:
+            saved = from_dict(ckpt["config"])
+        except ConfigError as e:  # e.g. a key of another glsd version
+            raise ConfigError(f"the config saved in {self.last} cannot be read: {e}. Resume it with "
+                              "the glsd version that wrote it, use a new output_dir, or "
+                              "train.resume=false to start fresh (the old run is moved aside)") from None
+        diffs = diff_keys(identity(saved), identity(cfg))
         if diffs:
             raise ConfigError(
                 f"{self.root} holds a run of another config; resuming would mix two runs. "

@@ -25,13 +25,19 @@ def teacher_temperature(warmup_temp: float, temp: float, warmup_steps: int, tota
                            np.full(total_steps - warmup_steps, temp)])
 
 
+def warmup_steps(cfg, steps_per_epoch: int) -> int:
+    """The learning-rate warm-up in steps (``train.warmup_steps``, else ``warmup_epochs``)."""
+    t = cfg.train
+    return t.warmup_steps if t.warmup_steps is not None else int(t.warmup_epochs * steps_per_epoch)
+
+
 class Schedules:
     """All per-step values of a run, from its config and the number of steps per epoch."""
 
     def __init__(self, cfg, steps_per_epoch: int, global_batch: int):
         t, lo = cfg.train, cfg.loss
         total = cfg.train.epochs * steps_per_epoch
-        warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_epochs * steps_per_epoch)
+        warmup = warmup_steps(cfg, steps_per_epoch)
         peak_lr = t.lr * global_batch / 256.0
         self.lr = cosine(peak_lr, t.min_lr, total, warmup)
         self.wd = cosine(t.weight_decay, t.weight_decay_end, total)

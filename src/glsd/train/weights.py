@@ -148,6 +148,19 @@ def check_weights(state: Mapping[str, torch.Tensor], model: torch.nn.Module, sou
                                   "the file is corrupt or not of this model")
 
 
+def load_checked_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source,
+                         does_not_fit: str) -> torch.nn.Module:
+    """``state`` into ``model`` (strict) after :func:`check_weights`; keys or shapes that do
+    not fit are a ConfigError: "weights in SOURCE do not fit DOES_NOT_FIT (torch's words)"."""
+    check_weights(state, model, source)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = " ".join(str(e).strip().splitlines()[:3])
+        raise ConfigError(f"weights in {source} do not fit {does_not_fit} ({first})") from None
+    return model
+
+
 def check_model_size(build, what: str, limit: int = MAX_PARAMETERS) -> Optional[int]:
     """Build ``build()`` on the meta device (no memory) and refuse more than ``limit``
     parameters. Re-entrant calls (the build itself) and models that cannot be built on the

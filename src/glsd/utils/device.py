@@ -9,15 +9,24 @@ import torch
 from glsd.config import ConfigError
 
 
+def device_type(name: Union[str, torch.device]) -> str:
+    """"cuda" or "cpu" (or another torch device type) for a ``device`` setting, touching no
+    device: under torchrun it picks the process group's backend before each rank is given
+    its GPU, and asking for the current device then would start every rank on GPU 0."""
+    name = str(name)
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(name).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    return kind
+
+
 def resolve_device(name: Union[str, torch.device]) -> torch.device:
     """"auto" -> CUDA when available, else CPU; "cuda" without an index -> the current CUDA
     device (the rank's GPU under torchrun, once the process group is set up)."""
-    name = str(name)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    kind = device_type(name)
+    dev = torch.device(kind if str(name) == "auto" else str(name))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
