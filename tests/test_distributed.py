@@ -26,15 +26,18 @@ B = 4  # per process
 DIST_OVERRIDES = ("loss.matching=geometric", "model.drop_path_rate=0", "train.max_steps=2",
                   "train.freeze_last_layer_epochs=0", "train.lr=0.05", "train.deterministic=true")
 CENTER_DIM, CENTER_MOMENTUM = 8, 0.9
-# (backbone, data.augment_on); "cpu_batched" is an alias of "cpu" and is covered in test_views.
-CASES = [(backbone, where) for backbone in ("vit", "convnet") for where in ("cpu", "device")]
-CASE_IDS = [f"{b}-{w}" for b, w in CASES]
+# (backbone, data.augment_on, overrides); "cpu_batched" is an alias of "cpu" and is covered in
+# test_views. The last case: a loss averaged over the valid cells, whose count spans the ranks.
+CASES = [(backbone, where, ()) for backbone in ("vit", "convnet") for where in ("cpu", "device")]
+CASES.append(("convnet", "device", ("loss.local_normalize=valid", "loss.matching=hybrid")))
+CASE_IDS = [f"{b}-{w}" + "".join(f"-{o.split('=')[1]}" for o in extra) for b, w, extra in CASES]
 
 
 def case_config(out_dir, case, batch_size):
-    backbone, where = case
-    return tiny_config(Path(out_dir) / f"run-{backbone}-{where}", *DIST_OVERRIDES, f"train.batch_size={batch_size}",
-                       f"data.augment_on={where}", vit=backbone == "vit")
+    backbone, where, extra = case
+    name = CASE_IDS[CASES.index(case)]
+    return tiny_config(Path(out_dir) / f"run-{name}", *DIST_OVERRIDES, f"train.batch_size={batch_size}",
+                       f"data.augment_on={where}", *extra, vit=backbone == "vit")
 
 
 def _center_logits(rank: int) -> torch.Tensor:

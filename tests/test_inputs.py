@@ -120,6 +120,31 @@ def test_eval_on_a_read_only_run_fails_before_computing(small_fs, monkeypatch):
         runner.run_eval("knn", run, device="cpu")
 
 
+def test_eval_in_an_unwritable_folder_fails_before_computing(tmp_path, monkeypatch):
+    """The same check without root or a mount: the lock file's open is the first write of an
+    evaluation, and it is refused as a folder without write permission refuses it."""
+    import glsd.eval.runner as runner
+    import glsd.train.lock as lock
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)  # the write check needs no trained run: it comes first
+    real_open = os.open
+
+    def refuse_lock(path, flags, *a, **k):
+        if os.path.basename(path) == lock.LOCK_NAME:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *a, **k)
+
+    def no_compute(*a, **k):
+        raise AssertionError("features were computed before the write check")
+
+    monkeypatch.setattr(lock.os, "open", refuse_lock)
+    monkeypatch.setattr(runner, "load_backbone", no_compute)
+    with pytest.raises(NotWritable, match="cannot write in .*eval.*nothing was computed") as e:
+        runner.run_eval("knn", run, device="cpu")
+    assert e.value.errno == errno.EACCES and "Permission denied" in str(e.value)
+
+
 # ----------------------------------------------------------------------------------------
 # 6. Odd files, study records, decompression bombs
 

@@ -20,6 +20,7 @@ from glsd.loss.dino import DINOGlobalLoss, DINOLocalLoss, view_pairs
 from glsd.loss.matching import match_pairs
 from glsd.models.backbone import Backbone, build_backbone
 from glsd.models.heads import DINOHead, GLSDNet, build_network, build_teacher
+from glsd.train.objective import GlobalLocalObjective
 
 BACKBONES = {
     "convnet": (["model.backbone=glsd_convnet",
@@ -240,8 +241,8 @@ def test_gradients_reach_every_student_parameter(name, matching):
         (t_out,) = teacher(views[:n_global])
     s_global = torch.cat([g.global_logits for g in s_groups])
     loss = DINOGlobalLoss(12)(s_global, t_out.global_logits, 0.04)
+    geoms = [_geoms(n_global, b, 24.0), _geoms(n_local, b, 10.0)]
     if matching != "none":
-        geoms = [_geoms(n_global, b, 24.0), _geoms(n_local, b, 10.0)]
         t_geom = geoms[0]
         pairs, matches, logits = [], [], []
         first = 0
@@ -257,6 +258,9 @@ def test_gradients_reach_every_student_parameter(name, matching):
         assert torch.isfinite(local)
         loss = 0.5 * loss + 0.5 * local
     assert torch.isfinite(loss)
+    # The training objective (pairing, geometry rows, weights) gives the loss built by hand.
+    terms = GlobalLocalObjective.from_config(cfg)(s_groups, [t_out], torch.cat(geoms), 0.04)
+    torch.testing.assert_close(terms.loss, loss, rtol=1e-5, atol=1e-6)
     loss.backward()
     missing = [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing

@@ -108,3 +108,23 @@ def test_the_readme_main_job_runs_as_written(tmp_path):
                           env=subprocess_env(), timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "backbone.safetensors").is_file()
+
+
+# The feature grids each shipped preset trains on (local loss: at least 2x2 cells per crop).
+PRESET_GRIDS = {
+    "cpu-default": {"global 32 px": (8, 8), "local 16 px": (4, 4)},
+    "cifar10-lowdata-cpu": {"global 32 px": (8, 8), "local 16 px": (4, 4)},
+    "cifar10-lowdata-gpu": {"global 32 px": (8, 8), "local 16 px": (4, 4)},
+    "cifar10-vit-tiny": {"global 32 px": (8, 8), "local 16 px": (4, 4)},
+    "photos-vit-s16": {"global 224 px": (14, 14), "local 96 px": (6, 6)},
+    "imagenet-swin-t": {"global 224 px": (7, 7), "local 96 px": (3, 3)},  # the paper's Swin-T
+}
+
+
+def test_every_preset_passes_the_grid_check_with_its_grids():
+    from glsd.config import preset_names
+    from glsd.train.preflight import check_grids
+
+    assert sorted(PRESET_GRIDS) == sorted(preset_names())  # a new preset gets its row
+    for name, grids in PRESET_GRIDS.items():
+        assert check_grids(load_config(name))[0] == grids, name

@@ -123,3 +123,39 @@ def test_balanced_subset_recorded_and_reused(tmp_path, option, expected):
     pretrain(tiny_config(run, option, "train.max_steps=2"))
     assert json.loads((run / "subset.json").read_text())["keys"] == other
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
+@pytest.mark.parametrize("frozen_steps,moves", [(2, False), (1, True)])
+def test_prototypes_stay_frozen_for_their_steps(tmp_path, monkeypatch, frozen_steps, moves):
+    """DINO's freeze: the heads' last layers (the prototypes) take no step while frozen, so
+    weight decay does not shrink them either; after it they move."""
+    cfg = tiny_config(tmp_path / "run", "train.max_steps=2",
+                      f"train.freeze_last_layer_steps={frozen_steps}")
+    seen = _capture_ctx(monkeypatch)
+    pretrain(cfg)
+    torch.manual_seed(cfg.train.seed)  # pretrain's seed: the initial weights
+    fresh = pretrain_mod.build_network(cfg)
+    student = seen["ctx"].student
+    for head in ("global_head", "local_head"):
+        before = dict(getattr(fresh, head).last_layer.named_parameters())
+        after = dict(getattr(student, head).last_layer.named_parameters())
+        changed = [n for n in before if not torch.equal(before[n], after[n])]
+        assert bool(changed) == moves, (head, changed)
+        mlp_moved = not torch.equal(getattr(fresh, head).mlp[0].weight, getattr(student, head).mlp[0].weight)
+        assert mlp_moved  # the rest of the head trains meanwhile
+
+
+def test_channels_last_trains_the_same_numbers(tmp_path):
+    """model.channels_last only changes the memory layout of the conv net's activations (a
+    run may resume with it switched: it is not part of the run's identity), not the result."""
+    runs = {}
+    for layout in ("true", "false"):
+        run = tmp_path / layout
+        pretrain(tiny_config(run, "train.max_steps=2", "train.freeze_last_layer_steps=0",
+                             f"model.channels_last={layout}", "loss.matching=geometric"))
+        runs[layout] = load_checkpoint(run / "checkpoints" / "last.pt")
+    a, b = runs["true"], runs["false"]
+    assert [r["loss"] for r in read_metrics(tmp_path / "true")] == pytest.approx(
+        [r["loss"] for r in read_metrics(tmp_path / "false")], rel=1e-5)
+    for key, value in a["student"].items():
+        torch.testing.assert_close(value, b["student"][key], rtol=1e-4, atol=1e-5, msg=key)

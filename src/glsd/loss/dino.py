@@ -176,7 +176,7 @@ class DINOLocalLoss(nn.Module):
         n_views, _, n_cells, _ = student_shape
         valid = match.valid.to(probs.dtype)  # (P, B, Ns)
         if self.normalize == "valid":
-            per_pair = 1.0 / valid.sum((1, 2)).clamp(min=1.0)
+            per_pair = per_valid_cell(valid.sum((1, 2)))
         else:
             per_pair = valid.new_full((len(t_idx),), 1.0 / (batch * n_cells))
         weight = valid * (per_pair / n_pairs)[:, None, None]  # (P, B, Ns)
@@ -190,6 +190,18 @@ class DINOLocalLoss(nn.Module):
         rows, weight = bags_per_student_cell(rows, weight, s_idx, n_views)
         target = F.embedding_bag(rows, probs.reshape(-1, k), mode="sum", per_sample_weights=weight)
         return target.view(n_views, batch, n_cells, k)
+
+
+def per_valid_cell(counts: torch.Tensor) -> torch.Tensor:
+    """``(P,)`` valid-cell counts of this process's batch -> the weight of one cell when a
+    pair's loss is its mean over valid cells: 1 / count. Under a process group the count is
+    every rank's and the weight is scaled by the world size, because DistributedDataParallel
+    averages the ranks' gradients: W ranks of batch B then train as one process of W * B."""
+    if dist.is_available() and dist.is_initialized():
+        counts = counts.clone()
+        dist.all_reduce(counts)
+        return dist.get_world_size() / counts.clamp(min=1.0)
+    return 1.0 / counts.clamp(min=1.0)
 
 
 def bags_per_student_cell(rows: torch.Tensor, weight: torch.Tensor, s_idx: torch.Tensor,
