@@ -121,6 +121,10 @@ def test_global_loss_gradient_only_to_student():
     assert student.grad is not None and torch.isfinite(student.grad).all()
     assert student.grad.abs().sum() > 0
     assert teacher.grad is None
+    # The student's gradient is the naive loop's (in double precision).
+    reference = student.detach().double().requires_grad_()
+    naive_global(reference, teacher.detach().double(), torch.zeros(1, 6, dtype=torch.float64)).backward()
+    torch.testing.assert_close(student.grad.double(), reference.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_global_loss_same_view_excluded():

@@ -72,6 +72,22 @@ def test_backbone_outputs(name):
             torch.testing.assert_close(out.global_feat, out.local_feat.mean(dim=(1, 2)))
 
 
+@pytest.mark.parametrize("name", ["convnet", "swin", "vit"])
+def test_each_cell_is_its_image_position(name):
+    """On a non-square image (a height/width swap changes the grid's shape) every cell of
+    local_feat is the model's own feature at that row and column."""
+    _, layout, dim, g32, _ = BACKBONES[name]
+    bb = build_backbone(make_cfg(name).model, 32).eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        local, feats = bb(x).local_feat, bb.model.forward_features(x)
+    stride = 32 // g32[0]
+    assert local.shape == (2, 32 // stride, 48 // stride, dim)
+    by_position = {"nchw": lambda f: f.permute(0, 2, 3, 1), "nhwc": lambda f: f,
+                   "tokens": lambda f: f[:, 1:].reshape(2, 32 // stride, 48 // stride, dim)}[layout]
+    torch.testing.assert_close(local, by_position(feats))
+
+
 def test_backbone_vit_pooled_global_feature():
     cfg = make_cfg("vit", extra=["model.global_feature=pooled"])
     bb = build_backbone(cfg.model, 32).eval()

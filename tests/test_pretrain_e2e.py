@@ -159,3 +159,21 @@ def test_channels_last_trains_the_same_numbers(tmp_path):
         [r["loss"] for r in read_metrics(tmp_path / "false")], rel=1e-5)
     for key, value in a["student"].items():
         torch.testing.assert_close(value, b["student"][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_the_study_recipe_resumes_exactly(tmp_path):
+    """The study presets' path (BatchNorm conv net in channels_last, views made on the device,
+    hybrid matching, per-parameter clipping) stopped after a checkpoint and rerun ends on the
+    weights, centres and losses of an uninterrupted run."""
+    extra = ("train.deterministic=true", "train.checkpoint_every_steps=2",
+             "model.channels_last=true", "data.augment_on=device", "loss.matching=hybrid",
+             "train.clip_grad_mode=per_param", "train.freeze_last_layer_steps=1")
+    ref, split = tmp_path / "ref", tmp_path / "split"
+    pretrain(tiny_config(ref, "train.max_steps=6", *extra))  # crosses an epoch (4 steps)
+    pretrain(tiny_config(split, "train.max_steps=3", *extra))  # checkpoint at 2, then at the end
+    pretrain(tiny_config(split, "train.max_steps=6", *extra))
+    a, b = (load_checkpoint(run / "checkpoints" / "last.pt") for run in (ref, split))
+    assert a["step"] == b["step"] == 6
+    for key in ("student", "teacher", "objective"):
+        assert state_dicts_equal(a[key], b[key]) == [], key
+    assert [r["loss"] for r in read_metrics(ref)] == [r["loss"] for r in read_metrics(split)]
