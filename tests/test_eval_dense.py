@@ -110,6 +110,23 @@ def test_view_pairs_are_seeded_and_geometry_is_exact():
     assert float(ga[4]) in (0.0, 1.0)
 
 
+def test_view_pair_flip_flag_matches_the_pixels():
+    """A view's mean column cannot see a mirror: on a left-to-right ramp an unflipped view
+    darkens to the left, a flipped one to the right, as its flag (geom[4]) says."""
+    cfg = load_config(None, ["crops.global_size=16"])
+    cols = torch.arange(64, dtype=torch.uint8)[None, :, None].expand(64, 64, 3).contiguous()
+    img = Image.fromarray(cols.numpy())
+    seen = set()
+    for index in range(16):
+        va, vb, ga, gb = view_pair(img, index, cfg)
+        for view, geom in ((va, ga), (vb, gb)):
+            flipped = bool(geom[4])
+            left, right = float(view[0, :, 0].mean()), float(view[0, :, -1].mean())
+            assert (left > right) if flipped else (left < right), (index, geom)
+            seen.add(flipped)
+    assert seen == {False, True}
+
+
 def test_unreadable_image_is_skipped_or_a_data_error():
     """The dense probe reads through ImageSource.load: the same skip / fail rule and message
     as training (a DataError naming the file), never a raw traceback."""

@@ -143,6 +143,11 @@ def test_eval_in_an_unwritable_folder_fails_before_computing(tmp_path, monkeypat
     with pytest.raises(NotWritable, match="cannot write in .*eval.*nothing was computed") as e:
         runner.run_eval("knn", run, device="cpu")
     assert e.value.errno == errno.EACCES and "Permission denied" in str(e.value)
+    # A folder the lock had to create is not left behind empty when the lock file fails.
+    fresh = tmp_path / "fresh"
+    with pytest.raises(NotWritable):
+        lock.acquire(fresh / "eval")
+    assert not (fresh / "eval").exists()
 
 
 # ----------------------------------------------------------------------------------------

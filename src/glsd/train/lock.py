@@ -10,6 +10,8 @@ rank 0 takes it; the other ranks share it.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import socket
@@ -17,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional
-
-import functools
 
 from glsd.errors import NotWritable, RunFolderBusy
 
@@ -84,6 +84,10 @@ def acquire(folder: Path, what: str = "glsd") -> Path:
             _created_dirs.add(folder)
         return _create(folder, path, what)
     except OSError as e:
+        if folder in _created_dirs:  # made only to hold the lock: not left behind empty
+            _created_dirs.discard(folder)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise NotWritable(e.errno, f"cannot write in {folder} ({e.strerror or e}); nothing was "
                           "computed. Fix its permissions, free space, or use a writable copy") from None
 
