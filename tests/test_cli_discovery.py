@@ -45,6 +45,23 @@ def test_config_prints_resolved_yaml_and_grids(capsys):
     assert "# note: warm-up train.warmup_epochs=10 (80 steps) is longer than the run" in out
 
 
+def test_config_refuses_what_pretrain_refuses(capsys, tmp_path):
+    """The dry run is the same check as the start of pretraining: too few images for one
+    batch, or a data path that does not exist, fail it (exit 2) and create no folder."""
+    run = tmp_path / "run"
+    assert cli(["config", "cifar10-vit-tiny", "data.source=synthetic", "data.synthetic_num_images=40",
+                f"output_dir={run}"]) == 2
+    assert "40 images are fewer than one global batch of 64" in capsys.readouterr().err
+    assert cli(["pretrain", "cifar10-vit-tiny", "data.source=synthetic", "data.synthetic_num_images=40",
+                f"output_dir={run}", "train.progress=false"]) == 2
+    assert "40 images are fewer than one global batch of 64" in capsys.readouterr().err
+    assert not run.exists()
+    assert cli(["config", "cifar10-vit-tiny", f"data.root={tmp_path / 'nowhere'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli(["config", "cifar10-vit-tiny", "data.source=synthetic", "train.max_steps=5"]) == 0
+    assert "stopping at train.max_steps=5" in capsys.readouterr().out
+
+
 def test_config_refuses_a_degenerate_grid(capsys):
     assert cli(["config", "cifar10-vit-tiny", "model.backbone=resnet18", "model.backbone_kwargs={}",
                 "model.patch_size=null"]) == 2
@@ -65,3 +82,19 @@ def test_backbones_lists_grids_or_why_not(capsys):
     assert "glsd_convnet  stride 4  32: 8x8  16: 4x4" in capsys.readouterr().out
     assert cli(["backbones", "no_such_net_*"]) == 0
     assert "no timm model matches" in capsys.readouterr().out
+
+
+def test_glsd_warnings_speak_in_the_tools_voice(capsys):
+    """A warning raised in glsd's code is one `glsd: warning:` line (no source path or code
+    line); other libraries' warnings are shown as Python shows them."""
+    import os
+
+    from glsd.cli import _in_glsd_voice
+
+    passed_on = []
+    show = _in_glsd_voice(lambda *args: passed_on.append(args))
+    ours = os.path.join(os.sep, "x", "site-packages", "glsd", "eval", "features.py")
+    show(UserWarning("2 unreadable images of folder:x skipped (a.jpg, b.jpg)"), UserWarning, ours, 362)
+    assert capsys.readouterr().err == "glsd: warning: 2 unreadable images of folder:x skipped (a.jpg, b.jpg)\n"
+    show(UserWarning("deprecated"), UserWarning, os.path.join(os.sep, "x", "timm", "layers.py"), 1)
+    assert len(passed_on) == 1 and capsys.readouterr().err == ""

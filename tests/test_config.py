@@ -1,7 +1,7 @@
 """Typed config (glsd.config): overrides, strict keys, value checks, YAML files."""
 import pytest
 
-from glsd.config import Config, ConfigError, load_config, parse_overrides, preset_names
+from glsd.config import Config, ConfigError, dump_yaml, load_config, parse_overrides, preset_names
 
 
 def test_defaults_load_and_validate():
@@ -239,3 +239,27 @@ def test_a_retired_key_still_loads_from_old_runs_but_cannot_be_asked_for():
     assert apply_overrides(old).train.epochs == 100
     with pytest.raises(ConfigError, match=r"'train.compile' was removed"):
         load_config(None, ["train.compile=true"])
+
+
+def test_a_yaml_file_starts_from_the_preset_it_names(tmp_path):
+    """`preset: NAME` in a user's file is its base (its own keys win, a mapping such as
+    model.backbone_kwargs whole); without it the file starts from the defaults."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("preset: cifar10-vit-tiny\ntrain: {epochs: 3}\nmodel: {backbone_kwargs: {depth: 2}}\n")
+    cfg, base = load_config(str(path)), load_config("cifar10-vit-tiny")
+    assert cfg.preset == "cifar10-vit-tiny" and cfg.train.epochs == 3
+    assert cfg.train.lr == base.train.lr and cfg.crops == base.crops
+    assert cfg.model.backbone_kwargs == {"depth": 2}  # replaced, not merged with the preset's
+    run_record = tmp_path / "config.yaml"  # a run folder's record: complete, the same config
+    run_record.write_text(dump_yaml(cfg))
+    assert load_config(str(run_record)) == cfg
+    path.write_text("preset: cifar10-vit-tni\n")
+    with pytest.raises(ConfigError, match="mine.yaml: preset: 'cifar10-vit-tni'.*cifar10-vit-tiny"):
+        load_config(str(path))
+
+
+def test_an_unknown_key_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train: {epohcs: 3}\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: unknown config key 'train\.epohcs'.*train\.epochs"):
+        load_config(str(path))

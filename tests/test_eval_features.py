@@ -67,7 +67,7 @@ def test_unreadable_images_are_skipped():
         return good_read(key)
 
     source.read = read
-    with pytest.warns(UserWarning, match="1 unreadable"):
+    with pytest.warns(UserWarning, match=r"1 unreadable images of .* skipped \(2\)"):  # named
         feats, labels = extract_features(backbone, source, cfg, "cpu")
     assert feats.shape[0] == 6 and labels.tolist() == [y for i, y in enumerate(source.labels) if i != 2]
 

@@ -128,3 +128,5 @@ def test_every_preset_passes_the_grid_check_with_its_grids():
     assert sorted(PRESET_GRIDS) == sorted(preset_names())  # a new preset gets its row
     for name, grids in PRESET_GRIDS.items():
         assert check_grids(load_config(name))[0] == grids, name
+        # Evaluation, embedding and export follow crops.global_size when a user changes it.
+        assert load_config(name).eval.image_size is None, name

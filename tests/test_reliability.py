@@ -342,6 +342,19 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
     assert (run / "backbone.safetensors").is_file()
 
 
+def test_removing_images_of_a_run_names_the_ways_forward(tmp_path):
+    """The fix the bad-image message gives (remove the file) changes the run's recorded
+    images: the rerun says so and how to go on, and train.resume=false does go on."""
+    root, run = tmp_path / "images", tmp_path / "run"
+    truncated, not_image = _image_folder(root)
+    pretrain(_data_cfg(run, root, "train.max_steps=2"))
+    truncated.unlink()
+    with pytest.raises(ConfigError, match=r"no longer in .*train.resume=false.*new output_dir"):
+        pretrain(_data_cfg(run, root))
+    pretrain(_data_cfg(run, root, "train.resume=false"))
+    assert load_last(run)["step"] == 3
+
+
 def test_bad_images_fail_the_run_naming_the_file(tmp_path):
     root, run = tmp_path / "images", tmp_path / "run"
     truncated, not_image = _image_folder(root)
@@ -550,7 +563,7 @@ def test_config_validation_accepts_edges():
 
 
 def test_config_validation_checks_the_patch_size_implied_by_the_name():
-    with pytest.raises(ConfigError, match="local_size"):
+    with pytest.raises(ConfigError, match="local_size=24 .*nearest valid sizes 16 or 32"):
         load_config(None, ["model.backbone=vit_tiny_patch16_224", "crops.local_size=24"])
 
 

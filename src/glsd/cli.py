@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 
 from glsd.config import EVALUATIONS, MATCHINGS, ConfigError, load_config
 from glsd.errors import GlsdError, NonFiniteError, TrainingInterrupted
@@ -337,7 +338,10 @@ def main(argv=None) -> int:
     previous = _install_sigterm()
     try:
         args = parse_args(argv)
-        return args.func(args)
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _in_glsd_voice(warnings.showwarning)
+            return args.func(args)
     except TrainingInterrupted as e:  # checkpointed; rerunning resumes
         print(f"glsd: {e}", file=sys.stderr)
         return 128 + e.signal
@@ -356,6 +360,16 @@ def main(argv=None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _in_glsd_voice(show):
+    """glsd's own warnings as one line in the tool's voice; others as ``show`` shows them."""
+    def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+        if f"{os.sep}glsd{os.sep}" in filename:
+            print(f"glsd: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
 
 
 def _message(e: BaseException) -> str:

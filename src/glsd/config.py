@@ -243,6 +243,10 @@ def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = (
     preset = ""
     if name_or_path:
         raw, preset = read_yaml(name_or_path)
+        try:  # the file's own keys first, so an error in them names the file
+            from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{preset}: {e}") from None
     cfg = apply_overrides(raw, overrides)
     if preset and not cfg.preset:
         cfg.preset = preset

@@ -17,11 +17,22 @@ def preset_names() -> list[str]:
 
 
 def read_yaml(name_or_path: str) -> tuple[dict, str]:
+    """(raw mapping, name) of a preset or a YAML file. A file that names a shipped preset in
+    its ``preset:`` key starts from that preset (its keys win, section by section)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        return parse_yaml(path.read_text(), str(path)), str(path)
+        raw = parse_yaml(path.read_text(), str(path))
+        base = raw.get("preset")
+        if isinstance(base, str) and base and not base.endswith((".yaml", ".yml")):
+            if base not in preset_names():
+                close = difflib.get_close_matches(base, preset_names(), n=3)
+                raise ConfigError(f"{path}: preset: {base!r} is not a shipped preset"
+                                  f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}; "
+                                  f"presets: {', '.join(preset_names())}")
+            raw = on_top_of(read_yaml(base)[0], raw)
+        return raw, str(path)
     res = resources.files("glsd").joinpath(f"presets/{name_or_path}.yaml")
     if not res.is_file():
         close = difflib.get_close_matches(name_or_path, preset_names(), n=3)
@@ -46,3 +57,15 @@ def parse_yaml(text: str, name: str) -> dict:
         raise ConfigError(f"{name} holds a {type(raw).__name__}, not a mapping of config sections "
                           "(e.g. 'train:' then '  epochs: 5')")
     return raw
+
+
+def on_top_of(base: dict, top: dict) -> dict:
+    """``top``'s keys over ``base``'s, section by section; a value inside a section (a list,
+    or a mapping such as model.backbone_kwargs) replaces the base's whole."""
+    out = dict(base)
+    for section, values in top.items():
+        if isinstance(values, dict) and isinstance(base.get(section), dict):
+            out[section] = {**base[section], **values}
+        else:
+            out[section] = values
+    return out

@@ -56,12 +56,15 @@ def _data_lines(cfg) -> list[str]:
 
     try:
         source = open_source(cfg.data)
-        _, plan = preflight(cfg, source)
     except ConfigError as e:
+        if cfg.data.root:  # data named but not readable: what pretrain would refuse
+            raise
         return [f"data: not checked ({str(e).splitlines()[0]})"]
+    _, plan = preflight(cfg, source)  # its refusals are pretrain's: the dry run fails too
+    stop = f", stopping at train.max_steps={cfg.train.max_steps}" if cfg.train.max_steps else ""
     lines = [f"data {source.name}: {len(source):,} images, {plan.num_images:,} used",
              f"schedule {plan.steps_per_epoch:,} steps/epoch x {cfg.train.epochs} epochs = "
-             f"{plan.total_steps:,} steps (one process)"]
+             f"{plan.total_steps:,} steps (one process){stop}"]
     return lines + [f"note: {n}" for n in plan.notes]
 
 

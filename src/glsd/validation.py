@@ -205,9 +205,11 @@ def check_config(cfg) -> None:
     if patch is not None:
         for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
             if size % patch:
+                lower = size // patch * patch
+                nearest = f"{lower} or {lower + patch}" if lower else f"{patch}"
                 raise ConfigError(f"crops.{name}={size} is not a multiple of the patch size "
-                                  f"(model.patch_size={patch}, {m.backbone}); pick crop sizes "
-                                  "divisible by it or another model.patch_size")
+                                  f"(model.patch_size={patch}, {m.backbone}): nearest valid sizes "
+                                  f"{nearest}; or another model.patch_size")
     if isinstance(l.match_threshold, str) and l.match_threshold not in ("half_diagonal", "none"):
         raise ConfigError(f"loss.match_threshold={l.match_threshold!r}: use half_diagonal, none, "
                           "or a distance in original-image pixels")

@@ -54,8 +54,12 @@ class ImageSource:
         index = {k: i for i, k in enumerate(self.keys)}
         missing = [k for k in keys if k not in index]
         if missing:
-            raise ConfigError(f"{len(missing)} recorded images (e.g. {missing[0]!r}) are not in "
-                              f"source {self.name}; was the data changed since the run?")
+            raise ConfigError(
+                f"{len(missing)} images the run recorded in its subset.json (e.g. {missing[0]!r}) "
+                f"are no longer in {self.name}: the data changed since the run. Put them back; "
+                "or, to pretrain on the data as it is now, start afresh (train.resume=false moves "
+                "the old run aside, or use a new output_dir); or, to evaluate on the whole train "
+                "split as it is now, delete RUN_DIR/subset.json")
         return ImageSource(self.name, list(keys), [self.labels[index[k]] for k in keys],
                            self.classes, self.read, self.read_timeout_s)
 

@@ -346,10 +346,10 @@ def extract_features(backbone: Backbone, source: ImageSource, cfg: Config, devic
     rank, world = rank_world()
     n = len(source)
     shard = range(n * rank // world, n * (rank + 1) // world)
-    feats, labels, skipped = [], [], 0
+    feats, labels, skipped = [], [], []
     for _, g, _, y, bad in iter_features(backbone, source, cfg, device, feature, indices=shard,
                                          progress=progress):
-        skipped += len(bad)
+        skipped += [source.keys[int(i)] for i in bad]
         if g is not None:
             feats.append(g)
             labels.append(y)
@@ -359,7 +359,9 @@ def extract_features(backbone: Backbone, source: ImageSource, cfg: Config, devic
     if world > 1:
         feats_t, labels_t = gather_uneven(feats_t, labels_t)
     if skipped:
-        warnings.warn(f"{skipped} unreadable images of {source.name} skipped in feature extraction")
+        named = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        warnings.warn(f"{len(skipped)} unreadable images of {source.name} skipped ({named}); "
+                      "fix or remove them")
     return feats_t, labels_t
 
 

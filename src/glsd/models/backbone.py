@@ -70,7 +70,8 @@ class Backbone(nn.Module):
         if global_feature == "auto":
             global_feature = "cls" if has_cls else "pooled"
         if global_feature == "cls" and not has_cls:
-            raise ConfigError("model.global_feature=cls needs a ViT with a class token; use pooled")
+            raise ConfigError("model.global_feature=cls needs a ViT with a class token; this "
+                              "backbone has none: set model.global_feature=pooled (or auto)")
         self.global_feature = global_feature
 
     @torch.no_grad()

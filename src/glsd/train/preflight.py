@@ -57,7 +57,12 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
     warm-up possibly scaled) and the plan."""
     grids, stride = check_grids(cfg)
     n = len(balanced_subset(source, cfg.data.fraction, cfg.data.num_images, cfg.data.subset_seed))
-    steps_per_epoch = n // (cfg.train.batch_size * world_size)
+    global_batch = cfg.train.batch_size * world_size
+    if n < global_batch:  # refused here, before the run folder is touched
+        raise ConfigError(f"{n} images are fewer than one global batch of {global_batch} "
+                          f"(train.batch_size={cfg.train.batch_size} x {world_size} process"
+                          f"{'es' if world_size > 1 else ''}); lower train.batch_size or use more data")
+    steps_per_epoch = n // global_batch
     notes: list[str] = []
     cfg, note = scale_warmup(cfg, steps_per_epoch)
     notes += [note] if note else []
