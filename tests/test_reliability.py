@@ -340,6 +340,9 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
     assert records[-1]["skipped_images"] == 2
     assert load_last(run)["skipped_images"] == 2
     assert (run / "backbone.safetensors").is_file()
+    log = (run / "train.log").read_text()  # each skipped file named once, whatever the epochs
+    for name in ("a/truncated.jpg", "b/notes.jpg"):
+        assert log.count(f"skipped unreadable image '{name}'") == 1, log
 
 
 def test_removing_images_of_a_run_names_the_ways_forward(tmp_path):

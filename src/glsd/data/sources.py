@@ -6,10 +6,11 @@ chosen subset can be written to the run folder and reused by evaluation.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,6 +35,8 @@ class ImageSource:
     classes: list[str]
     read: Callable[[str], Image.Image]
     read_timeout_s: float = 0.0  # 0: no limit (data.read_timeout_s)
+    # Keys already named in the run's log as unreadable (per process: each loader worker its own).
+    reported: set = field(default_factory=set, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -48,7 +51,17 @@ class ImageSource:
             if on_error == "fail":
                 raise DataError(f"cannot read image {key!r} from {self.name}: {e}. "
                                 "Fix or remove it, or set data.on_error=skip") from None
+            self._report(key, e)
             return None
+
+    def _report(self, key: str, error: Exception) -> None:
+        """Name a skipped file once in a training run's train.log (the "glsd" logger has a
+        handler only while a run is open: evaluation names its skipped files itself)."""
+        log = logging.getLogger("glsd")
+        if log.handlers and key not in self.reported:
+            self.reported.add(key)
+            log.warning("skipped unreadable image %r of %s: %s", key, self.name,
+                        str(error).splitlines()[0] if str(error) else type(error).__name__)
 
     def subset(self, keys: list[str]) -> "ImageSource":
         index = {k: i for i, k in enumerate(self.keys)}

@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional, TextIO
 
 LOG = logging.getLogger("glsd")
@@ -134,11 +135,13 @@ class Console:
                         "(to train longer: a higher train.max_steps, or train.epochs with train.extend=true)"])
         else:
             rate = done * global_batch / max(elapsed, 1e-9)
+            skips = (f", {skipped} unreadable image{'' if skipped == 1 else 's'} skipped in the "
+                     "whole run (named in train.log)" if skipped else "")
             self.lines([f"glsd: done: {done} step{'' if done == 1 else 's'} (step {step}) in "
-                        f"{duration(elapsed)}, "
-                        f"{fmt(rate)} images/s, {skipped} images skipped"])
+                        f"{duration(elapsed)}, {fmt(rate)} images/s{skips}"])
         if export:
-            self.lines([f"glsd: teacher backbone exported to {export}"])
+            self.lines([f"glsd: teacher backbone exported to {export} (and, for timm, "
+                        f"{Path(export).parent / 'export' / 'timm'})"])
 
 
 def start_summary(cfg, source, plan, device, amp_dtype, world_size: int, run_root,
