@@ -174,3 +174,22 @@ def test_convnet_folder_says_how_to_load_it(tiny_run):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(glsd.load_backbone(folder)(x), load_exported(run / "backbone.safetensors")(x))
+
+
+def test_eval_and_embed_take_the_export_folder(tiny_run, tmp_path):
+    """What `glsd export` wrote is a valid input everywhere a backbone is: the folder or its
+    model.safetensors load the teacher, and results go to the run, not into the export."""
+    from helpers_tiny import cli
+
+    name, run = tiny_run
+    teacher, _, _ = load_backbone(run, "teacher")
+    folder = run / "export" / "timm"
+    x = torch.randn(2, 3, 32, 32)
+    for path in (folder, folder / "model.safetensors"):
+        backbone, _, info = load_backbone(path)
+        assert info["run_dir"] == str(run) and info["model"] == "teacher"
+        with torch.no_grad():
+            assert torch.equal(backbone.model.forward_features(x), teacher.model.forward_features(x))
+    out = tmp_path / "feats.npy"
+    assert cli(["embed", str(folder), "synthetic", "data.synthetic_num_images=8", "--out", str(out)]) == 0
+    assert out.is_file() and not list(folder.glob("eval*"))

@@ -197,7 +197,7 @@ def _add_use_of_backbones(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run folder or an exported backbone.safetensors")
     p.add_argument("kind", choices=EVALUATIONS,
                    help="seg: linear probe of local features on labelled mosaics (eval.seg_*)")
-    p.add_argument("path", help="run folder or backbone.safetensors")
+    p.add_argument("path", help="run folder, backbone.safetensors, checkpoint .pt or export folder")
     p.add_argument("overrides", nargs="*", help="key=value overrides (eval.k=10, eval.model=student, ...)")
     p.add_argument("--random-init", action="store_true",
                    help="evaluate a randomly initialised backbone of the same architecture (the floor)")
@@ -212,7 +212,7 @@ def _add_use_of_backbones(sub) -> None:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("embed", help="features of every image of a data source, to .safetensors/.npy + a CSV index")
-    p.add_argument("source", help="run folder, checkpoint .pt or backbone.safetensors")
+    p.add_argument("source", help="run folder, checkpoint .pt, backbone.safetensors or export folder")
     p.add_argument("data", help="image folder, flat folder, .zip, or cifar10 / cifar100 / stl10 / "
                    "fashion_mnist / synthetic")
     p.add_argument("overrides", nargs="*", help="key=value overrides: data.split=test, "

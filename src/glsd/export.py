@@ -197,15 +197,25 @@ def write_run_exports(run_dir: Union[str, Path], model: torch.nn.Module, cfg) ->
 def load_export_folder(folder: Union[str, Path]) -> torch.nn.Module:
     """Rebuild the backbone of an export folder (any backbone, glsd_convnet included)."""
     folder = Path(folder)
-    cfg_path, weights = folder / "config.json", folder / "model.safetensors"
-    if not (cfg_path.is_file() and weights.is_file()):
+    raw, weights = export_folder_config(folder), folder / "model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"{folder} is not a glsd export folder (config.json + model.safetensors)")
+    cfg = from_dict(raw)
+    state = read_safetensors(weights)[0]  # checked header, dtypes and values (untrusted file)
+    return _backbone_of(cfg, state, weights).eval()
+
+
+def export_folder_config(folder: Path) -> dict:
+    """The glsd config an export folder's ``config.json`` keeps under ``glsd.config``."""
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.is_file():
         raise ConfigError(f"{folder} is not a glsd export folder (config.json + model.safetensors)")
     try:
         meta = json.loads(cfg_path.read_text())
     except ValueError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-export with `glsd export`") from None
-    raw = meta.get("glsd", {}).get("config") if isinstance(meta, dict) and isinstance(meta.get("glsd"), dict) else None
+    glsd_meta = meta.get("glsd") if isinstance(meta, dict) else None
+    raw = glsd_meta.get("config") if isinstance(glsd_meta, dict) else None
     if not isinstance(raw, dict):
         raise ConfigError(f"{cfg_path} has no glsd config ('glsd.config'); write it with `glsd export`")
-    state = read_safetensors(weights)[0]  # checked header, dtypes and values (untrusted file)
-    return _backbone_of(from_dict(raw), state, weights).eval()
+    return raw

@@ -26,6 +26,7 @@ from torchvision.transforms import InterpolationMode
 from glsd.config import Config, ConfigError, apply_overrides
 from glsd.config_files import parse_yaml
 from glsd.data.sources import ImageSource
+from glsd.export import export_folder_config
 from glsd.models.backbone import Backbone, build_backbone
 from glsd.train.checkpoint import load_checkpoint, read_backbone_config
 from glsd.train.distributed import all_gather_cat, rank_world
@@ -36,6 +37,7 @@ MODELS = ("teacher", "student")
 FEATURES = ("auto", "cls", "pooled")
 CHECKPOINT = Path("checkpoints") / "last.pt"
 BACKBONE_FILE = "backbone.safetensors"
+EXPORT_WEIGHTS = "model.safetensors"  # beside config.json in a `glsd export` folder
 
 
 # ----------------------------------------------------------------------------------------
@@ -46,7 +48,8 @@ def load_backbone(path: Union[str, Path], which: Optional[str] = "teacher", rand
     """Rebuild a run's backbone (eval mode, frozen, on the CPU).
 
     Args:
-        path: a run folder, a ``backbone.safetensors`` or a checkpoint ``.pt`` file.
+        path: a run folder, a ``backbone.safetensors``, a checkpoint ``.pt`` file, or a
+            ``glsd export`` folder (or its ``model.safetensors``).
         which: "teacher" or "student"; None takes ``eval.model`` from the (overridden) config.
         random_init: same architecture, fresh weights seeded by ``train.seed`` (the k-NN
             floor); no weights are read.
@@ -83,6 +86,8 @@ def load_backbone(path: Union[str, Path], which: Optional[str] = "teacher", rand
 def _locate(path: Path):
     """(raw config dict, weights loader ``which -> (state, meta)``, info) for any input path."""
     if path.is_dir():
+        if (path / "config.json").is_file() and (path / EXPORT_WEIGHTS).is_file():
+            return _locate_safetensors(path / EXPORT_WEIGHTS)  # a `glsd export` folder
         return _locate_run(path)
     if not path.is_file():
         raise ConfigError(f"{path} does not exist; give a run folder, a {BACKBONE_FILE} or a .pt checkpoint")
@@ -143,7 +148,10 @@ def _locate_safetensors(path: Path):
                               f"(its {CHECKPOINT}) for the {which}")
         return _from_safetensors(path)
 
-    return raw, weights, {"path": str(path), "run_dir": str(path.parent)}
+    folder = path.parent  # results go to the run an export folder (RUN/export/timm) belongs to
+    owner = folder.parent.parent if folder.parent.name == "export" else folder
+    run_dir = owner if (owner / "config.yaml").is_file() else folder
+    return raw, weights, {"path": str(path), "run_dir": str(run_dir)}
 
 
 def _read_yaml(path: Path) -> dict:
@@ -163,8 +171,11 @@ def _safetensors_config(path: Path) -> dict:
     sibling = path.parent / "config.yaml"
     if sibling.is_file():
         return _read_yaml(sibling)
-    raise ConfigError(f"{path} has no glsd config in its metadata and no config.yaml beside it; "
-                      "re-export it with glsd or copy the run's config.yaml next to it")
+    if (path.parent / "config.json").is_file():  # the weights of a `glsd export` folder
+        return export_folder_config(path.parent)
+    raise ConfigError(f"{path} has no glsd config in its metadata and no config.yaml or glsd "
+                      "export config.json beside it; re-export it with glsd or copy the run's "
+                      "config.yaml next to it")
 
 
 def _from_checkpoint(ckpt: dict, path: Path, which: str) -> tuple[dict, dict]:
