@@ -8,7 +8,7 @@ from PIL import Image
 
 from glsd.config import ConfigError, load_config
 from glsd.data.sources import detect_kind, open_source
-from glsd.train.preflight import check_grids, preflight, scale_warmup
+from glsd.train.preflight import check_grids, preflight, scale_warmup, short_run_notes
 from helpers_tiny import CONVNET, read_metrics, tiny_config
 
 SWIN = ["model.backbone=swin_tiny_patch4_window7_224",
@@ -66,6 +66,26 @@ def test_warmup_longer_than_the_run_is_scaled_and_said():
     assert "longer than the run (20 steps)" in note and "scaled to 2 steps" in note
     same, none = scale_warmup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=50)), 4)
     assert none is None and same.train.warmup_steps is None
+
+
+def test_a_short_run_is_told_what_it_never_gets_past():
+    base = ("train.max_steps=null", "train.epochs=2", "train.freeze_last_layer_epochs=1",
+            "loss.warmup_teacher_temp=0.04", "loss.teacher_temp=0.07",
+            "loss.warmup_teacher_temp_epochs=30", "train.warmup_steps=4")
+    notes = short_run_notes(tiny_config("unused", *base), steps_per_epoch=4)  # 8 steps
+    assert notes == ["the teacher temperature warms up over 120 steps, past the end of the run "
+                     "(8): it never reaches loss.teacher_temp=0.07; lower "
+                     "loss.warmup_teacher_temp_epochs"]  # frozen 4 of 8 steps: not said
+    frozen = short_run_notes(tiny_config("unused", *base, "train.freeze_last_layer_epochs=2"), 4)
+    assert frozen[0].startswith("the prototypes are frozen for 8 steps, the whole run (8): they never train")
+    smoke = short_run_notes(tiny_config("unused", "train.epochs=100", "train.warmup_steps=40",
+                                        "train.max_steps=5", "train.freeze_last_layer_steps=0",
+                                        "loss.warmup_teacher_temp_epochs=0"), 4)
+    assert smoke == ["train.max_steps=5 stops inside the learning-rate warm-up (40 steps of the "
+                     "400-step schedule): the learning rate stays near 0 (a smoke test; for a "
+                     "short real run lower train.epochs instead)"]
+    assert short_run_notes(tiny_config("unused", "train.epochs=100", "train.warmup_steps=40",
+                                       "train.max_steps=null"), 4) == []  # a long run: silent
 
 
 def test_scaled_warmup_is_what_the_run_records(tmp_path, capsys):

@@ -66,6 +66,7 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
     notes: list[str] = []
     cfg, note = scale_warmup(cfg, steps_per_epoch)
     notes += [note] if note else []
+    notes += short_run_notes(cfg, steps_per_epoch)
     notes += check_resume_schedule(cfg, Path(cfg.output_dir))
     from glsd.eval.runner import check_online_knn  # training's one use of evaluation
 
@@ -157,6 +158,31 @@ def scale_warmup(cfg: Config, steps_per_epoch: int) -> tuple[Config, Optional[st
             f"{scaled} step{'' if scaled == 1 else 's'} ({WARMUP_FRACTION:.0%} of the run); set "
             "train.warmup_steps to choose")
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_steps=scaled)), note
+
+
+def short_run_notes(cfg: Config, steps_per_epoch: int) -> list[str]:
+    """Settings made for long runs that a short one never gets past (said, not changed)."""
+    t, lo = cfg.train, cfg.loss
+    total = t.epochs * steps_per_epoch
+    stop = min(total, t.max_steps) if t.max_steps else total
+    notes = []
+    freeze = (t.freeze_last_layer_steps if t.freeze_last_layer_steps is not None
+              else int(t.freeze_last_layer_epochs * steps_per_epoch))
+    if stop and freeze >= stop:
+        notes.append(f"the prototypes are frozen for {freeze} steps, the whole run ({stop}): they "
+                     "never train; lower train.freeze_last_layer_epochs or set "
+                     "train.freeze_last_layer_steps")
+    temp_warmup = int(lo.warmup_teacher_temp_epochs * steps_per_epoch)
+    if stop and lo.warmup_teacher_temp != lo.teacher_temp and temp_warmup >= stop:
+        notes.append(f"the teacher temperature warms up over {temp_warmup} steps, past the end "
+                     f"of the run ({stop}): it never reaches loss.teacher_temp={lo.teacher_temp:g}; "
+                     "lower loss.warmup_teacher_temp_epochs")
+    warmup = warmup_steps(cfg, steps_per_epoch)
+    if t.max_steps and t.max_steps < min(warmup, total):
+        notes.append(f"train.max_steps={t.max_steps} stops inside the learning-rate warm-up "
+                     f"({warmup} steps of the {total}-step schedule): the learning rate stays "
+                     "near 0 (a smoke test; for a short real run lower train.epochs instead)")
+    return notes
 
 
 def check_resume_schedule(cfg: Config, run_dir: Path) -> list[str]:
