@@ -351,3 +351,16 @@ def test_step_breakdown_quick(tmp_path):
     assert {"matching", "local_loss"} <= set(parts["geometric"]) and "local_loss" not in parts["none"]
     for arm in parts.values():
         assert all(v >= 0 for v in arm.values()) and positive(arm["backward"])
+
+
+def test_benchmark_shell_scripts_parse_and_the_gpu_session_refuses_an_unknown_part(tmp_path):
+    for script in sorted((ROOT / "benchmarks").glob("*.sh")):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script.name
+    env = {**subprocess_env(), "OUT": str(tmp_path / "out")}
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "bogus"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "unknown part bogus: study or limit" in bad.stderr
+    env.pop("GLSD_DATA", None)
+    no_data = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "study"],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert no_data.returncode != 0 and "GLSD_DATA" in no_data.stderr

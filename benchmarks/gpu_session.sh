@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# A lent GPU's few minutes, one bounded call per part (the device tool runs a command for at
+# most 10 minutes and lends about 15 in all, start-up included), most important first:
+#
+#   study  seed 0 of the fraction sweep on the GPU preset (cifar10-lowdata-gpu: 4 fractions x
+#          5 arms = 20 cells, one wave under CUDA MPS), bounded by STUDY_TIMEOUT (default 420 s);
+#          unfinished cells resume on a rerun. (The study issue, priority 2.)
+#   limit  benchmarks/gpu_limit.py with tight budgets, then benchmarks/photo_data.py on CUDA.
+#          (The performance issue's GPU items.)
+#
+# The data zip does not travel by itself: copy it into a folder of the checkout that
+# .git/info/exclude ignores and name that folder in the device call's `carry`, e.g.
+#   mkdir -p gpu_data && cp PATH/cifar10-jpg.zip gpu_data/ && echo gpu_data >> .git/info/exclude
+#   (device call) GLSD_DATA=gpu_data/cifar10-jpg.zip benchmarks/gpu_session.sh study
+# Everything worth keeping is copied under $OUT (the folder the device tool brings back).
+set -u
+cd "$(dirname "$0")/.."
+part=${1:?usage: benchmarks/gpu_session.sh study|limit}
+OUT=${OUT:-/tmp/gpu-session}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+nvidia-smi -L | tee "$OUT/gpu.txt"
+"$PY" -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)' | tee -a "$OUT/gpu.txt"
+start=$(date +%s)
+case "$part" in
+  study)
+    : "${GLSD_DATA:?set GLSD_DATA to the CIFAR-10 JPEG zip}"
+    STUDY_TIMEOUT=${STUDY_TIMEOUT:-420} JOBS=${JOBS:-20} bash benchmarks/study_gpu.sh /tmp/study-gpu \
+      "study.seeds=[0]" > "$OUT/study.log" 2>&1
+    echo "study exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/study.log"
+    cp -r benchmarks/results/study-sweep-gpu-* "$OUT"/ 2>/dev/null
+    # the finished cells' records, to lay into the next call's work folder or commit
+    tar czf "$OUT/cells.tgz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.npy' \
+      -C /tmp study-gpu 2>/dev/null
+    tail -5 "$OUT/study.log"
+    ;;
+  limit)
+    # budgets for about 6 minutes (the defaults take about 8); the JSON is rewritten per part
+    timeout 420 "$PY" benchmarks/gpu_limit.py --out "$OUT/gpu-limit.json" \
+      ${LIMIT_ARGS:---budget-step 150 --budget-timm 50 --budget-compile 150 --compile-timeout 120} \
+      > "$OUT/gpu-limit.log" 2>&1
+    echo "gpu_limit exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu-limit.log"
+    zip_arg=()
+    [ -n "${GLSD_DATA:-}" ] && zip_arg=(--zip "$GLSD_DATA")
+    timeout 150 "$PY" benchmarks/photo_data.py "${zip_arg[@]}" --out "$OUT/photo-data-cuda.json" \
+      > "$OUT/photo-data.log" 2>&1
+    echo "photo_data exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/photo-data.log"
+    tail -3 "$OUT/gpu-limit.log" "$OUT/photo-data.log"
+    ;;
+  *) echo "unknown part $part: study or limit" >&2; exit 2 ;;
+esac
+ls -la "$OUT"
