@@ -364,3 +364,14 @@ def test_benchmark_shell_scripts_parse_and_the_gpu_session_refuses_an_unknown_pa
     no_data = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "study"],
                              capture_output=True, text=True, env=env, timeout=120)
     assert no_data.returncode != 0 and "GLSD_DATA" in no_data.stderr
+
+
+def test_sweep_table_rows_bold_the_best_and_skip_missing_metrics():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sweep_table import table
+
+    rec = {"status": "done", "fraction": 0.05, "seed": 0, "knn_floor_top1": 30.0}
+    lines = table([{**rec, "matching": "none", "knn_top1": 40.0},
+                   {**rec, "matching": "hybrid", "knn_top1": 45.5},
+                   {**rec, "matching": "geometric", "status": "failed"}])
+    assert lines[2:] == ["| 0.05 | 0 | k-NN top-1 (%) | 30.00 | 40.00 | - | - | - | **45.50** |"]
