@@ -7,6 +7,10 @@
 #          unfinished cells resume on a rerun. (The study issue, priority 2.)
 #   limit  benchmarks/gpu_limit.py with tight budgets, then benchmarks/photo_data.py on CUDA.
 #          (The performance issue's GPU items.)
+#   head   the accuracy check a lighter local head needs on the ViT preset (cifar10-vit-tiny:
+#          its 512/1024 local head against the 64/256 one of the conv presets, which makes the
+#          geometric step as fast as the global-only one on the CPU): the 5 % cell, geometric,
+#          seeds 0 and 1, k-NN + dense, all four cells side by side, bounded by HEAD_TIMEOUT.
 #
 # The data zip does not travel by itself: copy it into a folder of the checkout that
 # .git/info/exclude ignores and name that folder in the device call's `carry`, e.g.
@@ -15,7 +19,7 @@
 # Everything worth keeping is copied under $OUT (the folder the device tool brings back).
 set -u
 cd "$(dirname "$0")/.."
-part=${1:?usage: benchmarks/gpu_session.sh study|limit}
+part=${1:?usage: benchmarks/gpu_session.sh study|limit|head}
 OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -48,6 +52,23 @@ case "$part" in
     echo "photo_data exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/photo-data.log"
     tail -3 "$OUT/gpu-limit.log" "$OUT/photo-data.log"
     ;;
-  *) echo "unknown part $part: study or limit" >&2; exit 2 ;;
+  head)
+    : "${GLSD_DATA:?set GLSD_DATA to the CIFAR-10 JPEG zip}"
+    for head in 512-1024 64-256; do
+      hidden=${head%-*}; protos=${head#*-}
+      timeout "${HEAD_TIMEOUT:-480}" "$PY" -m glsd study cifar10-vit-tiny "data.root=$GLSD_DATA" \
+        data.augment_on=device data.num_workers=4 "model.local_hidden_dim=$hidden" \
+        "model.local_out_dim=$protos" --fractions 0.05 --matchings geometric --seeds 0 1 \
+        --evals knn dense --device cuda --jobs 2 --out "/tmp/vit-head-$head" \
+        > "$OUT/head-$head.log" 2>&1 &
+    done
+    wait
+    for head in 512-1024 64-256; do
+      mkdir -p "$OUT/head-$head" && cp /tmp/vit-head-$head/results.json /tmp/vit-head-$head/report.md "$OUT/head-$head/" 2>/dev/null
+      tail -3 "$OUT/head-$head.log"
+    done
+    echo "head: $(( $(date +%s) - start )) s"
+    ;;
+  *) echo "unknown part $part: study, limit or head" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

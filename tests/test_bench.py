@@ -359,7 +359,7 @@ def test_benchmark_shell_scripts_parse_and_the_gpu_session_refuses_an_unknown_pa
     env = {**subprocess_env(), "OUT": str(tmp_path / "out")}
     bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "bogus"],
                          capture_output=True, text=True, env=env, timeout=120)
-    assert bad.returncode == 2 and "unknown part bogus: study or limit" in bad.stderr
+    assert bad.returncode == 2 and "unknown part bogus: study, limit or head" in bad.stderr
     env.pop("GLSD_DATA", None)
     no_data = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "study"],
                              capture_output=True, text=True, env=env, timeout=120)
