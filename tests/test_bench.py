@@ -302,16 +302,20 @@ def test_gpu_limit_counts_only_blocking_calls():
                                              "cudaDeviceSynchronize": 1}, "host_syncs": 4}
 
 
+def _local_loss_cost(tmp_path, *args: str, timeout: int = 300) -> dict:
+    """benchmarks/local_loss_cost.py against HEAD on cpu-default, one round: its JSON."""
+    out = tmp_path / "cost.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "local_loss_cost.py"), "--rev", "HEAD",
+                           "--preset", "cpu-default", "--rounds", "1", *args, "--out", str(out)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text())
+
+
 def test_local_loss_cost_quick(tmp_path):
     """benchmarks/local_loss_cost.py against HEAD's own loss: both parts run, the swapped-in
     loss of the same commit gives the same value and gradient, and every arm steps."""
-    out = tmp_path / "cost.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "local_loss_cost.py"), "--rev", "HEAD",
-                           "--preset", "cpu-default", "--rounds", "1", "--step-rounds", "1",
-                           "--out", str(out)],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(out.read_text())
+    data = _local_loss_cost(tmp_path, "--step-rounds", "1")
     assert "local_loss_cost.py --rev HEAD" in data["command"]
     unchanged = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src/glsd/loss/dino.py"],
                                cwd=ROOT).returncode == 0
@@ -327,13 +331,7 @@ def test_local_loss_cost_quick(tmp_path):
 @pytest.mark.slow  # three torch.compile runs: a minute of CPU
 def test_local_loss_cost_compile(tmp_path):
     """The compile part: the compiled losses give the eager loss's value and gradient."""
-    out = tmp_path / "compile.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "local_loss_cost.py"), "--rev", "HEAD",
-                           "--preset", "cpu-default", "--rounds", "1", "--parts", "compile",
-                           "--out", str(out)],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(out.read_text())["compile"]
+    data = _local_loss_cost(tmp_path, "--parts", "compile", timeout=600)["compile"]
     assert set(data["ms_median"]) == {"eager", "compiled", "compiled_rev"}
     for diff in data["max_abs_diff_to_eager"].values():
         assert diff["loss"] < 1e-4 and diff["grad"] < 1e-6
