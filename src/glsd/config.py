@@ -17,7 +17,8 @@ from typing import Any, Literal, Optional, Sequence, Union
 import yaml
 
 from glsd.errors import ConfigError  # noqa: F401 - glsd.config.ConfigError is the same class
-from glsd.config_files import parse_yaml, preset_names, read_yaml  # noqa: F401 - re-exported
+from glsd.config_files import (merge_overrides, parse_overrides, parse_yaml,  # noqa: F401 - re-exported
+                               preset_names, read_yaml)
 from glsd.config_types import coerce
 
 
@@ -257,50 +258,9 @@ def apply_overrides(cfg_or_dict: Union["Config", dict], overrides: Sequence[str]
     """A config (or a raw mapping, e.g. a run's ``config.yaml``) with dotted ``key=value``
     overrides applied, through the same strict parsing and validation as :func:`load_config`."""
     raw = to_dict(cfg_or_dict) if isinstance(cfg_or_dict, Config) else cfg_or_dict
-    cfg = from_dict(_merge(raw, parse_overrides(overrides)))
+    cfg = from_dict(merge_overrides(raw, parse_overrides(overrides)))
     validate(cfg)
     return cfg
-
-
-def parse_overrides(overrides: Sequence[str]) -> dict:
-    """``a.b=1`` -> {"a": {"b": 1}}; values are parsed as YAML scalars/lists."""
-    out: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.epochs=5)")
-        key, value = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for depth, p in enumerate(parts[:-1]):
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' goes inside "
-                                  f"'{'.'.join(parts[:depth + 1])}', which an earlier override "
-                                  "set to a single value; give that key once")
-        try:
-            parsed = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override '{item}': the value is not valid YAML "
-                              f"({getattr(e, 'problem', None) or e}); quote it or fix brackets") from None
-        # A mapping literal (model.backbone_kwargs={...}) replaces; a dotted key merges.
-        node[parts[-1]] = _Replace(parsed) if isinstance(parsed, dict) else parsed
-    return out
-
-
-class _Replace(dict):
-    """A mapping given whole on the command line: replaces the preset's, never merges."""
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, _Replace):
-            out[k] = dict(v)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 # Removed keys, ignored when read (old run folders hold them): key -> why it went.

@@ -1,10 +1,12 @@
 """Reading config files: the presets shipped in the package and YAML files by path, with
-syntax errors and non-mappings reported as ConfigErrors naming the file and line."""
+syntax errors and non-mappings reported as ConfigErrors naming the file and line; and the
+dotted ``key=value`` overrides laid over them."""
 from __future__ import annotations
 
 import difflib
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -68,4 +70,48 @@ def on_top_of(base: dict, top: dict) -> dict:
             out[section] = {**base[section], **values}
         else:
             out[section] = values
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Dotted key=value overrides
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """``a.b=1`` -> {"a": {"b": 1}}; values are parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.epochs=5)")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for depth, p in enumerate(parts[:-1]):
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' goes inside "
+                                  f"'{'.'.join(parts[:depth + 1])}', which an earlier override "
+                                  "set to a single value; give that key once")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or e}); quote it or fix brackets") from None
+        # A mapping literal (model.backbone_kwargs={...}) replaces; a dotted key merges.
+        node[parts[-1]] = _Replace(parsed) if isinstance(parsed, dict) else parsed
+    return out
+
+
+class _Replace(dict):
+    """A mapping given whole on the command line: replaces the preset's, never merges."""
+
+
+def merge_overrides(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, _Replace):
+            out[k] = dict(v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_overrides(out[k], v)
+        else:
+            out[k] = v
     return out
