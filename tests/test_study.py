@@ -217,3 +217,27 @@ def test_report_gives_floors_of_dense_evaluations_and_no_spread_for_one_seed():
     text = report_markdown(records)
     assert "| fraction | floor | none | geometric |" in text
     assert "| 0.1 | 0.550 | 0.710 ± 0.014 (n=2) | 0.900 (1 seed) |" in text
+
+
+def test_unsettled_comparisons_name_the_arms_a_third_seed_needs():
+    from glsd.tools.study_report import extra_seed_arms
+
+    records = [_rec(0.1, "none", 0, 30.0), _rec(0.1, "none", 1, 31.0),
+               _rec(0.1, "similarity", 0, 33.0), _rec(0.1, "similarity", 1, 36.0),
+               _rec(0.1, "geometric", 0, 36.0), _rec(0.1, "geometric", 1, 36.5),
+               _rec(0.1, "hybrid", 0, 40.0), _rec(0.1, "hybrid", 1, 41.0),
+               # 0.2: every comparison beyond the spread; 0.5: one seed only
+               _rec(0.2, "none", 0, 40.0), _rec(0.2, "none", 1, 40.5),
+               _rec(0.2, "similarity", 0, 38.0), _rec(0.2, "similarity", 1, 38.2),
+               _rec(0.2, "geometric", 0, 45.0), _rec(0.2, "geometric", 1, 45.3),
+               _rec(0.5, "none", 0, 40.0), _rec(0.5, "geometric", 0, 40.1)]
+    # 0.1: geometric - similarity = +1.75 (diffs +3, +0.5) is within similarity's spread of
+    # 2.12; none - similarity = -4 and hybrid - geometric = +4.25 are beyond it.
+    assert extra_seed_arms(records) == {0.1: ["similarity", "geometric"]}
+    text = report_markdown(records)
+    assert "## Comparisons still within the seed spread (k-NN)" in text
+    assert "- fraction 0.1: geometric vs similarity" in text
+    assert "fraction 0.2:" not in text.split("## Comparisons still within")[1].split("##")[0]
+    settled = [r for r in records if r["fraction"] != 0.1]
+    assert extra_seed_arms(settled) == {}
+    assert "Comparisons still within" not in report_markdown(settled)

@@ -140,6 +140,35 @@ def new_arm_verdict(row: dict, digits: int = 2) -> Optional[str]:
             f"{p['margin']:+.{digits}f} ({evidence(p, digits)})")
 
 
+def unsettled(row: dict) -> list[tuple[str, str]]:
+    """The comparisons the study exists to answer (the paper's two claims, and the best new
+    arm against the best of the paper's arms) whose paired margin at one fraction is not yet
+    beyond the seed spread although two or more seeds ran: the arm pairs a further seed
+    should be run for. Comparisons with one seed are not listed: they need seed 2 anyway."""
+    pairs = [(a, b) for a, b, _ in PAPER_CLAIMS]
+    new = [m for m in NEW_ARMS if m in row]
+    old = [m for m in BASELINE_ARMS if m in row]
+    if new and old:
+        pairs.append((max(new, key=lambda m: row[m]["mean"]), max(old, key=lambda m: row[m]["mean"])))
+    out = []
+    for a, b in pairs:
+        p = paired_margin(row, a, b) if a in row and b in row else None
+        if p is not None and len(p["diffs"]) > 1 and not p["clear"] and (a, b) not in out:
+            out.append((a, b))
+    return out
+
+
+def extra_seed_arms(records: list[dict], key: str = "knn_top1") -> dict:
+    """{fraction: [matching, ...]}: the arms of each fraction that take part in an unsettled
+    comparison (:func:`unsettled`), in the study's matching order."""
+    plan = {}
+    for frac, row in sorted(summarize(records, key).items()):
+        arms = {m for pair in unsettled(row) for m in pair}
+        if arms:
+            plan[frac] = [m for m in MATCHINGS if m in arms]
+    return plan
+
+
 def verdict_lines(frac: float, row: dict, text: str, digits: int = 2) -> list[str]:
     """A fraction's verdict bullet, then the new-arm line when new arms ran."""
     lines = [f"- fraction {frac:g}: {text}"]
@@ -201,6 +230,20 @@ def _stated(records: list[dict]) -> tuple[str, str]:
     return (f"Data: {data}. " if data else ""), (f"k={k}, T={temp}, " if k and temp else "")
 
 
+def _unsettled_section(table: dict) -> list[str]:
+    """The k-NN comparisons still within the seed spread, and the arms a further seed needs."""
+    rows = {frac: unsettled(row) for frac, row in sorted(table.items())}
+    rows = {frac: pairs for frac, pairs in rows.items() if pairs}
+    if not rows:
+        return []
+    lines = ["", "## Comparisons still within the seed spread (k-NN)", "",
+             "Margins that two or more seeds do not yet settle; a further seed of these arms "
+             "would (`extra_seed_arms`).", ""]
+    for frac, pairs in rows.items():
+        lines.append(f"- fraction {frac:g}: " + "; ".join(f"{a} vs {b}" for a, b in pairs))
+    return lines
+
+
 def report_markdown(records: list[dict]) -> str:
     table = summarize(records)
     matchings = [m for m in MATCHINGS if any(m in row for row in table.values())]
@@ -232,6 +275,7 @@ def report_markdown(records: list[dict]) -> str:
                                f"floor: {lift:+.2f} points ({bar})."
                                + (f" Paper: {claims}." if claims else ""))
     lines += other_evaluations(records, matchings)
+    lines += _unsettled_section(table)
     lines += ["", "## Matching diagnostics at the end of training", "",
               "How often the similarity match equals the geometric match (among cells with a valid "
               "geometric match), and the mean distance of similarity matches from the true "
