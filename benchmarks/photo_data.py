@@ -43,7 +43,7 @@ from PIL import Image  # noqa: E402
 
 from glsd.config import load_config  # noqa: E402
 from glsd.tools.bench import environment, write_json  # noqa: E402
-from glsd.tools.bench.common import finite, log, median, ratio  # noqa: E402
+from glsd.tools.bench.common import finite, log, ratio  # noqa: E402
 
 SCHEMA = "glsd-photo-data/1"
 PRESET = "photos-vit-s16"

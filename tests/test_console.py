@@ -1,7 +1,6 @@
 """The console (glsd.train.console), collapse indicators (glsd.train.collapse) and the
 TensorBoard sink: what a run prints piped and on a terminal, what it logs."""
 import io
-import json
 import math
 import subprocess
 import sys

@@ -20,7 +20,7 @@ from glsd.train.finite import nonfinite_tensors
 from glsd.train.objective import GlobalLocalObjective, LossTerms
 from glsd.train.pretrain import pretrain
 
-from helpers_tiny import (cli, last_step, load_last, start_pretrain, tiny_config, wait_for_step,
+from helpers_tiny import (cli, load_last, start_pretrain, tiny_config, wait_for_step,
                           write_config)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import threading
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest

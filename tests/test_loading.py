@@ -10,10 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from glsd.config import to_dict
-from glsd.errors import CheckpointError, ConfigError, GlsdError
+from glsd.errors import CheckpointError, GlsdError
 from glsd.eval.features import load_backbone
 from glsd.export import load_exported
-from glsd.models.backbone import create_model
 from glsd.models.heads import build_network
 from glsd.train.checkpoint import FORMAT, export_backbone, load_checkpoint, save_checkpoint
 

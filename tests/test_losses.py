@@ -1,7 +1,6 @@
 """DINO global and local losses (glsd.loss.dino) against naive loops."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from glsd.loss.dino import Center, DINOGlobalLoss, DINOLocalLoss, teacher_probs, view_pairs
 from glsd.loss.matching import Matches

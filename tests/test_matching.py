@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from glsd.data.geometry import cell_centers, make_geometry
 from glsd.loss.matching import (geometric_match, match_pairs, match_threshold_sq,

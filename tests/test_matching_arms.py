@@ -6,7 +6,7 @@ import torch
 from glsd.config import ConfigError, load_config
 from glsd.data.geometry import cell_centers, make_geometry
 from glsd.loss.dino import DINOLocalLoss, view_pairs
-from glsd.loss.matching import Matches, match_pairs, match_threshold_sq, squared_distances
+from glsd.loss.matching import Matches, match_pairs, squared_distances
 from glsd.tools.study_report import new_arm_verdict, report_markdown, summarize
 from test_losses import naive_local
 

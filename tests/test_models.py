@@ -9,7 +9,6 @@ Tiny backbones used (all run 32 px global and 16 px local crops):
 - ResNet-18 (stride 32): grids 1x1 / 1x1; one BasicBlock per stage (timm's ``layers``
   override) except in the forward-only backbone test, to keep each test fast on 2 cores.
 """
-import math
 
 import pytest
 import torch
@@ -18,8 +17,8 @@ from glsd.config import load_config
 from glsd.data.geometry import make_geometry
 from glsd.loss.dino import DINOGlobalLoss, DINOLocalLoss, view_pairs
 from glsd.loss.matching import match_pairs
-from glsd.models.backbone import Backbone, build_backbone
-from glsd.models.heads import DINOHead, GLSDNet, build_network, build_teacher
+from glsd.models.backbone import build_backbone
+from glsd.models.heads import DINOHead, build_network, build_teacher
 from glsd.train.objective import GlobalLocalObjective
 
 BACKBONES = {

@@ -37,7 +37,7 @@ def _table_cells(report: str) -> dict:
 
 def test_micro_grid_end_to_end_and_resume(tmp_path):
     out = tmp_path / "study"
-    result = run_study(None, out, TINY, fractions=[0.5, 1.0], matchings=["none", "geometric"],
+    run_study(None, out, TINY, fractions=[0.5, 1.0], matchings=["none", "geometric"],
                        seeds=[0], evals=["knn"], device="cpu")
     records = json.loads((out / "results.json").read_text())
     assert len(records) == 4 and all(r["status"] == "done" for r in records), records

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from pathlib import Path
 from typing import Optional
 
 from glsd.config import MATCHINGS
