@@ -1,11 +1,11 @@
-"""report.png: a panel per recorded metric and the verdicts it draws under them."""
+"""report.png: a panel per recorded metric and the grid of verdicts beside or under them."""
 import pytest
 
 pytest.importorskip("matplotlib")
 
 from matplotlib.image import imread  # noqa: E402
 
-from glsd.tools.study_plot import plot_report, present_metrics, verdict_text  # noqa: E402
+from glsd.tools.study_plot import plot_report, present_metrics, verdict_grid  # noqa: E402
 
 # {fraction: {arm: per-seed k-NN top-1}}: 0.05 geometric clearly above similarity and
 # similarity below none, hybrid clearly the best; 0.1 geometric clearly below similarity, no
@@ -40,40 +40,43 @@ def _records(dense: bool) -> list[dict]:
     return records
 
 
-def test_verdicts_state_the_papers_claims_per_fraction_as_measured():
-    text = verdict_text(_records(dense=False))
-    assert text[0] == "k-NN top-1 (%):"
-    assert ("  fraction 0.05: geometric matching beats similarity matching: holds "
-            "(geometric - similarity = +10.00, beyond the seed spread of 1.00)") in text
-    assert ("  fraction 0.05: similarity matching is worse than global-only: holds "
-            "(none - similarity = +5.00, beyond the seed spread of 1.00)") in text
-    assert ("  fraction 0.05: best new arm (hybrid) vs the best of none/similarity/geometric "
-            "(geometric): +5.00 (beyond the seed spread of 1.00)") in text
-    assert ("  fraction 0.1: geometric matching beats similarity matching: does not hold "
-            "(geometric - similarity = -10.00, beyond the seed spread of 1.00)") in text
-    assert ("  fraction 0.1: similarity matching is worse than global-only: not run "
-            "(no finished none cell)") in text  # its only none cell failed
-    assert "  fraction 0.1: best new arm vs the best of none/similarity/geometric: not run" in text
-    assert ("  fraction 0.5: geometric matching beats similarity matching: holds "
-            "(geometric - similarity = +1.00, within the seed spread of 2.00)") in text
-    assert any(line.startswith("  fraction 0.5: best new arm (soft_geometric)")
-               and "one seed: no spread to compare with" in line for line in text)
-    assert "  fraction 1: not run" in text
-    assert not any("dense" in line for line in text)  # not recorded: no verdict on it
+def _grid(records) -> dict:
+    """{(row label, fraction): (verdict, text)}."""
+    labels, fractions, cells = verdict_grid(records)
+    return {(label, frac): cell for label, row in zip(labels, cells) for frac, cell in zip(fractions, row)}
 
 
-def test_verdicts_cover_every_recorded_metric():
+def test_verdict_grid_states_the_papers_claims_per_fraction_as_measured():
+    labels, fractions, _ = verdict_grid(_records(dense=False))
+    assert labels == ["k-NN: geometric > similarity", "k-NN: similarity < none",
+                      "k-NN: best new > best of 3"]
+    assert fractions == [0.05, 0.1, 0.5, 1.0]
+    grid = _grid(_records(dense=False))
+    claim1, claim2, new = labels
+    assert grid[claim1, 0.05] == ("holds beyond", "+10.00")  # beyond the spread of 1.00
+    assert grid[claim2, 0.05] == ("holds beyond", "+5.00")  # none - similarity
+    assert grid[new, 0.05] == ("holds beyond", "hyb-geo +5.00")
+    assert grid[claim1, 0.1] == ("does not hold beyond", "-10.00")
+    assert grid[claim2, 0.1] == ("not run", "not run")  # its only none cell failed
+    assert grid[new, 0.1] == ("not run", "not run")  # no new arm ran
+    assert grid[claim1, 0.5] == ("holds", "+1.00")  # within the seed spread of 2.00
+    assert grid[claim2, 0.5] == ("does not hold beyond", "-3.00")
+    assert grid[new, 0.5] == ("holds", "soft-geo +15.00 (1 seed)")  # one seed: never "beyond"
+    assert all(grid[label, 1.0] == ("not run", "not run") for label in labels)
+
+
+def test_verdict_grid_covers_every_recorded_metric():
     records = _records(dense=True)
     assert [m[0] for m in present_metrics(records)] == [
         "knn_top1", "dense_within_one", "seg_accuracy", "seg_miou"]
-    text = verdict_text(records)
-    titles = [line for line in text if not line.startswith(" ")]
-    assert titles == ["k-NN top-1 (%):", "dense correspondence: within one cell:",
-                      "labelled dense probe: cell accuracy:", "labelled dense probe: mIoU:"]
-    dense = text[text.index(titles[1]):text.index(titles[2])]
-    assert ("  fraction 0.05: geometric matching beats similarity matching: holds "
-            "(geometric - similarity = +0.100, beyond the seed spread of 0.010)") in dense
-    assert "  fraction 0.5: not run" in dense and "  fraction 1: not run" in dense
+    labels, _, _ = verdict_grid(records)
+    assert [label.split(":")[0] for label in labels[::3]] == ["k-NN", "dense", "seg acc", "seg mIoU"]
+    grid = _grid(records)
+    assert grid["dense: geometric > similarity", 0.05] == ("holds beyond", "+0.100")
+    assert grid["dense: geometric > similarity", 0.5] == ("not run", "not run")
+    tie = [dict(r, knn_top1=30.001 if r["matching"] == "geometric" else 30.0) for r in records
+           if r.get("status") == "done" and r["fraction"] == 0.05 and r["matching"] in ("geometric", "similarity")]
+    assert _grid(tie)["k-NN: geometric > similarity", 0.05] == ("a tie", "+0.00")
 
 
 @pytest.mark.parametrize("dense", [False, True])

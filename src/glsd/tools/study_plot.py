@@ -1,7 +1,8 @@
 """The study's picture, report.png: one panel per evaluation the cells recorded (the metric
 against the data fraction, one line per arm with the seed spread, the random-init floor),
-and under them the verdicts of report.md on the paper's two claims and on the new arms, per
-fraction and metric, as measured.
+and a grid of the verdicts of report.md: per metric, the paper's two claims and the best new
+arm against the best of the paper's three, per fraction, coloured by whether each holds and
+whether its margin is beyond the seed spread, as measured.
 
 The verdicts come from :mod:`glsd.tools.study_report` (one rule, two outputs); this module
 only lays them out.
@@ -9,24 +10,36 @@ only lays them out.
 from __future__ import annotations
 
 import math
-import textwrap
 from pathlib import Path
 from typing import Optional
 
 from glsd.config import MATCHINGS
-from glsd.tools.study_report import (BASELINE_ARMS, mean_std, new_arm_verdict, paper_claims,
-                                     settings, summarize)
+from glsd.tools.study_report import (PAPER_CLAIMS, mean_std, outcome, questions, settings,
+                                     summarize)
 
-# (record key, its random-init floor's key or None, panel title, digits of the verdicts)
+# (record key, its random-init floor's key or None, panel title, digits of the verdicts,
+# the short name of the verdict grid's rows)
 PLOT_METRICS = (
-    ("knn_top1", "knn_floor_top1", "k-NN top-1 (%)", 2),
-    ("linear_top1", None, "linear probe top-1 (%)", 2),
-    ("dense_within_one", "dense_floor_within_one", "dense correspondence: within one cell", 3),
-    ("seg_accuracy", "seg_floor_accuracy", "labelled dense probe: cell accuracy", 3),
-    ("seg_miou", "seg_floor_miou", "labelled dense probe: mIoU", 3),
+    ("knn_top1", "knn_floor_top1", "k-NN top-1 (%)", 2, "k-NN"),
+    ("linear_top1", None, "linear probe top-1 (%)", 2, "linear"),
+    ("dense_within_one", "dense_floor_within_one", "dense correspondence: within one cell", 3, "dense"),
+    ("seg_accuracy", "seg_floor_accuracy", "labelled dense probe: cell accuracy", 3, "seg acc"),
+    ("seg_miou", "seg_floor_miou", "labelled dense probe: mIoU", 3, "seg mIoU"),
 )
-FONT = 7  # of the verdict text, in points
+QUESTION_ROWS = ("geometric > similarity", "similarity < none", "best new > best of 3")
+SHORT = {"none": "none", "similarity": "sim", "geometric": "geo", "soft_geometric": "soft",
+         "hybrid": "hyb"}
+SHADES = {  # verdict -> (fill, text colour, legend)
+    "holds beyond": ("#2e7d32", "white", "holds, beyond the seed spread"),
+    "holds": ("#a5d6a7", "black", "holds, within the spread or one seed"),
+    "a tie": ("#e0e0e0", "black", "a tie at the report's digits"),
+    "does not hold": ("#ef9a9a", "black", "does not hold, within the spread or one seed"),
+    "does not hold beyond": ("#c62828", "white", "does not hold, beyond the seed spread"),
+    "not run": ("#ffffff", "0.5", "not run"),
+}
+FONT = 7  # of the verdict grid, in points
 PANEL_W, PANEL_H = 4.6, 3.3  # inches
+ROW_H = 0.24  # inches per row of the verdict grid
 
 
 def _done(records: list[dict], key: str) -> list[dict]:
@@ -47,29 +60,59 @@ def floor_line(records: list[dict], floor_key: Optional[str]) -> dict:
             for f, row in table.items()}
 
 
-def verdict_text(records: list[dict]) -> list[str]:
-    """The verdict lines drawn under the panels: per metric a title, then per fraction of the
-    grid the paper's two claims and the best new arm against the best of the paper's three,
-    each as report.md states it (margin, beyond/within the seed spread), or "not run"."""
+def verdict_grid(records: list[dict]) -> tuple[list[str], list[float], list[list[tuple[str, str]]]]:
+    """(row labels, fractions, cells): per recorded metric three rows (the paper's two claims,
+    the best new arm against the best of the paper's three), one column per fraction of the
+    grid; each cell is (verdict, text) with a verdict key of :data:`SHADES` and the paired
+    margin as report.md states it."""
     fractions = sorted({r["fraction"] for r in records})
-    lines: list[str] = []
-    for key, _, title, digits in present_metrics(records):
+    labels, cells = [], []
+    for key, _, _, digits, short in present_metrics(records):
         table = summarize(_done(records, key), key)
-        lines.append(f"{title}:")
-        for frac in fractions:
-            row = table.get(frac)
-            if not row:
-                lines.append(f"  fraction {frac:g}: not run")
-                continue
-            new = new_arm_verdict(row, digits) or (
-                f"best new arm vs the best of {'/'.join(BASELINE_ARMS)}: not run")
-            for text in [*paper_claims(row, digits, not_run=True), new]:
-                lines.append(f"  fraction {frac:g}: {text}")
-    return lines
+        for i, question in enumerate(QUESTION_ROWS):
+            labels.append(f"{short}: {question}")
+            cells.append([_verdict_cell(table.get(frac), i, digits) for frac in fractions])
+    return labels, fractions, cells
+
+
+def _verdict_cell(row: Optional[dict], i: int, digits: int) -> tuple[str, str]:
+    asked = questions(row) if row else []
+    if i >= len(asked) or asked[i][3] is None:
+        return "not run", "not run"
+    a, b, _, p = asked[i]
+    result = outcome(p, digits)
+    verdict = f"{result} beyond" if p["clear"] and result != "a tie" else result
+    text = f"{p['margin']:+.{digits}f}" + (" (1 seed)" if len(p["diffs"]) == 1 else "")
+    if i >= len(PAPER_CLAIMS):  # which arms were the best of each side
+        text = f"{SHORT.get(a, a)}-{SHORT.get(b, b)} {text}"
+    return verdict, text
+
+
+def _verdict_panel(ax, records: list[dict]) -> None:
+    from matplotlib.patches import Patch, Rectangle
+
+    labels, fractions, cells = verdict_grid(records)
+    for y, row in enumerate(cells):
+        for x, (verdict, text) in enumerate(row):
+            fill, ink, _ = SHADES[verdict]
+            ax.add_patch(Rectangle((x, y), 1, 1, facecolor=fill, edgecolor="white", linewidth=1.5))
+            ax.text(x + 0.5, y + 0.5, text, ha="center", va="center", fontsize=FONT, color=ink)
+    ax.set_xlim(0, len(fractions))
+    ax.set_ylim(len(labels), 0)
+    ax.set_xticks([x + 0.5 for x in range(len(fractions))], [f"fraction {f:g}" for f in fractions],
+                  fontsize=FONT + 1)
+    ax.xaxis.tick_top()
+    ax.set_yticks([y + 0.5 for y in range(len(labels))], labels, fontsize=FONT + 1)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title("Verdicts, paired by seed (margin a - b, as in report.md)", fontsize=9)
+    ax.legend(handles=[Patch(facecolor=f, edgecolor="0.7", label=l) for f, _, l in SHADES.values()],
+              loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=FONT, frameon=False)
 
 
 def _panel(ax, records: list[dict], metric: tuple, colors: dict) -> None:
-    key, floor_key, title, _ = metric
+    key, floor_key, title = metric[:3]
     table = summarize(_done(records, key), key)
     fracs = sorted(table)
     for arm in MATCHINGS:
@@ -108,13 +151,13 @@ def plot_report(records: list[dict], path: Path) -> None:
         raise ValueError("no finished cell recorded an evaluation: nothing to plot")
     ncols = min(len(metrics), 3)
     nrows = math.ceil(len(metrics) / ncols)
-    width = max(PANEL_W * ncols, 2 * PANEL_W)  # one panel alone: room for the verdicts' lines
-    chars = int(width * 72 / (0.62 * FONT)) - 6  # monospace glyphs are ~0.6 em wide
-    text = [w for line in verdict_text(records)
-            for w in textwrap.wrap(line, chars, subsequent_indent="      ") or [""]]
-    text_h = 0.4 + len(text) * FONT * 1.25 / 72
-    fig = plt.figure(figsize=(width, PANEL_H * nrows + text_h), dpi=120)
-    grid = fig.add_gridspec(nrows + 1, ncols, height_ratios=[PANEL_H] * nrows + [text_h])
+    free = ncols * nrows - len(metrics)  # two empty slots of the last row take the verdict grid
+    grid_h = 1.4 + ROW_H * 3 * len(metrics)
+    fits = free >= 2
+    heights = [PANEL_H] * (nrows - 1) + ([max(PANEL_H, grid_h)] if fits else [PANEL_H, grid_h])
+    width = max(PANEL_W * ncols, 2 * PANEL_W)  # one panel alone: room for the verdict grid
+    fig = plt.figure(figsize=(width, sum(heights)), dpi=120)
+    grid = fig.add_gridspec(len(heights), ncols, height_ratios=heights)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {arm: cycle[i % len(cycle)] for i, arm in enumerate(MATCHINGS)}  # same arm, same colour
     for i, metric in enumerate(metrics):
@@ -122,10 +165,7 @@ def plot_report(records: list[dict], path: Path) -> None:
     data = settings(records, "data")
     fig.suptitle(f"Low-data study{f' on {data}' if data else ''}: mean ± seed std per arm",
                  fontsize=10)
-    ax = fig.add_subplot(grid[nrows, :])
-    ax.axis("off")
-    ax.text(0.0, 1.0, "Verdicts (paired by seed; as in report.md)\n" + "\n".join(text),
-            va="top", ha="left", family="monospace", fontsize=FONT, transform=ax.transAxes)
+    _verdict_panel(fig.add_subplot(grid[nrows - 1, ncols - free:] if fits else grid[nrows, :]), records)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

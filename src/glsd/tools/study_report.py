@@ -102,13 +102,42 @@ PAPER_CLAIMS = (("geometric", "similarity", "geometric matching beats similarity
                 ("none", "similarity", "similarity matching is worse than global-only"))
 
 
+def best_new_and_old(row: dict) -> Optional[tuple[str, str]]:
+    """(best new arm, best of the paper's arms) by mean at one fraction, or None when either
+    side has no finished cell."""
+    new = [m for m in NEW_ARMS if m in row]
+    old = [m for m in BASELINE_ARMS if m in row]
+    if not new or not old:
+        return None
+    return max(new, key=lambda m: row[m]["mean"]), max(old, key=lambda m: row[m]["mean"])
+
+
+def questions(row: dict) -> list[tuple[str, str, str, Optional[dict]]]:
+    """The comparisons the study exists to answer at one fraction, as (a, b, claim, paired
+    margin a - b or None when no seed finished both): the paper's two claims, then, when
+    new arms ran, the best of them against the best of the paper's arms."""
+    out = []
+    for a, b, claim in PAPER_CLAIMS:
+        out.append((a, b, claim, paired_margin(row, a, b) if a in row and b in row else None))
+    pair = best_new_and_old(row)
+    if pair:
+        out.append((*pair, f"best new arm beats the best of {'/'.join(BASELINE_ARMS)}",
+                    paired_margin(row, *pair)))
+    return out
+
+
+def outcome(p: dict, digits: int) -> str:
+    """"holds", "a tie" (the margin rounds to zero at the report's digits) or "does not hold"."""
+    margin = round(p["margin"], digits)
+    return "holds" if margin > 0 else "a tie" if margin == 0 else "does not hold"
+
+
 def paper_claims(row: dict, digits: int = 2, not_run: bool = False) -> list[str]:
     """The paper's two low-data claims, each checked at one fraction (paired by seed).
     A claim whose arms have no finished cell in common is left out, or with ``not_run``
     stated as not run."""
     out = []
-    for a, b, claim in PAPER_CLAIMS:
-        p = paired_margin(row, a, b) if a in row and b in row else None
+    for a, b, claim, p in questions(row)[:len(PAPER_CLAIMS)]:
         if p is None:
             if not_run:
                 missing = [m for m in (a, b) if m not in row]
@@ -116,9 +145,7 @@ def paper_claims(row: dict, digits: int = 2, not_run: bool = False) -> list[str]
                        else f"no seed finished in both {a} and {b}")
                 out.append(f"{claim}: not run ({why})")
             continue
-        margin = round(p["margin"], digits)
-        outcome = "holds" if margin > 0 else "a tie" if margin == 0 else "does not hold"
-        out.append(f"{claim}: {outcome} "
+        out.append(f"{claim}: {outcome(p, digits)} "
                    f"({a} - {b} = {p['margin']:+.{digits}f}, {evidence(p, digits)})")
     return out
 
@@ -126,32 +153,20 @@ def paper_claims(row: dict, digits: int = 2, not_run: bool = False) -> list[str]
 def new_arm_verdict(row: dict, digits: int = 2) -> Optional[str]:
     """The best new arm against the best baseline arm at one fraction (paired by seed), or
     None when either side has no finished cell."""
-    new = [m for m in NEW_ARMS if m in row]
-    old = [m for m in BASELINE_ARMS if m in row]
-    if not new or not old:
+    extra = questions(row)[len(PAPER_CLAIMS):]
+    if not extra or extra[0][3] is None:
         return None
-    best_new = max(new, key=lambda m: row[m]["mean"])
-    best_old = max(old, key=lambda m: row[m]["mean"])
-    p = paired_margin(row, best_new, best_old)
-    if p is None:
-        return None
+    best_new, best_old, _, p = extra[0]
     return (f"best new arm ({best_new}) vs the best of {'/'.join(BASELINE_ARMS)} ({best_old}): "
             f"{p['margin']:+.{digits}f} ({evidence(p, digits)})")
 
 
 def unsettled(row: dict) -> list[tuple[str, str]]:
-    """The comparisons the study exists to answer (the paper's two claims, and the best new
-    arm against the best of the paper's arms) whose paired margin at one fraction is not yet
-    beyond the seed spread although two or more seeds ran: the arm pairs a further seed
-    should be run for. Comparisons with one seed are not listed: they need seed 2 anyway."""
-    pairs = [(a, b) for a, b, _ in PAPER_CLAIMS]
-    new = [m for m in NEW_ARMS if m in row]
-    old = [m for m in BASELINE_ARMS if m in row]
-    if new and old:
-        pairs.append((max(new, key=lambda m: row[m]["mean"]), max(old, key=lambda m: row[m]["mean"])))
+    """The :func:`questions` whose paired margin at one fraction is not yet beyond the seed
+    spread although two or more seeds ran: the arm pairs a further seed should be run for.
+    Comparisons with one seed are not listed: they need seed 2 anyway."""
     out = []
-    for a, b in pairs:
-        p = paired_margin(row, a, b) if a in row and b in row else None
+    for a, b, _, p in questions(row):
         if p is not None and len(p["diffs"]) > 1 and not p["clear"] and (a, b) not in out:
             out.append((a, b))
     return out
