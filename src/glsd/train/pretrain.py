@@ -324,7 +324,10 @@ def end_of_epoch(ctx: Context, state: TrainState) -> None:
     if k_every and state.epoch % k_every == 0:
         from glsd.eval.runner import online_knn
 
-        result = online_knn(ctx.teacher.backbone, ctx.cfg, ctx.device, ctx.run.root)
+        # The checkpoint above holds the RNG state that a resume restores; the evaluation's
+        # loaders draw seeds from it, so they draw from a fork, or a resumed run would diverge.
+        with torch.random.fork_rng(devices=[]):
+            result = online_knn(ctx.teacher.backbone, ctx.cfg, ctx.device, ctx.run.root)
         ctx.run.log_metrics({"step": state.step, "epoch": state.epoch,
                              **{f"knn_{k}": v for k, v in result.items()}})
         if ctx.console is not None:
@@ -352,6 +355,7 @@ def checkpoint(ctx: Context, state: TrainState, keep: bool = False) -> None:
         "optimizer": ctx.optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
         "step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
         "samples_in_epoch": state.step_in_epoch * ctx.sampler.global_batch,
+        "global_batch": ctx.sampler.global_batch,
         "skipped_images": state.skipped_images,
         "rng": per_rank[0]["rng"],
         "rng_per_rank": [p["rng"] for p in per_rank],
@@ -378,13 +382,42 @@ def _restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler
     teacher.load_state_dict(ckpt["teacher"])
     objective.load_state_dict(ckpt["objective"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"]:  # empty from a run without fp16 loss scaling: a new scaler starts fresh
+        scaler.load_state_dict(ckpt["scaler"])
     rng, skipped = rank_state(ckpt, sampler.rank, sampler.world)
     set_rng_state(rng)
-    # Resume at the same sample of the epoch; under another world size this rounds down to a
-    # whole global batch of the new size (a few images may be seen twice).
-    step_in_epoch = ckpt["samples_in_epoch"] // sampler.global_batch
-    LOG.info("resumed from step %d (epoch %d, step %d of it)", ckpt["step"], ckpt["epoch"], step_in_epoch)
-    return TrainState(ckpt["step"], ckpt["epoch"], step_in_epoch, skipped, ckpt["step"])
+    step, step_in_epoch = resume_position(ckpt, sampler.steps_per_epoch, sampler.global_batch)
+    if step == ckpt["step"]:
+        LOG.info("resumed from step %d (epoch %d, step %d of it)", step, ckpt["epoch"], step_in_epoch)
+    else:
+        LOG.info("resumed from step %d of batches of %d images = step %d of this run's batches of %d "
+                 "(epoch %d, step %d of it): the schedules continue at the same point of the run",
+                 ckpt["step"], recorded_global_batch(ckpt), step, sampler.global_batch,
+                 ckpt["epoch"], step_in_epoch)
+    return TrainState(step, ckpt["epoch"], step_in_epoch, skipped, step)
+
+
+def recorded_global_batch(ckpt: dict) -> int:
+    """The global batch a checkpoint was trained with (older ones: per-process batch x ranks)."""
+    if "global_batch" in ckpt:
+        return int(ckpt["global_batch"])
+    return int(ckpt["config"]["train"]["batch_size"]) * len(ckpt.get("rng_per_rank") or [None])
+
+
+def resume_position(ckpt: dict, steps_per_epoch: int, global_batch: int) -> tuple[int, int]:
+    """(step, step in its epoch) at which a checkpoint resumes under this run's global batch.
+
+    What does not depend on the global batch is the epoch and the samples consumed in it. Under
+    the checkpoint's global batch the step is the checkpoint's own (exact resume). Under another
+    one (another world size, or train.batch_size with train.extend=true) the step counter counts
+    batches of another size, and the schedules are built per epoch: the step is re-counted in
+    this run's batches, so lr, momentum and temperatures continue where the run was, and the run
+    ends after its epochs. The sample position rounds down to a whole new batch (a few images may
+    be seen twice).
+    """
+    step_in_epoch = ckpt["samples_in_epoch"] // global_batch
+    if recorded_global_batch(ckpt) == global_batch:
+        return ckpt["step"], step_in_epoch
+    return ckpt["epoch"] * steps_per_epoch + step_in_epoch, step_in_epoch
 
 
