@@ -2,7 +2,6 @@
 evaluation, and from a run whose precision used no loss scaling."""
 import shutil
 
-import pytest
 import torch
 
 from glsd.train.pretrain import pretrain, recorded_global_batch, resume_position
