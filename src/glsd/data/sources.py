@@ -236,7 +236,10 @@ def zip_source(path: Path, split: str) -> ImageSource:
     index = {c: i for i, c in enumerate(classes)}
     names.sort()
     labels = [index[n.split("/")[depth]] if n.count("/") > depth else -1 for n in names]
-    return ImageSource(f"zip:{path}:{split}", names, labels, classes, _ZipReader(path))
+    # Without split folders every split is the same images: one name, so that evaluation
+    # refuses them as train and test (as a folder without split sub-folders is).
+    name = f"zip:{path}:{split}" if depth else f"zip:{path}"
+    return ImageSource(name, names, labels, classes, _ZipReader(path))
 
 
 def torchvision_source(kind: str, root: str, split: str, download: bool) -> ImageSource:

@@ -268,9 +268,10 @@ def _dense(backbone: Backbone, cfg: Config, dev: torch.device, test_data: Option
     if test_data is not None:
         cfg = dataclasses.replace(cfg, data=data_config(test_data, cfg.data, overrides))
     test = open_cached(cfg, cfg.eval.test_split)
-    if test_data is None and cfg.eval.test_split == cfg.data.split:
-        warnings.warn(f"dense evaluation on eval.test_split={cfg.eval.test_split!r}, the "
-                      "pretraining split: the images are not held out")
+    # By name, not by split: a source without split folders gives the same images for both.
+    if test_data is None and test.name == open_cached(cfg, cfg.data.split).name:
+        warnings.warn(f"dense evaluation on eval.test_split={cfg.eval.test_split!r} reads the "
+                      f"pretraining images ({test.name}): they are not held out")
     t0 = time.perf_counter()
     results = run_dense(backbone, test, cfg, dev)
     body = {**_data_record(cfg), "test_data": test_data, "test_source": test.name,
