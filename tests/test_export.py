@@ -5,9 +5,11 @@ from safetensors.torch import load_file, save_file
 
 from glsd.config import ConfigError, load_config, to_dict
 from glsd.eval.features import load_backbone
+from glsd.eval.runner import run_eval
 from glsd.export import load_exported
 from glsd.models.convnet import ConvNet
 from glsd.train.checkpoint import CheckpointError, export_backbone
+from glsd.train.lock import eval_output_dir
 from glsd.train.pretrain import pretrain
 
 TINY = ["data.source=synthetic", "data.synthetic_num_images=16", "data.num_workers=0",
@@ -193,3 +195,10 @@ def test_eval_and_embed_take_the_export_folder(tiny_run, tmp_path):
     out = tmp_path / "feats.npy"
     assert cli(["embed", str(folder), "synthetic", "data.synthetic_num_images=8", "--out", str(out)]) == 0
     assert out.is_file() and not list(folder.glob("eval*"))
+    # Evaluated, the export is its run: the run's subset.json, the run's eval/ (and its lock).
+    for path in (folder, folder / "model.safetensors"):
+        assert eval_output_dir(path) == run / "eval"
+        rec = run_eval("knn", path, ["eval.batch_size=8"], device="cpu", progress=False)
+        assert rec["output"] == str(run / "eval" / "knn.json")
+        assert rec["subset_file"] == str(run / "subset.json")
+    assert not list(folder.glob("eval*"))

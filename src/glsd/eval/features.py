@@ -29,6 +29,7 @@ from glsd.data.sources import ImageSource
 from glsd.export import export_folder_config
 from glsd.models.backbone import Backbone, build_backbone
 from glsd.train.checkpoint import load_checkpoint, read_backbone_config
+from glsd.train.lock import run_of
 from glsd.train.distributed import all_gather_cat, rank_world
 from glsd.train.weights import load_checked_weights, read_safetensors
 
@@ -130,13 +131,12 @@ def _locate_run(run_dir: Path):
 
 
 def _locate_checkpoint(path: Path):
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     ckpt = load_checkpoint(path)
 
     def weights(which: str):
         return _from_checkpoint(ckpt, path, which)
 
-    return _ckpt_config(ckpt, path), weights, {"path": str(path), "run_dir": str(run_dir)}
+    return _ckpt_config(ckpt, path), weights, {"path": str(path), "run_dir": str(run_of(path))}
 
 
 def _locate_safetensors(path: Path):
@@ -148,10 +148,8 @@ def _locate_safetensors(path: Path):
                               f"(its {CHECKPOINT}) for the {which}")
         return _from_safetensors(path)
 
-    folder = path.parent  # results go to the run an export folder (RUN/export/timm) belongs to
-    owner = folder.parent.parent if folder.parent.name == "export" else folder
-    run_dir = owner if (owner / "config.yaml").is_file() else folder
-    return raw, weights, {"path": str(path), "run_dir": str(run_dir)}
+    # results go to the run an export folder (RUN/export/timm) belongs to
+    return raw, weights, {"path": str(path), "run_dir": str(run_of(path))}
 
 
 def _read_yaml(path: Path) -> dict:

@@ -194,7 +194,7 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     backbone, cfg, info = load_backbone(path, which, random_init, run_overrides)
     dev = eval_device(device, cfg)
     backbone.to(dev)
-    base = path if path.is_dir() else Path(info["run_dir"])
+    base = Path(info["run_dir"])  # the run's subset.json and eval/ (an export's too)
     loaded = time.perf_counter()
     if kind == "dense":
         body, timing = _dense(backbone, cfg, dev, test_data, overrides, progress)

@@ -157,13 +157,22 @@ def holds(folder: Path) -> bool:
     return (Path(folder).resolve() / LOCK_NAME) in _held
 
 
+def run_of(path) -> Path:
+    """The run folder that a path given to evaluate belongs to: a run folder itself; the run
+    above ``checkpoints/`` for a checkpoint; the run above ``export/<name>/`` for an export
+    folder or a file in it (when that run has its config.yaml); else the file's folder."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if folder.name == "checkpoints" and folder != path:
+        return folder.parent
+    if folder.parent.name == "export" and (folder.parent.parent / "config.yaml").is_file():
+        return folder.parent.parent
+    return folder
+
+
 def eval_output_dir(path) -> Path:
     """Where an evaluation of ``path`` (run folder, checkpoint or export) writes: ``<run>/eval``."""
-    path = Path(path)
-    if path.is_dir():
-        return path / "eval"
-    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return run / "eval"
+    return run_of(path) / "eval"
 
 
 def locks_eval_output(fn):
