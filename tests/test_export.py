@@ -202,3 +202,33 @@ def test_eval_and_embed_take_the_export_folder(tiny_run, tmp_path):
         assert rec["output"] == str(run / "eval" / "knn.json")
         assert rec["subset_file"] == str(run / "subset.json")
     assert not list(folder.glob("eval*"))
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("vit pooled", ["model.backbone=vit_tiny_patch16_224", "model.patch_size=4", "model.global_feature=pooled",
+                    "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]),
+    ("vit cls", ["model.backbone=vit_tiny_patch16_224", "model.patch_size=4", "model.global_feature=cls",
+                 "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]),
+    ("swin", ["model.backbone=swin_tiny_patch4_window7_224",
+              "model.backbone_kwargs={embed_dim: 24, depths: [1, 1], num_heads: [1, 2], window_size: 4}"]),
+])
+def test_the_export_readme_line_gives_glsds_global_feature(tmp_path, name, extra):
+    """The `feats = ...` line of export/timm/README.md, run on the plain timm model, is the
+    feature glsd evaluates (Swin has no num_prefix_tokens: its line is model(x))."""
+    import re
+
+    from glsd.eval.features import embed, resolve_feature
+    from glsd.export import write_timm_export
+    from glsd.models.backbone import build_backbone
+
+    cfg = load_config(None, ["crops.global_size=32", *extra])
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.model, 32).eval()
+    write_timm_export(tmp_path, backbone.model, cfg)
+    line = re.search(r"^feats = (.*?)(?:  #.*)?$", (tmp_path / "README.md").read_text(), re.M).group(1)
+    model, _ = _plain_timm(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = eval(line, {"model": model, "x": x})
+        expected = embed(backbone, x, resolve_feature(backbone, "auto"))
+    torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-5)

@@ -130,7 +130,8 @@ def write_timm_export(out_dir: Union[str, Path], model: torch.nn.Module, cfg) ->
     for name, payload in (("model.safetensors", weights), ("config.json", text)):
         atomic_write(out_dir / name, lambda f, p=payload: f.write(p))
         os.chmod(out_dir / name, FILE_MODE)
-    (out_dir / "README.md").write_text(_folder_readme(config, out_dir))
+    tokens = hasattr(model, "num_prefix_tokens")  # a ViT: timm's model(x) is its class token
+    (out_dir / "README.md").write_text(_folder_readme(config, out_dir, tokens))
     os.chmod(out_dir / "README.md", FILE_MODE)
     return out_dir
 
@@ -142,12 +143,14 @@ def _resolved_feature(model: torch.nn.Module, cfg) -> str:
     return "cls" if int(getattr(model, "num_prefix_tokens", 0)) > 0 else "pooled"
 
 
-def _folder_readme(config: dict, out_dir: Path) -> str:
+def _folder_readme(config: dict, out_dir: Path, tokens: bool) -> str:
+    """The export folder's README; ``tokens``: a ViT, whose pooled feature is not timm's output
+    (Swin's and the conv nets' pooled feature is timm's average-pooled ``model(x)``)."""
     arch = config["architecture"]
     if config["glsd"]["loader"] == "glsd":
         return (f"# {arch} exported by glsd\n\n{CONVNET_NOTE}.\n\n```python\nimport glsd\n"
                 f"model = glsd.load_backbone(\"{out_dir}\")  # nn.Module, eval mode\n```\n")
-    pooled = config["glsd"]["feature"] == "pooled" and config["model_args"].get("img_size")
+    pooled = config["glsd"]["feature"] == "pooled" and tokens
     feature = ("model.forward_features(x)[:, model.num_prefix_tokens:].mean(1)  # glsd's pooled "
                "feature" if pooled else "model(x)  # (B, num_features): glsd's global feature")
     return f"""# {arch} exported by glsd
