@@ -18,6 +18,7 @@ from typing import Sequence
 
 from glsd.config import Config, config_hash, load_config
 from glsd.data.loader import SUBSET_FILE
+from glsd.data.sources import open_source
 from glsd.errors import GlsdError, RunFolderBusy
 from glsd.train import lock
 from glsd.train.checkpoint import read_json_record
@@ -71,6 +72,9 @@ def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=N
             "config": config, "overrides": list(overrides), "evals": evals,
             "cells": [c.name for c in cells]})
         if jobs > 1:
+            if base.data.download:  # once here, not by every worker at once into one file
+                for split in {base.data.split, base.eval.test_split}:
+                    open_source(base.data, split)
             records = run_cells_in_parallel(config, overrides, cells, out, evals, device, jobs)
         else:
             records = run_cells_in_order(config, overrides, cells, out, evals, device)

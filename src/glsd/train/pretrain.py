@@ -82,7 +82,7 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo, run: RunFolder
     """The run in ``run`` (locked by the caller, who closes it however this ends)."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)  # same initial weights on every rank
     # Bad data paths and unknown backbones fail here, before the run folder is touched.
-    source = open_source(cfg.data)
+    source = open_source_downloading_once(cfg.data, dinfo)
     # Grids, strides, warm-up and schedule changes: refused or adjusted before any step.
     cfg, plan = preflight(cfg, source, dinfo.world_size)
     require_sinks(cfg)
@@ -140,6 +140,27 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo, run: RunFolder
             f"{state.step}; checkpoint saved in {run.last}. Rerun the same command to resume.",
             signum)
     return run.root
+
+
+def open_source_downloading_once(data_cfg, dinfo: DistInfo, open_fn=open_source):
+    """open_source on every rank; with data.download under torchrun, rank 0 first, then the
+    first rank of each node (no shared disk), then the rest: never two downloads of one file
+    at once. A rank whose open fails still passes every barrier before it raises, so no rank
+    waits forever: the others then fail on their own open."""
+    if not (dinfo.enabled and data_cfg.download):
+        return open_fn(data_cfg)
+    stage = 0 if dinfo.rank == 0 else 1 if dinfo.local_rank == 0 else 2
+    source, error = None, None
+    for turn in range(3):
+        if turn == stage:
+            try:
+                source = open_fn(data_cfg)
+            except Exception as e:  # noqa: BLE001 - raised after the last barrier
+                error = e
+        barrier()
+    if error is not None:
+        raise error
+    return source
 
 
 @dataclass
