@@ -66,8 +66,9 @@ def test_knn_on_another_set_prints_one_headline(unlabelled_run, capsys):
     assert len(lines) == 2, lines
     match = re.fullmatch(r"k-NN top-1 (\d+\.\d) % \(k=20, 12 train / 9 test\)", lines[0])
     assert match, lines[0]
-    record = json.loads((run / "eval" / "knn-on-train-test.json").read_text())
-    assert lines[1] == f"full record: {run / 'eval' / 'knn-on-train-test.json'}"
+    name = f"knn-on-{train.parent.name}_train-{test.parent.name}_test.json"
+    record = json.loads((run / "eval" / name).read_text())
+    assert lines[1] == f"full record: {run / 'eval' / name}"
     assert float(match.group(1)) == round(record["results"]["top1"], 1)
     assert record["train_data"] == str(train) and record["test_data"] == str(test)
     assert record["subset_file"] is None and (record["n_train"], record["n_test"]) == (12, 9)
@@ -119,3 +120,18 @@ def test_a_zip_without_split_folders_is_not_its_own_test_set(unlabelled_run, tmp
     with pytest.warns(UserWarning, match="not held out"):  # dense on the pretraining images
         run_eval("dense", run, [f"data.root={zpath}", "data.source=auto", "eval.dense_num_images=2"],
                  device="cpu", progress=False)
+
+
+def test_records_of_two_sets_laid_out_alike_do_not_overwrite_each_other():
+    from glsd.eval.runner import data_slug
+
+    a, b = data_slug("/d/a/train", "/d/a/test"), data_slug("/d/b/train/", "/d/b/test")
+    assert (a, b) == ("-on-a_train-a_test", "-on-b_train-b_test")
+    assert data_slug("/d/pets.zip", None) == "-on-pets" and data_slug(None, None) == ""
+    assert data_slug("cifar10", None) == "-on-cifar10" and data_slug("train", "test") == "-on-train-test"
+
+
+def test_dense_refuses_train_data_naming_test_data(unlabelled_run, capsys):
+    run, train, _ = unlabelled_run
+    assert cli(["eval", "dense", str(run), "--train-data", str(train), "--device", "cpu"]) == 2
+    assert f"--test-data {train}" in capsys.readouterr().err

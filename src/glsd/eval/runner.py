@@ -26,7 +26,7 @@ import torch
 
 from glsd.config import EVALUATIONS, Config, ConfigError, DataConfig, to_dict
 from glsd.data.loader import SUBSET_FILE, read_subset
-from glsd.data.sources import ImageSource, balanced_subset, open_source
+from glsd.data.sources import SPLIT_NAMES, ImageSource, balanced_subset, open_source
 from glsd.eval.data_spec import data_config
 from glsd.eval.dense import run_dense
 from glsd.eval.features import Device, extract_features, load_backbone, resolve_feature
@@ -188,6 +188,9 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     """
     if kind not in KINDS:
         raise ConfigError(f"unknown evaluation {kind!r}; use one of {', '.join(KINDS)}")
+    if kind == "dense" and train_data is not None:  # it would be filed under X, computed on the run's data
+        raise ConfigError("dense correspondence reads only test images (it is label-free, "
+                          f"nothing is trained): give the set as --test-data {train_data}")
     start = time.perf_counter()
     path = Path(path)
     run_overrides = [o for o in overrides if not (o.startswith("data.") and (train_data or test_data))]
@@ -217,12 +220,17 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
 
 def data_slug(train_data: Optional[str], test_data: Optional[str]) -> str:
     """``""`` for the run's data, else ``-on-<names>`` so that sets do not overwrite each other's
-    record (``--train-data /d/pets.zip`` -> ``-on-pets``; ``/d/a/train`` + ``/d/a/test`` ->
-    ``-on-train-test``)."""
+    record (``--train-data /d/pets.zip`` -> ``-on-pets``). A split folder's name alone says
+    little, so it keeps its parent's: ``/d/a/train`` + ``/d/a/test`` -> ``-on-a_train-a_test``,
+    apart from ``/d/b/train`` + ``/d/b/test``."""
     names = []
     for spec in (train_data, test_data):
         if spec is not None:
-            name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(spec).rstrip("/")).stem) or "data"
+            path = Path(str(spec).rstrip("/"))
+            name = path.stem
+            if name.lower() in SPLIT_NAMES and path.parent.name:
+                name = f"{path.parent.name}_{name}"
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "data"
             if name not in names:
                 names.append(name)
     return f"-on-{'-'.join(names)}" if names else ""
