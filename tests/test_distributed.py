@@ -31,6 +31,10 @@ CENTER_DIM, CENTER_MOMENTUM = 8, 0.9
 CASES = [(backbone, where, ()) for backbone in ("vit", "convnet") for where in ("cpu", "device")]
 CASES.append(("convnet", "device", ("loss.local_normalize=valid", "loss.matching=hybrid")))
 CASE_IDS = [f"{b}-{w}" + "".join(f"-{o.split('=')[1]}" for o in extra) for b, w, extra in CASES]
+# A backbone with a parameter no output uses (an average-pool ViT's fc_norm): frozen before
+# DistributedDataParallel, which would otherwise wait for its gradient and fail at step 2.
+CASES.append(("vit", "device", ("model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2, global_pool: avg}",)))
+CASE_IDS.append("vit-device-unused-fc_norm")
 
 
 def case_config(out_dir, case, batch_size):
@@ -147,8 +151,18 @@ def one_rank(tmp_path_factory):
 
 
 def _max_diff(a: dict, b: dict) -> float:
+    """Largest difference over every tensor, except the key third of a ViT's ``attn.qkv.bias``:
+    its exact gradient is zero (softmax ignores a constant added to every key of a query), so
+    it holds only float noise, which AdamW's first steps scale up to lr-sized moves."""
     assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+    def comparable(key, t):
+        if key.endswith("attn.qkv.bias"):
+            third = t.shape[0] // 3
+            return torch.cat([t[:third], t[2 * third:]])
+        return t
+
+    return max((comparable(k, a[k]).float() - comparable(k, b[k]).float()).abs().max().item() for k in a)
 
 
 def test_center_is_the_mean_over_ranks(two_ranks):
@@ -209,9 +223,8 @@ def test_two_processes_match_one_process_of_twice_the_batch(two_ranks, one_rank,
     # A few float32 ulps at 1.0: BatchNorm running variances from GroupBatchNorm's float64
     # sums against torch's float32 statistics.
     assert _max_diff(r0["teacher_1"], single["teacher_1"]) < 5e-7
-    # After two steps at lr 0.05: ~1.0e-5 under per-parameter clipping (1.7e-6 with one global
-    # norm, which also scales float-noise gradients down), at the ViT's attn.qkv.bias, whose key
-    # third has a zero gradient in exact arithmetic: AdamW turns that noise into steps.
+    # After two steps at lr 0.05, float noise of two batch splits (the qkv key third, pure
+    # noise, is left out by _max_diff).
     assert _max_diff(r0["student_end"], single["student_end"]) < 3e-5
     assert _max_diff(r0["objective_end"], single["objective_end"]) < 1e-5
 

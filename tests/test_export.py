@@ -211,10 +211,16 @@ def test_eval_and_embed_take_the_export_folder(tiny_run, tmp_path):
                  "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]),
     ("swin", ["model.backbone=swin_tiny_patch4_window7_224",
               "model.backbone_kwargs={embed_dim: 24, depths: [1, 1], num_heads: [1, 2], window_size: 4}"]),
+    ("convnext", ["model.backbone=convnext_atto", "crops.global_size=64",
+                  "model.backbone_kwargs={dims: [8, 8, 8, 8], depths: [1, 1, 1, 1]}"]),
+    ("resnet", ["model.backbone=resnet18", "model.backbone_kwargs={layers: [1, 1, 1, 1]}"]),
+    ("vit avg-pool", ["model.backbone=vit_tiny_patch16_224", "model.patch_size=4", "model.global_feature=pooled",
+                      "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2, global_pool: avg}"]),
 ])
 def test_the_export_readme_line_gives_glsds_global_feature(tmp_path, name, extra):
     """The `feats = ...` line of export/timm/README.md, run on the plain timm model, is the
-    feature glsd evaluates (Swin has no num_prefix_tokens: its line is model(x))."""
+    feature glsd evaluates, for every layout (timm's own model(x) is not, for ConvNeXt or an
+    average-pool ViT: it adds a norm glsd never trains)."""
     import re
 
     from glsd.eval.features import embed, resolve_feature
@@ -222,12 +228,13 @@ def test_the_export_readme_line_gives_glsds_global_feature(tmp_path, name, extra
     from glsd.models.backbone import build_backbone
 
     cfg = load_config(None, ["crops.global_size=32", *extra])
+    size = cfg.crops.global_size
     torch.manual_seed(0)
-    backbone = build_backbone(cfg.model, 32).eval()
+    backbone = build_backbone(cfg.model, size).eval()
     write_timm_export(tmp_path, backbone.model, cfg)
     line = re.search(r"^feats = (.*?)(?:  #.*)?$", (tmp_path / "README.md").read_text(), re.M).group(1)
     model, _ = _plain_timm(tmp_path)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         feats = eval(line, {"model": model, "x": x})
         expected = embed(backbone, x, resolve_feature(backbone, "auto"))

@@ -325,3 +325,28 @@ def test_family_lists_have_one_home():
     src = pathlib.Path(__file__).resolve().parents[1] / "src" / "glsd"
     hits = [p.name for p in src.rglob("*.py") if '"deit3"' in p.read_text()]
     assert hits == ["families.py"]
+
+
+@pytest.mark.parametrize("extra, unused", [
+    (["model.backbone=convnext_atto", "model.backbone_kwargs={dims: [8, 8, 8, 8], depths: [1, 1, 1, 1]}",
+      "crops.global_size=64", "crops.local_size=32"], ["backbone.model.head.norm.weight", "backbone.model.head.norm.bias"]),
+    (["model.backbone=vit_tiny_patch16_224", "model.patch_size=4",
+      "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2, global_pool: avg}"],
+     ["backbone.model.fc_norm.weight", "backbone.model.fc_norm.bias"]),
+    (BACKBONES["vit"][0], []), (BACKBONES["swin"][0], []), (BACKBONES["convnet"][0], []),
+])
+def test_parameters_no_output_uses_are_frozen_and_nothing_else_moves(extra, unused):
+    """ConvNeXt's head.norm and an average-pool ViT's fc_norm are never called by
+    forward_intermediates: frozen (DDP would wait for their gradients). The probe leaves the
+    weights, the BatchNorm statistics and the random state as they were."""
+    from glsd.models.heads import freeze_unused_parameters
+
+    cfg = load_config(None, [*HEAD, *extra])
+    net = build_network(cfg)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert freeze_unused_parameters(net, [cfg.crops.global_size, cfg.crops.local_size]) == unused
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
+    assert set(unused) <= set(frozen)

@@ -35,7 +35,7 @@ import torch
 
 from glsd.config import ConfigError, from_dict
 from glsd.errors import CheckpointError
-from glsd.models.backbone import create_model
+from glsd.models.backbone import create_model, declared_layout
 from glsd.train.checkpoint import read_backbone
 from glsd.train.weights import load_checked_weights, read_safetensors
 
@@ -130,8 +130,7 @@ def write_timm_export(out_dir: Union[str, Path], model: torch.nn.Module, cfg) ->
     for name, payload in (("model.safetensors", weights), ("config.json", text)):
         atomic_write(out_dir / name, lambda f, p=payload: f.write(p))
         os.chmod(out_dir / name, FILE_MODE)
-    tokens = hasattr(model, "num_prefix_tokens")  # a ViT: timm's model(x) is its class token
-    (out_dir / "README.md").write_text(_folder_readme(config, out_dir, tokens))
+    (out_dir / "README.md").write_text(_folder_readme(config, out_dir, declared_layout(model)))
     os.chmod(out_dir / "README.md", FILE_MODE)
     return out_dir
 
@@ -143,16 +142,23 @@ def _resolved_feature(model: torch.nn.Module, cfg) -> str:
     return "cls" if int(getattr(model, "num_prefix_tokens", 0)) > 0 else "pooled"
 
 
-def _folder_readme(config: dict, out_dir: Path, tokens: bool) -> str:
-    """The export folder's README; ``tokens``: a ViT, whose pooled feature is not timm's output
-    (Swin's and the conv nets' pooled feature is timm's average-pooled ``model(x)``)."""
+# glsd's global feature from timm's forward_features, per layout: timm's own model(x) may
+# differ (an average-pool ViT's fc_norm, ConvNeXt's head norm: layers glsd never trains).
+FEATURE_LINES = {
+    ("cls", "tokens"): "model.forward_features(x)[:, 0]",
+    ("pooled", "tokens"): "model.forward_features(x)[:, model.num_prefix_tokens:].mean(1)",
+    ("pooled", "nhwc"): "model.forward_features(x).mean((1, 2))",
+    ("pooled", "nchw"): "model.forward_features(x).mean((2, 3))",
+}
+
+
+def _folder_readme(config: dict, out_dir: Path, layout: str) -> str:
+    """The export folder's README; ``layout``: that of ``forward_features`` (tokens, nhwc, nchw)."""
     arch = config["architecture"]
     if config["glsd"]["loader"] == "glsd":
         return (f"# {arch} exported by glsd\n\n{CONVNET_NOTE}.\n\n```python\nimport glsd\n"
                 f"model = glsd.load_backbone(\"{out_dir}\")  # nn.Module, eval mode\n```\n")
-    pooled = config["glsd"]["feature"] == "pooled" and tokens
-    feature = ("model.forward_features(x)[:, model.num_prefix_tokens:].mean(1)  # glsd's pooled "
-               "feature" if pooled else "model(x)  # (B, num_features): glsd's global feature")
+    feature = FEATURE_LINES[config["glsd"]["feature"], layout] + "  # (B, num_features): glsd's global feature"
     return f"""# {arch} exported by glsd
 
 Plain timm, offline (no glsd needed):

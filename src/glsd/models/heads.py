@@ -1,6 +1,7 @@
 """DINO projection heads and the student/teacher network (backbone + global + local head)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
@@ -120,3 +121,27 @@ def build_teacher(cfg: Config, student: GLSDNet) -> GLSDNet:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def freeze_unused_parameters(net: GLSDNet, crop_sizes: list[int]) -> list[str]:
+    """Freeze the parameters that none of the network's outputs depend on, and name them.
+
+    Some timm models hold a classifier-side norm that ``forward_intermediates`` never calls
+    (ConvNeXt's ``head.norm``, an average-pool ViT's ``fc_norm``). Alone they get no gradient
+    and AdamW skips them; but DistributedDataParallel waits for every trainable parameter's
+    gradient and fails at the next step. One forward and backward of a copy, on two random
+    images per crop size, finds them: the network's buffers (BatchNorm statistics) and the
+    random state are left as they were.
+    """
+    probe = copy.deepcopy(net).train()
+    device = next(probe.parameters()).device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        outputs = probe([torch.randn(2, 3, size, size, device=device) for size in crop_sizes])
+        total = sum(o.global_logits.float().sum() for o in outputs)
+        total = total + sum(o.local_logits.float().sum() for o in outputs if o.local_logits is not None)
+        total.backward()
+    unused = [name for name, p in probe.named_parameters() if p.requires_grad and p.grad is None]
+    params = dict(net.named_parameters())
+    for name in unused:
+        params[name].requires_grad_(False)
+    return unused

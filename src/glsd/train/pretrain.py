@@ -21,7 +21,7 @@ from glsd.config import Config, to_dict
 from glsd.data.loader import SUBSET_FILE, StepViews, build_loader, select_images, write_subset
 from glsd.data.sources import open_source
 from glsd.export import write_run_exports
-from glsd.models.heads import GLSDNet, build_network, build_teacher
+from glsd.models.heads import GLSDNet, build_network, build_teacher, freeze_unused_parameters
 from glsd.errors import CheckpointError, DataError, NonFiniteError, TrainingInterrupted
 from glsd.train import finite
 from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
@@ -46,8 +46,14 @@ __all__ = ["pretrain", "NonFiniteLossError", "TrainingInterrupted"]
 
 
 def build_networks(cfg: Config, device: torch.device) -> tuple[GLSDNet, GLSDNet]:
-    """(student, teacher) on ``device``: the teacher starts as a copy of the student."""
+    """(student, teacher) on ``device``: the teacher starts as a copy of the student. Student
+    parameters no output depends on are frozen (named in train.log)."""
     student = build_network(cfg).to(device)
+    sizes = [cfg.crops.global_size] + ([cfg.crops.local_size] if cfg.crops.num_local else [])
+    unused = freeze_unused_parameters(student, sizes)
+    if unused:
+        LOG.info("frozen: %d parameters none of glsd's outputs use (%s)",
+                 len(unused), ", ".join(unused))
     return student, build_teacher(cfg, student).to(device)
 
 
