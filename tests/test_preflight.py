@@ -198,3 +198,22 @@ def test_freeze_last_layer_steps_overrides_the_epochs_rule():
     by_steps = Schedules(_cfg("train.freeze_last_layer_epochs=1", "train.freeze_last_layer_steps=39",
                               "train.epochs=4"), 781, 64)
     assert (by_epochs.freeze_last_layer_steps, by_steps.freeze_last_layer_steps) == (781, 39)
+
+
+def test_the_imagenet_preset_checks_its_online_knn_on_val(tmp_path):
+    """ImageNet's layout is train/ + val/: the paper preset's online k-NN (every 10 epochs)
+    reads val, and a folder without it is refused naming eval.test_split, not data.split
+    (which would pretrain on the held-out images)."""
+    from glsd.eval.runner import check_online_knn, clear_cache
+
+    for split in ("train", "val"):
+        for c in ("n01", "n02"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (40, 30), (60 * i, 90, 30)).save(tmp_path / split / c / f"{i}.JPEG")
+    clear_cache()
+    check_online_knn(load_config("imagenet-swin-t", [f"data.root={tmp_path}"]))
+    clear_cache()
+    with pytest.raises(ConfigError, match=r"split 'test' not in .*available: train, val \(set eval.test_split\)"):
+        check_online_knn(load_config("imagenet-swin-t", [f"data.root={tmp_path}", "eval.test_split=test"]))
+    clear_cache()

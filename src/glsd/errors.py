@@ -15,6 +15,19 @@ class ConfigError(GlsdError, ValueError):
     """A config key or value is invalid; the message names it and the fix."""
 
 
+class MissingSplit(ConfigError):
+    """A split folder asked for is not in the data; ``key`` is the config key that asked."""
+
+    def __init__(self, split: str, where: str, available: list[str], key: str = "data.split"):
+        self.split, self.where, self.available, self.key = split, where, list(available), key
+        super().__init__(f"split '{split}' not in {where}; available: {', '.join(self.available)} "
+                         f"(set {key})")
+
+    def asked_by(self, key: str) -> "MissingSplit":
+        """The same error, naming the config key that asked for the split."""
+        return MissingSplit(self.split, self.where, self.available, key)
+
+
 class CheckpointError(GlsdError, RuntimeError):
     """A checkpoint or exported backbone is missing, corrupt, unsafe or does not fit."""
 

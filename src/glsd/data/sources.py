@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from glsd.config import ConfigError, DataConfig
 from glsd.data.image_file import decode_image, read_deadline, read_image_file, to_rgb  # noqa: F401 - to_rgb: its old home
-from glsd.errors import DataError
+from glsd.errors import DataError, MissingSplit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 # Sub-folder names that mark an ImageNet-style split layout (root/<split>/<class>/*).
@@ -163,8 +163,7 @@ def imagefolder_source(root: Path, split: str) -> ImageSource:
         splits = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES
                         and any(p.is_dir() for p in d.iterdir()))
         if splits:
-            raise ConfigError(f"split '{split}' not in {root}; available: {', '.join(splits)} "
-                              "(set data.split)")
+            raise MissingSplit(split, str(root), splits)
     classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not _hidden(d.name))
     if not classes:
         raise ConfigError(f"{base} has no class sub-folders; use data.source=folder for a flat "
@@ -226,8 +225,7 @@ def zip_source(path: Path, split: str) -> ImageSource:
     tops = sorted({n.split("/")[0] for n in names if n.count("/") >= 2})
     if tops:
         if split not in tops:
-            raise ConfigError(f"split '{split}' not in {path}; available: {', '.join(tops)} "
-                              "(set data.split)")
+            raise MissingSplit(split, str(path), tops)
         names = [n for n in names if n.startswith(split + "/")]
         depth = 1
     else:

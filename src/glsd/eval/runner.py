@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from glsd.config import EVALUATIONS, Config, ConfigError, DataConfig, to_dict
+from glsd.errors import MissingSplit
 from glsd.data.loader import SUBSET_FILE, read_subset
 from glsd.data.sources import SPLIT_NAMES, ImageSource, balanced_subset, open_source
 from glsd.eval.data_spec import data_config
@@ -56,6 +57,15 @@ def open_cached(cfg: Union[Config, DataConfig], split: str) -> ImageSource:
     if key not in _SOURCES:
         _SOURCES[key] = open_source(data_cfg, split)
     return _SOURCES[key]
+
+
+def open_test_split(cfg: Union[Config, DataConfig], split: str) -> ImageSource:
+    """open_cached of ``eval.test_split``: a missing split names that key, not data.split
+    (an ImageNet folder has val/, not test/)."""
+    try:
+        return open_cached(cfg, split)
+    except MissingSplit as e:
+        raise e.asked_by("eval.test_split") from None
 
 
 def clear_cache() -> None:
@@ -105,7 +115,8 @@ def eval_sources(cfg: Config, base: Path, train_data: Optional[str] = None, test
     test_spec = test_data if test_data is not None else train_data
     test_cfg = cfg.data if test_spec is None else data_config(test_spec, cfg.data, overrides)
     full = _open_named(train_cfg, train_split, train_data and f"--train-data {train_data}")
-    test = cap_test(_open_named(test_cfg, cfg.eval.test_split, test_spec and f"--test-data {test_spec}"), cfg)
+    test = cap_test(_open_named(test_cfg, cfg.eval.test_split, test_spec and f"--test-data {test_spec}",
+                                opener=open_test_split), cfg)
     check_split_pair(full, test, train_split, cfg.eval.test_split,
                      hint="" if train_data is not None else "; or evaluate on another labelled "
                      "set: --train-data X --test-data Y")
@@ -120,10 +131,10 @@ def eval_sources(cfg: Config, base: Path, train_data: Optional[str] = None, test
     return train, test, record
 
 
-def _open_named(data_cfg: DataConfig, split: str, what: Optional[str]) -> ImageSource:
-    """open_cached, with errors naming the command-line flag that gave the data."""
+def _open_named(data_cfg: DataConfig, split: str, what: Optional[str], opener=open_cached) -> ImageSource:
+    """open_cached (or ``opener``), with errors naming the command-line flag that gave the data."""
     try:
-        return open_cached(data_cfg, split)
+        return opener(data_cfg, split)
     except ConfigError as e:
         if what is None:
             raise
@@ -275,7 +286,7 @@ def _dense(backbone: Backbone, cfg: Config, dev: torch.device, test_data: Option
     """Dense correspondence: (record body, timing)."""
     if test_data is not None:
         cfg = dataclasses.replace(cfg, data=data_config(test_data, cfg.data, overrides))
-    test = open_cached(cfg, cfg.eval.test_split)
+    test = open_test_split(cfg, cfg.eval.test_split)
     # By name, not by split: a source without split folders gives the same images for both.
     if test_data is None and test.name == open_cached(cfg, cfg.data.split).name:
         warnings.warn(f"dense evaluation on eval.test_split={cfg.eval.test_split!r} reads the "
@@ -341,7 +352,7 @@ def _online_sources(cfg: Config, train_keys: Optional[Sequence[str]]) -> tuple[I
     if _ONLINE.get("key") != key:
         try:
             full = open_cached(cfg, cfg.data.split)
-            test = open_cached(cfg, cfg.eval.test_split)
+            test = open_test_split(cfg, cfg.eval.test_split)
             check_split_pair(full, test, cfg.data.split, cfg.eval.test_split)
         except ConfigError as e:
             raise ConfigError(f"online k-NN (eval.every_epochs={cfg.eval.every_epochs}): {e}; "
