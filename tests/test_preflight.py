@@ -9,6 +9,7 @@ from PIL import Image
 from glsd.config import ConfigError, load_config
 from glsd.data.sources import detect_kind, open_source
 from glsd.train.preflight import check_grids, preflight, scale_warmup, short_run_notes
+from glsd.train.schedules import warmup_steps
 from helpers_tiny import CONVNET, read_metrics, tiny_config
 
 SWIN = ["model.backbone=swin_tiny_patch4_window7_224",
@@ -62,8 +63,11 @@ def test_a_crop_the_backbone_cannot_take_names_the_minimum_size():
 def test_warmup_longer_than_the_run_is_scaled_and_said():
     cfg = tiny_config("unused", "train.epochs=5", "train.warmup_epochs=10", "train.warmup_steps=null")
     scaled, note = scale_warmup(cfg, steps_per_epoch=4)  # 20 steps, warm-up 40
-    assert scaled.train.warmup_steps == 2 and "train.warmup_epochs=10 (40 steps)" in note
-    assert "longer than the run (20 steps)" in note and "scaled to 2 steps" in note
+    assert scaled.train.warmup_steps is None and scaled.train.warmup_epochs == 0.5
+    assert warmup_steps(scaled, 4) == 2 and "train.warmup_epochs=10 (40 steps)" in note
+    assert "longer than the run (20 steps)" in note and "scaled to 2 steps (train.warmup_epochs=0.5" in note
+    # Recorded in epochs: another world size (here half the steps per epoch) scales it the same.
+    assert scale_warmup(cfg, steps_per_epoch=2)[0] == scaled
     same, none = scale_warmup(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=50)), 4)
     assert none is None and same.train.warmup_steps is None
 
@@ -95,7 +99,7 @@ def test_scaled_warmup_is_what_the_run_records(tmp_path, capsys):
     pretrain(tiny_config(run, "train.epochs=1", "train.warmup_steps=null", "train.warmup_epochs=10",
                          "train.max_steps=1"))
     assert "warm-up train.warmup_epochs=10 (40 steps) is longer than the run" in capsys.readouterr().err
-    assert "warmup_steps: 0" in (run / "config.yaml").read_text()
+    assert "warmup_epochs: 0.1" in (run / "config.yaml").read_text()
 
 
 def test_resume_under_a_changed_schedule_is_refused_or_extended(tmp_path, capsys):
@@ -217,3 +221,37 @@ def test_the_imagenet_preset_checks_its_online_knn_on_val(tmp_path):
     with pytest.raises(ConfigError, match=r"split 'test' not in .*available: train, val \(set eval.test_split\)"):
         check_online_knn(load_config("imagenet-swin-t", [f"data.root={tmp_path}", "eval.test_split=test"]))
     clear_cache()
+
+
+def test_a_scaled_warm_up_resumes_under_another_world_size(tmp_path):
+    """The warm-up of a short run is scaled; rerun under 2 processes (half the steps per
+    epoch) the same command must resume, not be refused as a changed schedule."""
+    from glsd.train.pretrain import pretrain
+
+    run = tmp_path / "run"
+    args = ("train.epochs=3", "train.warmup_steps=null", "train.warmup_epochs=10", "train.batch_size=4")
+    pretrain(tiny_config(run, *args, "train.max_steps=3"))
+    cfg = tiny_config(run, *args, "train.max_steps=null")
+    _, plan = preflight(cfg, open_source(cfg.data), world_size=2)
+    assert plan.steps_per_epoch == 4 and any("scaled to" in n for n in plan.notes)
+
+
+def test_a_resumed_run_counts_its_recorded_images_not_the_folder(tmp_path):
+    """Photos added to the folder after the run started do not join it (its subset.json
+    holds the images): the plan and the batch check count the recorded ones."""
+    from glsd.train.pretrain import pretrain
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(16):
+        Image.new("RGB", (40, 40), (10 * i, 80, 40)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    data = ("data.source=folder", f"data.root={folder}")
+    pretrain(tiny_config(run, *data, "train.max_steps=1"))
+    for i in range(16, 40):
+        Image.new("RGB", (40, 40), (5 * i, 20, 90)).save(folder / f"{i}.png")
+    cfg = tiny_config(run, *data, "train.max_steps=2")
+    _, plan = preflight(cfg, open_source(cfg.data))
+    assert plan.num_images == 16 and plan.steps_per_epoch == 2
+    fresh = tiny_config(tmp_path / "other", *data)
+    assert preflight(fresh, open_source(fresh.data))[1].num_images == 40

@@ -24,6 +24,7 @@ from typing import Optional
 import yaml
 
 from glsd.config import Config, ConfigError, diff_keys, from_dict, identity
+from glsd.data.loader import SUBSET_FILE, read_subset
 from glsd.data.sources import ImageSource, balanced_subset
 from glsd.train.schedules import warmup_steps
 
@@ -56,7 +57,7 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
     """Raise ConfigError naming every problem (and its fix); return the config to run (the
     warm-up possibly scaled) and the plan."""
     grids, stride = check_grids(cfg)
-    n = len(balanced_subset(source, cfg.data.fraction, cfg.data.num_images, cfg.data.subset_seed))
+    n = planned_images(cfg, source)
     global_batch = cfg.train.batch_size * world_size
     if n < global_batch:  # refused here, before the run folder is touched
         raise ConfigError(f"{n} images are fewer than one global batch of {global_batch} "
@@ -145,19 +146,33 @@ def check_grids(cfg: Config) -> tuple[dict[str, tuple[int, int]], Optional[int]]
 # ----------------------------------------------------------------------------------------
 # Schedules
 
+def planned_images(cfg: Config, source: ImageSource) -> int:
+    """How many images the run pretrains on: a resumed run's recorded subset (images added
+    to the folder since do not join it), else the subset drawn now."""
+    recorded = read_subset(Path(cfg.output_dir) / SUBSET_FILE) if cfg.train.resume else None
+    if recorded is not None:
+        return len(recorded["keys"])
+    return len(balanced_subset(source, cfg.data.fraction, cfg.data.num_images, cfg.data.subset_seed))
+
+
 def scale_warmup(cfg: Config, steps_per_epoch: int) -> tuple[Config, Optional[str]]:
-    """A warm-up that would not end within the run is scaled to WARMUP_FRACTION of it."""
+    """A warm-up that would not end within the run is scaled to WARMUP_FRACTION of it, recorded
+    in epochs: a resume under another world size (other steps per epoch) scales it to the
+    same recorded value, not to another step count that would read as a changed schedule."""
     total = cfg.train.epochs * steps_per_epoch
     warmup = warmup_steps(cfg, steps_per_epoch)
     if total == 0 or warmup < total:
         return cfg, None
-    scaled = int(WARMUP_FRACTION * total)
+    epochs = WARMUP_FRACTION * cfg.train.epochs
+    scaled = warmup_steps(dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, warmup_steps=None, warmup_epochs=epochs)), steps_per_epoch)
     asked = (f"train.warmup_steps={cfg.train.warmup_steps}" if cfg.train.warmup_steps is not None
              else f"train.warmup_epochs={cfg.train.warmup_epochs:g}")
     note = (f"warm-up {asked} ({warmup} steps) is longer than the run ({total} steps): scaled to "
-            f"{scaled} step{'' if scaled == 1 else 's'} ({WARMUP_FRACTION:.0%} of the run); set "
-            "train.warmup_steps to choose")
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_steps=scaled)), note
+            f"{scaled} step{'' if scaled == 1 else 's'} (train.warmup_epochs={epochs:g}, "
+            f"{WARMUP_FRACTION:.0%} of the run); set train.warmup_steps to choose")
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, warmup_steps=None, warmup_epochs=epochs)), note
 
 
 def short_run_notes(cfg: Config, steps_per_epoch: int) -> list[str]:
