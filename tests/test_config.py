@@ -190,6 +190,17 @@ def test_missing_yaml_file(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
 
 
+def test_a_folder_named_like_a_preset_is_not_taken_for_a_config(tmp_path, monkeypatch):
+    """`glsd study cifar10-lowdata-cpu ... --out cifar10-lowdata-cpu`, rerun to resume from
+    the folder that holds it: the preset is meant, not the folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cifar10-lowdata-cpu").mkdir()
+    assert load_config("cifar10-lowdata-cpu").model.backbone == "glsd_convnet"
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ConfigError, match="mine is a folder, not a config file"):
+        load_config("mine")
+
+
 def test_empty_yaml_file_gives_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("")
@@ -263,3 +274,22 @@ def test_an_unknown_key_in_a_file_names_the_file(tmp_path):
     path.write_text("train: {epohcs: 3}\n")
     with pytest.raises(ConfigError, match=r"mine\.yaml: unknown config key 'train\.epohcs'.*train\.epochs"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("text", ["010", "0.10", "12:30", "2024-06-01", "true", "1e3"])
+def test_a_string_key_keeps_the_override_as_typed(text):
+    """YAML 1.1 reads 010 as octal 8, 12:30 as 750 and 2024-06-01 as a date: a run folder or
+    data path given that way must not silently become another."""
+    assert load_config(None, [f"output_dir={text}"]).output_dir == text
+    assert load_config(None, [f"data.root=/d/{text}", f"data.split={text}"]).data.split == text
+
+
+def test_other_types_take_the_yaml_reading_of_an_override():
+    cfg = load_config(None, ["train.epochs=7", "loss.match_threshold=4.5", "train.lr=1e-3",
+                             "train.deterministic=true", "train.max_steps=null", "train.compile=false"])
+    assert (cfg.train.epochs, cfg.loss.match_threshold, cfg.train.lr) == (7, 4.5, 1e-3)
+    assert type(cfg.train.epochs) is int and type(cfg.loss.match_threshold) is float
+    assert cfg.train.deterministic is True and cfg.train.max_steps is None
+    assert load_config(None, ["loss.match_threshold=half_diagonal"]).loss.match_threshold == "half_diagonal"
+    with pytest.raises(ConfigError, match="'train.compile' was removed"):
+        load_config(None, ["train.compile=true"])

@@ -19,7 +19,7 @@ import yaml
 from glsd.errors import ConfigError  # noqa: F401 - glsd.config.ConfigError is the same class
 from glsd.config_files import (merge_overrides, parse_overrides, parse_yaml,  # noqa: F401 - re-exported
                                preset_names, read_yaml)
-from glsd.config_types import coerce
+from glsd.config_types import coerce, reading
 
 
 @dataclass
@@ -277,7 +277,7 @@ def _drop_retired(raw: dict, prefix: str) -> dict:
         key = f"{prefix}{k}"
         if key not in RETIRED_KEYS:
             out[k] = v
-        elif v:
+        elif reading(v):
             raise ConfigError(f"'{key}' was removed: {RETIRED_KEYS[key]}")
     return out
 

@@ -3,6 +3,7 @@ syntax errors and non-mappings reported as ConfigErrors naming the file and line
 dotted ``key=value`` overrides laid over them."""
 from __future__ import annotations
 
+import datetime
 import difflib
 from importlib import resources
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Sequence
 
 import yaml
 
+from glsd.config_types import OverrideText
 from glsd.errors import ConfigError
 
 
@@ -22,9 +24,13 @@ def read_yaml(name_or_path: str) -> tuple[dict, str]:
     """(raw mapping, name) of a preset or a YAML file. A file that names a shipped preset in
     its ``preset:`` key starts from that preset (its keys win, section by section)."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # A file, or a name with a YAML suffix; a folder named like a preset (a run's output_dir,
+    # a study's --out) is not a config: the preset is meant.
+    if path.suffix in (".yaml", ".yml") or path.is_file() or (path.exists() and name_or_path not in preset_names()):
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist" if not path.exists() else
+                              f"{path} is a folder, not a config file; give a YAML file or a preset "
+                              f"({', '.join(preset_names())})")
         raw = parse_yaml(path.read_text(), str(path))
         base = raw.get("preset")
         if isinstance(base, str) and base and not base.endswith((".yaml", ".yml")):
@@ -96,6 +102,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         except yaml.YAMLError as e:
             raise ConfigError(f"override '{item}': the value is not valid YAML "
                               f"({getattr(e, 'problem', None) or e}); quote it or fix brackets") from None
+        if isinstance(parsed, (bool, int, float, datetime.date)):  # the text too, for str keys
+            parsed = OverrideText(value.strip(), parsed)
         # A mapping literal (model.backbone_kwargs={...}) replaces; a dotted key merges.
         node[parts[-1]] = _Replace(parsed) if isinstance(parsed, dict) else parsed
     return out

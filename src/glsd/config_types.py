@@ -12,8 +12,31 @@ from typing import Any, Literal, Union
 from glsd.errors import ConfigError
 
 
+class OverrideText(str):
+    """A ``key=value`` value as typed, with its YAML reading (``parsed``). A string key keeps
+    the text (``output_dir=010`` is "010", not YAML 1.1's octal 8; ``12:30`` is not 750; a
+    date stays text); every other type takes the reading."""
+
+    parsed: Any
+
+    def __new__(cls, text: str, parsed: Any) -> "OverrideText":
+        obj = super().__new__(cls, text)
+        obj.parsed = parsed
+        return obj
+
+
+def reading(value: Any) -> Any:
+    """The YAML reading of a value (an :class:`OverrideText`'s ``parsed``, else itself; in a
+    mapping, of every value: dotted overrides nest)."""
+    if isinstance(value, dict):
+        return {k: reading(v) for k, v in value.items()}
+    return value.parsed if isinstance(value, OverrideText) else value
+
+
 def coerce(value: Any, tp: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(value, OverrideText) and tp is not str and origin is not Union:
+        value = value.parsed  # a Union tries each member with the text and its reading
     if tp is Any:
         return value
     if origin is Union:
@@ -42,7 +65,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"bad value {value!r} for '{key}': expected a mapping")
-        return dict(value)
+        return reading(value)  # free-form: the YAML reading
     if tp is bool:
         if isinstance(value, bool):
             return value
