@@ -177,3 +177,16 @@ def test_the_study_recipe_resumes_exactly(tmp_path):
     for key in ("student", "teacher", "objective"):
         assert state_dicts_equal(a[key], b[key]) == [], key
     assert [r["loss"] for r in read_metrics(ref)] == [r["loss"] for r in read_metrics(split)]
+
+
+def test_one_global_view_logs_finite_matching_diagnostics(tmp_path):
+    """With crops.num_global=1 the global group has no view pair: its means of nothing must
+    not turn the logged diagnostics into NaN."""
+    import math
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, "crops.num_global=1", "train.max_steps=1"))
+    record = [r for r in read_metrics(run) if "loss" in r][-1]
+    for key in ("geo_valid_frac", "sim_geo_agree", "sim_dist_cells"):
+        assert math.isfinite(record[key]), (key, record[key])
+    assert 0 < record["geo_valid_frac"] <= 1

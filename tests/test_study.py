@@ -241,3 +241,16 @@ def test_unsettled_comparisons_name_the_arms_a_third_seed_needs():
     settled = [r for r in records if r["fraction"] != 0.1]
     assert extra_seed_arms(settled) == {}
     assert "Comparisons still within" not in report_markdown(settled)
+
+
+def test_a_bad_cell_is_refused_before_any_cell_trains(tmp_path, monkeypatch):
+    """`--fractions 0.05 5` (5 % typed as 5): refused naming the cell before the 0.05 cells
+    train for hours, not by the last cell."""
+    import glsd.train.pretrain as pretrain_mod
+    from glsd.config import ConfigError, load_config
+
+    monkeypatch.setattr(pretrain_mod, "pretrain", lambda cfg: pytest.fail("a cell trained"))
+    with pytest.raises(ConfigError, match=r"study cell f5-none-s0: data.fraction=5.0 must be in \(0, 1\]"):
+        run_study(None, tmp_path / "s", TINY, fractions=[0.5, 5.0], matchings=["none"], seeds=[0], device="cpu")
+    with pytest.raises(ConfigError, match=r"study.fractions has 5.0: .*\(5 % is 0.05\)"):
+        load_config(None, ["study.fractions=[0.05, 5]"])

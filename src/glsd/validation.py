@@ -104,6 +104,10 @@ def check_ranges(cfg) -> None:
         for v in _get(cfg, key):
             if not (isinstance(v, (int, float)) and math.isfinite(v)):
                 raise ConfigError(f"{key} has {v!r}: every value must be a finite number")
+    bad = [f for f in cfg.study.fractions if not 0.0 < f <= 1.0]
+    if bad:
+        raise ConfigError(f"study.fractions has {bad[0]!r}: fractions of the train split are in "
+                          "(0, 1] (5 % is 0.05)")
 
 
 # ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Sequence
 from glsd.config import Config, config_hash, load_config
 from glsd.data.loader import SUBSET_FILE
 from glsd.data.sources import open_source
-from glsd.errors import GlsdError, RunFolderBusy
+from glsd.errors import ConfigError, GlsdError, RunFolderBusy
 from glsd.train import lock
 from glsd.train.checkpoint import read_json_record
 from glsd.tools.study_plot import plot_report
@@ -65,6 +65,8 @@ def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=N
     base = load_config(config, overrides)
     evals = list(evals or base.study.evals)
     cells = study_cells(base, fractions, matchings, seeds)
+    if not report_only:
+        check_cells(config, overrides, cells, out)
     if report_only:
         records = [collected_record(out, cell) for cell in cells]
     else:
@@ -80,6 +82,16 @@ def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=N
             records = run_cells_in_order(config, overrides, cells, out, evals, device)
     write_outputs(out, records)
     return {"records": records, "out": str(out)}
+
+
+def check_cells(config, overrides, cells: list[Cell], out: Path) -> None:
+    """Every cell's config, built before the first cell trains: a bad value in one cell
+    (``--fractions 0.05 5``) is refused now, not after hours of the others."""
+    for cell in cells:
+        try:
+            load_config(config, [*overrides, *cell.overrides(out)])
+        except ConfigError as e:
+            raise ConfigError(f"study cell {cell.name}: {e}") from None
 
 
 def collected_record(out: Path, cell: Cell, status: str = "not run") -> dict:

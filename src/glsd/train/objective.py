@@ -93,9 +93,11 @@ class GlobalLocalObjective(nn.Module):
                                  *feats, diagnostics, self.candidates)
             pairs.append((t_idx, s_idx))
             matches.append(result.matches)
-            for k, v in result.stats.items():  # weight each group by its pair count
+            # Weight each group by its pair count; a group with none (one global view) has
+            # means of nothing (NaN): it adds nothing, not NaN * 0.
+            for k, v in (result.stats.items() if len(t_idx) else ()):
                 stats_sum[k] = stats_sum.get(k, 0.0) + v * len(t_idx)
             total_pairs += len(t_idx)
             first += n_views
-        stats = {k: v / total_pairs for k, v in stats_sum.items()}
+        stats = {k: v / max(total_pairs, 1) for k, v in stats_sum.items()}
         return pairs, matches, stats
