@@ -6,7 +6,8 @@
 # random-init floors) into benchmarks/results/study-sweep-cpu/cells/, which is committed. On a
 # new machine the archive is laid back into WORK first: finished cells are skipped, and a cell
 # stopped on this machine resumes from its checkpoint (every 500 steps). Each archived cell
-# names in commit.txt the last commit that changed src/ when it started: the code it ran.
+# names in commit.txt the last commit that changed src/ when it started: the code it ran
+# (and, for a cell resumed from its checkpoint under newer code, that commit too).
 # Seed 0 of every fraction first, then seed 1, so a partial grid already spans the fractions;
 # then seed 2 where two seeds leave a comparison within the spread.
 #   GLSD_DATA=PATH/cifar10-jpg.zip benchmarks/study_cpu.sh [WORK_DIR]
@@ -30,7 +31,7 @@ restore() {  # the archive into WORK, never over a newer local copy
   done
 }
 
-archive() {  # the finished cells and the floors out of WORK; $1: the commit the cell ran
+archive() {  # the finished cells and the floors out of WORK, each with the commit it ran
   local f
   for f in "$WORK"/*floor-*.json; do [ -e "$f" ] && cp "$f" "$ARCHIVE"/; done
   for f in "$WORK"/*/cell.json; do
@@ -41,8 +42,24 @@ archive() {  # the finished cells and the floors out of WORK; $1: the commit the
     mkdir -p "$ARCHIVE/$cell"
     cp "$f" "$dir"/metrics.jsonl "$ARCHIVE/$cell"/
     cp "$dir"/eval/*.json "$ARCHIVE/$cell"/ 2>/dev/null || true
-    echo "$1" > "$ARCHIVE/$cell/commit.txt"
+    cp "$WORK/.commit-$cell" "$ARCHIVE/$cell/commit.txt"  # written when the cell started
   done
+}
+
+run_cell() {  # $1 fraction, $2 matching, $3 seed; a cell finished here or archived is skipped
+  local name; name="f$(python3 -c "print(f'{float($1):g}')")-$2-s$3"
+  [ -e "$WORK/$name/cell.json" ] && return 0  # no torch start-up per finished cell on a resume
+  # the last commit that changed the package: the code the cell runs (a cell resumed from
+  # its checkpoint keeps the commit it started on; the new one is added)
+  local commit
+  commit="$(git log -1 --format=%h -- src)$(git diff --quiet HEAD -- src || echo '+uncommitted src changes')"
+  if [ -e "$WORK/.commit-$name" ] && ! grep -q "^$commit" "$WORK/.commit-$name"; then
+    echo "$commit (resumed)" >> "$WORK/.commit-$name"
+  elif [ ! -e "$WORK/.commit-$name" ]; then
+    echo "$commit" > "$WORK/.commit-$name"
+  fi
+  glsd study "$PRESET" "data.root=$GLSD_DATA" --fractions "$1" --matchings "$2" --seeds "$3" --out "$WORK"
+  archive
 }
 
 report() {
@@ -57,11 +74,7 @@ read -r -a matchings < <(python3 -c "from glsd.config import load_config; print(
 for seed in 0 1; do
   for fraction in "${fractions[@]}"; do
     for matching in "${matchings[@]}"; do
-      # the last commit that changed the package: the code the cell runs
-      commit="$(git log -1 --format=%h -- src)$(git diff --quiet HEAD -- src || echo '+uncommitted src changes')"
-      glsd study "$PRESET" "data.root=$GLSD_DATA" --fractions "$fraction" --matchings "$matching" \
-        --seeds "$seed" --out "$WORK"
-      archive "$commit"
+      run_cell "$fraction" "$matching" "$seed"
     done
     report  # after each fraction: the partial grid, ready to commit
   done
@@ -81,10 +94,7 @@ echo "seed 2 for: ${extra:-nothing (every comparison is beyond the spread)}"
 while read -r fraction arms; do
   [ -n "$fraction" ] || continue
   for matching in $arms; do
-    commit="$(git log -1 --format=%h -- src)$(git diff --quiet HEAD -- src || echo '+uncommitted src changes')"
-    glsd study "$PRESET" "data.root=$GLSD_DATA" --fractions "$fraction" --matchings "$matching" \
-      --seeds 2 --out "$WORK"
-    archive "$commit"
+    run_cell "$fraction" "$matching" 2
   done
   report
 done <<< "$extra"
