@@ -42,7 +42,11 @@ archive() {  # the finished cells and the floors out of WORK, each with the comm
     mkdir -p "$ARCHIVE/$cell"
     cp "$f" "$dir"/metrics.jsonl "$ARCHIVE/$cell"/
     cp "$dir"/eval/*.json "$ARCHIVE/$cell"/ 2>/dev/null || true
-    cp "$WORK/.commit-$cell" "$ARCHIVE/$cell/commit.txt"  # written when the cell started
+    if [ -e "$WORK/.commit-$cell" ]; then  # written when the cell started
+      cp "$WORK/.commit-$cell" "$ARCHIVE/$cell/commit.txt"
+    else
+      echo "not recorded (finished before this script wrote commits)" > "$ARCHIVE/$cell/commit.txt"
+    fi
   done
 }
 
