@@ -5,7 +5,9 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
+from glsd.config import ConfigError
 from glsd.tools.study import Cell, run_study
 from glsd.tools.study_report import report_markdown, summarize, verdict
 
@@ -254,3 +256,63 @@ def test_a_bad_cell_is_refused_before_any_cell_trains(tmp_path, monkeypatch):
         run_study(None, tmp_path / "s", TINY, fractions=[0.5, 5.0], matchings=["none"], seeds=[0], device="cpu")
     with pytest.raises(ConfigError, match=r"study.fractions has 5.0: .*\(5 % is 0.05\)"):
         load_config(None, ["study.fractions=[0.05, 5]"])
+
+
+def _write_cell(out, record):
+    name = f"f{record['fraction']:g}-{record['matching']}-s{record['seed']}"
+    (out / name).mkdir(parents=True)
+    (out / name / "cell.json").write_text(json.dumps(dict(record, name=name)))
+
+
+def test_the_report_covers_every_finished_cell_of_the_folder(tmp_path):
+    """A third seed run for some arms only (study_cpu.sh's seed 2), or an earlier --fractions,
+    is in results.json and the report, whichever grid the last call named."""
+    out = tmp_path / "s"
+    for seed, (none, geo) in enumerate([(30.0, 35.0), (31.0, 36.0), (32.0, 37.0)]):
+        _write_cell(out, _rec(0.1, "none", seed, none))
+        _write_cell(out, _rec(0.1, "geometric", seed, geo))
+    _write_cell(out, _rec(0.3, "none", 0, 40.0))
+    result = run_study(None, out, TINY, fractions=[0.1], matchings=["none", "geometric"], seeds=[0, 1],
+                       report_only=True)
+    names = [r["name"] for r in json.loads((out / "results.json").read_text())]
+    assert names[:4] == ["f0.1-none-s0", "f0.1-geometric-s0", "f0.1-none-s1", "f0.1-geometric-s1"]
+    assert set(names[4:]) == {"f0.1-none-s2", "f0.1-geometric-s2", "f0.3-none-s0"}
+    assert len(result["records"]) == 7
+    assert "| 0.1 | 100 | 10.00 | 31.00 ± 1.00 (n=3) | 36.00 ± 1.00 (n=3) |" in (out / "report.md").read_text()
+
+
+def test_a_study_without_knn_reports_its_other_evaluations(tmp_path):
+    records = [dict(_rec(0.1, m, s, None), dense_within_one=v, dense_floor_within_one=0.5)
+               for m, vals in (("none", (0.70, 0.72)), ("geometric", (0.90, 0.91))) for s, v in enumerate(vals)]
+    text = report_markdown(records)
+    assert "k-NN was not among the evaluations" in text and "## Dense correspondence" in text
+    assert "| 0.1 | 0.500 | 0.710 ± 0.014 (n=2) | 0.905 ± 0.007 (n=2) |" in text
+
+
+def test_the_bar_without_a_global_only_arm_and_rankings_on_shared_seeds():
+    # geometric has a third seed the others lack: on the shared seeds 0 and 1 hybrid leads.
+    records = [_rec(0.1, "geometric", 0, 50.0), _rec(0.1, "geometric", 1, 50.0), _rec(0.1, "geometric", 2, 56.0),
+               _rec(0.1, "hybrid", 0, 51.0), _rec(0.1, "hybrid", 1, 51.0)]
+    text = report_markdown(records)
+    assert "No global-only (none) arm: the bar was not measured." in text and "nan" not in text
+    assert "- fraction 0.1: **hybrid** wins; +1.00 over geometric" in text
+    assert "best new arm (hybrid) vs the best of none/similarity/geometric (geometric): +1.00" in text
+
+
+def test_a_rerun_under_other_settings_refuses_the_folders_cells(tmp_path):
+    """Finished cells are reused only under the settings they were made with: another eval.k
+    (or model, loss, ...) is refused naming the key, not reported as the new setting's."""
+    out = tmp_path / "s"
+    grid = dict(fractions=[1.0], matchings=["none"], seeds=[0], evals=["knn"], device="cpu")
+    run_study(None, out, TINY, **grid)
+    floor = json.loads((out / "floor-f1-s0.json").read_text())
+    with pytest.raises(ConfigError, match=r"under other settings \(eval.k: 5 -> 7\)"):
+        run_study(None, out, [*TINY, "eval.k=7"], **grid)
+    # The floor of another model is made again (no cell reuses the old one).
+    (out / "f1-none-s0").rename(tmp_path / "old-cell")
+    no_device = [o for o in TINY if not o.startswith("device=")]  # the flag alone says cpu
+    run_study(None, out, [*no_device, "model.out_dim=32"], **grid)
+    assert json.loads((out / "floor-f1-s0.json").read_text())["config"]["model"]["out_dim"] == 32
+    assert floor["config"]["model"]["out_dim"] == 64
+    cfg = yaml.safe_load((out / "f1-none-s0" / "config.yaml").read_text())
+    assert cfg["device"] == "cpu"  # --device is the cell's, training included

@@ -14,9 +14,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Sequence
+from typing import Optional, Sequence
 
-from glsd.config import Config, config_hash, load_config
+import yaml
+
+from glsd.config import Config, config_hash, diff_keys, from_dict, load_config, to_dict
 from glsd.data.loader import SUBSET_FILE
 from glsd.data.sources import open_source
 from glsd.errors import ConfigError, GlsdError, RunFolderBusy
@@ -80,8 +82,12 @@ def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=N
             records = run_cells_in_parallel(config, overrides, cells, out, evals, device, jobs)
         else:
             records = run_cells_in_order(config, overrides, cells, out, evals, device)
-    write_outputs(out, records)
+    records = write_outputs(out, records)
     return {"records": records, "out": str(out)}
+
+
+def device_override(device: str) -> list[str]:
+    return [] if device == "auto" else [f"device={device}"]
 
 
 def check_cells(config, overrides, cells: list[Cell], out: Path) -> None:
@@ -134,7 +140,8 @@ def run_cells_in_parallel(config, overrides, cells, out, evals, device, jobs) ->
 
 def run_cell(config: str, overrides: Sequence[str], cell: Cell, out: Path, evals: list[str],
              device: str) -> dict:
-    cfg = load_config(config, [*overrides, *cell.overrides(out)])
+    # --device is the whole cell's: training too, not only its evaluations
+    cfg = load_config(config, [*overrides, *cell.overrides(out), *device_override(device)])
     run_dir = Path(cfg.output_dir)
     try:
         lock.acquire(run_dir, "study cell")  # another study on this folder: leave the cell to it
@@ -157,6 +164,11 @@ def _run_locked_cell(cfg: Config, cell: Cell, out: Path, evals: list[str], devic
     if record_path.exists():
         record = read_json_record(record_path)
         if record is not None and record.get("status") == "done":
+            changed = changed_settings(read_run_config(run_dir), cfg, ("data", "crops", "model", "loss", "eval"))
+            if changed:
+                raise ConfigError(f"{run_dir} holds this cell made under other settings "
+                                  f"({'; '.join(changed[:4])}); use another --out, or delete that "
+                                  "folder to redo the cell")
             return record
         print(f"[study] {cell.name}: {record_path} is torn or invalid; redoing the cell", flush=True)
         record_path.unlink()
@@ -165,11 +177,11 @@ def _run_locked_cell(cfg: Config, cell: Cell, out: Path, evals: list[str], devic
         cfg = with_step_budget(cfg)
         pretrain(cfg)
         results = {kind: run_eval(kind, run_dir, device=device) for kind in evals}
-        results["knn_random_init"] = knn_floor(run_dir, out / f"floor-f{cell.fraction:g}-s{cell.seed}.json", device)
+        results["knn_random_init"] = knn_floor(cfg, run_dir, out / f"floor-f{cell.fraction:g}-s{cell.seed}.json", device)
         for kind in ("dense", "seg"):  # the dense evaluations' floors too, when they ran
             if kind in evals:
                 results[f"{kind}_random_init"] = knn_floor(
-                    run_dir, out / f"{kind}-floor-f{cell.fraction:g}-s{cell.seed}.json", device, kind=kind)
+                    cfg, run_dir, out / f"{kind}-floor-f{cell.fraction:g}-s{cell.seed}.json", device, kind=kind)
     except TrainingInterrupted:
         raise  # a signal stops the whole study; the cell resumes on the next run
     except Exception as e:  # noqa: BLE001 - one failed cell must not stop the grid
@@ -198,18 +210,41 @@ def with_step_budget(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
 
 
-def knn_floor(run_dir: Path, cache: Path, device: str, kind: str = "knn") -> dict:
+def knn_floor(cfg: Config, run_dir: Path, cache: Path, device: str, kind: str = "knn") -> dict:
     """k-NN (or ``kind``) of the same architecture at random init on the same images: the
-    floor. One per (fraction, seed): the matchings of a seed share subset and initialisation."""
+    floor. One per (fraction, seed): the matchings of a seed share subset and initialisation;
+    a cached one made under other model, crop, data or eval settings is made again."""
     from glsd.eval.runner import run_eval
 
     cached = read_json_record(cache)  # torn or invalid: computed again
-    if cached is not None:
+    if cached is not None and not changed_settings(cached.get("config"), cfg, ("data", "crops", "model", "eval")):
         return cached
     result = run_eval(kind, run_dir, random_init=True, device=device)
     # Cells of one (fraction, seed) may compute it at once (--jobs): publish atomically.
     atomic_write_json(cache, result)
     return result
+
+
+def read_run_config(run_dir: Path) -> Optional[dict]:
+    """The raw config.yaml of a run folder, None when it has none (an archived cell)."""
+    path = run_dir / "config.yaml"
+    try:
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        return {"unreadable": True}
+
+
+def changed_settings(recorded: Optional[dict], cfg: Config, sections: Sequence[str]) -> list[str]:
+    """Keys of ``sections`` whose recorded value differs from ``cfg``'s; empty when nothing
+    is recorded (archived cells keep no config)."""
+    if recorded is None:
+        return []
+    try:
+        old = to_dict(from_dict(recorded))
+    except ConfigError as e:
+        return [f"a config this version cannot read ({e})"]
+    new = to_dict(cfg)
+    return diff_keys({k: old[k] for k in sections}, {k: new[k] for k in sections})
 
 
 def cell_record(cfg: Config, cell: Cell, run_dir: Path, results: dict, wall: float) -> dict:
@@ -231,6 +266,10 @@ def cell_record(cfg: Config, cell: Cell, run_dir: Path, results: dict, wall: flo
         "data": data_label(cfg), "knn_k": results.get("knn", {}).get("k", cfg.eval.k),
         "knn_temperature": results.get("knn", {}).get("temperature", cfg.eval.temperature),
     }
+    if "knn" in results:  # what it evaluated, for the report to state
+        record.update(eval_model=results["knn"].get("model"),
+                      eval_train_fraction=results["knn"].get("train_fraction"),
+                      max_test_images=results["knn"].get("max_test_images"))
     if "linear" in results:
         record["linear_top1"] = results["linear"]["results"]["top1"]
     if "dense" in results:
@@ -251,7 +290,24 @@ def data_label(cfg: Config) -> str:
     return f"{name} ({d.split})"
 
 
-def write_outputs(out: Path, records: list[dict]) -> None:
+def with_other_finished_cells(out: Path, records: list[dict]) -> list[dict]:
+    """The grid's records, then every other finished cell the study folder holds (a seed run
+    for some arms only, an earlier ``--fractions``): the report covers the whole folder,
+    whichever grid the last call named."""
+    named = {r["name"] for r in records}
+    others = []
+    for path in sorted(out.glob("*/cell.json")):
+        if path.parent.name in named:
+            continue
+        record = read_json_record(path)  # torn or invalid: left out
+        if record is not None and record.get("status") == "done":
+            others.append(record)
+    return records + others
+
+
+def write_outputs(out: Path, records: list[dict]) -> list[dict]:
+    """results.json, report.md and report.png of the study folder; returns the records written."""
+    records = with_other_finished_cells(out, records)
     atomic_write_json(out / "results.json", records)
     atomic_write_text(out / "report.md", report_markdown(records))
     if any(r.get("status") == "done" for r in records):
@@ -259,3 +315,4 @@ def write_outputs(out: Path, records: list[dict]) -> None:
             plot_report(records, out / "report.png")
         except ImportError:
             print("[study] matplotlib missing: no report.png (pip install glsd[viz])")
+    return records

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from glsd.config import MATCHINGS
-from glsd.tools.study_report import (PAPER_CLAIMS, mean_std, outcome, questions, settings,
+from glsd.tools.study_report import (PAPER_CLAIMS, floor_of, outcome, questions, settings,
                                      summarize)
 
 # (record key, its random-init floor's key or None, panel title, digits of the verdicts,
@@ -52,12 +52,11 @@ def present_metrics(records: list[dict]) -> list[tuple]:
 
 
 def floor_line(records: list[dict], floor_key: Optional[str]) -> dict:
-    """{fraction: mean floor over every finished cell of that fraction that recorded it}."""
+    """{fraction: the floor report.md states (:func:`floor_of`: the mean over its seeds)}."""
     if floor_key is None:
         return {}
-    table = summarize(_done(records, floor_key), floor_key)
-    return {f: mean_std([v for c in row.values() for v in c["per_seed"].values()])[0]
-            for f, row in table.items()}
+    fractions = {r["fraction"] for r in _done(records, floor_key)}
+    return {f: floor_of(records, floor_key, f) for f in fractions}
 
 
 def verdict_grid(records: list[dict]) -> tuple[list[str], list[float], list[list[tuple[str, str]]]]:

@@ -43,7 +43,7 @@ def summarize(records: list[dict], key: str = "knn_top1") -> dict:
     """{fraction: {matching: {"mean", "std", "n", "per_seed": {seed: value}}}}."""
     table: dict = {}
     for r in records:
-        if r.get("status") != "done":
+        if r.get("status") != "done" or r.get(key) is None:  # not evaluated in that cell
             continue
         cell = table.setdefault(r["fraction"], {}).setdefault(r["matching"], {"per_seed": {}})
         cell["per_seed"][r["seed"]] = r[key]
@@ -73,7 +73,7 @@ def verdict(row: dict, digits: int = 2) -> str:
     """Which matching wins at one fraction, by how much, and whether it beats the spread.
     The rule is deliberately cautious: each arm's spread also holds the subset-to-subset
     variation that pairing by seed removes."""
-    ranked = sorted(row, key=lambda m: -row[m]["mean"])
+    ranked = sorted(row, key=lambda m: -ranking_mean(row, m))
     best = ranked[0]
     if len(ranked) < 2:
         return f"only {best} has finished cells: no comparison yet"
@@ -102,14 +102,22 @@ PAPER_CLAIMS = (("geometric", "similarity", "geometric matching beats similarity
                 ("none", "similarity", "similarity matching is worse than global-only"))
 
 
+def ranking_mean(row: dict, arm: str) -> float:
+    """The arm's mean over the seeds every arm of the row finished (all its seeds when they
+    share none): a seed run for some arms only must not decide a ranking by itself."""
+    shared = set.intersection(*(set(c["per_seed"]) for c in row.values()))
+    values = row[arm]["per_seed"]
+    return statistics.fmean(values[s] for s in shared) if shared else row[arm]["mean"]
+
+
 def best_new_and_old(row: dict) -> Optional[tuple[str, str]]:
-    """(best new arm, best of the paper's arms) by mean at one fraction, or None when either
-    side has no finished cell."""
+    """(best new arm, best of the paper's arms) at one fraction (:func:`ranking_mean`), or
+    None when either side has no finished cell."""
     new = [m for m in NEW_ARMS if m in row]
     old = [m for m in BASELINE_ARMS if m in row]
     if not new or not old:
         return None
-    return max(new, key=lambda m: row[m]["mean"]), max(old, key=lambda m: row[m]["mean"])
+    return (max(new, key=lambda m: ranking_mean(row, m)), max(old, key=lambda m: ranking_mean(row, m)))
 
 
 def questions(row: dict) -> list[tuple[str, str, str, Optional[dict]]]:
@@ -260,11 +268,29 @@ def _unsettled_section(table: dict) -> list[str]:
 
 def report_markdown(records: list[dict]) -> str:
     table = summarize(records)
-    matchings = [m for m in MATCHINGS if any(m in row for row in table.values())]
+    done = [r for r in records if r.get("status") == "done"]
+    matchings = [m for m in MATCHINGS if any(r["matching"] == m for r in done)]
+    lines = ["# Low-data study: which matching, by data fraction", ""]
+    lines += _knn_section(records, table, matchings) if table else [
+        "k-NN was not among the evaluations of these cells (`--evals`): no k-NN table or verdict."]
+    lines += other_evaluations(records, matchings)
+    lines += _unsettled_section(table)
+    lines += _diagnostics_section(done, matchings)
+    failed = [r for r in records if r.get("status") == "failed"]
+    if failed:
+        lines += ["", "## Failed cells", ""] + [f"- {r['name']}: {r['error']}" for r in failed]
+    missing = [r["name"] for r in records if r.get("status") == "not run"]
+    if missing:
+        lines += ["", "## Cells not run yet", "", ", ".join(missing)]
+    return "\n".join(lines) + "\n"
+
+
+def _knn_section(records: list[dict], table: dict, matchings: list[str]) -> list[str]:
+    """The k-NN table (mean ± std per arm, the floor), steps per cell, and the verdicts."""
     data, knn = _stated(records)
-    lines = ["# Low-data study: k-NN top-1 (%) by data fraction and matching", "",
-             f"{data}Mean ± std over seeds ({knn}teacher backbone, labelled train images = the "
-             "pretraining subset, full test split). Floor: the same backbone at random init.", "",
+    lines = ["## k-NN top-1 (%)", "",
+             f"{data}Mean ± std over seeds ({knn}{_evaluated(records)}). Floor: the same backbone "
+             "at random init.", "",
              "| fraction | images | floor | " + " | ".join(matchings) + " |",
              "|---|---|---|" + "---|" * len(matchings)]
     n_images = {r["fraction"]: r["n_images"] for r in records if r.get("status") == "done"}
@@ -281,33 +307,50 @@ def report_markdown(records: list[dict]) -> str:
               "A comparison only means something when every arm learns: the bar is the "
               "global-only (none) arm at least 10 points above the floor.", ""]
     for frac in sorted(table):
-        floor = floor_of(records, "knn_floor_top1", frac)
-        lift = table[frac]["none"]["mean"] - floor if "none" in table[frac] else math.nan
-        bar = "met" if lift >= 10 else "NOT met: read the comparison with care"
         claims = "; ".join(paper_claims(table[frac]))
-        lines += verdict_lines(frac, table[frac], f"{verdict(table[frac])}. Global-only arm vs "
-                               f"floor: {lift:+.2f} points ({bar})."
+        lines += verdict_lines(frac, table[frac], f"{verdict(table[frac])}. {_bar(records, table[frac], frac)}"
                                + (f" Paper: {claims}." if claims else ""))
-    lines += other_evaluations(records, matchings)
-    lines += _unsettled_section(table)
-    lines += ["", "## Matching diagnostics at the end of training", "",
-              "How often the similarity match equals the geometric match (among cells with a valid "
-              "geometric match), and the mean distance of similarity matches from the true "
-              "location, in teacher cells; computed in every arm.", "",
-              "| fraction | matching | sim = geo | sim distance (cells) | valid geometric matches |",
-              "|---|---|---|---|---|"]
-    for frac in sorted(table):
+    return lines
+
+
+def _bar(records: list[dict], row: dict, frac: float) -> str:
+    """The global-only arm's lift over the floor, on the seeds it ran."""
+    if "none" not in row:
+        return "No global-only (none) arm: the bar was not measured."
+    seeds = set(row["none"]["per_seed"])
+    floor = floor_of([r for r in records if r.get("seed") in seeds], "knn_floor_top1", frac)
+    lift = row["none"]["mean"] - floor
+    bar = "met" if lift >= 10 else "NOT met: read the comparison with care"
+    return f"Global-only arm vs floor: {lift:+.2f} points ({bar})."
+
+
+def _evaluated(records: list[dict]) -> str:
+    """What the k-NN evaluated, as the cells recorded it (the defaults, said as such, for
+    cells recorded before these keys existed)."""
+    model, fraction, cap = (settings(records, key) for key in ("eval_model", "eval_train_fraction",
+                                                                  "max_test_images"))
+    if not model:
+        return ("teacher backbone, labelled train images = the pretraining subset, full test "
+                "split: the defaults; these cells did not record their evaluation settings")
+    train = ("the pretraining subset" if fraction in ("", "None")
+             else f"eval.train_fraction={fraction} of the pretraining subset")
+    test = "full test split" if cap in ("", "None") else f"at most {cap} test images"
+    return f"{model} backbone, labelled train images = {train}, {test}"
+
+
+def _diagnostics_section(done: list[dict], matchings: list[str]) -> list[str]:
+    lines = ["", "## Matching diagnostics at the end of training", "",
+             "How often the similarity match equals the geometric match (among cells with a valid "
+             "geometric match), and the mean distance of similarity matches from the true "
+             "location, in teacher cells; computed in every arm.", "",
+             "| fraction | matching | sim = geo | sim distance (cells) | valid geometric matches |",
+             "|---|---|---|---|---|"]
+    for frac in sorted({r["fraction"] for r in done}):
         for m in matchings:
-            rs = [r for r in records if r.get("status") == "done" and r["fraction"] == frac and r["matching"] == m]
+            rs = [r for r in done if r["fraction"] == frac and r["matching"] == m]
             if rs:
                 agree = mean_std([r["final"].get("sim_geo_agree") for r in rs])[0]
                 dist = mean_std([r["final"].get("sim_dist_cells") for r in rs])[0]
                 valid = mean_std([r["final"].get("geo_valid_frac") for r in rs])[0]
                 lines.append(f"| {frac:g} | {m} | {agree:.3f} | {dist:.2f} | {valid:.3f} |")
-    failed = [r for r in records if r.get("status") == "failed"]
-    if failed:
-        lines += ["", "## Failed cells", ""] + [f"- {r['name']}: {r['error']}" for r in failed]
-    missing = [r["name"] for r in records if r.get("status") == "not run"]
-    if missing:
-        lines += ["", "## Cells not run yet", "", ", ".join(missing)]
-    return "\n".join(lines) + "\n"
+    return lines
