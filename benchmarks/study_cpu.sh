@@ -21,13 +21,17 @@ PRESET=cifar10-lowdata-cpu
 mkdir -p "$WORK" "$ARCHIVE"
 
 restore() {  # the archive into WORK, never over a newer local copy
-  local f
-  for f in "$ARCHIVE"/*.json; do [ -e "$f" ] && cp -n "$f" "$WORK"/; done
+  local f g cell
+  for f in "$ARCHIVE"/*.json; do
+    if [ -e "$f" ] && [ ! -e "$WORK/$(basename "$f")" ]; then cp "$f" "$WORK"/; fi
+  done
   for f in "$ARCHIVE"/*/cell.json; do
     [ -e "$f" ] || continue
-    local cell; cell=$(basename "$(dirname "$f")")
+    cell=$(basename "$(dirname "$f")")
     mkdir -p "$WORK/$cell"
-    cp -n "$ARCHIVE/$cell"/* "$WORK/$cell"/
+    for g in "$ARCHIVE/$cell"/*; do
+      if [ ! -e "$WORK/$cell/$(basename "$g")" ]; then cp "$g" "$WORK/$cell"/; fi
+    done
   done
 }
 
@@ -62,7 +66,9 @@ run_cell() {  # $1 fraction, $2 matching, $3 seed; a cell finished here or archi
   elif [ ! -e "$WORK/.commit-$name" ]; then
     echo "$commit" > "$WORK/.commit-$name"
   fi
-  glsd study "$PRESET" "data.root=$GLSD_DATA" --fractions "$1" --matchings "$2" --seeds "$3" --out "$WORK"
+  # A failed cell is in the report (its error too); the grid goes on. A signal stops it.
+  glsd study "$PRESET" "data.root=$GLSD_DATA" --fractions "$1" --matchings "$2" --seeds "$3" \
+    --out "$WORK" || { rc=$?; [ "$rc" -ge 128 ] && exit "$rc"; echo "[study_cpu] $name failed (exit $rc); going on" >&2; }
   archive
 }
 
