@@ -169,7 +169,8 @@ def summarise(h, device: torch.device) -> dict:
     s["flops_per_step"] = flops_of(lambda: h.step(timed=False))
     s["achieved_flops_per_s"] = ratio(s["flops_per_step"], s["step_ms"] / 1e3)
     if device.type == "cuda":
-        s["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        # the process's peak with every arm of this batch built and stepped in turn
+        s["peak_memory_gib_all_arms"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return s
 
 

@@ -1,5 +1,6 @@
 """The exported backbone.safetensors: one call (glsd) or two lines (plain timm) rebuild the teacher."""
 import pytest
+import glsd
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -187,6 +188,8 @@ def test_eval_and_embed_take_the_export_folder(tiny_run, tmp_path):
     teacher, _, _ = load_backbone(run, "teacher")
     folder = run / "export" / "timm"
     x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ConfigError, match="holds only the teacher"):
+        glsd.load_backbone(folder, student=True)
     for path in (folder, folder / "model.safetensors"):
         backbone, _, info = load_backbone(path)
         assert info["run_dir"] == str(run) and info["model"] == "teacher"

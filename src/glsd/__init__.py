@@ -165,8 +165,9 @@ def load_backbone(path: Union[str, Path], student: bool = False) -> "nn.Module":
     """The trained backbone as a plain module (a timm model for timm names), eval mode, CPU.
 
     ``path``: a run folder, a checkpoint ``.pt``, a ``backbone.safetensors`` or an export
-    folder (``RUN_DIR/export/timm``). ``model(x)`` gives the pooled ``(B, D)`` feature
-    (the CLS token for a ViT), ``model.forward_features(x)`` the tokens or feature map.
+    folder (``RUN_DIR/export/timm``). ``model(x)`` gives the model's pooled ``(B, D)``
+    feature (the CLS token for a ViT; a timm head norm glsd never trains for a few families,
+    see the export folder's README), ``model.forward_features(x)`` the tokens or feature map.
 
     >>> import glsd, tempfile, torch
     >>> run = glsd.pretrain("cpu-default", output_dir=tempfile.mkdtemp() + "/run",
@@ -180,6 +181,11 @@ def load_backbone(path: Union[str, Path], student: bool = False) -> "nn.Module":
     if path.is_dir() and (path / "config.json").is_file() and not (path / "config.yaml").is_file():
         from glsd.export import load_export_folder
 
+        if student:
+            from glsd.errors import ConfigError
+
+            raise ConfigError(f"{path} is an export folder: it holds only the teacher; give the "
+                              "run folder (its checkpoints/last.pt) for the student")
         return load_export_folder(path)
     from glsd.eval.features import load_backbone as _load
 
