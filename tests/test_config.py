@@ -293,3 +293,11 @@ def test_other_types_take_the_yaml_reading_of_an_override():
     assert load_config(None, ["loss.match_threshold=half_diagonal"]).loss.match_threshold == "half_diagonal"
     with pytest.raises(ConfigError, match="'train.compile' was removed"):
         load_config(None, ["train.compile=true"])
+
+
+def test_a_data_root_the_source_would_ignore_is_refused():
+    """cpu-default generates its images: data.root=MY_PHOTOS alone must not train on them
+    silently; the message names data.source=auto."""
+    with pytest.raises(ConfigError, match=r"data.root=/photos is not read by data.source=synthetic.*data.source=auto"):
+        load_config("cpu-default", ["data.root=/photos"])
+    assert load_config("cpu-default", ["data.root=/photos", "data.source=auto"]).data.root == "/photos"

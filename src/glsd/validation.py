@@ -193,6 +193,9 @@ def check_config(cfg) -> None:
     d, c, m, l, t = cfg.data, cfg.crops, cfg.model, cfg.loss, cfg.train
     if not 0.0 < d.fraction <= 1.0:
         raise ConfigError(f"data.fraction={d.fraction} must be in (0, 1]")
+    if d.root and d.source in ("synthetic", "sample"):  # else the run silently ignores it
+        raise ConfigError(f"data.root={d.root} is not read by data.source={d.source} (its images "
+                          f"come from glsd itself); add data.source=auto to use {d.root}")
     if d.num_images is not None and d.num_images <= 0:
         raise ConfigError(f"data.num_images={d.num_images} must be positive (or null for all)")
     if c.num_local < 0:
