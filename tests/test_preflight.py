@@ -255,3 +255,6 @@ def test_a_resumed_run_counts_its_recorded_images_not_the_folder(tmp_path):
     assert plan.num_images == 16 and plan.steps_per_epoch == 2
     fresh = tiny_config(tmp_path / "other", *data)
     assert preflight(fresh, open_source(fresh.data))[1].num_images == 40
+    # Without a checkpoint nothing resumes (the folder is moved aside): the images of now count.
+    (run / "checkpoints" / "last.pt").unlink()
+    assert preflight(cfg, open_source(cfg.data))[1].num_images == 40

@@ -612,3 +612,16 @@ def test_gpu_random_state_is_the_rank_device_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     rng.set_rng_state({k: v for k, v in state.items() if k != "cuda_device"} | {"cuda": every[:2]})
     assert restored == [(11, 1), (21, 1), (20, 3)]
+
+
+def test_a_finished_run_without_its_last_checkpoint_is_not_started_over(tmp_path, capsys):
+    """last.pt deleted to save space (the export is much smaller): rerunning the command is
+    refused, naming the step it reached and the two ways on, not retrained from scratch."""
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, "train.max_steps=2"))
+    (run / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(ConfigError, match=r"reached step 2 but has no checkpoints/last.pt.*train.resume=false"):
+        pretrain(tiny_config(run, "train.max_steps=2"))
+    assert (run / "backbone.safetensors").exists() and not list(run.glob("previous-*"))
+    pretrain(tiny_config(run, "train.max_steps=2", "train.resume=false"))
+    assert "(train.resume=false)" in capsys.readouterr().err and len(list(run.glob("previous-*"))) == 1

@@ -149,7 +149,9 @@ def check_grids(cfg: Config) -> tuple[dict[str, tuple[int, int]], Optional[int]]
 def planned_images(cfg: Config, source: ImageSource) -> int:
     """How many images the run pretrains on: a resumed run's recorded subset (images added
     to the folder since do not join it), else the subset drawn now."""
-    recorded = read_subset(Path(cfg.output_dir) / SUBSET_FILE) if cfg.train.resume else None
+    run = Path(cfg.output_dir)  # resumed only from a checkpoint: else the folder is moved aside
+    resumes = cfg.train.resume and (run / "checkpoints" / "last.pt").is_file()
+    recorded = read_subset(run / SUBSET_FILE) if resumes else None
     if recorded is not None:
         return len(recorded["keys"])
     return len(balanced_subset(source, cfg.data.fraction, cfg.data.num_images, cfg.data.subset_seed))

@@ -70,7 +70,10 @@ class RunFolder:
             if cfg.train.resume and self._is_same_unsaved_start(cfg):
                 self._clear_start()  # killed before its first checkpoint: nothing to keep
             else:  # nothing to resume (or resume=false): keep the old files, out of the way
-                self._archive()
+                if cfg.train.resume:
+                    self._refuse_lost_checkpoint()
+                self._archive("train.resume=false" if not cfg.train.resume else
+                              "it holds no checkpoint to resume")
         elif self.is_main and self.root.is_dir() and any(
                 p.name != lock.LOCK_NAME for p in self.root.iterdir()):
             raise ConfigError(f"output_dir {self.root} is not empty and holds no glsd run; "
@@ -148,7 +151,22 @@ class RunFolder:
                 f"this run failed before its first checkpoint: {type(error).__name__}: {error}\n"
                 "Rerunning the same command starts it afresh (these files are replaced).\n")
 
-    def _archive(self) -> None:
+    def _refuse_lost_checkpoint(self) -> None:
+        """A run that finished (its export) or kept epoch checkpoints, but has no last.pt:
+        rerunning the command must not quietly start it over. (One killed before its first
+        checkpoint saved nothing: it is moved aside, saying so.)"""
+        kept = sorted(self.checkpoints.glob("epoch*.pt"))
+        if not kept and not (self.root / "backbone.safetensors").exists():
+            return
+        steps = [r.get("step", 0) for r in read_metrics_records(self.root / "metrics.jsonl")]
+        hint = (f" To resume from its last kept checkpoint, copy {kept[-1].name} to "
+                f"checkpoints/last.pt." if kept else "")
+        raise ConfigError(f"{self.root} holds a run that reached step {max(steps, default=0)} but "
+                          f"has no checkpoints/last.pt to resume from.{hint} To train it again from "
+                          "scratch: train.resume=false (its files are moved to previous-<time>/), "
+                          "or a new output_dir.")
+
+    def _archive(self, why: str) -> None:
         stamp = time.strftime('%Y%m%d-%H%M%S')
         dest, n = self.root / f"previous-{stamp}", 1
         while dest.exists():  # two restarts within a second must not collide
@@ -158,7 +176,7 @@ class RunFolder:
         for item in list(self.root.iterdir()):
             if not item.name.startswith("previous-") and item.name != lock.LOCK_NAME:
                 shutil.move(str(item), dest / item.name)
-        print(f"glsd: moved the previous files in {self.root} to {dest}", file=sys.stderr)
+        print(f"glsd: moved the previous files in {self.root} to {dest} ({why})", file=sys.stderr)
 
     def _setup_log(self) -> None:
         LOG.setLevel(logging.INFO)
@@ -183,3 +201,16 @@ class RunFolder:
         while self._locks:
             self._locks -= 1
             lock.release(self.root)
+
+
+def read_metrics_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (none when absent); a line cut by a kill is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
