@@ -145,3 +145,21 @@ def test_online_knn(run_dir):
     # The run folder (its subset.json) gives the same images; the cached sources are reused.
     assert online_knn(backbone, cfg, "cpu", run_dir)["top1"] == out["top1"]
     assert online_knn(backbone, cfg, "cpu", None)["n_train"] == 24
+
+
+def test_a_checkpoint_of_another_run_is_named_as_such_in_a_short_message(run_dir, tmp_path):
+    """last.pt of a conv net laid into a ViT run's folder: the message says whose it is, and a
+    weights misfit is one short line, not torch's list of every key."""
+    from glsd.train.weights import load_checked_weights
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(run_dir, foreign)
+    vit = load_config(None, [*TINY, "model.backbone=vit_tiny_patch16_224", "model.patch_size=4",
+                             "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}"])
+    (foreign / "config.yaml").write_text(dump_yaml(vit))
+    with pytest.raises(ConfigError, match=r"last.pt belongs to another run: it holds model.backbone='glsd_convnet'"):
+        load_backbone(foreign)
+    with pytest.raises(ConfigError) as e:
+        load_checked_weights(build_network(vit).backbone.model, build_network(load_config(None, TINY)).backbone.model.state_dict(),
+                             "x.pt", "the ViT")
+    assert len(str(e.value)) < 400 and "missing (" in str(e.value) and "unexpected (" in str(e.value)

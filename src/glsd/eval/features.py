@@ -120,6 +120,7 @@ def _locate_run(run_dir: Path):
 
     def weights(which: str):
         if ckpt_path.is_file():
+            _same_run(raw, ckpt(), ckpt_path, cfg_path)
             return _from_checkpoint(ckpt(), ckpt_path, which)
         if which == "teacher" and st_path.is_file():
             return _from_safetensors(st_path)
@@ -128,6 +129,20 @@ def _locate_run(run_dir: Path):
                           + "; has training saved a checkpoint yet? (random_init needs none)")
 
     return raw, weights, {"path": str(run_dir), "run_dir": str(run_dir)}
+
+
+def _same_run(raw: dict, ckpt: dict, ckpt_path: Path, cfg_path: Path) -> None:
+    """A checkpoint laid into another run's folder: say so, naming both architectures."""
+    saved = ckpt.get("config")
+    if not (isinstance(saved, dict) and cfg_path.is_file()):
+        return
+    mine, theirs = raw.get("model", {}), saved.get("model", {})
+    keys = [k for k in ("backbone", "backbone_kwargs", "patch_size") if k in theirs and mine.get(k, theirs[k]) != theirs[k]]
+    if keys:
+        raise ConfigError(f"{ckpt_path} belongs to another run: it holds "
+                          + ", ".join(f"model.{k}={theirs[k]!r}" for k in keys) + f" while {cfg_path} says "
+                          + ", ".join(f"model.{k}={mine.get(k)!r}" for k in keys)
+                          + "; evaluate that checkpoint's own run folder, or put this run's last.pt back")
 
 
 def _locate_checkpoint(path: Path):
@@ -207,8 +222,9 @@ def backbone_state(net_state: dict) -> dict:
 
 def _load_weights(backbone: Backbone, state: dict, source: str, cfg: Config) -> None:
     load_checked_weights(backbone.model, state, source,
-                         f"model.backbone={cfg.model.backbone!r} as configured; do not override "
-                         "model.* keys, or evaluate with random_init")
+                         f"model.backbone={cfg.model.backbone!r} as configured (the weights may be "
+                         "another run's, or model.* keys overridden); evaluate the run they come "
+                         "from, or the architecture alone with --random-init")
 
 
 # ----------------------------------------------------------------------------------------

@@ -155,10 +155,25 @@ def load_checked_weights(model: torch.nn.Module, state: Mapping[str, torch.Tenso
     check_weights(state, model, source)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = " ".join(str(e).strip().splitlines()[:3])
-        raise ConfigError(f"weights in {source} do not fit {does_not_fit} ({first})") from None
+    except RuntimeError:
+        raise ConfigError(f"weights in {source} do not fit {does_not_fit} "
+                          f"({misfit(model.state_dict(), state)})") from None
     return model
+
+
+def misfit(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str:
+    """How two state dicts differ, in one short line (torch lists every key)."""
+    def some(names):
+        names = sorted(names)
+        return ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
+
+    missing, unexpected = set(expected) - set(got), set(got) - set(expected)
+    shapes = [k for k in set(expected) & set(got) if tuple(expected[k].shape) != tuple(got[k].shape)]
+    parts = [f"{len(missing)} missing ({some(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected ({some(unexpected)})" if unexpected else "",
+             f"{len(shapes)} of another shape (e.g. {shapes[0]}: {tuple(got[shapes[0]].shape)} for "
+             f"{tuple(expected[shapes[0]].shape)})" if shapes else ""]
+    return "tensors: " + "; ".join(p for p in parts if p) if any(parts) else "no tensor differs by name or shape"
 
 
 def check_model_size(build, what: str, limit: int = MAX_PARAMETERS) -> Optional[int]:
