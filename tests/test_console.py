@@ -52,8 +52,8 @@ def test_piped_stderr_shows_the_summary_and_log_lines(tmp_path):
                      "schedule   4 steps/epoch x 100 epochs = 400 steps, stopping at train.max_steps=4",
                      f"run folder {run}", "step 2/4 epoch 0.5 loss ", "step 4/4 epoch 1 loss ",
                      "glsd: done: 4 steps (step 4) in ",
-                     f"teacher backbone exported to {run / 'backbone.safetensors'} (and, for timm, "
-                     f"{run / 'export' / 'timm'})"):
+                     f"teacher backbone exported to {run / 'backbone.safetensors'} (and, for "
+                     f"glsd.load_backbone: not a timm model, {run / 'export' / 'timm'})"):
         assert expected in err, (expected, err)
     assert "image skipped" not in err and "images skipped" not in err  # only when some were
     assert "step 1/4" not in err and "step 3/4" not in err  # log_every=2

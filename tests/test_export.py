@@ -160,6 +160,12 @@ def test_glsd_export_command_rewrites_the_folder(vit_preset_run, tmp_path):
     a, b = load_file(str(out / "model.safetensors")), load_file(str(first / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "pretrained_cfg_overlay" in (out / "README.md").read_text()
+    assert cli(["export", str(vit_preset_run), "--out", str(out)]) == 0  # an export is replaced
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "README.md").write_text("my notes")
+    assert cli(["export", str(vit_preset_run), "--out", str(photos)]) == 2  # never among other files
+    assert (photos / "README.md").read_text() == "my notes" and not (photos / "config.json").exists()
 
 
 def test_convnet_folder_says_how_to_load_it(tiny_run):

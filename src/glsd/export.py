@@ -192,7 +192,24 @@ def export_run(path: Union[str, Path], out_dir: Union[str, Path, None] = None) -
 
     backbone, cfg, info = load_backbone(path, "teacher")
     out = Path(out_dir) if out_dir is not None else Path(info["run_dir"]) / EXPORT_DIR
+    check_export_target(out)
     return write_timm_export(out, backbone.model, cfg)
+
+
+def check_export_target(out: Path) -> None:
+    """An export replaces an earlier export; it never writes its config.json and README.md
+    among someone's other files."""
+    if out.is_file():
+        raise ConfigError(f"{out} is a file; give a folder for the export")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        earlier = json.loads((out / "config.json").read_text()).get("glsd", {}).get("format")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if earlier is None:
+        raise ConfigError(f"{out} is not empty and holds no glsd export; give a new or empty "
+                          "folder to --out (an earlier export there is replaced)")
 
 
 def write_run_exports(run_dir: Union[str, Path], model: torch.nn.Module, cfg) -> Path:

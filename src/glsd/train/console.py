@@ -126,7 +126,8 @@ class Console:
             self.bar.close()
             self.bar = None
 
-    def end(self, step: int, global_batch: int, skipped: int, export: Optional[str]) -> None:
+    def end(self, step: int, global_batch: int, skipped: int, export: Optional[str],
+            timm_loads_it: bool = True) -> None:
         self.close()
         elapsed = time.perf_counter() - self.started
         done = step - (self.first_step or 0)
@@ -140,8 +141,9 @@ class Console:
             self.lines([f"glsd: done: {done} step{'' if done == 1 else 's'} (step {step}) in "
                         f"{duration(elapsed)}, {fmt(rate)} images/s{skips}"])
         if export:
-            self.lines([f"glsd: teacher backbone exported to {export} (and, for timm, "
-                        f"{Path(export).parent / 'export' / 'timm'})"])
+            folder = Path(export).parent / "export" / "timm"
+            loader = "for timm" if timm_loads_it else "for glsd.load_backbone: not a timm model"
+            self.lines([f"glsd: teacher backbone exported to {export} (and, {loader}, {folder})"])
 
 
 def start_summary(cfg, source, plan, device, amp_dtype, world_size: int, run_root,

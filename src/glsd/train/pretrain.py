@@ -21,6 +21,7 @@ from glsd.config import Config, to_dict
 from glsd.data.loader import SUBSET_FILE, StepViews, build_loader, select_images, write_subset
 from glsd.data.sources import open_source
 from glsd.export import write_run_exports
+from glsd.models.families import GLSD_CONVNET
 from glsd.models.heads import GLSDNet, build_network, build_teacher, freeze_unused_parameters
 from glsd.errors import CheckpointError, DataError, NonFiniteError, TrainingInterrupted
 from glsd.train import finite
@@ -138,7 +139,8 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo, run: RunFolder
         sweep_temp_files(run.root)
     if finished:
         skipped = int(sum_over_ranks(state.skipped_images, device))
-        console.end(state.step, sampler.global_batch, skipped, str(export) if export else None)
+        console.end(state.step, sampler.global_batch, skipped, str(export) if export else None,
+                    timm_loads_it=not cfg.model.backbone.startswith(GLSD_CONVNET))
     if not finished:
         signum = stop.signal or signal.SIGTERM
         raise TrainingInterrupted(
