@@ -64,7 +64,7 @@ def test_knn_on_another_set_prints_one_headline(unlabelled_run, capsys):
                 "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2, lines
-    match = re.fullmatch(r"k-NN top-1 (\d+\.\d) % \(k=20, 12 train / 9 test\)", lines[0])
+    match = re.fullmatch(r"k-NN top-1 (\d+\.\d) % \(k=12: eval.k=20 > 12 train images, 12 train / 9 test\)", lines[0])
     assert match, lines[0]
     name = f"knn-on-{train.parent.name}_train-{test.parent.name}_test.json"
     record = json.loads((run / "eval" / name).read_text())
@@ -98,7 +98,7 @@ def test_one_zip_with_train_and_test_splits(unlabelled_run, tmp_path):
             for f in sorted(folder.rglob("*.png")):
                 zf.write(f, f"{split}/{f.relative_to(folder)}")
     rec = run_eval("knn", run, device="cpu", train_data=str(zpath), progress=False)
-    assert rec["output"] == str(run / "eval" / "knn-on-set.json")
+    assert rec["output"] == str(run / "eval" / "knn-on-set.zip.json")
     assert rec["train_source"].endswith(":train") and rec["test_source"].endswith(":test")
     assert (rec["n_train"], rec["n_test"], rec["num_classes"]) == (12, 9, 3)
     dense = run_eval("dense", run, ["eval.dense_num_images=4"], device="cpu", test_data=str(test),
@@ -127,7 +127,8 @@ def test_records_of_two_sets_laid_out_alike_do_not_overwrite_each_other():
 
     a, b = data_slug("/d/a/train", "/d/a/test"), data_slug("/d/b/train/", "/d/b/test")
     assert (a, b) == ("-on-a_train-a_test", "-on-b_train-b_test")
-    assert data_slug("/d/pets.zip", None) == "-on-pets" and data_slug(None, None) == ""
+    assert data_slug("/d/pets.zip", None) == "-on-pets.zip" and data_slug("/d/pets", None) == "-on-pets"
+    assert data_slug(None, None) == ""
     assert data_slug("cifar10", None) == "-on-cifar10" and data_slug("train", "test") == "-on-train-test"
 
 
@@ -135,3 +136,12 @@ def test_dense_refuses_train_data_naming_test_data(unlabelled_run, capsys):
     run, train, _ = unlabelled_run
     assert cli(["eval", "dense", str(run), "--train-data", str(train), "--device", "cpu"]) == 2
     assert f"--test-data {train}" in capsys.readouterr().err
+
+
+def test_the_headline_gives_the_k_it_used_and_a_split_folder_alone_names_test_data(unlabelled_run, capsys):
+    run, train, test = unlabelled_run
+    assert cli(["eval", "knn", str(run), "--train-data", str(train), "--test-data", str(test),
+                "eval.k=100", "--device", "cpu"]) == 0
+    assert "(k=12: eval.k=100 > 12 train images, 12 train / 9 test)" in capsys.readouterr().out
+    assert cli(["eval", "knn", str(run), "--train-data", str(train), "--device", "cpu"]) == 2
+    assert "--test-data Y" in capsys.readouterr().err

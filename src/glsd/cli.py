@@ -208,7 +208,7 @@ def _add_use_of_backbones(sub) -> None:
     p.add_argument("--test-data", metavar="Y", help="labelled test set (its eval.test_split; "
                    "default: --train-data, else the run's data)")
     p.add_argument("--json", action="store_true", help="print the full JSON record (always written "
-                   "to RUN_DIR/eval/<kind>.json)")
+                   "to RUN_DIR/eval/<kind>[-student|-random-init][-on-<data>].json; the path is printed)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("embed", help="features of every image of a data source, to .safetensors/.npy + a CSV index")

@@ -117,9 +117,11 @@ def eval_sources(cfg: Config, base: Path, train_data: Optional[str] = None, test
     full = _open_named(train_cfg, train_split, train_data and f"--train-data {train_data}")
     test = cap_test(_open_named(test_cfg, cfg.eval.test_split, test_spec and f"--test-data {test_spec}",
                                 opener=open_test_split), cfg)
+    other_hint = ("; or give the held-out images with --test-data Y (or, as --train-data, the "
+                  "folder that holds both train/ and test/)" if test_data is None else "")
     check_split_pair(full, test, train_split, cfg.eval.test_split,
-                     hint="" if train_data is not None else "; or evaluate on another labelled "
-                     "set: --train-data X --test-data Y")
+                     hint=other_hint if train_data is not None else "; or evaluate on another "
+                     "labelled set: --train-data X --test-data Y")
     train = train_subset(full, subset, cfg)
     record = {**_data_record(cfg), "train_data": train_data, "test_data": test_data,
               "train_source": full.name, "test_source": test.name,
@@ -231,14 +233,14 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
 
 def data_slug(train_data: Optional[str], test_data: Optional[str]) -> str:
     """``""`` for the run's data, else ``-on-<names>`` so that sets do not overwrite each other's
-    record (``--train-data /d/pets.zip`` -> ``-on-pets``). A split folder's name alone says
-    little, so it keeps its parent's: ``/d/a/train`` + ``/d/a/test`` -> ``-on-a_train-a_test``,
-    apart from ``/d/b/train`` + ``/d/b/test``."""
+    record (``--train-data /d/pets.zip`` -> ``-on-pets.zip``, apart from a folder ``/d/pets``).
+    A split folder's name alone says little, so it keeps its parent's: ``/d/a/train`` +
+    ``/d/a/test`` -> ``-on-a_train-a_test``, apart from ``/d/b/train`` + ``/d/b/test``."""
     names = []
     for spec in (train_data, test_data):
         if spec is not None:
             path = Path(str(spec).rstrip("/"))
-            name = path.stem
+            name = path.name
             if name.lower() in SPLIT_NAMES and path.parent.name:
                 name = f"{path.parent.name}_{name}"
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "data"
@@ -270,7 +272,8 @@ def _classify(kind: str, backbone: Backbone, cfg: Config, dev: torch.device, bas
         results = knn_classify(train_f, train_y, test_f, test_y, n_cls, ks, cfg.eval.temperature)
         headline = results["per_k"][str(cfg.eval.k)]
         results = {"top1": headline["top1"], "top5": headline["top5"], **results}
-        settings = {"k": cfg.eval.k, "ks": list(ks), "temperature": cfg.eval.temperature}
+        settings = {"k": cfg.eval.k, "k_effective": headline["k_effective"], "ks": list(ks),
+                    "temperature": cfg.eval.temperature}
     else:
         results = linear_probe(train_f, train_y, test_f, test_y, n_cls, cfg.eval.linear_epochs,
                                cfg.eval.linear_lr, cfg.eval.batch_size, seed=cfg.train.seed)
@@ -385,5 +388,7 @@ def headline(record: dict) -> str:
                 f"{res['n_test_mosaics']:,} test mosaics of {tiles}){model}")
     counts = f"{n_train:,} train / {n_test:,} test"
     if record["kind"] == "knn":
-        return f"k-NN top-1 {res['top1']:.1f} % (k={record['k']}, {counts}){model}"
+        k, used = record["k"], record.get("k_effective", record["k"])
+        k_text = f"k={used}" if used == k else f"k={used}: eval.k={k} > {n_train:,} train images"
+        return f"k-NN top-1 {res['top1']:.1f} % ({k_text}, {counts}){model}"
     return f"linear top-1 {res['top1']:.1f} % ({record['linear_epochs']} epochs, {counts}){model}"

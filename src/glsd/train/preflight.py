@@ -170,9 +170,10 @@ def scale_warmup(cfg: Config, steps_per_epoch: int) -> tuple[Config, Optional[st
         cfg.train, warmup_steps=None, warmup_epochs=epochs)), steps_per_epoch)
     asked = (f"train.warmup_steps={cfg.train.warmup_steps}" if cfg.train.warmup_steps is not None
              else f"train.warmup_epochs={cfg.train.warmup_epochs:g}")
+    to = (f"{scaled} step{'' if scaled == 1 else 's'}" if scaled else "0 steps: no warm-up")
     note = (f"warm-up {asked} ({warmup} steps) is longer than the run ({total} steps): scaled to "
-            f"{scaled} step{'' if scaled == 1 else 's'} (train.warmup_epochs={epochs:g}, "
-            f"{WARMUP_FRACTION:.0%} of the run); set train.warmup_steps to choose")
+            f"{to} (train.warmup_epochs={epochs:g}, {WARMUP_FRACTION:.0%} of the run); to choose, "
+            f"set train.warmup_steps below {total}")
     return dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, warmup_steps=None, warmup_epochs=epochs)), note
 
