@@ -145,3 +145,16 @@ def test_the_headline_gives_the_k_it_used_and_a_split_folder_alone_names_test_da
     assert "(k=12: eval.k=100 > 12 train images, 12 train / 9 test)" in capsys.readouterr().out
     assert cli(["eval", "knn", str(run), "--train-data", str(train), "--device", "cpu"]) == 2
     assert "--test-data Y" in capsys.readouterr().err
+
+
+def test_a_stray_image_at_the_top_of_a_labelled_tree_is_named_as_the_reason(unlabelled_run, tmp_path, capsys):
+    import shutil
+
+    run, train, test = unlabelled_run
+    stray = tmp_path / "labelled"
+    shutil.copytree(train, stray)
+    synthetic_image(0, 32, 3)[0].save(stray / "stray.jpg")
+    assert cli(["eval", "knn", str(run), "--train-data", str(stray), "--test-data", str(test),
+                "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "because of its 1 images at the top level" in err and "data.source=imagefolder" in err

@@ -27,7 +27,7 @@ import torch
 from glsd.config import EVALUATIONS, Config, ConfigError, DataConfig, to_dict
 from glsd.errors import MissingSplit
 from glsd.data.loader import SUBSET_FILE, read_subset
-from glsd.data.sources import SPLIT_NAMES, ImageSource, balanced_subset, open_source
+from glsd.data.sources import SPLIT_NAMES, ImageSource, balanced_subset, detect_kind, open_source
 from glsd.eval.data_spec import data_config
 from glsd.eval.dense import run_dense
 from glsd.eval.features import Device, extract_features, load_backbone, resolve_feature
@@ -159,7 +159,7 @@ def check_split_pair(train: ImageSource, test: ImageSource, train_split: str, te
     for src in (train, test):
         if not src.classes or any(y < 0 for y in src.labels):
             raise ConfigError(f"{src.name} is unlabeled; k-NN and linear evaluation need labels "
-                              f"(an image folder with class sub-folders, or a dataset){hint}")
+                              f"(an image folder with class sub-folders, or a dataset){why_flat(src)}{hint}")
     if test.name == train.name:
         raise ConfigError(f"the test split ({test_split!r}) and the train split ({train_split!r}) "
                           f"are the same images ({train.name}); set eval.test_split to a "
@@ -167,6 +167,19 @@ def check_split_pair(train: ImageSource, test: ImageSource, train_split: str, te
     if train.classes != test.classes:
         raise ConfigError(f"train ({train.name}) and test ({test.name}) have different classes "
                           f"({len(train.classes)} vs {len(test.classes)}), so labels do not line up")
+
+
+def why_flat(src: ImageSource) -> str:
+    """Why a folder with class sub-folders was read as one unlabelled folder: images at its top."""
+    if not src.name.startswith("folder:"):
+        return ""
+    root = Path(src.name[len("folder:"):])
+    kind, why = detect_kind(str(root)) if root.is_dir() else ("", "")
+    has_classes = root.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+    if kind != "folder" or not has_classes:
+        return ""
+    return (f". It has sub-folders, but data.source=auto reads it as one unlabelled folder because "
+            f"of its {why}: move them into class folders, or add data.source=imagefolder")
 
 
 def _data_record(cfg: Config) -> dict:
