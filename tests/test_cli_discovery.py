@@ -98,3 +98,11 @@ def test_glsd_warnings_speak_in_the_tools_voice(capsys):
     assert capsys.readouterr().err == "glsd: warning: 2 unreadable images of folder:x skipped (a.jpg, b.jpg)\n"
     show(UserWarning("deprecated"), UserWarning, os.path.join(os.sep, "x", "timm", "layers.py"), 1)
     assert len(passed_on) == 1 and capsys.readouterr().err == ""
+
+
+def test_the_dry_run_refuses_a_device_this_machine_lacks(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli(["config", "cpu-default", "device=cuda"]) == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err

@@ -41,8 +41,11 @@ def config_dry_run(name_or_path: str, overrides: Sequence[str]) -> str:
     size and, when the data can be opened, the images and schedule. Raises ConfigError."""
     from glsd.train.preflight import check_grids
 
+    from glsd.utils.device import device_type
+
     cfg = load_config(name_or_path, overrides)
     grids, stride = check_grids(cfg)
+    device_type(cfg.device)  # device=cuda on a machine without one: refused, as pretrain would
     lines = [dump_yaml(cfg).rstrip(), "# --- dry run: nothing trained ---",
              f"# backbone {cfg.model.backbone}" + (f", stride {stride}" if stride else "")]
     lines += [f"# feature grid {g[0]}x{g[1]} at {name}" for name, g in grids.items()]

@@ -60,7 +60,8 @@ def read_image(path: PathLike) -> Image.Image:
         raise VizError(f"refusing image {path}: it decodes to more pixels than PIL allows ({e}); "
                        "give a smaller image") from None
     except (OSError, ValueError, DataError) as e:
-        raise VizError(f"cannot read image {path}: {e}") from None
+        why = "not an image file PIL can read" if "cannot identify image file" in str(e) else str(e)
+        raise VizError(f"cannot read image {path}: {why}") from None
 
 
 def upscale(img: Image.Image, min_px: int = DISPLAY_MIN_PX,
