@@ -258,3 +258,12 @@ def test_a_resumed_run_counts_its_recorded_images_not_the_folder(tmp_path):
     # Without a checkpoint nothing resumes (the folder is moved aside): the images of now count.
     (run / "checkpoints" / "last.pt").unlink()
     assert preflight(cfg, open_source(cfg.data))[1].num_images == 40
+
+
+def test_a_file_without_a_preset_is_told_it_runs_on_the_bare_defaults(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train: {batch_size: 8}\n")
+    with pytest.raises(ConfigError, match=r"names no preset.*`preset: NAME`"):
+        check_grids(load_config(str(path)))
+    path.write_text("preset: cifar10-vit-tiny\ntrain: {batch_size: 8}\n")
+    check_grids(load_config(str(path)))

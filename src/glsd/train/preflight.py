@@ -139,6 +139,10 @@ def check_grids(cfg: Config) -> tuple[dict[str, tuple[int, int]], Optional[int]]
                 f"loss). Fix: crops of at least {need} px, a backbone of smaller stride (glsd_convnet, "
                 "a ViT with model.patch_size), or loss.matching=none")
     if problems:
+        if not cfg.preset or cfg.preset.endswith((".yaml", ".yml")):  # no preset under it
+            problems.append("this config names no preset, so the keys it does not set are glsd's "
+                            "bare defaults (ViT-Tiny/16 on 32/16 px crops); start from one with "
+                            "`preset: NAME` in the file (`glsd presets` lists them)")
         raise ConfigError("pre-flight check failed:\n  - " + "\n  - ".join(problems))
     return grids, stride
 
