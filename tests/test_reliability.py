@@ -583,7 +583,7 @@ def test_unknown_backbone_suggests_close_names(tmp_path, monkeypatch):
 
 def test_skip_counts_per_rank_survive_a_resume():
     """A checkpoint keeps every rank's skip count; another world size gives rank 0 the total."""
-    from glsd.train.pretrain import rank_state
+    from glsd.train.rng import rank_state
 
     rngs = [{"torch": torch.tensor([r])} for r in range(3)]
     ckpt = {"rng": rngs[0], "rng_per_rank": rngs, "skipped_per_rank": [2, 0, 5], "skipped_images": 2}

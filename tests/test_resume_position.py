@@ -4,7 +4,8 @@ import shutil
 
 import torch
 
-from glsd.train.pretrain import pretrain, recorded_global_batch, resume_position
+from glsd.train.pretrain import pretrain
+from glsd.train.resume import recorded_global_batch, resume_position
 
 from helpers_tiny import load_last, read_metrics, state_dicts_equal, tiny_config
 

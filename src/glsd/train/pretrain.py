@@ -23,7 +23,7 @@ from glsd.data.sources import open_source
 from glsd.export import write_run_exports
 from glsd.models.families import GLSD_CONVNET
 from glsd.models.heads import GLSDNet, build_network, build_teacher, freeze_unused_parameters
-from glsd.errors import CheckpointError, DataError, NonFiniteError, TrainingInterrupted
+from glsd.errors import DataError, NonFiniteError, TrainingInterrupted
 from glsd.train import finite
 from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
 from glsd.train.collapse import CollapseMonitor, collapse_indicators
@@ -35,10 +35,10 @@ from glsd.train.optim import apply_schedule, build_optimisation, clip_gradients,
 from glsd.train.preflight import preflight
 from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.tensorboard import metric_sinks, require_sinks
-from glsd.train.rng import rank_state, rng_state, seed_everything, set_rng_state
+from glsd.train.resume import TrainState, restore
+from glsd.train.rng import rng_state, seed_everything
 from glsd.train.schedules import Schedules
 from glsd.train.signals import StopRequested
-from glsd.train.weights import check_weights
 from glsd.utils.device import device_type, resolve_device
 
 
@@ -56,15 +56,6 @@ def build_networks(cfg: Config, device: torch.device) -> tuple[GLSDNet, GLSDNet]
         LOG.info("frozen: %d parameters none of glsd's outputs use (%s)",
                  len(unused), ", ".join(unused))
     return student, build_teacher(cfg, student).to(device)
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimisation steps done
-    epoch: int = 0
-    step_in_epoch: int = 0
-    skipped_images: int = 0
-    checkpoint_step: Optional[int] = None  # step of the last checkpoint on disk
 
 
 def pretrain(cfg: Config) -> Path:
@@ -393,60 +384,3 @@ def checkpoint(ctx: Context, state: TrainState, keep: bool = False) -> None:
     save_checkpoint(ctx.run.last, payload)
     if keep:
         save_checkpoint(ctx.run.checkpoints / f"epoch{state.epoch:04d}.pt", payload)
-
-
-def restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler) -> TrainState:
-    try:
-        return _restore(ckpt, student, teacher, objective, optimizer, scaler, sampler)
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-        raise CheckpointError(f"the checkpoint to resume is corrupt or of another model "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                              "start fresh with train.resume=false (it is moved aside)") from None
-
-
-def _restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler) -> TrainState:
-    check_weights(ckpt["student"], student, "student weights")
-    check_weights(ckpt["teacher"], teacher, "teacher weights")
-    student.load_state_dict(ckpt["student"])
-    teacher.load_state_dict(ckpt["teacher"])
-    objective.load_state_dict(ckpt["objective"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"]:  # empty from a run without fp16 loss scaling: a new scaler starts fresh
-        scaler.load_state_dict(ckpt["scaler"])
-    rng, skipped = rank_state(ckpt, sampler.rank, sampler.world)
-    set_rng_state(rng)
-    step, step_in_epoch = resume_position(ckpt, sampler.steps_per_epoch, sampler.global_batch)
-    if step == ckpt["step"]:
-        LOG.info("resumed from step %d (epoch %d, step %d of it)", step, ckpt["epoch"], step_in_epoch)
-    else:
-        LOG.info("resumed from step %d of batches of %d images = step %d of this run's batches of %d "
-                 "(epoch %d, step %d of it): the schedules continue at the same point of the run",
-                 ckpt["step"], recorded_global_batch(ckpt), step, sampler.global_batch,
-                 ckpt["epoch"], step_in_epoch)
-    return TrainState(step, ckpt["epoch"], step_in_epoch, skipped, step)
-
-
-def recorded_global_batch(ckpt: dict) -> int:
-    """The global batch a checkpoint was trained with (older ones: per-process batch x ranks)."""
-    if "global_batch" in ckpt:
-        return int(ckpt["global_batch"])
-    return int(ckpt["config"]["train"]["batch_size"]) * len(ckpt.get("rng_per_rank") or [None])
-
-
-def resume_position(ckpt: dict, steps_per_epoch: int, global_batch: int) -> tuple[int, int]:
-    """(step, step in its epoch) at which a checkpoint resumes under this run's global batch.
-
-    What does not depend on the global batch is the epoch and the samples consumed in it. Under
-    the checkpoint's global batch the step is the checkpoint's own (exact resume). Under another
-    one (another world size, or train.batch_size with train.extend=true) the step counter counts
-    batches of another size, and the schedules are built per epoch: the step is re-counted in
-    this run's batches, so lr, momentum and temperatures continue where the run was, and the run
-    ends after its epochs. The sample position rounds down to a whole new batch (a few images may
-    be seen twice).
-    """
-    step_in_epoch = ckpt["samples_in_epoch"] // global_batch
-    if recorded_global_batch(ckpt) == global_batch:
-        return ckpt["step"], step_in_epoch
-    return ckpt["epoch"] * steps_per_epoch + step_in_epoch, step_in_epoch
-
-
