@@ -111,7 +111,9 @@ def test_indicators_are_logged_every_logging_step(tmp_path):
     from glsd.train.pretrain import pretrain
 
     pretrain(tiny_config(tmp_path / "run", "train.max_steps=2"))
-    for record in read_metrics(tmp_path / "run"):
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2]  # log_every=1: both steps, none empty
+    for record in records:
         assert 1.0 <= record["effective_prototypes"] <= 64
         assert 0 <= record["teacher_kl_uniform"] <= math.log(64) + 1e-6
         assert record["teacher_entropy"] == pytest.approx(math.log(64) - record["teacher_kl_uniform"], abs=1e-5)

@@ -73,14 +73,15 @@ def test_balanced_subset_keeps_class_proportions_and_is_seeded():
     assert len(balanced_subset(src, num_images=7, seed=0)) == 7
 
 
-@pytest.mark.parametrize("text", ["{not json", '{"source": "x"}', "[1, 2]"])
+@pytest.mark.parametrize("text", ["{not json", '{"source": "x"}', "[1, 2]", b'{"keys": ["\xff\xfe"]}'])
 def test_a_damaged_subset_record_is_a_config_error(tmp_path, text):
     """The run's subset.json decides which images a resumed run and its evaluation use: a
     damaged one is refused with the fix, never a traceback or a silently other subset."""
     from glsd.config import ConfigError, load_config
     from glsd.data.loader import SUBSET_FILE, select_images
 
-    (tmp_path / SUBSET_FILE).write_text(text)
+    record = tmp_path / SUBSET_FILE
+    record.write_bytes(text) if isinstance(text, bytes) else record.write_text(text)  # bytes: not UTF-8
     cfg = load_config(None, ["data.source=synthetic", "data.synthetic_num_images=16"])
     with pytest.raises(ConfigError, match="subset.json.*delete it"):
         select_images(cfg, tmp_path)

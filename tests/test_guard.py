@@ -282,6 +282,20 @@ def test_stale_lock_is_taken_over_and_foreign_host_refused(tmp_path, capsys):
     (run / lock.LOCK_NAME).unlink()
 
 
+def test_two_processes_finding_one_stale_lock_do_not_both_take_it(tmp_path):
+    """A read the stale lock, took it over and wrote its own; B, slower, read the same stale
+    record: B's take-over must leave A's fresh lock in place (B then finds the folder busy)."""
+    path = tmp_path / lock.LOCK_NAME
+    stale = {"pid": _dead_pid(), "host": socket.gethostname(), "what": "pretrain"}
+    fresh = {"pid": os.getpid(), "host": socket.gethostname(), "what": "pretrain"}
+    path.write_text(json.dumps(fresh))  # A's, written after A removed the stale one
+    lock._take_over(path, stale)  # B acts on what it read before
+    assert json.loads(path.read_text()) == fresh and list(tmp_path.iterdir()) == [path]
+    path.write_text(json.dumps(stale))
+    lock._take_over(path, stale)  # the stale record itself: removed
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_lock_is_reentrant_and_eval_locks_its_output(tmp_path):
     folder = tmp_path / "f"
     lock.acquire(folder)

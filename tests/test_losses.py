@@ -127,14 +127,16 @@ def test_global_loss_gradient_only_to_student():
 
 
 def test_global_loss_same_view_excluded():
-    # identical teacher/student view t: only the s == t term would be low; it must not count
+    # Student view s agrees with teacher view t != s and disagrees with its own teacher view:
+    # with the s == t terms excluded the loss is ~0; counting them would make it large.
     k = 4
     teacher = torch.tensor([[[5.0, 0, 0, 0]], [[0, 5.0, 0, 0]]])
-    student = teacher.clone()
+    student = teacher.flip(0).clone()  # view 0 looks like teacher view 1, and the reverse
     loss = DINOGlobalLoss(k, student_temp=TS)(student, teacher, TT)
     torch.testing.assert_close(loss.double(), naive_global(student, teacher, torch.zeros(1, k)))
-    # s != t pairs are mismatched: large loss (>> the matching-pair CE ~ 0)
-    assert loss.item() > 10
+    assert loss.item() < 1e-3
+    crossed = DINOGlobalLoss(k, student_temp=TS)(teacher.clone(), teacher, TT)  # the reverse
+    assert crossed.item() > 10
 
 
 def test_teacher_probs_and_center_module():

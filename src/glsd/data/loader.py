@@ -47,7 +47,7 @@ def read_subset(path: Path) -> Optional[dict]:
            "data.subset_seed) and evaluation uses the whole train split")
     try:
         subset = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (ValueError, OSError) as e:  # bad JSON, bad UTF-8, unreadable
         raise ConfigError(f"{path} is not valid JSON ({e}); {fix}") from None
     if not isinstance(subset, dict) or not isinstance(subset.get("keys"), list):
         raise ConfigError(f"{path} has no 'keys' list; {fix}")

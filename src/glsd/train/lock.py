@@ -80,8 +80,11 @@ def acquire(folder: Path, what: str = "glsd") -> Path:
         return path
     try:
         if not folder.exists():
-            folder.mkdir(parents=True)
-            _created_dirs.add(folder)
+            try:
+                folder.mkdir(parents=True)
+                _created_dirs.add(folder)
+            except FileExistsError:  # another process made it in between: fine
+                pass
         return _create(folder, path, what)
     except OSError as e:
         if folder in _created_dirs:  # made only to hold the lock: not left behind empty
@@ -113,12 +116,22 @@ def _create(folder: Path, path: Path, what: str) -> Path:
 
 
 def _take_over(path: Path, info: Optional[dict]) -> None:
+    """Remove the stale lock ``info`` was read from, and nothing else: two processes may find
+    it stale at once, and the slower one must not delete the lock the faster one just took.
+    The file is moved aside (atomic) and checked; a fresh lock moved by mistake is put back."""
+    aside = path.with_name(f"{path.name}.stale-{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # another process removed it first
+        return
+    if _read(aside) != info:  # not the stale record: another process's fresh lock
+        with contextlib.suppress(OSError):
+            os.link(aside, path)  # back in place, unless a third process holds path now
+        aside.unlink(missing_ok=True)
+        return
     who = f"pid {info.get('pid')}" if info else "an unreadable lock"
     print(f"glsd: taking over the stale lock {path} ({who} is gone)", file=sys.stderr)
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+    aside.unlink(missing_ok=True)
 
 
 def _busy_message(folder: Path, path: Path, info: Optional[dict]) -> str:

@@ -21,6 +21,7 @@ from glsd.errors import CheckpointError, GlsdError
 from glsd.train import lock
 from glsd.train.checkpoint import load_checkpoint, sweep_temp_files
 from glsd.train.finite import nonfinite_tensors
+from glsd.utils.io import atomic_write_text
 
 RESUME_KEYS = ("student", "teacher", "objective", "optimizer", "scaler", "step", "epoch",
                "samples_in_epoch", "rng")
@@ -121,7 +122,7 @@ class RunFolder:
                     kept.append(line)
             except json.JSONDecodeError:  # a line cut by the kill
                 continue
-        path.write_text("".join(f"{line}\n" for line in kept))
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))  # a kill now keeps the old one
 
     def _is_same_unsaved_start(self, cfg: Config) -> bool:
         names = {p.name for p in self.root.iterdir()}
