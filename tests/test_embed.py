@@ -153,3 +153,23 @@ def test_progress_bar_on_a_terminal_only(backbone_file, tmp_path):
     os.close(master)
     assert proc.wait(timeout=120) == 0 and b"embedded 6 images" in proc.stdout.read()
     assert b"embed:" in tty_err and b"/7 [" in tty_err, tty_err
+
+
+def test_embed_local_of_a_vit_is_the_mean_of_its_patches_not_its_class_token(tmp_path):
+    """For the conv net the global feature is the mean of the local ones, so a --local file
+    holding global features would pass unseen; a ViT's class token differs from its patches."""
+    path = tmp_path / "vit.safetensors"
+    cfg = load_config(None, ["model.backbone=vit_tiny_patch16_224", "model.patch_size=4",
+                             "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}",
+                             "data.num_workers=0", "device=cpu"])
+    torch.manual_seed(4)
+    export_backbone(path, build_backbone(cfg.model, cfg.crops.global_size).model, to_dict(cfg))
+    data = _image_folder(tmp_path / "data", per_class=2)
+    res = embed(path, str(data), tmp_path / "e.safetensors", local=True, device="cpu", progress=False)
+    tensors = load_file(str(tmp_path / "e.safetensors"))
+    backbone, cfg, _ = load_backbone(path)
+    x = eval_transform(cfg)(Image.open(data / res.keys[0]).convert("RGB"))[None]
+    with torch.no_grad():
+        out = backbone(x)
+    assert torch.allclose(tensors["local"][0], out.local_feat[0].mean(dim=(0, 1)), atol=1e-5)
+    assert not torch.allclose(tensors["local"][0], tensors["global"][0], atol=1e-3)
