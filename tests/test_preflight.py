@@ -267,3 +267,16 @@ def test_a_file_without_a_preset_is_told_it_runs_on_the_bare_defaults(tmp_path):
         check_grids(load_config(str(path)))
     path.write_text("preset: cifar10-vit-tiny\ntrain: {batch_size: 8}\n")
     check_grids(load_config(str(path)))
+
+
+def test_images_much_smaller_than_the_crops_are_said(tmp_path):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 30), (20 * i, 60, 90)).save(folder / f"{i}.png")
+    data = ("data.source=folder", f"data.root={folder}", "train.batch_size=2")
+    cfg = tiny_config(tmp_path / "r", *data, "crops.global_size=64", "crops.local_size=32")
+    notes = preflight(cfg, open_source(cfg.data))[1].notes
+    assert any("median short side of 30 px (of 6 read) under crops.global_size=64" in n for n in notes)
+    fits = tiny_config(tmp_path / "r", *data)  # 32 px crops of 30 px images: no note
+    assert not any("small for the crops" in n for n in preflight(fits, open_source(fits.data))[1].notes)

@@ -68,6 +68,7 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
     cfg, note = scale_warmup(cfg, steps_per_epoch)
     notes += [note] if note else []
     notes += short_run_notes(cfg, steps_per_epoch)
+    notes += image_size_notes(cfg, source)
     notes += check_resume_schedule(cfg, Path(cfg.output_dir))
     from glsd.eval.runner import check_online_knn  # training's one use of evaluation
 
@@ -180,6 +181,25 @@ def scale_warmup(cfg: Config, steps_per_epoch: int) -> tuple[Config, Optional[st
             f"set train.warmup_steps below {total}")
     return dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, warmup_steps=None, warmup_epochs=epochs)), note
+
+
+def image_size_notes(cfg: Config, source: ImageSource, sample: int = 16) -> list[str]:
+    """Said when the images are much smaller than the global crops (photos of 96 px under a
+    224 px preset): every view is then an upscaled blur of a few pixels. A few images, evenly
+    spaced through the source, are read to tell."""
+    if not len(source):
+        return []
+    keys = source.keys[::max(1, len(source) // sample)][:sample]
+    sides = sorted(min(img.size) for img in (source.load(k) for k in keys) if img is not None)
+    if not sides:
+        return []
+    median = sides[len(sides) // 2]
+    if median * 2 > cfg.crops.global_size:
+        return []
+    return [f"the images are small for the crops: a median short side of {median} px (of {len(sides)} "
+            f"read) under crops.global_size={cfg.crops.global_size}, so every view is upscaled over "
+            f"{cfg.crops.global_size // median}x; crop sizes nearer the images' (and a backbone of "
+            "matching stride) learn from real pixels"]
 
 
 def short_run_notes(cfg: Config, steps_per_epoch: int) -> list[str]:
