@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 import glsd.train.pretrain as pretrain_mod
 from glsd.loss.dino import Center
+from glsd.train.rng import rank_state
 from glsd.train.run_folder import RunFolder
 
 from helpers_tiny import free_port, read_metrics, tiny_config
@@ -288,9 +289,9 @@ def test_one_rank_signal_or_nan_stops_all_ranks(two_ranks):
     assert ckpt["step"] == 2
     assert not (out_dir / "sigterm" / "backbone.safetensors").exists()
     # It holds each rank's own random state, so a resume gives each rank its stream back.
-    own = [pretrain_mod.rank_state(ckpt, r, 2)[0]["torch"] for r in range(2)]
+    own = [rank_state(ckpt, r, 2)[0]["torch"] for r in range(2)]
     assert len(ckpt["rng_per_rank"]) == 2 and not torch.equal(own[0], own[1])
-    assert torch.equal(pretrain_mod.rank_state(ckpt, 1, 1)[0]["torch"], own[0])  # another world: rank 0's
+    assert torch.equal(rank_state(ckpt, 1, 1)[0]["torch"], own[0])  # another world: rank 0's
     # A non-finite loss on rank 1 only: both ranks raise at step 3, none waits for the other.
     for r in (r0, r1):
         assert r["nan"].startswith("NonFiniteError") and "step 3" in r["nan"], r["nan"]

@@ -187,8 +187,8 @@ def image_size_notes(cfg: Config, source: ImageSource, sample: int = 16) -> list
     """Said when the images are much smaller than the global crops (photos of 96 px under a
     224 px preset): every view is then an upscaled blur of a few pixels. A few images, evenly
     spaced through the source, are read to tell."""
-    if not len(source):
-        return []
+    if not len(source) or not source.name.startswith(("folder:", "imagefolder:", "zip:")):
+        return []  # generated or dataset images: their size is the dataset's, nothing to find
     keys = source.keys[::max(1, len(source) // sample)][:sample]
     sides = sorted(min(img.size) for img in (source.load(k) for k in keys) if img is not None)
     if not sides:
