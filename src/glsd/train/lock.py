@@ -11,6 +11,7 @@ rank 0 takes it; the other ranks share it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -91,8 +92,10 @@ def acquire(folder: Path, what: str = "glsd") -> Path:
             _created_dirs.discard(folder)
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        fix = ("a part of that path is a file, not a folder: choose another path" if e.errno == errno.ENOTDIR
+               else "fix its permissions, free space, or use a writable copy")
         raise NotWritable(e.errno, f"cannot write in {folder} ({e.strerror or e}); nothing was "
-                          "computed. Fix its permissions, free space, or use a writable copy") from None
+                          f"computed. {fix[0].upper()}{fix[1:]}") from None
 
 
 def _create(folder: Path, path: Path, what: str) -> Path:
