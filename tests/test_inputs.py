@@ -149,7 +149,7 @@ def test_eval_in_an_unwritable_folder_fails_before_computing(tmp_path, monkeypat
     assert not (fresh / "eval").exists()
     monkeypatch.undo()
     (tmp_path / "photo.jpg").write_bytes(b"x")  # output_dir=photo.jpg/run: a file on the path
-    with pytest.raises(NotWritable, match="a part of that path is a file, not a folder"):
+    with pytest.raises(NotWritable, match="A part of that path is a file, not a folder"):
         lock.acquire(tmp_path / "photo.jpg" / "run")
 
 
