@@ -51,3 +51,17 @@ def test_pretrain_takes_a_config_object(tmp_path):
     assert run.steps == 1 and run.config.preset == "cpu-default" and run.config.train.max_steps == 1
     assert (run.export_dir / "config.json").is_file() and run.backbone.is_file()
     assert Path(run.run_dir) == tmp_path / "run"
+
+
+def test_api_values_read_back_as_given_and_backbones_come_trainable(tmp_path):
+    """A float with an exponent inside backbone_kwargs stays a float (YAML 1.1 reads 1e-05 as
+    text); a string key keeps its text; load_backbone gives the same trainable module from a
+    run folder as from its export."""
+    cfg = glsd.load_config("photos-vit-s16", model__backbone_kwargs={"init_values": 1e-5, "x": [1e-6, "a"]},
+                           output_dir="010")
+    assert cfg.model.backbone_kwargs == {"init_values": 1e-5, "x": [1e-6, "a"]} and cfg.output_dir == "010"
+    run = glsd.pretrain("cpu-default", output_dir=str(tmp_path / "run"), data__synthetic_num_images=8,
+                        data__num_workers=0, train__batch_size=8, train__max_steps=1, train__progress=False)
+    for path in (run.run_dir, Path(run.run_dir) / "export" / "timm"):
+        model = glsd.load_backbone(path)
+        assert not model.training and all(p.requires_grad for p in model.parameters())

@@ -173,3 +173,13 @@ def test_embed_local_of_a_vit_is_the_mean_of_its_patches_not_its_class_token(tmp
         out = backbone(x)
     assert torch.allclose(tensors["local"][0], out.local_feat[0].mean(dim=(0, 1)), atol=1e-5)
     assert not torch.allclose(tensors["local"][0], tensors["global"][0], atol=1e-3)
+
+
+def test_embed_checks_its_output_folder_before_computing(backbone_file, tmp_path, monkeypatch):
+    import glsd.embedding as embedding
+    from glsd.errors import NotWritable
+
+    (tmp_path / "file").write_bytes(b"x")
+    monkeypatch.setattr(embedding, "iter_features", lambda *a, **k: pytest.fail("features computed"))
+    with pytest.raises(NotWritable, match="cannot write --out e.npy .*a part of that path is a file"):
+        embed(backbone_file, "synthetic", tmp_path / "file" / "e.npy", device="cpu", progress=False)

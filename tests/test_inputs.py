@@ -383,3 +383,24 @@ def test_a_read_that_hangs_times_out_naming_the_file():
         source.load("1", on_error="fail")
     assert time.monotonic() - start < 10
     assert load_config(None, ["data.read_timeout_s=0"]).data.read_timeout_s == 0  # 0: no limit
+
+
+def test_a_read_deadline_gives_back_the_programs_own_timer():
+    import signal
+    import time
+
+    from glsd.data.image_file import read_deadline
+
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with read_deadline(10):
+            pass
+        left = signal.getitimer(signal.ITIMER_REAL)[0]
+        assert 0.3 < left <= 0.5  # still running, minus the time the read took
+        time.sleep(0.7)
+        assert fired == [1]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

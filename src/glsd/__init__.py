@@ -31,6 +31,7 @@ The whole workflow on synthetic images, a few steps:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -57,8 +58,22 @@ def _override_strings(overrides: dict[str, Any]) -> list[str]:
             value = str(value)
         if isinstance(value, tuple):
             value = list(value)
-        out.append(f"{key.replace('__', '.')}={json.dumps(value)}")
+        out.append(f"{key.replace('__', '.')}={_yaml_text(value)}")
     return out
+
+
+def _yaml_text(value: Any) -> str:
+    """A Python value as YAML that reads back as the same value: JSON, except that a float
+    keeps a dot before its exponent (YAML 1.1 reads ``1e-05`` as a string, ``1.0e-05`` as a
+    float) anywhere in a list or mapping."""
+    if isinstance(value, float) and math.isfinite(value):
+        text = repr(value)
+        return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_yaml_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml_text(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 def load_config(preset_or_yaml: Optional[str] = None, **overrides: Any) -> "Config":
@@ -156,7 +171,9 @@ def embed(source: Union[str, Path], data: Union[str, Path], out: Union[str, Path
     """
     from glsd.embedding import embed as _embed
 
-    return _embed(source, str(data), out, local=local, device=device, batch_size=batch_size,
+    # A Path is a folder or file, even one named like a dataset (./sample, ./cifar10).
+    spec = str(data) if not isinstance(data, Path) or data.is_absolute() else f"./{data}"
+    return _embed(source, spec, out, local=local, device=device, batch_size=batch_size,
                   overrides=_override_strings(overrides), which="student" if student else None,
                   progress=progress)
 
@@ -165,7 +182,8 @@ def load_backbone(path: Union[str, Path], student: bool = False) -> "nn.Module":
     """The trained backbone as a plain module (a timm model for timm names), eval mode, CPU.
 
     ``path``: a run folder, a checkpoint ``.pt``, a ``backbone.safetensors`` or an export
-    folder (``RUN_DIR/export/timm``). ``model(x)`` gives the model's pooled ``(B, D)``
+    folder (``RUN_DIR/export/timm``), in eval mode with trainable parameters (to fine-tune;
+    ``requires_grad_(False)`` freezes it). ``model(x)`` gives the model's pooled ``(B, D)``
     feature (the CLS token for a ViT; a timm head norm glsd never trains for a few families,
     see the export folder's README), ``model.forward_features(x)`` the tokens or feature map.
 
@@ -186,8 +204,8 @@ def load_backbone(path: Union[str, Path], student: bool = False) -> "nn.Module":
 
             raise ConfigError(f"{path} is an export folder: it holds only the teacher; give the "
                               "run folder (its checkpoints/last.pt) for the student")
-        return load_export_folder(path)
+        return load_export_folder(path).eval().requires_grad_(True)
     from glsd.eval.features import load_backbone as _load
 
     backbone, _, _ = _load(path, "student" if student else "teacher")
-    return backbone.model.eval()
+    return backbone.model.eval().requires_grad_(True)  # the same from every input: trainable

@@ -54,9 +54,11 @@ def config_dry_run(name_or_path: str, overrides: Sequence[str]) -> str:
 
 
 def _data_lines(cfg) -> list[str]:
-    from glsd.data.sources import open_source
+    from glsd.data.sources import TORCHVISION_SOURCES, open_source
     from glsd.train.preflight import preflight
 
+    if cfg.data.download and cfg.data.source in TORCHVISION_SOURCES:
+        return ["data: not checked (data.download=true: a dry run downloads nothing)"]
     try:
         source = open_source(cfg.data)
     except ConfigError as e:

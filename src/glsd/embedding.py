@@ -35,7 +35,7 @@ from glsd.data.sources import open_source
 from glsd.eval.data_spec import data_config
 from glsd.eval.features import iter_features, load_backbone, resolve_feature
 from glsd.eval.runner import eval_device
-from glsd.utils.io import atomic_write
+from glsd.utils.io import atomic_write, check_writable
 
 SUFFIXES = (".safetensors", ".npy")
 FILE_MODE = 0o644
@@ -74,6 +74,8 @@ def embed(source: Union[str, Path], data: str, out: Union[str, Path, None] = Non
     out = Path(out) if out is not None else None
     if out is not None and out.suffix not in SUFFIXES:
         raise ConfigError(f"--out {out}: use a {' or '.join(SUFFIXES)} file name")
+    if out is not None:  # before the features, not after hours of them
+        check_writable(out.parent, f"--out {out.name}")
     backbone, cfg, info = load_backbone(source, which, overrides=[o for o in overrides
                                                                    if not o.startswith("data.")])
     cfg.data = data_config(data, cfg.data, overrides)

@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,15 @@ def read_deadline(seconds: float):
                            "system or a special file?)")
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
+    earlier, interval = signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if earlier:  # the program's own timer (a watchdog): given back what it had left
+            signal.setitimer(signal.ITIMER_REAL, max(earlier - (time.monotonic() - start), 1e-3), interval)
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")

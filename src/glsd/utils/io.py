@@ -72,3 +72,20 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any, indent: int = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent))
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` if needed and prove a file can be written there, before any work
+    whose result would go there is done: NotWritable naming ``what`` otherwise."""
+    from glsd.errors import NotWritable
+
+    probe = Path(folder) / f".glsd-write-check-{os.getpid()}"
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        fix = ("a part of that path is a file, not a folder" if e.errno in (errno.ENOTDIR, errno.EEXIST)
+               else "fix its permissions, free space, or choose another place")
+        raise NotWritable(e.errno, f"cannot write {what} in {folder} ({e.strerror or e}); nothing "
+                          f"was computed: {fix}") from None

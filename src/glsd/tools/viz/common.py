@@ -43,8 +43,13 @@ def figure(figsize: tuple[float, float], dpi: int):
 def save(fig, out: PathLike) -> Path:
     """Save at the figure's own size (no tight bbox): the PNG is figsize * dpi pixels."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=fig.dpi, format="png")
+    if out.suffix.lower() != ".png":
+        raise VizError(f"--out {out}: pictures are PNG files; name it {out.stem}.png")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=fig.dpi, format="png")
+    except OSError as e:
+        raise VizError(f"cannot write {out} ({e.strerror or e})") from None
     return out
 
 
