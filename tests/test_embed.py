@@ -98,6 +98,9 @@ def test_embed_flat_folder_npy(backbone_file, tmp_path):
     assert [p.name for p in res.files] == ["feats.npy", "feats.local.npy", "feats.csv"]
     assert np.array_equal(np.load(out), res.features.numpy())
     assert np.load(tmp_path / "feats.local.npy").shape == (4, 16)
+    # Rerun without --local to the same name: the old local file (other rows) does not stay.
+    embed(backbone_file, str(data), out, device="cpu", progress=False, overrides=["data.source=folder"])
+    assert not (tmp_path / "feats.local.npy").exists()
     rows = _rows(tmp_path / "feats.csv")
     assert [r["label"] for r in rows] == [""] * 4 and rows[3]["path"] == "sub/deep.png"
 

@@ -131,9 +131,12 @@ def write_embeddings(result: EmbedResult, out: Path, meta: dict) -> list[Path]:
         import numpy as np
 
         _write(out, lambda f: np.save(f, result.features.numpy()))
+        local = out.with_name(out.stem + ".local.npy")
         if result.local is not None:
-            files.append(out.with_name(out.stem + ".local.npy"))
-            _write(files[-1], lambda f: np.save(f, result.local.numpy()))
+            files.append(local)
+            _write(local, lambda f: np.save(f, result.local.numpy()))
+        elif local.exists():  # an earlier --local run's: its rows are not these
+            local.unlink()
     files.append(out.with_suffix(".csv"))
     _write(files[-1], lambda f: f.write(index_csv(result).encode()))
     return files
