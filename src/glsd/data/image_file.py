@@ -49,8 +49,10 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Grayscale, palette, RGBA (composited on black, as most loaders do) -> RGB; 16-bit
-    grayscale is scaled to 8 bits (PIL's own conversion would clip it at 255)."""
+    """Grayscale, palette, RGBA -> RGB; alpha is dropped, transparent pixels keep the colour
+    they store (as torchvision's and timm's loaders do). 16-bit grayscale is scaled to 8 bits
+    (PIL's own conversion would clip it at 255); a 32-bit "I" image only when its values go
+    past 255, since PIL also opens 8-bit data as "I"."""
     if img.mode == "RGB":
         return img
     if img.mode in SIXTEEN_BIT_MODES or (img.mode == "I" and img.getextrema()[1] > 255):
