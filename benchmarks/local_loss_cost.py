@@ -24,6 +24,7 @@ import argparse
 import math
 import importlib.util
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -94,9 +95,11 @@ def call(loss_fn, data, temp=0.04):
 
 
 def quartiles(xs: list[float]) -> dict:
-    xs = sorted(xs)
-    q = lambda f: xs[min(len(xs) - 1, int(f * len(xs)))]  # noqa: E731
-    return {"median": q(0.5), "q25": q(0.25), "q75": q(0.75)}
+    """Median and quartiles, interpolated between samples (``statistics.quantiles``)."""
+    if len(xs) < 2:
+        return {"median": xs[0], "q25": xs[0], "q75": xs[0]}
+    q25, q50, q75 = statistics.quantiles(xs, n=4, method="inclusive")
+    return {"median": q50, "q25": q25, "q75": q75}
 
 
 def bench_loss(old_mod, preset: str, soft: bool, rounds: int) -> dict:

@@ -127,7 +127,10 @@ def time_path(name: str, decode_batch, paths: list[Path], batch: int, iters: int
     for p in paths:
         with Image.open(p) as im:
             hw_of[p] = [float(im.size[1]), float(im.size[0])]
-    decode_batch(paths[:batch])  # warm-up (lazy imports, CUDA context, allocator)
+    warm = decode_batch(paths[:batch])  # warm-up (lazy imports, CUDA context, allocator)
+    warm_hw = torch.tensor([hw_of[p] for p in paths[:batch]])
+    # The view maker's first call too: else it lands in the first path's views time only.
+    maker(warm.to(device), draw_view_params(cfg.crops, [training_seed(0, 0, j, j) for j in range(len(warm))], warm_hw))
     for _ in range(iters):
         for i in range(0, len(paths), batch):
             chunk = paths[i:i + batch]

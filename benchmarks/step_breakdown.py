@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -92,9 +93,9 @@ def main(argv=None) -> int:
             parts = timed_parts(h.ctx, batch, h.step0)
             if r >= 2:
                 runs[m].append(parts)
-    medians = {m: {k: sorted(p[k] for p in rs)[len(rs) // 2] for k in rs[0]} for m, rs in runs.items()}
-    for m in medians:
-        medians[m]["total"] = sum(medians[m].values())
+    medians = {m: {k: statistics.median(p[k] for p in rs) for k in rs[0]} for m, rs in runs.items()}
+    for m in medians:  # the sum of the parts' medians (not the median of the totals); clipping,
+        medians[m]["total"] = sum(medians[m].values())  # EMA and the schedule are not parts
     extra = {k: medians["geometric"].get(k, 0.0) - medians["none"].get(k, 0.0) for k in medians["geometric"]}
     out = {"command": " ".join(["python", "benchmarks/step_breakdown.py", *(argv or sys.argv[1:])]),
            "preset": args.preset, "cpu": cpu_model(), "threads": torch.get_num_threads(),

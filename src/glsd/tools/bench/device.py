@@ -61,9 +61,9 @@ def bench_device_step(preset: Optional[str], overrides: Sequence[str], device: t
         except torch.cuda.OutOfMemoryError as e:  # record it, keep the other modes
             results[mode] = {"error": f"out of memory: {e}"[:500]}
             torch.cuda.empty_cache()
-    for _ in range(reps):
-        for h in harnesses:
-            h.step()
+    for r in range(reps):  # the order rotates: no arm always follows the same one
+        for k in range(len(harnesses)):
+            harnesses[(r + k) % len(harnesses)].step()
     for h in harnesses:
         h.time_match(max(1, reps))
         s = h.summary()

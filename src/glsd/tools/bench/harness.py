@@ -125,9 +125,9 @@ def run_interleaved(harnesses: Sequence[StepHarness], warmup: int, reps: int) ->
     for h in harnesses:
         for _ in range(warmup):
             h.step(timed=False)
-    for _ in range(reps):
-        for h in harnesses:
-            h.step()
+    for r in range(reps):  # the order rotates: no arm always follows the same one
+        for k in range(len(harnesses)):
+            harnesses[(r + k) % len(harnesses)].step()
     for h in harnesses:
         h.time_match(reps)
 
