@@ -68,16 +68,10 @@ def write_config(cfg: Config, path) -> Path:
 
 
 def read_metrics(run_dir) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            break
-    return records
+    """The run's metrics.jsonl records (a line being written is skipped)."""
+    from glsd.train.run_folder import read_metrics_records
+
+    return read_metrics_records(Path(run_dir) / "metrics.jsonl")
 
 
 def last_step(run_dir) -> int:

@@ -1,13 +1,13 @@
 """Training curves of several runs overlaid, from their metrics.jsonl and config.yaml."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import yaml
 
 from glsd.tools.viz.common import DPI, PathLike, VizError, figure, save
+from glsd.train.run_folder import read_metrics_records
 
 PLOT_FIGSIZE = (16.0, 7.0)  # inches; times dpi gives the PNG size
 PLOT_METRICS = ("loss", "loss_global", "loss_local", "knn_top1",
@@ -21,12 +21,7 @@ def read_run(run_dir: PathLike) -> tuple[list[dict], dict]:
     metrics, cfg_path = run_dir / "metrics.jsonl", run_dir / "config.yaml"
     if not metrics.is_file():
         raise VizError(f"{run_dir} has no metrics.jsonl: is it a glsd run folder that has logged a step?")
-    records = []
-    for line in metrics.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    records = read_metrics_records(metrics)
     raw = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
     return records, raw if isinstance(raw, dict) else {}
 
