@@ -8,7 +8,8 @@ A backbone can come from three places:
   ``config.yaml``;
 * a checkpoint file (``*.pt``) written by the training loop.
 
-Checkpoints are read only through :func:`glsd.train.checkpoint.load_checkpoint` (weights-only).
+:mod:`glsd.eval.locate` finds them; checkpoints are read only through
+:func:`glsd.train.checkpoint.load_checkpoint` (weights-only).
 """
 from __future__ import annotations
 
@@ -24,21 +25,15 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from glsd.config import Config, ConfigError, apply_overrides
-from glsd.config_files import parse_yaml
 from glsd.data.sources import ImageSource
-from glsd.export import export_folder_config
 from glsd.models.backbone import Backbone, build_backbone
-from glsd.train.checkpoint import load_checkpoint, read_backbone_config
-from glsd.train.lock import run_of
 from glsd.train.distributed import all_gather_cat, rank_world
-from glsd.train.weights import load_checked_weights, read_safetensors
+from glsd.train.weights import load_checked_weights
+from glsd.eval.locate import locate
 
 Device = Union[str, torch.device]
 MODELS = ("teacher", "student")
 FEATURES = ("auto", "cls", "pooled")
-CHECKPOINT = Path("checkpoints") / "last.pt"
-BACKBONE_FILE = "backbone.safetensors"
-EXPORT_WEIGHTS = "model.safetensors"  # beside config.json in a `glsd export` folder
 
 
 # ----------------------------------------------------------------------------------------
@@ -63,7 +58,7 @@ def load_backbone(path: Union[str, Path], which: Optional[str] = "teacher", rand
         ("teacher", "student" or "random-init"), ``step`` and ``epoch`` (None if unknown).
     """
     path = Path(path)
-    raw, loader, info = _locate(path)
+    raw, loader, info = locate(path)
     cfg = apply_overrides(raw, overrides)
     which = cfg.eval.model if which is None else which
     if which not in MODELS:
@@ -82,142 +77,6 @@ def load_backbone(path: Union[str, Path], which: Optional[str] = "teacher", rand
         info.update(model=which, **meta)
     backbone.eval().requires_grad_(False)
     return backbone, cfg, info
-
-
-def _locate(path: Path):
-    """(raw config dict, weights loader ``which -> (state, meta)``, info) for any input path."""
-    if path.is_dir():
-        if (path / "config.json").is_file() and (path / EXPORT_WEIGHTS).is_file():
-            return _locate_safetensors(path / EXPORT_WEIGHTS)  # a `glsd export` folder
-        return _locate_run(path)
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist; give a run folder, a {BACKBONE_FILE} or a .pt checkpoint")
-    if path.suffix == ".safetensors":
-        return _locate_safetensors(path)
-    if path.suffix == ".pt":
-        return _locate_checkpoint(path)
-    raise ConfigError(f"{path} is neither a run folder, a .safetensors backbone nor a .pt checkpoint")
-
-
-def _locate_run(run_dir: Path):
-    ckpt_path, st_path, cfg_path = run_dir / CHECKPOINT, run_dir / BACKBONE_FILE, run_dir / "config.yaml"
-    cache: dict = {}
-
-    def ckpt() -> dict:  # read once, and only when needed
-        if "c" not in cache:
-            cache["c"] = load_checkpoint(ckpt_path)
-        return cache["c"]
-
-    if cfg_path.is_file():
-        raw = _read_yaml(cfg_path)
-    elif ckpt_path.is_file():
-        raw = _ckpt_config(ckpt(), ckpt_path)
-    elif st_path.is_file():
-        raw = _safetensors_config(st_path)
-    else:
-        raise ConfigError(f"{run_dir} is not a run folder: it has no config.yaml, {CHECKPOINT} "
-                          f"or {BACKBONE_FILE}")
-
-    def weights(which: str):
-        if ckpt_path.is_file():
-            _same_run(raw, ckpt(), ckpt_path, cfg_path)
-            return _from_checkpoint(ckpt(), ckpt_path, which)
-        if which == "teacher" and st_path.is_file():
-            return _from_safetensors(st_path)
-        raise ConfigError(f"no weights for the {which} in {run_dir}: {CHECKPOINT} is missing"
-                          + ("" if which == "student" else f" and so is {BACKBONE_FILE}")
-                          + "; has training saved a checkpoint yet? (random_init needs none)")
-
-    return raw, weights, {"path": str(run_dir), "run_dir": str(run_dir)}
-
-
-def _same_run(raw: dict, ckpt: dict, ckpt_path: Path, cfg_path: Path) -> None:
-    """A checkpoint laid into another run's folder: say so, naming both architectures."""
-    saved = ckpt.get("config")
-    if not (isinstance(saved, dict) and cfg_path.is_file()):
-        return
-    mine, theirs = raw.get("model", {}), saved.get("model", {})
-    keys = [k for k in ("backbone", "backbone_kwargs", "patch_size") if k in theirs and mine.get(k, theirs[k]) != theirs[k]]
-    if keys:
-        raise ConfigError(f"{ckpt_path} belongs to another run: it holds "
-                          + ", ".join(f"model.{k}={theirs[k]!r}" for k in keys) + f" while {cfg_path} says "
-                          + ", ".join(f"model.{k}={mine.get(k)!r}" for k in keys)
-                          + "; evaluate that checkpoint's own run folder, or put this run's last.pt back")
-
-
-def _locate_checkpoint(path: Path):
-    ckpt = load_checkpoint(path)
-
-    def weights(which: str):
-        return _from_checkpoint(ckpt, path, which)
-
-    return _ckpt_config(ckpt, path), weights, {"path": str(path), "run_dir": str(run_of(path))}
-
-
-def _locate_safetensors(path: Path):
-    raw = _safetensors_config(path)
-
-    def weights(which: str):
-        if which != "teacher":
-            raise ConfigError(f"{path} holds only the teacher backbone; evaluate the run folder "
-                              f"(its {CHECKPOINT}) for the {which}")
-        return _from_safetensors(path)
-
-    # results go to the run an export folder (RUN/export/timm) belongs to
-    return raw, weights, {"path": str(path), "run_dir": str(run_of(path))}
-
-
-def _read_yaml(path: Path) -> dict:
-    return parse_yaml(path.read_text(), str(path))
-
-
-def _ckpt_config(ckpt: dict, path: Path) -> dict:
-    if not isinstance(ckpt.get("config"), dict):
-        raise ConfigError(f"checkpoint {path} has no 'config' dict; put the run's config.yaml next to it")
-    return ckpt["config"]
-
-
-def _safetensors_config(path: Path) -> dict:
-    config = read_backbone_config(path)  # checked header (untrusted file)
-    if config is not None:
-        return config
-    sibling = path.parent / "config.yaml"
-    if sibling.is_file():
-        return _read_yaml(sibling)
-    if (path.parent / "config.json").is_file():  # the weights of a `glsd export` folder
-        return export_folder_config(path.parent)
-    raise ConfigError(f"{path} has no glsd config in its metadata and no config.yaml or glsd "
-                      "export config.json beside it; re-export it with glsd or copy the run's "
-                      "config.yaml next to it")
-
-
-def _from_checkpoint(ckpt: dict, path: Path, which: str) -> tuple[dict, dict]:
-    if which not in ckpt:
-        raise ConfigError(f"checkpoint {path} has no '{which}' weights")
-    state = backbone_state(ckpt[which])
-    if not state:
-        raise ConfigError(f"checkpoint {path}: '{which}' holds no 'backbone.model.*' weights")
-    return state, {"checkpoint": str(path), "step": ckpt.get("step"), "epoch": ckpt.get("epoch")}
-
-
-def _from_safetensors(path: Path) -> tuple[dict, dict]:
-    return read_safetensors(path)[0], {"checkpoint": str(path), "step": None, "epoch": None}
-
-
-def backbone_state(net_state: dict) -> dict:
-    """Plain timm keys of the backbone inside a GLSDNet state dict.
-
-    Wrappers leave prefixes in keys (``module.`` from DDP, ``_orig_mod.`` from torch.compile);
-    they are dropped so a checkpoint of a wrapped network loads the same.
-    """
-    prefix = "backbone.model."
-    out = {}
-    for key, value in net_state.items():
-        key = key.replace("_orig_mod.", "")
-        key = key[len("module."):] if key.startswith("module.") else key
-        if key.startswith(prefix):
-            out[key[len(prefix):]] = value
-    return out
 
 
 def _load_weights(backbone: Backbone, state: dict, source: str, cfg: Config) -> None:

@@ -24,11 +24,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from glsd.config import EVALUATIONS, Config, ConfigError, DataConfig, to_dict
-from glsd.errors import MissingSplit
+from glsd.config import EVALUATIONS, Config, ConfigError, to_dict
 from glsd.data.loader import SUBSET_FILE, read_subset
-from glsd.data.sources import SPLIT_NAMES, ImageSource, balanced_subset, detect_kind, open_source
+from glsd.data.sources import SPLIT_NAMES, ImageSource
 from glsd.eval.data_spec import data_config
+from glsd.eval.eval_data import (SOURCES, _data_record, check_split_pair, eval_sources,  # noqa: F401 - re-exported
+                                 open_cached, open_test_split, train_subset)
 from glsd.eval.dense import run_dense
 from glsd.eval.features import Device, extract_features, load_backbone, resolve_feature
 from glsd.eval.knn import knn_classify
@@ -43,33 +44,11 @@ from glsd.utils.io import atomic_write
 KINDS = EVALUATIONS
 KNN_KS = (10, 20, 100, 200)
 
-_SOURCES: dict[tuple[str, str], ImageSource] = {}
 _ONLINE: dict = {}
 
 
-def open_cached(cfg: Union[Config, DataConfig], split: str) -> ImageSource:
-    """``open_source(cfg.data, split)``, opened once per process (datasets load into memory)."""
-    data_cfg = cfg.data if isinstance(cfg, Config) else cfg
-    data = dataclasses.asdict(data_cfg)
-    for k in ("num_workers", "on_error", "split"):
-        data.pop(k)  # they do not change which images a split holds
-    key = (json.dumps(data, sort_keys=True), split)
-    if key not in _SOURCES:
-        _SOURCES[key] = open_source(data_cfg, split)
-    return _SOURCES[key]
-
-
-def open_test_split(cfg: Union[Config, DataConfig], split: str) -> ImageSource:
-    """open_cached of ``eval.test_split``: a missing split names that key, not data.split
-    (an ImageNet folder has val/, not test/)."""
-    try:
-        return open_cached(cfg, split)
-    except MissingSplit as e:
-        raise e.asked_by("eval.test_split") from None
-
-
 def clear_cache() -> None:
-    _SOURCES.clear()
+    SOURCES.clear()
     _ONLINE.clear()
 
 
@@ -77,115 +56,6 @@ def eval_device(device: Device, cfg: Config) -> torch.device:
     """The device argument, "auto" deferring to the config's ``device`` (then
     :func:`glsd.utils.device.resolve_device`)."""
     return _resolve_device(cfg.device if str(device) == "auto" else device)
-
-
-# ----------------------------------------------------------------------------------------
-# Data
-
-def train_subset(full: ImageSource, subset: Optional[dict], cfg: Config) -> ImageSource:
-    """The pretraining images of ``full`` (all without a subset), then ``eval.train_fraction``."""
-    src = full
-    if subset is not None:
-        if subset.get("source") and subset["source"] != full.name:
-            warnings.warn(f"subset.json was written for source {subset['source']!r}, evaluating "
-                          f"on {full.name!r} (moved data?); its keys are used as recorded")
-        src = full.subset([str(k) for k in subset["keys"]])
-        if subset.get("labels") is not None and [int(y) for y in subset["labels"]] != src.labels:
-            raise ConfigError(f"labels in subset.json differ from those of {full.name}; the data "
-                              "changed since the run. Restore it, or delete subset.json")
-    fraction = cfg.eval.train_fraction
-    if fraction is not None and fraction < 1.0:
-        src = src.subset(balanced_subset(src, fraction=fraction, seed=cfg.data.subset_seed))
-    return src
-
-
-def eval_sources(cfg: Config, base: Path, train_data: Optional[str] = None, test_data: Optional[str] = None,
-                 overrides: Sequence[str] = ()) -> tuple[ImageSource, ImageSource, dict]:
-    """(labelled train source, test source, record of what they are) for k-NN / linear.
-
-    ``train_data`` / ``test_data``: another labelled set (module docstring); ``overrides``
-    gives their ``data.*`` keys.
-    """
-    if train_data is not None:
-        train_cfg, subset = data_config(train_data, cfg.data, overrides), None
-        train_split = train_cfg.split
-    else:
-        train_cfg, subset = cfg.data, read_subset(base / SUBSET_FILE)
-        train_split = str(subset.get("split") or cfg.data.split) if subset else cfg.data.split
-    test_spec = test_data if test_data is not None else train_data
-    test_cfg = cfg.data if test_spec is None else data_config(test_spec, cfg.data, overrides)
-    full = _open_named(train_cfg, train_split, train_data and f"--train-data {train_data}")
-    test = cap_test(_open_named(test_cfg, cfg.eval.test_split, test_spec and f"--test-data {test_spec}",
-                                opener=open_test_split), cfg)
-    other_hint = ("; or give the held-out images with --test-data Y (or, as --train-data, the "
-                  "folder that holds both train/ and test/)" if test_data is None else "")
-    check_split_pair(full, test, train_split, cfg.eval.test_split,
-                     hint=other_hint if train_data is not None else "; or evaluate on another "
-                     "labelled set: --train-data X --test-data Y")
-    train = train_subset(full, subset, cfg)
-    record = {**_data_record(cfg), "train_data": train_data, "test_data": test_data,
-              "train_source": full.name, "test_source": test.name,
-              "train_split": train_split, "test_split": cfg.eval.test_split,
-              "subset_file": str(base / SUBSET_FILE) if subset else None,
-              "subset_size": len(subset["keys"]) if subset else None,
-              "max_test_images": cfg.eval.max_test_images,
-              "n_train": len(train), "n_test": len(test), "num_classes": len(full.classes)}
-    return train, test, record
-
-
-def _open_named(data_cfg: DataConfig, split: str, what: Optional[str], opener=open_cached) -> ImageSource:
-    """open_cached (or ``opener``), with errors naming the command-line flag that gave the data."""
-    try:
-        return opener(data_cfg, split)
-    except ConfigError as e:
-        if what is None:
-            raise
-        raise ConfigError(f"{what}: {e}") from None
-
-
-def cap_test(test: ImageSource, cfg: Config) -> ImageSource:
-    """At most ``eval.max_test_images`` of the test source, class-balanced and seeded."""
-    cap = cfg.eval.max_test_images
-    if cap is None or cap >= len(test):
-        return test
-    if cap < 1:
-        raise ConfigError(f"eval.max_test_images={cap} must be >= 1 (or null for all)")
-    return test.subset(balanced_subset(test, num_images=cap, seed=cfg.data.subset_seed))
-
-
-def check_split_pair(train: ImageSource, test: ImageSource, train_split: str, test_split: str,
-                     hint: str = "") -> None:
-    """Labelled, held-out, with the same classes: else a ConfigError naming the fix."""
-    for src in (train, test):
-        if not src.classes or any(y < 0 for y in src.labels):
-            raise ConfigError(f"{src.name} is unlabeled; k-NN and linear evaluation need labels "
-                              f"(an image folder with class sub-folders, or a dataset){why_flat(src)}{hint}")
-    if test.name == train.name:
-        raise ConfigError(f"the test split ({test_split!r}) and the train split ({train_split!r}) "
-                          f"are the same images ({train.name}); set eval.test_split to a "
-                          f"held-out split (e.g. a 'test' or 'val' sub-folder){hint}")
-    if train.classes != test.classes:
-        raise ConfigError(f"train ({train.name}) and test ({test.name}) have different classes "
-                          f"({len(train.classes)} vs {len(test.classes)}), so labels do not line up")
-
-
-def why_flat(src: ImageSource) -> str:
-    """Why a folder with class sub-folders was read as one unlabelled folder: images at its top."""
-    if not src.name.startswith("folder:"):
-        return ""
-    root = Path(src.name[len("folder:"):])
-    kind, why = detect_kind(str(root)) if root.is_dir() else ("", "")
-    has_classes = root.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
-    if kind != "folder" or not has_classes:
-        return ""
-    return (f". It has sub-folders, but data.source=auto reads it as one unlabelled folder because "
-            f"of its {why}: move them into class folders, or add data.source=imagefolder")
-
-
-def _data_record(cfg: Config) -> dict:
-    d = cfg.data
-    return {"source": d.source, "root": d.root, "data_fraction": d.fraction,
-            "data_num_images": d.num_images, "train_fraction": cfg.eval.train_fraction}
 
 
 # ----------------------------------------------------------------------------------------
