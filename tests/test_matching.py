@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from glsd.data.geometry import cell_centers, make_geometry
-from glsd.loss.matching import (geometric_match, match_pairs, match_threshold_sq,
-                                nearest_cell_match, similarity_match, squared_distances)
+from glsd.loss.dino import view_pairs
+from glsd.loss.matching import (cosine_similarities, geometric_match, match_pairs, match_threshold_sq,
+                                nearest_cell_match, pair_similarities, similarity_match,
+                                squared_distances)
 
 
 def _geo_match(s_geom, s_grid, t_geom, t_grid, threshold="half_diagonal"):
@@ -137,6 +139,19 @@ def test_similarity_match_batched_and_unambiguous():
     assert m.valid.all()
 
 
+@pytest.mark.parametrize("n_teacher,n_student,first", [(2, 2, 0), (2, 6, 2), (1, 4, 1), (3, 3, 0)])
+def test_pair_similarities_equal_the_per_pair_cosines(n_teacher, n_student, first):
+    # the objective's batched form against cosine_similarities of each pair's gathered features
+    gen = torch.Generator().manual_seed(n_teacher * 10 + n_student)
+    s_feat = torch.randn(n_student, 3, 5, 8, generator=gen).to(torch.bfloat16)
+    t_feat = torch.randn(n_teacher, 3, 7, 8, generator=gen).to(torch.bfloat16)
+    t_idx, s_idx = view_pairs(n_teacher, first, n_student)
+    got = pair_similarities(s_feat, t_feat, t_idx, s_idx)
+    want = cosine_similarities(s_feat[s_idx], t_feat[t_idx])
+    assert got.dtype == torch.float32 and got.shape == (len(t_idx), 3, 5, 7)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 def _position_features(centers, anchors, sigma=4.0):
     """A feature per position: Gaussian bumps around anchor points (exactly encodes nearness)."""
     d2 = squared_distances(centers, anchors)
@@ -161,7 +176,8 @@ def test_match_pairs_shapes_and_diagnostics(mode):
     # features encode position exactly: similarity argmax == nearest teacher centre
     t_feat = _position_features(t_centers, t_centers)
     s_feat = _position_features(s_centers, t_centers)
-    out = match_pairs(mode, "half_diagonal", s_geom, s_grid, t_geom, t_grid, s_feat, t_feat)
+    out = match_pairs(mode, "half_diagonal", s_geom, s_grid, t_geom, t_grid,
+                      cosine_similarities(s_feat, t_feat))
     assert out.matches.index.shape == (P, B, 6) and out.matches.valid.shape == (P, B, 6)
     assert out.matches.index.dtype == torch.long and out.matches.valid.dtype == torch.bool
     geo, _ = _geo_match(s_geom, s_grid, t_geom, t_grid)
@@ -185,7 +201,8 @@ def test_match_pairs_hand_worked_diagnostics():
     s = make_geometry(24, 24, 16, 16, False)[None, None]
     t_feat = torch.eye(4)[None, None]
     s_feat = torch.eye(4)[[3, 3, 3, 3]][None, None]  # similarity also picks cell 3 everywhere
-    out = match_pairs("geometric", "half_diagonal", s, (2, 2), t, (2, 2), s_feat, t_feat)
+    out = match_pairs("geometric", "half_diagonal", s, (2, 2), t, (2, 2),
+                      cosine_similarities(s_feat, t_feat))
     assert out.matches.index.tolist() == [[[3, 3, 3, 3]]]
     assert out.matches.valid.tolist() == [[[True, False, False, False]]]
     assert out.stats["geo_valid_frac"].item() == pytest.approx(0.25)
@@ -193,7 +210,8 @@ def test_match_pairs_hand_worked_diagnostics():
     # distances (in teacher cells of sqrt(16*16)=16 px): sqrt(32), sqrt(160) x2, sqrt(288)
     expected = (math.sqrt(32) + 2 * math.sqrt(160) + math.sqrt(288)) / 4 / 16
     assert out.stats["sim_dist_cells"].item() == pytest.approx(expected, rel=1e-5)
-    out = match_pairs("geometric", "none", s, (2, 2), t, (2, 2), s_feat, t_feat)
+    out = match_pairs("geometric", "none", s, (2, 2), t, (2, 2),
+                      cosine_similarities(s_feat, t_feat))
     assert out.matches.valid.all() and out.stats["geo_valid_frac"].item() == 1.0
 
 
@@ -203,13 +221,15 @@ def test_match_pairs_disagreement_diagnostics():
     g = make_geometry(0, 0, 32, 32, False)[None, None]
     t_feat = torch.eye(4)[None, None]
     s_feat = torch.eye(4)[[1, 0, 3, 2]][None, None]
-    out = match_pairs("similarity", "half_diagonal", g, (2, 2), g, (2, 2), s_feat, t_feat)
+    out = match_pairs("similarity", "half_diagonal", g, (2, 2), g, (2, 2),
+                      cosine_similarities(s_feat, t_feat))
     assert out.matches.index.tolist() == [[[1, 0, 3, 2]]]
     assert out.matches.valid.all()
     assert out.stats["geo_valid_frac"].item() == 1.0
     assert out.stats["sim_geo_agree"].item() == 0.0
     assert out.stats["sim_dist_cells"].item() == pytest.approx(1.0)
-    out = match_pairs("geometric", "half_diagonal", g, (2, 2), g, (2, 2), s_feat, t_feat)
+    out = match_pairs("geometric", "half_diagonal", g, (2, 2), g, (2, 2),
+                      cosine_similarities(s_feat, t_feat))
     assert out.matches.index.tolist() == [[[0, 1, 2, 3]]]
 
 
@@ -217,7 +237,7 @@ def test_match_pairs_no_valid_cells_agree_is_finite():
     t = make_geometry(0, 0, 8, 8, False)[None, None]
     s = make_geometry(100, 100, 8, 8, False)[None, None]  # far away: nothing valid
     feat = torch.randn(1, 1, 4, 3)
-    out = match_pairs("geometric", "half_diagonal", s, (2, 2), t, (2, 2), feat, feat)
+    out = match_pairs("geometric", "half_diagonal", s, (2, 2), t, (2, 2), cosine_similarities(feat, feat))
     assert not out.matches.valid.any()
     assert out.stats["geo_valid_frac"].item() == 0.0
     assert torch.isfinite(out.stats["sim_geo_agree"])

@@ -6,7 +6,7 @@ import torch
 from glsd.config import ConfigError, load_config
 from glsd.data.geometry import cell_centers, make_geometry
 from glsd.loss.dino import DINOLocalLoss, view_pairs
-from glsd.loss.matching import Matches, match_pairs, squared_distances
+from glsd.loss.matching import Matches, cosine_similarities, match_pairs, squared_distances
 from glsd.tools.study_report import new_arm_verdict, report_markdown, summarize
 from test_losses import naive_local
 
@@ -30,7 +30,8 @@ def _pairs_input(s_grid, t_grid, seed, p=3, b=4, d=6):
 
 
 def _match(mode, s_geom, s_grid, t_geom, t_grid, feats, threshold="half_diagonal", **kw):
-    return match_pairs(mode, threshold, s_geom, s_grid, t_geom, t_grid, *feats, **kw)
+    sim = cosine_similarities(*feats) if feats[0] is not None else None
+    return match_pairs(mode, threshold, s_geom, s_grid, t_geom, t_grid, sim, **kw)
 
 
 def _dense(m: Matches, nt: int) -> torch.Tensor:

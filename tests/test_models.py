@@ -16,7 +16,7 @@ import torch
 from glsd.config import load_config
 from glsd.data.geometry import make_geometry
 from glsd.loss.dino import DINOGlobalLoss, DINOLocalLoss, view_pairs
-from glsd.loss.matching import match_pairs
+from glsd.loss.matching import cosine_similarities, match_pairs
 from glsd.models.backbone import build_backbone
 from glsd.models.heads import DINOHead, build_network, build_teacher
 from glsd.train.objective import GlobalLocalObjective
@@ -265,7 +265,7 @@ def test_gradients_reach_every_student_parameter(name, matching):
             t_idx, s_idx = view_pairs(n_global, first, g.shape[0])
             first += g.shape[0]
             pm = match_pairs(matching, "half_diagonal", g[s_idx], out.grid, t_geom[t_idx], t_out.grid,
-                             out.local_feat[s_idx].detach(), t_out.local_feat[t_idx])
+                             cosine_similarities(out.local_feat[s_idx].detach(), t_out.local_feat[t_idx]))
             pairs.append((t_idx, s_idx))
             matches.append(pm.matches)
             logits.append(out.local_logits)

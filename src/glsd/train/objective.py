@@ -13,7 +13,7 @@ from torch import nn
 
 from glsd.config import Config, LossConfig
 from glsd.loss.dino import DINOGlobalLoss, DINOLocalLoss, view_pairs
-from glsd.loss.matching import match_pairs, needs_features
+from glsd.loss.matching import match_pairs, needs_similarities, pair_similarities
 from glsd.models.heads import ViewGroupOutput
 
 
@@ -85,12 +85,11 @@ class GlobalLocalObjective(nn.Module):
             n_views = group.global_logits.shape[0]
             t_idx, s_idx = view_pairs(n_teacher, first, n_views, geometry.device)
             mode = self.matching if self.matching != "none" else "geometric"
-            # Features per pair are a (P, B, N, D) copy: gathered only when a similarity is taken.
-            feats = ((group.local_feat.detach()[s_idx], t_out.local_feat[t_idx])
-                     if needs_features(mode, diagnostics) else (None, None))
+            sim = (pair_similarities(group.local_feat.detach(), t_out.local_feat, t_idx, s_idx)
+                   if needs_similarities(mode, diagnostics) else None)
             result = match_pairs(mode, self.threshold,
                                  geometry[first + s_idx], group.grid, geometry[t_idx], t_out.grid,
-                                 *feats, diagnostics, self.candidates)
+                                 sim, diagnostics, self.candidates)
             pairs.append((t_idx, s_idx))
             matches.append(result.matches)
             # Weight each group by its pair count; a group with none (one global view) has
