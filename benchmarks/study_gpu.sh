@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The low-data study on one GPU (H100/H200): 3 matchings x 2 fractions x 3 seeds, end to end.
+# The low-data study on one GPU (H100/H200): the cifar10-lowdata-gpu grid (its study: section), end to end.
 # A small conv net's step is ~1,000 tiny kernels, so one cell leaves the GPU mostly idle and
 # cells run side by side. Without CUDA MPS the processes' kernels take turns on the GPU, so
 # MPS is started when the driver has it (MPS=0 turns that off), and JOBS defaults to 18 with
-# MPS, else 9 (the cells then finish in two waves: the 5% subsets first, then the 10%).
+# MPS, else 9 (the cells then finish in waves).
 #   GLSD_DATA=PATH/cifar10-jpg.zip benchmarks/study_gpu.sh [WORK_DIR] [key=value ...]
 # Copies results.json, report.md, report.png and command.txt to
 # benchmarks/results/study-sweep-gpu-<device>/ (the earlier 5%/10% grid is in study-cifar10-gpu-nvidia-h200/).
