@@ -145,6 +145,35 @@ def test_sigint_in_process_stops_after_the_step(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------
 # Atomic checkpoints
 
+def test_each_position_is_checkpointed_once(tmp_path, monkeypatch):
+    """2 epochs of 4 steps, last.pt refreshed every 2 steps: saved at steps 2, 4 (the epoch's
+    end, not also by the every-2-steps rule), 6 and 8 (the end of the run, not again after the
+    loop); epoch0002.pt once. Each save is a full write and fsync."""
+    saved = []
+    real = pretrain_mod.save_checkpoint
+
+    def counting(path, payload):
+        saved.append((Path(path).name, payload["step"]))
+        return real(path, payload)
+
+    monkeypatch.setattr(pretrain_mod, "save_checkpoint", counting)
+    pretrain(tiny_config(tmp_path / "run", "train.max_steps=null", "train.epochs=2",
+                         "train.checkpoint_every_steps=2", "train.checkpoint_every_epochs=2"))
+    assert saved == [("last.pt", 2), ("last.pt", 4), ("last.pt", 6), ("last.pt", 8),
+                     ("epoch0002.pt", 8)]
+
+
+def test_ranks_that_find_different_checkpoints_are_refused(monkeypatch):
+    """Nodes without a shared output_dir: one rank resumes step 5, another starts fresh."""
+    import glsd.train.resume as resume_mod
+    monkeypatch.setattr(resume_mod, "gather_objects", lambda mine: [mine, None])
+    with pytest.raises(ConfigError, match=r"rank 0: step 5, rank 1: none.*disk they share"):
+        resume_mod.require_one_checkpoint({"step": 5})
+    monkeypatch.setattr(resume_mod, "gather_objects", lambda mine: [mine, mine])
+    resume_mod.require_one_checkpoint({"step": 5})
+    resume_mod.require_one_checkpoint(None)
+
+
 def _payload(value: float) -> dict:
     return {"w": torch.full((1000,), value), "step": int(value)}
 

@@ -61,9 +61,13 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped tensors of all ranks (rank order); identity alone."""
     if not (dist.is_available() and dist.is_initialized()):
         return tensor
+    home = tensor.device
+    if dist.get_backend() == "nccl" and home.type != "cuda":
+        # NCCL moves only CUDA tensors: e.g. an evaluation on the CPU under a GPU job's group
+        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    return torch.cat(parts).to(home)
 
 
 def barrier() -> None:

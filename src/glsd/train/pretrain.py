@@ -35,7 +35,7 @@ from glsd.train.optim import apply_schedule, build_optimisation, clip_gradients,
 from glsd.train.preflight import preflight
 from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.tensorboard import metric_sinks, require_sinks
-from glsd.train.resume import TrainState, restore
+from glsd.train.resume import TrainState, require_one_checkpoint, restore
 from glsd.train.rng import rng_state, seed_everything
 from glsd.train.schedules import Schedules
 from glsd.train.signals import StopRequested
@@ -86,6 +86,7 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo, run: RunFolder
     require_sinks(cfg)
     student, teacher = build_networks(cfg, device)
     resume = run.prepare(cfg)
+    require_one_checkpoint(resume)
     barrier()  # rank 0 may have archived an old run (and its subset.json): read after that
     _, subset = select_images(cfg, run.root, source)
     if dinfo.is_main:
@@ -222,7 +223,8 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
                 int(max_over_ranks(stop.signal or 0, ctx.device)) or None)
             if stopping is not None or state.step >= max_steps:
                 break
-            if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
+            if (cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0
+                    and state.step_in_epoch < ctx.sampler.steps_per_epoch):  # else the epoch's end saves
                 checkpoint(ctx, state)
         if stopping is not None:
             checkpoint(ctx, state)
@@ -238,7 +240,8 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
             state.epoch += 1
             state.step_in_epoch = 0
             end_of_epoch(ctx, state)
-    checkpoint(ctx, state)
+    if state.checkpoint_step != state.step:  # the last epoch's end has saved this step
+        checkpoint(ctx, state)
     console.close()
     return True
 

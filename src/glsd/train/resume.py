@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from glsd.config import ConfigError
 from glsd.errors import CheckpointError
+from glsd.train.distributed import gather_objects
 from glsd.train.rng import rank_state, set_rng_state
 from glsd.train.run_folder import LOG
 from glsd.train.weights import check_weights
@@ -18,6 +20,20 @@ class TrainState:
     step_in_epoch: int = 0
     skipped_images: int = 0
     checkpoint_step: Optional[int] = None  # step of the last checkpoint on disk
+
+
+def require_one_checkpoint(ckpt: Optional[dict]) -> None:
+    """Every rank resumes the same checkpoint, or every rank starts fresh (collective).
+
+    Each rank reads ``output_dir`` on its own file system: nodes that do not share it would
+    find different checkpoints (or none) and run different schedules until a collective hangs.
+    """
+    steps = gather_objects(None if ckpt is None else int(ckpt["step"]))
+    if len(set(steps)) > 1:
+        found = ", ".join(f"rank {rank}: {'none' if step is None else f'step {step}'}"
+                          for rank, step in enumerate(steps))
+        raise ConfigError(f"the processes found different checkpoints in output_dir ({found}): "
+                          "every node must see the same output_dir, on a disk they share")
 
 
 def restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler) -> TrainState:
