@@ -57,6 +57,21 @@ def test_vit_cls_and_pooled():
     assert pooled.shape == cls.shape == (5, 32) and not torch.allclose(pooled, cls)
 
 
+def test_cls_token_of_a_pooled_vit_with_its_local_feature():
+    # A ViT trained with the pooled feature, read at its class token: one forward gives the
+    # token (as forward_features) and the mean of the local grid (as the training forward).
+    from glsd.eval.features import embed
+    cfg, backbone, _ = _setup(VIT + ["model.global_feature=pooled"])
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        g, local = embed(backbone, images, "cls", local=True)
+        want_g = backbone.model.forward_features(images)[:, 0]
+        want_local = backbone(images).local_feat.mean(dim=(1, 2))
+    assert backbone.global_feature == "pooled"
+    torch.testing.assert_close(g, want_g, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(local, want_local, rtol=1e-5, atol=1e-6)
+
+
 def test_unreadable_images_are_skipped():
     cfg, backbone, source = _setup(CONV)
     good_read = source.read

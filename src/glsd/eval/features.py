@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 
 from glsd.config import Config, ConfigError, apply_overrides
 from glsd.data.sources import ImageSource
-from glsd.models.backbone import Backbone, build_backbone
+from glsd.models.backbone import Backbone, build_backbone, last_stage
 from glsd.train.distributed import all_gather_cat, rank_world
 from glsd.train.weights import load_checked_weights
 from glsd.eval.locate import locate
@@ -119,10 +119,11 @@ def embed(backbone: Backbone, images: torch.Tensor, feature: str,
     from the same forward pass: returns ``(global (B, D), pooled_local (B, D))``.
     """
     if feature == "cls" and backbone.global_feature != "cls":
-        # Read the token directly: the backbone is configured to pool for training.
-        tokens = backbone.model.forward_features(images)
+        # Read the token directly (the backbone is configured to pool for training), and the
+        # local grid from the same forward pass.
+        tokens, grid = last_stage(backbone.model, images)  # (B, P + N, D), (B, D, gh, gw)
         g = tokens[:, 0].float()
-        return (g, backbone(images).local_feat.mean(dim=(1, 2)).float()) if local else g
+        return (g, grid.mean(dim=(2, 3)).float()) if local else g
     out = backbone(images)
     pooled = out.local_feat.mean(dim=(1, 2)).float()
     g = pooled if feature == "pooled" else out.global_feat.float()

@@ -7,6 +7,7 @@ student view s != t) pair contributes a global and (optionally) a local term.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ class LossTerms:
     loss_global: torch.Tensor
     loss_local: torch.Tensor
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The loss read on the host once a step, by the finiteness check before backward: the
+    # console reuses it rather than wait (on a GPU) for the optimizer step to read it again.
+    loss_value: Optional[float] = None
 
     def as_floats(self) -> dict[str, float]:
         out = {"loss": self.loss.item(), "loss_global": self.loss_global.item(),

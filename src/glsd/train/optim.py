@@ -81,6 +81,15 @@ def build_optimisation(cfg: Config, student: GLSDNet, teacher: GLSDNet, device: 
 
 
 @torch.no_grad()
+def drop_prototype_grads(student: GLSDNet) -> None:
+    """DINO's frozen last layer: the heads' prototypes keep their initial values while the
+    rest settles (their gradients are dropped, so AdamW leaves them and their moments alone)."""
+    for head in (student.global_head, student.local_head):
+        if head is not None:
+            for p in head.last_layer.parameters():
+                p.grad = None
+
+
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, in one fused call."""
     t_params = [p for p in teacher.parameters()]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ from glsd.train.console import Console, fmt, start_summary
 from glsd.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, gather_objects,
                                     init_distributed, max_over_ranks, sum_over_ranks)
 from glsd.train.objective import GlobalLocalObjective, LossTerms
-from glsd.train.optim import apply_schedule, build_optimisation, clip_gradients, ema_update
+from glsd.train.optim import (apply_schedule, build_optimisation, clip_gradients, drop_prototype_grads,
+                              ema_update)
 from glsd.train.preflight import preflight
 from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.tensorboard import metric_sinks, require_sinks
@@ -78,6 +80,27 @@ def pretrain(cfg: Config) -> Path:
 
 def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo, run: RunFolder) -> Path:
     """The run in ``run`` (locked by the caller, who closes it however this ends)."""
+    ctx, state = _build_run(cfg, device, dinfo, run)
+    try:
+        with StopRequested() as stop:
+            finished = train_loop(ctx, state, stop)
+    finally:
+        ctx.console.close()
+        for sink in ctx.sinks:
+            sink.close()
+    if not finished:
+        signum = stop.signal or signal.SIGTERM
+        raise TrainingInterrupted(
+            f"stopped by signal {int(signum)} ({signal.Signals(signum).name}) after step "
+            f"{state.step}; checkpoint saved in {run.last}. Rerun the same command to resume.",
+            signum)
+    _finish_run(ctx, state)
+    return run.root
+
+
+def _build_run(cfg: Config, device: torch.device, dinfo: DistInfo,
+               run: RunFolder) -> tuple["Context", TrainState]:
+    """Everything checked, built and restored before the first step; the start summary said."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)  # same initial weights on every rank
     # Bad data paths and unknown backbones fail here, before the run folder is touched.
     source = open_source_downloading_once(cfg.data, dinfo)
@@ -99,47 +122,37 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo, run: RunFolder
     if dinfo.rank:  # from here on each rank draws its own random numbers (drop-path masks)
         seed_everything(cfg.train.seed + dinfo.rank, cfg.train.deterministic)
     opt = build_optimisation(cfg, student, teacher, device, dinfo.enabled)
-    student, teacher, objective, optimizer = opt.student, opt.teacher, opt.objective, opt.optimizer
-    amp_dtype, scaler = opt.amp_dtype, opt.scaler
     sched = Schedules(cfg, sampler.steps_per_epoch, sampler.global_batch)
     state = TrainState()
     if resume is not None:
-        state = restore(resume, student, teacher, objective, optimizer, scaler, sampler)
-    model = DistributedDataParallel(student) if dinfo.enabled else student
-
+        state = restore(resume, opt.student, opt.teacher, opt.objective, opt.optimizer, opt.scaler, sampler)
     console = Console(dinfo.is_main, cfg.train.progress)
-    console.lines(start_summary(cfg, source, plan, device, amp_dtype, dinfo.world_size,
+    console.lines(start_summary(cfg, source, plan, device, opt.amp_dtype, dinfo.world_size,
                                 run.root, state.step if resume is not None else None,
                                 state.skipped_images))
-    ctx = Context(cfg, run, dinfo, device, amp_dtype, model, student, teacher, objective,
-                  optimizer, scaler, sched, loader, sampler, StepViews(cfg), console,
-                  CollapseMonitor(cfg.model.out_dim, cfg.log.collapse_patience,
-                                  max(sched.warmup_steps, sched.freeze_last_layer_steps)),
-                  metric_sinks(cfg, run.root, dinfo.is_main))
-    try:
-        with StopRequested() as stop:
-            finished = train_loop(ctx, state, stop)
-    finally:
-        console.close()
-        for sink in ctx.sinks:
-            sink.close()
+    ctx = Context(
+        cfg=cfg, run=run, dinfo=dinfo, device=device, amp_dtype=opt.amp_dtype,
+        model=DistributedDataParallel(opt.student) if dinfo.enabled else opt.student,
+        student=opt.student, teacher=opt.teacher, objective=opt.objective,
+        optimizer=opt.optimizer, scaler=opt.scaler, sched=sched, loader=loader, sampler=sampler,
+        views=StepViews(cfg), console=console,
+        monitor=CollapseMonitor(cfg.model.out_dim, cfg.log.collapse_patience,
+                                max(sched.warmup_steps, sched.freeze_last_layer_steps)),
+        sinks=metric_sinks(cfg, run.root, dinfo.is_main))
+    return ctx, state
+
+
+def _finish_run(ctx: "Context", state: TrainState) -> None:
+    """The teacher backbone exported (rank 0) and the end summary."""
     export = None
-    if finished and dinfo.is_main:
-        export = run.root / "backbone.safetensors"
-        export_backbone(export, teacher.backbone.model, to_dict(cfg))
-        write_run_exports(run.root, teacher.backbone.model, cfg)  # + export/timm/, files 0644
-        sweep_temp_files(run.root)
-    if finished:
-        skipped = int(sum_over_ranks(state.skipped_images, device))
-        console.end(state.step, sampler.global_batch, skipped, str(export) if export else None,
-                    timm_loads_it=not cfg.model.backbone.startswith(GLSD_CONVNET))
-    if not finished:
-        signum = stop.signal or signal.SIGTERM
-        raise TrainingInterrupted(
-            f"stopped by signal {int(signum)} ({signal.Signals(signum).name}) after step "
-            f"{state.step}; checkpoint saved in {run.last}. Rerun the same command to resume.",
-            signum)
-    return run.root
+    if ctx.dinfo.is_main:
+        export = ctx.run.root / "backbone.safetensors"
+        export_backbone(export, ctx.teacher.backbone.model, to_dict(ctx.cfg))
+        write_run_exports(ctx.run.root, ctx.teacher.backbone.model, ctx.cfg)  # + export/timm/, files 0644
+        sweep_temp_files(ctx.run.root)
+    skipped = int(sum_over_ranks(state.skipped_images, ctx.device))
+    ctx.console.end(state.step, ctx.sampler.global_batch, skipped, str(export) if export else None,
+                    timm_loads_it=not ctx.cfg.model.backbone.startswith(GLSD_CONVNET))
 
 
 def open_source_downloading_once(data_cfg, dinfo: DistInfo, open_fn=open_source):
@@ -212,7 +225,7 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
             state.step_in_epoch += 1
             state.skipped_images += batch.skipped
             since_log += 1
-            console.update(state.step, terms.loss.item(), float(ctx.sched.lr[state.step - 1]),
+            console.update(state.step, terms.loss_value, float(ctx.sched.lr[state.step - 1]),
                            ctx.sampler.global_batch)
             if is_log_step:
                 elapsed = time.perf_counter() - tick
@@ -277,7 +290,7 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
     terms = ctx.objective(student_out, teacher_out, geometry, float(sched.teacher_temp[step]),
                           diagnostics=want_stats)
     terms.diagnostics.update(collapse)
-    check_finite(terms, step + 1, ctx.dinfo.enabled)
+    terms.loss_value = check_finite(terms, step + 1, ctx.dinfo.enabled)
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.scaler.scale(terms.loss).backward()
     ctx.scaler.unscale_(ctx.optimizer)
@@ -289,25 +302,24 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
     # Gradients are all-reduced, so every rank sees the same norm and stops together.
     if not ctx.scaler.is_enabled() and not bool(torch.isfinite(norm)):
         raise finite.grad_error(step + 1, float(norm))
-    if step < sched.freeze_last_layer_steps:  # DINO: let prototypes settle before they move
-        for head in (ctx.student.global_head, ctx.student.local_head):
-            if head is not None:
-                for p in head.last_layer.parameters():
-                    p.grad = None
+    if step < sched.freeze_last_layer_steps:
+        drop_prototype_grads(ctx.student)
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
     ema_update(ctx.teacher, ctx.student, float(sched.momentum[step]))
     return terms
 
 
-def check_finite(terms: LossTerms, step: int, distributed: bool = False) -> None:
-    finite_here = bool(torch.isfinite(terms.loss))
+def check_finite(terms: LossTerms, step: int, distributed: bool = False) -> float:
+    """The loss on the host (one sync, before backward), or NonFiniteLossError on every rank."""
+    value = terms.loss.item()
+    finite_here = math.isfinite(value)
     ok = finite_here
     if distributed:  # every rank must stop: one left in backward() would wait for the others
         ok = max_over_ranks(float(not finite_here), terms.loss.device) == 0
     if ok:
-        return
-    values = {"loss": terms.loss.item(), "loss_global": terms.loss_global.item(),
+        return value
+    values = {"loss": value, "loss_global": terms.loss_global.item(),
               "loss_local": terms.loss_local.item()}
     raise finite.loss_error(step, values, elsewhere=finite_here)
 
