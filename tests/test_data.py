@@ -78,7 +78,7 @@ def test_a_damaged_subset_record_is_a_config_error(tmp_path, text):
     """The run's subset.json decides which images a resumed run and its evaluation use: a
     damaged one is refused with the fix, never a traceback or a silently other subset."""
     from glsd.config import ConfigError, load_config
-    from glsd.data.loader import SUBSET_FILE, select_images
+    from glsd.data.subset import SUBSET_FILE, select_images
 
     record = tmp_path / SUBSET_FILE
     record.write_bytes(text) if isinstance(text, bytes) else record.write_text(text)  # bytes: not UTF-8

@@ -8,7 +8,7 @@ import pytest
 
 import glsd.train.pretrain as pretrain_mod
 from glsd.config import load_config
-from glsd.train.distributed import DistInfo
+from glsd.utils.distributed import DistInfo
 
 # 4 ranks on 2 nodes of 2: (rank, local rank)
 RANKS = [(0, 0), (1, 1), (2, 0), (3, 1)]

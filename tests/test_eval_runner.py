@@ -150,7 +150,7 @@ def test_online_knn(run_dir):
 def test_a_checkpoint_of_another_run_is_named_as_such_in_a_short_message(run_dir, tmp_path):
     """last.pt of a conv net laid into a ViT run's folder: the message says whose it is, and a
     weights misfit is one short line, not torch's list of every key."""
-    from glsd.train.weights import load_checked_weights
+    from glsd.weights import load_checked_weights
 
     foreign = tmp_path / "foreign"
     shutil.copytree(run_dir, foreign)

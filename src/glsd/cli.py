@@ -28,7 +28,7 @@ def _cmd_pretrain(args) -> int:
 def _cmd_eval(args) -> int:
     from glsd.eval.runner import headline, run_eval
 
-    from glsd.train.distributed import cleanup, init_distributed
+    from glsd.utils.distributed import cleanup, init_distributed
     from glsd.utils.device import device_type
 
     # Under torchrun every rank extracts a shard of the features; alone this is a no-op.

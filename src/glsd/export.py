@@ -37,7 +37,7 @@ from glsd.config import ConfigError, from_dict
 from glsd.errors import CheckpointError
 from glsd.models.backbone import create_model, declared_layout
 from glsd.train.checkpoint import read_backbone
-from glsd.train.weights import load_checked_weights, read_safetensors
+from glsd.weights import load_checked_weights, read_safetensors
 
 
 def load_exported(path: Union[str, Path]) -> torch.nn.Module:

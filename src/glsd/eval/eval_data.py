@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from glsd.config import Config, ConfigError, DataConfig
-from glsd.data.loader import SUBSET_FILE, read_subset
+from glsd.data.subset import SUBSET_FILE, read_subset
 from glsd.data.sources import ImageSource, balanced_subset, detect_kind, open_source
 from glsd.errors import MissingSplit
 from glsd.eval.data_spec import data_config

@@ -27,8 +27,8 @@ from torchvision.transforms import InterpolationMode
 from glsd.config import Config, ConfigError, apply_overrides
 from glsd.data.sources import ImageSource
 from glsd.models.backbone import Backbone, build_backbone, last_stage
-from glsd.train.distributed import all_gather_cat, rank_world
-from glsd.train.weights import load_checked_weights
+from glsd.utils.distributed import all_gather_cat, rank_world
+from glsd.weights import load_checked_weights
 from glsd.eval.locate import locate
 
 Device = Union[str, torch.device]

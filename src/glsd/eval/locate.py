@@ -11,7 +11,7 @@ from glsd.config_files import parse_yaml
 from glsd.export import export_folder_config
 from glsd.train.checkpoint import load_checkpoint, read_backbone_config
 from glsd.train.lock import run_of
-from glsd.train.weights import read_safetensors
+from glsd.weights import read_safetensors
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 BACKBONE_FILE = "backbone.safetensors"

@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from glsd.config import EVALUATIONS, Config, ConfigError, to_dict
-from glsd.data.loader import SUBSET_FILE, read_subset
+from glsd.data.subset import SUBSET_FILE, read_subset
 from glsd.data.sources import SPLIT_NAMES, ImageSource
 from glsd.eval.data_spec import data_config
 from glsd.eval.eval_data import (SOURCES, _data_record, check_split_pair, eval_sources,  # noqa: F401 - re-exported
@@ -36,7 +36,7 @@ from glsd.eval.knn import knn_classify
 from glsd.eval.linear import linear_probe
 from glsd.eval.seg import run_seg
 from glsd.models.backbone import Backbone
-from glsd.train.distributed import rank_world
+from glsd.utils.distributed import rank_world
 from glsd.train.lock import locks_eval_output
 from glsd.utils.device import resolve_device as _resolve_device
 from glsd.utils.io import atomic_write

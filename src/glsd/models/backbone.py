@@ -96,7 +96,7 @@ class Backbone(nn.Module):
 
 def create_model(cfg: ModelConfig, image_size: int) -> nn.Module:
     """The bare backbone (timm or glsd) with no classifier; this is what gets exported."""
-    from glsd.train.weights import check_model_size
+    from glsd.weights import check_model_size
     from glsd.validation import check_backbone_kwargs
 
     # Whatever config reaches here (a file's, a checkpoint's, an export's metadata): no file

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import yaml
 
 from glsd.config import Config, config_hash, diff_keys, from_dict, load_config, to_dict
-from glsd.data.loader import SUBSET_FILE
+from glsd.data.subset import SUBSET_FILE
 from glsd.data.sources import open_source
 from glsd.errors import ConfigError, GlsdError, RunFolderBusy
 from glsd.train import lock
@@ -202,7 +202,7 @@ def with_step_budget(cfg: Config) -> Config:
     different fractions differ by up to half an epoch (CIFAR-10 at 100 %: 3,124 for 3,000)."""
     if cfg.study.steps is None:
         return cfg
-    from glsd.data.loader import select_images
+    from glsd.data.subset import select_images
 
     n_images = len(select_images(cfg, None)[1])
     steps_per_epoch = max(1, n_images // cfg.train.batch_size)

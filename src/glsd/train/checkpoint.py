@@ -96,8 +96,8 @@ def export_backbone(path: Path, model: torch.nn.Module, config: dict) -> None:
 
 def read_backbone_config(path: Path) -> Optional[dict]:
     """The run config stored in an exported backbone's safetensors metadata (None if absent);
-    the header is checked first (see glsd.train.weights)."""
-    from glsd.train.weights import metadata_config, read_safetensors_metadata
+    the header is checked first (see glsd.weights)."""
+    from glsd.weights import metadata_config, read_safetensors_metadata
 
     meta = read_safetensors_metadata(path)
     return metadata_config(meta, path) if "config" in meta else None
@@ -105,8 +105,8 @@ def read_backbone_config(path: Path) -> Optional[dict]:
 
 def read_backbone(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, config dict) of an exported backbone; the config is from its metadata.
-    The file is checked before use (see glsd.train.weights.read_safetensors)."""
-    from glsd.train.weights import metadata_config, read_safetensors
+    The file is checked before use (see glsd.weights.read_safetensors)."""
+    from glsd.weights import metadata_config, read_safetensors
 
     state, meta = read_safetensors(path)
     return state, metadata_config(meta, path)

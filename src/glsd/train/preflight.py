@@ -24,7 +24,7 @@ from typing import Optional
 import yaml
 
 from glsd.config import Config, ConfigError, diff_keys, from_dict, identity
-from glsd.data.loader import SUBSET_FILE, read_subset
+from glsd.data.subset import SUBSET_FILE, read_subset
 from glsd.data.sources import ImageSource, balanced_subset
 from glsd.train.schedules import warmup_steps
 

@@ -19,7 +19,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from glsd.config import Config, to_dict
-from glsd.data.loader import SUBSET_FILE, StepViews, build_loader, select_images, write_subset
+from glsd.data.loader import StepViews, build_loader
+from glsd.data.subset import SUBSET_FILE, select_images, write_subset
 from glsd.data.sources import open_source
 from glsd.export import write_run_exports
 from glsd.models.families import GLSD_CONVNET
@@ -29,7 +30,7 @@ from glsd.train import finite
 from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
 from glsd.train.collapse import CollapseMonitor, collapse_indicators
 from glsd.train.console import Console, fmt, start_summary
-from glsd.train.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, gather_objects,
+from glsd.utils.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, gather_objects,
                                     init_distributed, max_over_ranks, sum_over_ranks)
 from glsd.train.objective import GlobalLocalObjective, LossTerms
 from glsd.train.optim import (apply_schedule, build_optimisation, clip_gradients, drop_prototype_grads,

@@ -7,10 +7,10 @@ from typing import Optional
 
 from glsd.config import ConfigError
 from glsd.errors import CheckpointError
-from glsd.train.distributed import gather_objects
+from glsd.utils.distributed import gather_objects
 from glsd.train.rng import rank_state, set_rng_state
 from glsd.train.run_folder import LOG
-from glsd.train.weights import check_weights
+from glsd.weights import check_weights
 
 
 @dataclass

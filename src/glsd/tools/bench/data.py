@@ -45,7 +45,8 @@ def bench_data(cfg: Config, device: torch.device, quick: bool, step_images_per_s
     """Images/s of every view pipeline on the preset's images and, with ``data`` (``glsd
     bench --data PATH``: a folder or zip of real images), on those; the headline is the
     given data, decoded from disk, through the path the preset trains with."""
-    from glsd.data.loader import build_loader, select_images
+    from glsd.data.loader import build_loader
+    from glsd.data.subset import select_images
     from glsd.data.views import ViewMaker
 
     n_batches = 2 if quick else 8

@@ -93,7 +93,7 @@ def build_harness(name: str, cfg: Config, device: torch.device, batch, *, fused_
     """The training step exactly as pretraining builds it, plus two levers it does not use
     (fused AdamW, torch.compile of the backbones)."""
     from glsd.data.loader import StepViews
-    from glsd.train.distributed import DistInfo
+    from glsd.utils.distributed import DistInfo
     from glsd.train.optim import build_optimisation, param_groups
     from glsd.train.pretrain import Context, build_networks
     from glsd.train.schedules import Schedules
@@ -143,7 +143,8 @@ def count_step_flops(harness: StepHarness) -> int:
 
 def first_batch(cfg: Config):
     """One batch of the config's data, views made (no workers)."""
-    from glsd.data.loader import build_loader, select_images
+    from glsd.data.loader import build_loader
+    from glsd.data.subset import select_images
 
     one = apply_overrides(cfg, ["data.num_workers=0", "data.augment_on=cpu"])
     _, subset = select_images(one, None)
