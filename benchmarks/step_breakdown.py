@@ -42,7 +42,7 @@ def timed_parts(ctx, batch, step: int) -> dict[str, float]:
         parts[name] = 1e3 * (now - last)
         last = now
 
-    views, geometry = ctx.views(batch, device)
+    views, geometry = ctx.make_views(batch, device)
     if cfg.model.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     mark("views")

@@ -62,7 +62,7 @@ def install_recorders(setattr_) -> dict:
     def train_step(ctx, batch, step, want_stats=True):
         rec["indices"].append(batch.indices.clone())
         if step == 0:  # the views as the step sees them, wherever they are made
-            rec["views"] = [v.clone() for v in ctx.views(batch, ctx.device)[0]]
+            rec["views"] = [v.clone() for v in ctx.make_views(batch, ctx.device)[0]]
         terms = real_step(ctx, batch, step, want_stats)
         rec["local_loss"].append(terms.loss.item())
         if step == 0:

@@ -43,11 +43,13 @@ def cell_centers(geometry: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tens
 
 
 def cell_size(geometry: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """``(..., 2)`` height and width of one cell in original-image pixels."""
+    """Crop records ``(..., 5)`` -> ``(..., 2)`` height and width of one cell of the view's
+    ``grid_hw`` grid, in original-image pixels."""
     gh, gw = grid_hw
     return torch.stack([geometry[..., HEIGHT] / gh, geometry[..., WIDTH] / gw], dim=-1)
 
 
 def half_diagonal_sq(geometry: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """``(...)`` squared half-diagonal of a cell: ``(h/2)^2 + (w/2)^2``."""
+    """Crop records ``(..., 5)`` -> ``(...)`` squared half-diagonal of a cell:
+    ``(h/2)^2 + (w/2)^2``."""
     return (cell_size(geometry, grid_hw) / 2).pow(2).sum(-1)

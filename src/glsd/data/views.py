@@ -38,8 +38,6 @@ import torchvision.transforms.v2.functional as TF
 from glsd.config import CropConfig
 from glsd.data.view_params import ViewParams, blur_sigma_range, seeded_crops, view_sizes
 
-SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
-
 
 # ----------------------------------------------------------------------------------------
 # Crop and resize

@@ -17,7 +17,8 @@ from glsd.loss.matching import Matches
 class Center(nn.Module):
     """EMA of the teacher's mean output, subtracted before sharpening (prevents collapse).
 
-    Under a process group the batch mean is all-reduced over ranks; alone it is local.
+    The ``center`` buffer is ``(1, K)``. Under a process group the batch mean is all-reduced
+    over ranks; alone it is local.
     """
 
     def __init__(self, dim: int, momentum: float = 0.9):
@@ -40,7 +41,7 @@ class Center(nn.Module):
 
 
 def teacher_probs(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
-    """Centred, sharpened softmax ``(..., K)``; computed in fp32."""
+    """logits ``(..., K)``, center ``(1, K)`` -> centred, sharpened softmax ``(..., K)`` in fp32."""
     return F.softmax((logits.float() - center) / temp, dim=-1)
 
 

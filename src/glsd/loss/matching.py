@@ -203,7 +203,7 @@ def hybrid_match(d2: torch.Tensor, sim: torch.Tensor, candidates: int,
 def match_threshold_sq(student_geom: torch.Tensor, student_grid: tuple[int, int],
                        teacher_geom: torch.Tensor, teacher_grid: tuple[int, int],
                        threshold: Union[str, float, None]) -> Optional[torch.Tensor]:
-    """Per-sample squared threshold ``(...)``.
+    """Per-sample squared threshold ``(...)`` of the pairs' crop records ``(..., 5)``.
 
     ``half_diagonal``: the larger of the student's and the teacher's squared half cell
     diagonal (the original's rule); a number: that distance in pixels; None / "none": off.
@@ -278,7 +278,7 @@ def _diagnostics(geo: Matches, sim_index: torch.Tensor, s_centers: torch.Tensor,
                  t_centers: torch.Tensor, teacher_geom: torch.Tensor,
                  teacher_grid: tuple[int, int]) -> dict[str, torch.Tensor]:
     """How the similarity matches ``(P, B, Ns)`` relate to the geometric ones (scalars)."""
-    t_cell = (teacher_geom[..., 2] / teacher_grid[0] * teacher_geom[..., 3] / teacher_grid[1]).sqrt()
+    t_cell = (teacher_geom[..., HEIGHT] / teacher_grid[0] * teacher_geom[..., WIDTH] / teacher_grid[1]).sqrt()
     sim_xy = torch.gather(t_centers, -2, sim_index[..., None].expand(*sim_index.shape, 2))
     sim_dist = (sim_xy - s_centers).pow(2).sum(-1).sqrt() / t_cell[..., None]
     valid = geo.valid.float()

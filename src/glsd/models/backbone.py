@@ -46,8 +46,9 @@ def declared_stride(model: nn.Module) -> Optional[int]:
 
 
 def last_stage(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(final features in the model's own layout, last stage (B, D, gh, gw)), normalised by
-    the model's final norm as ``forward_features`` would be."""
+    """images ``(B, 3, H, W)`` -> (final features in the model's own layout: ``(B, P + N, D)``
+    tokens of a ViT, ``(B, D, gh, gw)`` or ``(B, gh, gw, D)`` maps otherwise; last stage
+    ``(B, D, gh, gw)``), normalised by the model's final norm as ``forward_features`` would be."""
     final, intermediates = model.forward_intermediates(images, indices=1, norm=True, output_fmt="NCHW")
     return final, intermediates[-1]
 

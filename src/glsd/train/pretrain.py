@@ -136,7 +136,7 @@ def _build_run(cfg: Config, device: torch.device, dinfo: DistInfo,
         model=DistributedDataParallel(opt.student) if dinfo.enabled else opt.student,
         student=opt.student, teacher=opt.teacher, objective=opt.objective,
         optimizer=opt.optimizer, scaler=opt.scaler, sched=sched, loader=loader, sampler=sampler,
-        views=StepViews(cfg), console=console,
+        make_views=StepViews(cfg), console=console,
         monitor=CollapseMonitor(cfg.model.out_dim, cfg.log.collapse_patience,
                                 max(sched.warmup_steps, sched.freeze_last_layer_steps)),
         sinks=metric_sinks(cfg, run.root, dinfo.is_main))
@@ -194,7 +194,7 @@ class Context:
     sched: Schedules
     loader: torch.utils.data.DataLoader
     sampler: object
-    views: StepViews  # a Batch -> views and geometry on the device
+    make_views: StepViews  # a Batch -> views and geometry on the device
     console: Optional[Console] = None  # None (benchmarks): silent
     monitor: Optional[CollapseMonitor] = None
     sinks: list = dataclasses.field(default_factory=list)  # metric writers besides metrics.jsonl
@@ -272,7 +272,7 @@ def _no_image(ctx: Context, batch) -> bool:
 def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossTerms:
     cfg, sched = ctx.cfg, ctx.sched
     n_global = cfg.crops.num_global
-    views, geometry = ctx.views(batch, ctx.device)
+    views, geometry = ctx.make_views(batch, ctx.device)
     if cfg.model.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     apply_schedule(ctx.optimizer, sched, step)

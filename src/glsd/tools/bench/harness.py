@@ -112,7 +112,7 @@ def build_harness(name: str, cfg: Config, device: torch.device, batch, *, fused_
     ctx = Context(cfg=cfg, run=None, dinfo=DistInfo(), device=device, amp_dtype=opt.amp_dtype,
                   model=student, student=student, teacher=teacher, objective=opt.objective,
                   optimizer=optimizer, scaler=opt.scaler, sched=sched, loader=None, sampler=None,
-                  views=StepViews(cfg))
+                  make_views=StepViews(cfg))
     step0 = min(sched.freeze_last_layer_steps, sched.total_steps - 1)  # last layer trains
     harness = StepHarness(name, ctx, batch, step0)
     harness.keep_match_inputs()
