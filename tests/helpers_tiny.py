@@ -106,10 +106,13 @@ def subprocess_env() -> dict:
     return env
 
 
-def start_pretrain(config_path, *overrides: str, stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen:
-    """``python -m glsd pretrain CONFIG OVERRIDES`` in a subprocess."""
+def start_pretrain(config_path, *overrides: str, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                   own_group: bool = False) -> subprocess.Popen:
+    """``python -m glsd pretrain CONFIG OVERRIDES`` in a subprocess (``own_group``: the
+    leader of a new process group, as a job under a scheduler or a terminal's foreground)."""
     return subprocess.Popen([sys.executable, "-m", "glsd", "pretrain", str(config_path), *overrides],
-                            stdout=stdout, stderr=stderr, text=True, env=subprocess_env())
+                            stdout=stdout, stderr=stderr, text=True, env=subprocess_env(),
+                            start_new_session=own_group)
 
 
 def wait_for_step(proc: subprocess.Popen, run_dir, step: int, timeout: float = 120.0) -> int:

@@ -102,12 +102,21 @@ def test_sigkill_mid_run_resumes_to_identical_weights(tmp_path, where):
     assert [(r["step"], r["loss"]) for r in resumed] == [(s, ref_losses[s]) for s in range(ckpt_step + 1, 7)]
 
 
-def test_sigterm_finishes_step_checkpoints_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("whole_group", [False, True], ids=["to-the-trainer", "to-its-group"])
+def test_sigterm_finishes_step_checkpoints_and_exits_cleanly(tmp_path, whole_group):
+    """The signal to the training process alone, or (as a scheduler or Ctrl-C sends it) to
+    every process of the job, loader workers included: a worker killed by it used to make the
+    trainer raise mid-step instead of finishing the step and writing its checkpoint."""
     run = tmp_path / "run"
-    proc = start_pretrain(write_config(tiny_config(run, "train.max_steps=500"), tmp_path / "c.yaml"))
+    workers = "data.num_workers=1" if whole_group else "data.num_workers=0"
+    proc = start_pretrain(write_config(tiny_config(run, "train.max_steps=500", workers), tmp_path / "c.yaml"),
+                          own_group=whole_group)
     try:
         wait_for_step(proc, run, 2)
-        proc.send_signal(signal.SIGTERM)
+        if whole_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

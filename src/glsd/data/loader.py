@@ -8,6 +8,7 @@ of loader workers or processes, and with its views made in the workers or on the
 """
 from __future__ import annotations
 
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -83,8 +84,18 @@ def build_loader(cfg: Config, subset: ImageSource, rank: int, world_size: int,
                         num_workers=cfg.data.num_workers, collate_fn=collate,
                         pin_memory=pin_memory, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.train.seed),
-                        persistent_workers=cfg.data.num_workers > 0)
+                        persistent_workers=cfg.data.num_workers > 0,
+                        worker_init_fn=leave_stop_signals_to_the_trainer)
     return loader, sampler
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGINT. A scheduler's SIGTERM (or Ctrl-C in a
+    terminal) reaches every process of the job: a worker killed by it makes the training
+    process raise at once (torch's worker watchdog), before it can finish the step and write
+    its checkpoint. The workers end with the training process, which owns the stop."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StepViews:

@@ -80,7 +80,6 @@ def build_optimisation(cfg: Config, student: GLSDNet, teacher: GLSDNet, device: 
     return Optimisation(student, teacher, objective, optimizer, amp_dtype, scaler)
 
 
-@torch.no_grad()
 def drop_prototype_grads(student: GLSDNet) -> None:
     """DINO's frozen last layer: the heads' prototypes keep their initial values while the
     rest settles (their gradients are dropped, so AdamW leaves them and their moments alone)."""
@@ -90,6 +89,7 @@ def drop_prototype_grads(student: GLSDNet) -> None:
                 p.grad = None
 
 
+@torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, in one fused call."""
     t_params = [p for p in teacher.parameters()]
