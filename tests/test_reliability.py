@@ -294,6 +294,41 @@ def test_resume_false_or_new_output_dir_start_fresh_and_keep_old(tmp_path, capsy
     assert load_last(other)["step"] == 1
 
 
+def test_out_of_memory_names_what_to_lower_and_the_kept_checkpoint(tmp_path, monkeypatch, capsys):
+    """A device out of memory at step 6 (after the epoch-end checkpoint of step 4): one line,
+    exit 1, the batch and views named, and how the checkpoint resumes under a smaller batch."""
+    real = pretrain_mod.train_step
+
+    def step(ctx, batch, step, want_stats=True):
+        if step == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(ctx, batch, step, want_stats)
+
+    monkeypatch.setattr(pretrain_mod, "train_step", step)
+    run = tmp_path / "run"
+    config = write_config(tiny_config(run, "train.max_steps=8"), tmp_path / "c.yaml")
+    assert cli(["pretrain", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("glsd:") == 1 and "Traceback" not in err, err
+    for part in ("out of memory on cpu in step 6", "Tried to allocate 2.00 GiB", "train.batch_size=8",
+                 "crops.num_local", "train.precision=bf16", "(step 4) is kept", "train.extend=true"):
+        assert part in err, (part, err)
+    assert load_last(run)["step"] == 4
+
+
+def test_out_of_memory_elsewhere_is_one_line(monkeypatch, capsys):
+    import glsd.cli as cli_mod
+
+    def run_eval(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr("glsd.eval.runner.run_eval", run_eval)
+    assert cli_mod.main(["eval", "knn", "somewhere"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("glsd: out of memory (CUDA out of memory. Tried to allocate 9.00 GiB)"), err
+    assert "eval.batch_size" in err and "Traceback" not in err
+
+
 def test_run_folder_is_never_overwritten_silently(tmp_path):
     cfg = tiny_config(tmp_path / "run", "train.resume=false")
     root = Path(cfg.output_dir)

@@ -13,7 +13,7 @@ import sys
 import warnings
 
 from glsd.config import EVALUATIONS, MATCHINGS, ConfigError, load_config
-from glsd.errors import GlsdError, NonFiniteError, TrainingInterrupted
+from glsd.errors import GlsdError, NonFiniteError, OutOfMemory, TrainingInterrupted
 
 
 def _cmd_pretrain(args) -> int:
@@ -329,7 +329,7 @@ def _raise_terminated(signum, frame):
 
 
 def main(argv=None) -> int:
-    """Exit codes: 0 done, 1 a failed run (non-finite training), 2 bad input (a GlsdError:
+    """Exit codes: 0 done, 1 a failed run (non-finite training, out of memory), 2 bad input (a GlsdError:
     one message, no traceback unless --debug or GLSD_DEBUG=1), 128 + N stopped by signal N
     (130 SIGINT, 143 SIGTERM; a training run checkpoints first)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -356,7 +356,14 @@ def main(argv=None) -> int:
             traceback.print_exc()
         kind = "config error: " if isinstance(e, ConfigError) else ""
         print(f"glsd: {kind}{_message(e)}", file=sys.stderr)
-        return 1 if isinstance(e, NonFiniteError) else 2
+        return 1 if isinstance(e, (NonFiniteError, OutOfMemory)) else 2
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch's, on any device (torch not imported here)
+            raise
+        print(f"glsd: out of memory ({str(e).splitlines()[0][:160] if str(e) else 'no detail'}); "
+              "lower this command's batch size (eval.batch_size, --batch-size, train.batch_size) "
+              "or run it on a device with more memory", file=sys.stderr)
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -54,6 +54,11 @@ class NotWritable(GlsdError, OSError):
         return self.strerror or super().__str__()
 
 
+class OutOfMemory(GlsdError, RuntimeError):
+    """Training ran out of device memory; the message says what to lower and which checkpoint
+    is kept."""
+
+
 class NonFiniteError(GlsdError, RuntimeError):
     """A training step produced a non-finite loss, gradient or weight; nothing of it was saved."""
 

@@ -25,7 +25,7 @@ from glsd.data.sources import open_source
 from glsd.export import write_run_exports
 from glsd.models.families import GLSD_CONVNET
 from glsd.models.heads import GLSDNet, build_network, build_teacher, freeze_unused_parameters
-from glsd.errors import DataError, NonFiniteError, TrainingInterrupted
+from glsd.errors import DataError, NonFiniteError, OutOfMemory, TrainingInterrupted
 from glsd.train import finite
 from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
 from glsd.train.collapse import CollapseMonitor, collapse_indicators
@@ -222,6 +222,8 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
             except NonFiniteError as e:  # nothing of this step was applied or written
                 raise NonFiniteError(f"{e} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
                                      f"{_advice(ctx, e)}") from None
+            except torch.OutOfMemoryError as e:
+                raise out_of_memory(ctx, state, e) from None
             state.step += 1
             state.step_in_epoch += 1
             state.skipped_images += batch.skipped
@@ -323,6 +325,23 @@ def check_finite(terms: LossTerms, step: int, distributed: bool = False) -> floa
     values = {"loss": value, "loss_global": terms.loss_global.item(),
               "loss_local": terms.loss_local.item()}
     raise finite.loss_error(step, values, elsewhere=finite_here)
+
+
+def out_of_memory(ctx: Context, state: TrainState, error: Exception) -> OutOfMemory:
+    """What ran out, what to lower, and how the kept checkpoint resumes under a smaller batch
+    (the batch size is a schedule key: a resume under another one needs train.extend)."""
+    c = ctx.cfg
+    detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+    precision = " or train.precision=bf16" if ctx.amp_dtype is None else ""
+    kept = ("No checkpoint was written yet." if state.checkpoint_step is None else
+            f"The checkpoint {ctx.run.last} (step {state.checkpoint_step}) is kept: rerun with "
+            "train.extend=true to resume it under the new batch size, or with the same settings "
+            "on a device with more memory.")
+    return OutOfMemory(
+        f"out of memory on {ctx.device} in step {state.step + 1} ({detail}). This step held "
+        f"train.batch_size={c.train.batch_size} images per process in {c.crops.num_global} views of "
+        f"{c.crops.global_size} px and {c.crops.num_local} of {c.crops.local_size} px: lower "
+        f"train.batch_size or crops.num_local{precision}, or pick a smaller model.backbone. {kept}")
 
 
 def _advice(ctx: Context, error: NonFiniteError) -> str:
