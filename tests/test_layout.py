@@ -51,6 +51,23 @@ def test_importing_training_and_evaluation_loads_no_tooling():
                                 ("glsd.tools",)) == []
 
 
+def test_layers_models_and_evaluation_do_not_import_training():
+    # The model builder and an evaluation module stand on their own: no training loop, loader
+    # or run folder comes with them (glsd.eval's names load on first use).
+    loaded = modules_after_import("glsd.models.backbone, glsd.eval.knn, glsd.eval.eval_data",
+                                  ("glsd.train", "glsd.data.loader", "glsd.eval.runner"))
+    assert loaded == []
+
+
+def test_glsd_eval_names_load_on_use():
+    from glsd.eval import knn_classify, run_eval
+    from glsd.eval.knn import knn_classify as direct
+    assert knn_classify is direct and run_eval.__module__ == "glsd.eval.runner"
+    import glsd.eval
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        glsd.eval.nothing
+
+
 def test_the_scan_would_see_a_core_import_of_the_tooling(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("from glsd.tools.bench import run_bench\nfrom glsd import tools\n")

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -123,6 +124,15 @@ def test_sigterm_finishes_step_checkpoints_and_exits_cleanly(tmp_path, whole_gro
             proc.kill()
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM == 143, err  # interrupted, not finished
+    if whole_group:  # the loader worker that ignored the signal ended with the trainer
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "a loader worker outlived the trainer"
+            time.sleep(0.2)
     assert f"stopped by signal {int(signal.SIGTERM)}" in err and "Rerun the same command" in err
     assert err.count("glsd:") == 1 and "Traceback" not in err, err  # one message
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -149,6 +159,29 @@ def test_sigint_in_process_stops_after_the_step(tmp_path, monkeypatch):
     assert load_last(run)["step"] == 2 == last_step(run)
     assert signal.getsignal(signal.SIGINT) is before  # handler given back
     assert not (run / "backbone.safetensors").exists()
+
+
+def test_a_stop_on_the_last_step_of_an_epoch_closes_the_epoch_on_resume(tmp_path, monkeypatch):
+    """Stopped by a signal in the run's last step, which ends its second epoch (4 steps each):
+    the rerun has no step left to take, but the epoch's own end (its numbered checkpoint) is
+    still made, then the export."""
+    real = pretrain_mod.train_step
+
+    def step(ctx, batch, step, want_stats=True):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(ctx, batch, step, want_stats)
+
+    monkeypatch.setattr(pretrain_mod, "train_step", step)
+    cfg = tiny_config(tmp_path / "run", "train.max_steps=null", "train.epochs=2",
+                      "train.checkpoint_every_epochs=2")
+    with pytest.raises(pretrain_mod.TrainingInterrupted, match="step 8"):
+        pretrain(cfg)
+    assert not (tmp_path / "run" / "checkpoints" / "epoch0002.pt").exists()
+    monkeypatch.setattr(pretrain_mod, "train_step", real)
+    pretrain(cfg)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "epoch0002.pt")["step"] == 8
+    assert (tmp_path / "run" / "backbone.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------------------
@@ -181,6 +214,18 @@ def test_ranks_that_find_different_checkpoints_are_refused(monkeypatch):
     monkeypatch.setattr(resume_mod, "gather_objects", lambda mine: [mine, mine])
     resume_mod.require_one_checkpoint({"step": 5})
     resume_mod.require_one_checkpoint(None)
+
+
+def test_a_resume_asks_every_rank_which_checkpoint_it_found(tmp_path, monkeypatch):
+    """The training start runs the check: a second rank that (as on another node's disk)
+    found no checkpoint stops the resume before any step."""
+    import glsd.train.resume as resume_mod
+    cfg = tiny_config(tmp_path / "run", "train.max_steps=2")
+    pretrain(cfg)
+    monkeypatch.setattr(resume_mod, "gather_objects", lambda mine: [mine, None])
+    with pytest.raises(ConfigError, match="rank 0: step 2, rank 1: none"):
+        pretrain(tiny_config(tmp_path / "run", "train.max_steps=4"))
+    assert load_last(tmp_path / "run")["step"] == 2
 
 
 def _payload(value: float) -> dict:
@@ -294,14 +339,20 @@ def test_resume_false_or_new_output_dir_start_fresh_and_keep_old(tmp_path, capsy
     assert load_last(other)["step"] == 1
 
 
-def test_out_of_memory_names_what_to_lower_and_the_kept_checkpoint(tmp_path, monkeypatch, capsys):
-    """A device out of memory at step 6 (after the epoch-end checkpoint of step 4): one line,
-    exit 1, the batch and views named, and how the checkpoint resumes under a smaller batch."""
+CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
+CPU_OOM = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 2147483648 bytes"
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError(CUDA_OOM), RuntimeError(CPU_OOM)], ids=["cuda", "cpu"])
+def test_out_of_memory_names_what_to_lower_and_the_kept_checkpoint(tmp_path, monkeypatch, capsys, error):
+    """Out of memory at step 6 (after the epoch-end checkpoint of step 4), as torch raises it
+    on a GPU or from the CPU allocator: one line, exit 1, the batch and views named, and how
+    the checkpoint resumes under a smaller batch."""
     real = pretrain_mod.train_step
 
     def step(ctx, batch, step, want_stats=True):
         if step == 5:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise error
         return real(ctx, batch, step, want_stats)
 
     monkeypatch.setattr(pretrain_mod, "train_step", step)
@@ -310,8 +361,9 @@ def test_out_of_memory_names_what_to_lower_and_the_kept_checkpoint(tmp_path, mon
     assert cli(["pretrain", str(config)]) == 1
     err = capsys.readouterr().err
     assert err.count("glsd:") == 1 and "Traceback" not in err, err
-    for part in ("out of memory on cpu in step 6", "Tried to allocate 2.00 GiB", "train.batch_size=8",
-                 "crops.num_local", "train.precision=bf16", "(step 4) is kept", "train.extend=true"):
+    for part in ("out of memory on cpu in step 6", str(error).splitlines()[0][:60], "train.batch_size=8",
+                 "crops.num_local", "train.precision=bf16", "(step 4) is kept", "train.extend=true",
+                 "a new run"):
         assert part in err, (part, err)
     assert load_last(run)["step"] == 4
 
@@ -327,6 +379,8 @@ def test_out_of_memory_elsewhere_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("glsd: out of memory (CUDA out of memory. Tried to allocate 9.00 GiB)"), err
     assert "eval.batch_size" in err and "Traceback" not in err
+    assert cli_mod.main(["eval", "knn", "somewhere", "--debug"]) == 1  # the traceback on demand
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_run_folder_is_never_overwritten_silently(tmp_path):

@@ -13,7 +13,7 @@ import sys
 import warnings
 
 from glsd.config import EVALUATIONS, MATCHINGS, ConfigError, load_config
-from glsd.errors import GlsdError, NonFiniteError, OutOfMemory, TrainingInterrupted
+from glsd.errors import GlsdError, NonFiniteError, OutOfMemory, TrainingInterrupted, is_out_of_memory
 
 
 def _cmd_pretrain(args) -> int:
@@ -358,8 +358,12 @@ def main(argv=None) -> int:
         print(f"glsd: {kind}{_message(e)}", file=sys.stderr)
         return 1 if isinstance(e, (NonFiniteError, OutOfMemory)) else 2
     except RuntimeError as e:
-        if type(e).__name__ != "OutOfMemoryError":  # torch's, on any device (torch not imported here)
+        if not is_out_of_memory(e):
             raise
+        if debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"glsd: out of memory ({str(e).splitlines()[0][:160] if str(e) else 'no detail'}); "
               "lower this command's batch size (eval.batch_size, --batch-size, train.batch_size) "
               "or run it on a device with more memory", file=sys.stderr)

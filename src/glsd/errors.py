@@ -59,6 +59,14 @@ class OutOfMemory(GlsdError, RuntimeError):
     is kept."""
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's out-of-memory error on any device: ``torch.OutOfMemoryError`` (CUDA and other
+    accelerators), or the plain RuntimeError of the CPU allocator. (No torch import here.)"""
+    if type(error).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
 class NonFiniteError(GlsdError, RuntimeError):
     """A training step produced a non-finite loss, gradient or weight; nothing of it was saved."""
 

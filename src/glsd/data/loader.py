@@ -8,7 +8,6 @@ of loader workers or processes, and with its views made in the workers or on the
 """
 from __future__ import annotations
 
-import signal
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 from glsd.config import Config, ConfigError
 from glsd.data.multicrop import Batch, DecodeToSquare, MultiCropDataset, ViewCollate, decode_size
 from glsd.data.views import ViewMaker
+from glsd.data.workers import leave_stop_signals_to_the_trainer
 from glsd.data.sources import ImageSource
 
 class ResumableSampler(Sampler[int]):
@@ -88,14 +88,6 @@ def build_loader(cfg: Config, subset: ImageSource, rank: int, world_size: int,
                         worker_init_fn=leave_stop_signals_to_the_trainer)
     return loader, sampler
 
-
-def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM and SIGINT. A scheduler's SIGTERM (or Ctrl-C in a
-    terminal) reaches every process of the job: a worker killed by it makes the training
-    process raise at once (torch's worker watchdog), before it can finish the step and write
-    its checkpoint. The workers end with the training process, which owns the stop."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StepViews:

@@ -26,6 +26,7 @@ from torchvision.transforms import InterpolationMode
 
 from glsd.config import Config, ConfigError, apply_overrides
 from glsd.data.sources import ImageSource
+from glsd.data.workers import leave_stop_signals_to_the_trainer
 from glsd.models.backbone import Backbone, build_backbone, last_stage
 from glsd.utils.distributed import all_gather_cat, rank_world
 from glsd.weights import load_checked_weights
@@ -195,7 +196,8 @@ def iter_features(backbone: Backbone, source: ImageSource, cfg: Config, device: 
     indices = range(len(source)) if indices is None else indices
     loader = DataLoader(_EvalImages(source, indices, eval_transform(cfg), cfg.data.on_error),
                         batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
+                        collate_fn=_collate, pin_memory=device.type == "cuda",
+                        worker_init_fn=leave_stop_signals_to_the_trainer)  # online k-NN mid-run
     bar = progress_bar(len(indices), progress)
     was_training = backbone.training
     backbone.eval()

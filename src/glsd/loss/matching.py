@@ -64,11 +64,14 @@ def cosine_similarities(student_feat: torch.Tensor, teacher_feat: torch.Tensor) 
 
 def pair_similarities(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
                       t_idx: torch.Tensor, s_idx: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities of every (teacher view, student view) pair, from per-view features.
+    """Cosine similarities of view pairs, from per-view features.
 
-    Each view is normalised once and every teacher view meets every student view in one
-    product per sample, then the pairs are picked out: a product per pair would be P * B tiny
-    matrix products, about 7x slower on a CPU (and a (P, B, N, D) copy of the features).
+    Each view is normalised once. When the pairs are every (teacher, student) combination (the
+    local views: each meets every teacher view), all of them come from one product per sample:
+    a product per pair would be P * B tiny matrix products, several times slower on a CPU.
+    Otherwise (the global views skip their own teacher view) each pair's features are gathered
+    and multiplied, so that no product is made that no pair needs (on a 28 x 28 grid the
+    unneeded ones would cost hundreds of MB).
 
     Args:
         student_feat: ``(Vs, B, Ns, D)``; teacher_feat: ``(Vt, B, Nt, D)``;
@@ -78,8 +81,11 @@ def pair_similarities(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
     """
     s = F.normalize(student_feat.float(), dim=-1)
     t = F.normalize(teacher_feat.float(), dim=-1)
-    every = torch.einsum("sbnd,tbmd->tsbnm", s, t)  # (Vt, Vs, B, Ns, Nt)
-    return every[t_idx, s_idx]
+    n_teacher, n_student = t.shape[0], s.shape[0]
+    if len(t_idx) == n_teacher * n_student:  # as many pairs as combinations: one product each
+        every = torch.einsum("sbnd,tbmd->tsbnm", s, t).flatten(0, 1)  # (Vt * Vs, B, Ns, Nt)
+        return every[t_idx * n_student + s_idx]
+    return torch.matmul(s[s_idx], t[t_idx].transpose(-1, -2))
 
 
 def similarity_match(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> Matches:

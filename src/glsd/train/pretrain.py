@@ -25,7 +25,7 @@ from glsd.data.sources import open_source
 from glsd.export import write_run_exports
 from glsd.models.families import GLSD_CONVNET
 from glsd.models.heads import GLSDNet, build_network, build_teacher, freeze_unused_parameters
-from glsd.errors import DataError, NonFiniteError, OutOfMemory, TrainingInterrupted
+from glsd.errors import DataError, NonFiniteError, OutOfMemory, TrainingInterrupted, is_out_of_memory
 from glsd.train import finite
 from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
 from glsd.train.collapse import CollapseMonitor, collapse_indicators
@@ -206,6 +206,7 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
     max_steps = min(ctx.sched.total_steps, t.max_steps or ctx.sched.total_steps)
     console = ctx.console or Console(is_main=False)
     console.begin(state.step, max_steps)
+    _close_finished_epoch(ctx, state)  # a run stopped right after an epoch's last step
     while state.step < max_steps:
         ctx.sampler.set_epoch(state.epoch, state.step_in_epoch * ctx.sampler.global_batch)
         tick, since_log, stopping, batches, steps_before = time.perf_counter(), 0, None, 0, state.step
@@ -222,7 +223,9 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
             except NonFiniteError as e:  # nothing of this step was applied or written
                 raise NonFiniteError(f"{e} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
                                      f"{_advice(ctx, e)}") from None
-            except torch.OutOfMemoryError as e:
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
                 raise out_of_memory(ctx, state, e) from None
             state.step += 1
             state.step_in_epoch += 1
@@ -252,14 +255,19 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
         if whole_epoch and batches and state.step == steps_before:
             raise DataError(f"no image of {ctx.sampler.n} could be read in epoch {state.epoch} "
                             f"(data.on_error=skip skipped them all); check data.root")
-        if state.step_in_epoch >= ctx.sampler.steps_per_epoch:
-            state.epoch += 1
-            state.step_in_epoch = 0
-            end_of_epoch(ctx, state)
+        _close_finished_epoch(ctx, state)
     if state.checkpoint_step != state.step:  # the last epoch's end has saved this step
         checkpoint(ctx, state)
     console.close()
     return True
+
+
+def _close_finished_epoch(ctx: Context, state: TrainState) -> None:
+    """After an epoch's last step: the next epoch, and the epoch's checkpoint (and online k-NN)."""
+    if state.step_in_epoch >= ctx.sampler.steps_per_epoch:
+        state.epoch += 1
+        state.step_in_epoch = 0
+        end_of_epoch(ctx, state)
 
 
 def _no_image(ctx: Context, batch) -> bool:
@@ -328,15 +336,17 @@ def check_finite(terms: LossTerms, step: int, distributed: bool = False) -> floa
 
 
 def out_of_memory(ctx: Context, state: TrainState, error: Exception) -> OutOfMemory:
-    """What ran out, what to lower, and how the kept checkpoint resumes under a smaller batch
-    (the batch size is a schedule key: a resume under another one needs train.extend)."""
+    """What ran out, what to lower, and how the kept checkpoint resumes: under a smaller batch
+    with train.extend (the batch size is a schedule key); other crops or another model are
+    another run (their keys define the run)."""
     c = ctx.cfg
     detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
     precision = " or train.precision=bf16" if ctx.amp_dtype is None else ""
     kept = ("No checkpoint was written yet." if state.checkpoint_step is None else
-            f"The checkpoint {ctx.run.last} (step {state.checkpoint_step}) is kept: rerun with "
-            "train.extend=true to resume it under the new batch size, or with the same settings "
-            "on a device with more memory.")
+            f"The checkpoint {ctx.run.last} (step {state.checkpoint_step}) is kept: it resumes "
+            "under a smaller train.batch_size with train.extend=true, under another "
+            "train.precision as it is, or with the same settings on a device with more memory; "
+            "other crops or another model are a new run (a new output_dir, or train.resume=false).")
     return OutOfMemory(
         f"out of memory on {ctx.device} in step {state.step + 1} ({detail}). This step held "
         f"train.batch_size={c.train.batch_size} images per process in {c.crops.num_global} views of "
