@@ -6,8 +6,10 @@ Makes a folder of JPEGs of varied sizes (CIFAR-10 images from ``--zip`` upscaled
 (2 x 224 + 6 x 96, decoded to a 256 px square first), measures in one thread (what one
 loader worker has):
 
-- ``pil``: glsd's loader decode (PIL open + load + RGB, resize to the square, uint8 tensor);
-- ``pil_draft``: the same with ``Image.draft`` (the JPEG decoder scales by 1/2..1/8 in the DCT);
+- ``pil``: a full-size decode (PIL open + load + RGB, resize to the square, uint8 tensor),
+  glsd's loader with ``data.jpeg_draft=false``;
+- ``pil_draft``: glsd's loader as it is (``data.jpeg_draft=true``): a JPEG decoded at 1/2..1/8
+  scale in the DCT, both sides still at least the square;
 - ``tv_cpu``: ``torchvision.io.decode_jpeg`` on the CPU, resized with antialiased bicubic;
 - ``tv_cuda`` (when CUDA is available): ``decode_jpeg(list, device="cuda")`` batched, resized
   on the GPU;
@@ -18,6 +20,7 @@ made beforehand) is timed at ``--step-batch`` (``--no-step`` skips it), and each
 images/s with ``data.num_workers`` workers is set against it.
 
     python benchmarks/photo_data.py --zip PATH/cifar10-jpg.zip --out benchmarks/results/photo-data-cpu.json
+    python benchmarks/photo_data.py --photo-sizes 4000x3000,3024x4032 --images 16 --no-step  # phone photos
     python benchmarks/photo_data.py --quick     # smoke test: tiny images, 1 iteration
 """
 from __future__ import annotations
@@ -83,15 +86,12 @@ def make_images(out: Path, n: int, sizes, zip_path: str | None, seed: int = 0) -
 
 
 def pil_decode(path: Path, size: int, draft: bool) -> torch.Tensor:
-    """(3, size, size) uint8, as glsd's loader (``_read_file`` + ``DecodeToSquare``) makes it."""
+    """(3, size, size) uint8, as glsd's loader (``read_image_file`` + ``DecodeToSquare``) makes
+    it, with ``data.jpeg_draft`` = ``draft``."""
+    from glsd.data.image_file import read_image_file
     from glsd.data.multicrop import DecodeToSquare
 
-    with Image.open(path) as img:
-        if draft:  # JPEG only: decode at 1/2..1/8 scale, no smaller than the square
-            img.draft("RGB", (size, size))
-        img.load()
-        img = img.convert("RGB")
-        return DecodeToSquare(size)(img)[0]
+    return DecodeToSquare(size)(read_image_file(path, size if draft else 0))[0]
 
 
 def _to_square(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -183,6 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides of the preset")
     ap.add_argument("--zip", help="CIFAR-10 JPEG zip (or any zip of images) to upscale; default: generated images")
     ap.add_argument("--images", type=int, default=64, help="JPEGs in the folder")
+    ap.add_argument("--photo-sizes", help="WxH,WxH,... of the JPEGs (default: 300x400 .. 800x600)")
     ap.add_argument("--folder", help="keep the JPEGs here (default: a temporary folder)")
     ap.add_argument("--batch", type=int, default=32, help="images per decode + views batch")
     ap.add_argument("--iters", type=int, default=3, help="passes over the folder per path")
@@ -209,7 +210,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder or tmp)
-        paths = make_images(folder, args.images, QUICK_SIZES if args.quick else SIZES, args.zip)
+        sizes = ([tuple(int(v) for v in s.split("x"))[::-1] for s in args.photo_sizes.split(",")]
+                 if args.photo_sizes else QUICK_SIZES if args.quick else SIZES)  # (h, w)
+        paths = make_images(folder, args.images, sizes, args.zip)
         n_bytes = sum(p.stat().st_size for p in paths)
         log(f"{len(paths)} JPEGs ({n_bytes / len(paths) / 1e3:.0f} kB each) in {folder}")
         threads = torch.get_num_threads()

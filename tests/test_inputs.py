@@ -270,6 +270,60 @@ def test_exif_orientation_is_applied(tmp_path):
     assert read_image_file(path).size == (20, 40)
 
 
+def _photo(path, size=(1200, 900), exif_orientation=None):
+    """A smooth JPEG of many pixels (a gradient with a disc), optionally stored sideways."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([xx * 255 // w, yy * 255 // h, ((xx - w / 3) ** 2 + (yy - h / 2) ** 2 < (h / 4) ** 2) * 200],
+                   axis=-1).astype(np.uint8)
+    img = Image.fromarray(arr)
+    if exif_orientation is None:
+        img.save(path, quality=95)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        img.save(path, quality=95, exif=exif)
+    return path
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_keeping_its_full_size(tmp_path):
+    from glsd.data.image_file import ORIGINAL_SIZE
+    path = _photo(tmp_path / "big.jpg")
+    full = read_image_file(path)
+    reduced = read_image_file(path, min_size=224)
+    assert full.size == (1200, 900) and ORIGINAL_SIZE not in full.info
+    assert reduced.size == (300, 225) and reduced.info[ORIGINAL_SIZE] == (1200, 900)  # 1/4 scale
+    # the same picture: the full decode shrunk to that size differs by a few levels at most
+    shrunk = np.asarray(full.resize(reduced.size, Image.BICUBIC, reducing_gap=3.0), dtype=np.float64)
+    assert np.abs(shrunk - np.asarray(reduced, dtype=np.float64)).mean() < 3.0
+    # both sides kept >= the size asked; a small or a PNG image is read as it is
+    assert read_image_file(path, min_size=400).size == (600, 450)
+    assert read_image_file(path, min_size=900).size == (1200, 900)
+    png = tmp_path / "big.png"
+    full.save(png)
+    assert read_image_file(png, min_size=224).size == (1200, 900)
+    # stored sideways: upright, and the full size upright too
+    turned = read_image_file(_photo(tmp_path / "side.jpg", exif_orientation=6), min_size=224)
+    assert turned.size == (225, 300) and turned.info[ORIGINAL_SIZE] == (900, 1200)
+
+
+@pytest.mark.parametrize("jpeg_draft", [True, False])
+def test_training_views_of_a_large_photo_record_its_full_size(tmp_path, jpeg_draft):
+    """The loader decodes a 1200 x 900 photo to its 64 px square, reduced or not: the square
+    is nearly the same and the geometry stays in the photo's own pixels."""
+    from glsd.data.multicrop import DecodeToSquare, MultiCropDataset
+    from glsd.data.sources import open_source
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _photo(folder / "a.jpg")
+    cfg = load_config(None, [f"data.root={folder}", "data.source=folder", f"data.jpeg_draft={str(jpeg_draft).lower()}"])
+    dataset = MultiCropDataset(open_source(cfg.data), DecodeToSquare(64), "fail", cfg.data.jpeg_draft)
+    image, hw, *_ = dataset[0]
+    assert hw.tolist() == [900.0, 1200.0]
+    reference = DecodeToSquare(64)(read_image_file(folder / "a.jpg"))[0]
+    assert (image.double() - reference.double()).abs().mean() < (2.0 if jpeg_draft else 1e-9)
+
+
 @pytest.mark.parametrize("member", ["train/../x.png", "/abs/a/x.png", "train/a/../../x.png"])
 def test_zip_members_escaping_their_folder_are_refused_by_name(tmp_path, member):
     buf = io.BytesIO()

@@ -40,6 +40,10 @@ class DataConfig:
     # One image read taking longer than this is a bad file (a hung network mount, a special
     # file): skipped or failed per on_error, naming it. 0: no limit.
     read_timeout_s: float = 120.0
+    # A JPEG file larger than needed is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, PIL's
+    # draft), both sides still at least the size the pipeline resizes it to: photos of many
+    # megapixels decode several times faster. Off: every file decoded at full size.
+    jpeg_draft: bool = True
     num_workers: int = 2
     # Where the views are made, not what they are (glsd.data.views, one implementation):
     # cpu: in the loader workers, one batched pass per batch; device: on the training device

@@ -75,7 +75,7 @@ def build_loader(cfg: Config, subset: ImageSource, rank: int, world_size: int,
     Workers persist across epochs: on a small subset a re-fork per epoch cost seconds every
     few dozen steps (the sampler hands each sample its epoch, see ResumableSampler)."""
     decode = DecodeToSquare(decode_size(cfg.crops), cfg.crops.interpolation)
-    dataset = MultiCropDataset(subset, decode, cfg.data.on_error)
+    dataset = MultiCropDataset(subset, decode, cfg.data.on_error, cfg.data.jpeg_draft)
     sampler = ResumableSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, rank, world_size)
     collate = ViewCollate(cfg.crops, cfg.train.seed, make_views=not makes_views_on_device(cfg))
     # Its own generator: each new iterator draws a base seed from it, and drawing from the

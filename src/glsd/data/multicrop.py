@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from glsd.config import CropConfig
+from glsd.data.image_file import ORIGINAL_SIZE
 from glsd.data.sources import ImageSource
 from glsd.data.view_params import ViewParams, draw_view_params, geometry, training_seed
 from glsd.data.views import ViewMaker
@@ -43,7 +44,7 @@ class DecodeToSquare:
         self.size, self.filter = size, PIL_FILTER[interpolation]
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        w, h = img.size
+        w, h = img.info.get(ORIGINAL_SIZE, img.size)  # a JPEG decoded at reduced scale: its full size
         if (h, w) != (self.size, self.size):
             img = img.resize((self.size, self.size), self.filter, reducing_gap=3.0)
         arr = np.asarray(img, dtype=np.uint8)
@@ -55,8 +56,10 @@ class MultiCropDataset(Dataset):
     """Items of an ImageSource -> (uint8 image, original hw, label, index, epoch, position);
     a bad file yields None (``on_error="skip"``, dropped and counted by the collate) or raises."""
 
-    def __init__(self, source: ImageSource, decode: DecodeToSquare, on_error: str = "skip"):
+    def __init__(self, source: ImageSource, decode: DecodeToSquare, on_error: str = "skip",
+                 jpeg_draft: bool = True):
         self.source, self.decode, self.on_error = source, decode, on_error
+        self.min_size = decode.size if jpeg_draft else 0  # data.jpeg_draft
 
     def __len__(self) -> int:
         return len(self.source)
@@ -64,7 +67,7 @@ class MultiCropDataset(Dataset):
     def __getitem__(self, key):
         """``key``: a dataset index, or ``(epoch, position, index)`` as the sampler yields."""
         epoch, position, i = key if isinstance(key, tuple) else (0, key, key)
-        img = self.source.load(self.source.keys[i], self.on_error)
+        img = self.source.load(self.source.keys[i], self.on_error, self.min_size)
         if img is None:
             return None
         image, hw = self.decode(img)

@@ -37,15 +37,22 @@ class ImageSource:
     read_timeout_s: float = 0.0  # 0: no limit (data.read_timeout_s)
     # Keys already named in the run's log as unreadable (per process: each loader worker its own).
     reported: set = field(default_factory=set, repr=False, compare=False)
+    # (key, min_size) -> the image, a JPEG decoded at reduced scale (image_file.decode_image);
+    # None where reading is not decoding a file (torchvision datasets, synthetic images).
+    read_reduced: Optional[Callable[[str, int], Image.Image]] = field(default=None, repr=False,
+                                                                      compare=False)
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def load(self, key: str, on_error: str = "skip") -> Optional[Image.Image]:
+    def load(self, key: str, on_error: str = "skip", min_size: int = 0) -> Optional[Image.Image]:
         """The image, or None for an unreadable file under ``on_error="skip"``; a read that
-        takes over ``read_timeout_s`` counts as unreadable."""
+        takes over ``read_timeout_s`` counts as unreadable. ``min_size``: a JPEG file may be
+        decoded at reduced scale, keeping both sides at least this."""
         try:
             with read_deadline(self.read_timeout_s):
+                if min_size and self.read_reduced is not None:
+                    return self.read_reduced(key, min_size)
                 return self.read(key)
         except Exception as e:  # noqa: BLE001 - any decoder error means the same: a bad file
             if on_error == "fail":
@@ -74,7 +81,7 @@ class ImageSource:
                 "the old run aside, or use a new output_dir); or, to evaluate on the whole train "
                 "split as it is now, delete RUN_DIR/subset.json")
         return ImageSource(self.name, list(keys), [self.labels[index[k]] for k in keys],
-                           self.classes, self.read, self.read_timeout_s)
+                           self.classes, self.read, self.read_timeout_s, read_reduced=self.read_reduced)
 
 
 def open_source(cfg: DataConfig, split: Optional[str] = None) -> ImageSource:
@@ -176,7 +183,8 @@ def imagefolder_source(root: Path, split: str) -> ImageSource:
     if not keys:
         raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {base}")
     return ImageSource(f"imagefolder:{base}", keys, labels, classes,
-                       lambda key: read_image_file(base / key))
+                       lambda key: read_image_file(base / key),
+                       read_reduced=lambda key, size: read_image_file(base / key, size))
 
 
 def flat_folder_source(root: Path) -> ImageSource:
@@ -186,7 +194,8 @@ def flat_folder_source(root: Path) -> ImageSource:
     keys = _walk_images(root)
     if not keys:
         raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return ImageSource(f"folder:{root}", keys, [-1] * len(keys), [], lambda key: read_image_file(root / key))
+    return ImageSource(f"folder:{root}", keys, [-1] * len(keys), [], lambda key: read_image_file(root / key),
+                       read_reduced=lambda key, size: read_image_file(root / key, size))
 
 
 class _ZipReader:
@@ -197,12 +206,12 @@ class _ZipReader:
         self._handle: Optional[zipfile.ZipFile] = None
         self._pid = -1
 
-    def __call__(self, member: str) -> Image.Image:
+    def __call__(self, member: str, min_size: int = 0) -> Image.Image:
         if self._handle is None or self._pid != os.getpid():
             self._handle = zipfile.ZipFile(self.path)
             self._pid = os.getpid()
         with self._handle.open(member) as f:
-            return decode_image(f)
+            return decode_image(f, min_size)
 
     def __getstate__(self):
         return {"path": self.path, "_handle": None, "_pid": -1}
@@ -237,7 +246,8 @@ def zip_source(path: Path, split: str) -> ImageSource:
     # Without split folders every split is the same images: one name, so that evaluation
     # refuses them as train and test (as a folder without split sub-folders is).
     name = f"zip:{path}:{split}" if depth else f"zip:{path}"
-    return ImageSource(name, names, labels, classes, _ZipReader(path))
+    reader = _ZipReader(path)
+    return ImageSource(name, names, labels, classes, reader, read_reduced=reader)
 
 
 def torchvision_source(kind: str, root: str, split: str, download: bool) -> ImageSource:

@@ -135,15 +135,16 @@ class _EvalImages(Dataset):
     """Items ``indices`` of a source -> (image tensor, label, index), or the index alone for an
     unreadable file."""
 
-    def __init__(self, source: ImageSource, indices: range, transform, on_error: str):
+    def __init__(self, source: ImageSource, indices: range, transform, on_error: str, min_size: int = 0):
         self.source, self.indices, self.transform, self.on_error = source, indices, transform, on_error
+        self.min_size = min_size  # a JPEG may be decoded at reduced scale, both sides >= this
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
         index = self.indices[i]
-        img = self.source.load(self.source.keys[index], self.on_error)
+        img = self.source.load(self.source.keys[index], self.on_error, self.min_size)
         if img is None:
             return index
         return self.transform(img), self.source.labels[index], index
@@ -194,7 +195,8 @@ def iter_features(backbone: Backbone, source: ImageSource, cfg: Config, device: 
     feature = resolve_feature(backbone, feature)
     device = torch.device(device)
     indices = range(len(source)) if indices is None else indices
-    loader = DataLoader(_EvalImages(source, indices, eval_transform(cfg), cfg.data.on_error),
+    min_size = (cfg.eval.image_size or cfg.crops.global_size) if cfg.data.jpeg_draft else 0
+    loader = DataLoader(_EvalImages(source, indices, eval_transform(cfg), cfg.data.on_error, min_size),
                         batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda",
                         worker_init_fn=leave_stop_signals_to_the_trainer)  # online k-NN mid-run
