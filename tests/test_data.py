@@ -85,3 +85,44 @@ def test_a_damaged_subset_record_is_a_config_error(tmp_path, text):
     cfg = load_config(None, ["data.source=synthetic", "data.synthetic_num_images=16"])
     with pytest.raises(ConfigError, match="subset.json.*delete it"):
         select_images(cfg, tmp_path)
+
+
+def test_epoch_orders_of_study_seeds_are_unrelated():
+    """Seeds pick a study's subsets and initialisations; their epoch orders must not be each
+    other's shifted copies, as ``seed + epoch`` made them (rule 1, kept for old checkpoints)."""
+    from glsd.data.loader import ResumableSampler
+
+    def order(seed, epoch, rule):
+        sampler = ResumableSampler(64, 8, seed, order_rule=rule)
+        sampler.set_epoch(epoch)
+        return [index for _, index in sampler._my_samples()]
+
+    assert order(1, 0, rule=1) == order(0, 1, rule=1)  # the old rule's overlap
+    assert order(1, 0, rule=2) != order(0, 1, rule=2)
+    assert order(0, 0, rule=2) != order(0, 1, rule=2) and order(3, 2, rule=2) == order(3, 2, rule=2)
+    assert sorted(order(1, 0, rule=2)) == list(range(64))
+
+
+def test_a_checkpoint_resumes_under_the_epoch_order_it_was_trained_on(tmp_path, monkeypatch):
+    """New runs record rule 2; a checkpoint without the key (made before it) resumes under
+    rule 1, so its remaining epochs see the orders an uninterrupted run would have seen."""
+    import glsd.train.pretrain as pretrain_mod
+    from glsd.train.checkpoint import load_checkpoint, save_checkpoint
+    from helpers_tiny import tiny_config
+
+    seen = []
+    real_loop = pretrain_mod.train_loop
+
+    def loop(ctx, state, stop):
+        seen.append(ctx.sampler.order_rule)
+        return real_loop(ctx, state, stop)
+
+    monkeypatch.setattr(pretrain_mod, "train_loop", loop)
+    pretrain_mod.pretrain(tiny_config(tmp_path / "run", "train.max_steps=2"))
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last)
+    assert ckpt["order_rule"] == 2
+    del ckpt["order_rule"]
+    save_checkpoint(last, ckpt)
+    pretrain_mod.pretrain(tiny_config(tmp_path / "run", "train.max_steps=3"))
+    assert seen == [2, 1] and load_checkpoint(last)["order_rule"] == 1

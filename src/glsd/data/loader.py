@@ -14,9 +14,16 @@ from torch.utils.data import DataLoader, Sampler
 
 from glsd.config import Config, ConfigError
 from glsd.data.multicrop import Batch, DecodeToSquare, MultiCropDataset, ViewCollate, decode_size
+from glsd.data.view_params import sample_seed
 from glsd.data.views import ViewMaker
 from glsd.data.workers import leave_stop_signals_to_the_trainer
 from glsd.data.sources import ImageSource
+
+# How an epoch's permutation is seeded. 1: ``seed + epoch`` (runs before session 9: seed s+1's
+# epoch e repeated seed s's epoch e+1, so study seeds shared shifted orders); 2: a hash of
+# (seed, epoch), unrelated across seeds. A checkpoint records its rule and resumes under it.
+ORDER_RULE = 2
+
 
 class ResumableSampler(Sampler[int]):
     """Seeded per-epoch permutation cut into global batches; rank r takes slice r of each.
@@ -26,8 +33,10 @@ class ResumableSampler(Sampler[int]):
     resume skips the samples already consumed (``start_sample``) without loading them.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 order_rule: int = ORDER_RULE):
         self.n, self.batch, self.seed, self.rank, self.world = num_samples, batch_size, seed, rank, world_size
+        self.order_rule = order_rule
         self.global_batch = batch_size * world_size
         self.epoch, self.start_sample = 0, 0
         if self.n < self.global_batch:
@@ -43,7 +52,8 @@ class ResumableSampler(Sampler[int]):
 
     def _my_samples(self) -> list[tuple[int, int]]:
         """(position in the epoch, dataset index) of this rank's samples, in order."""
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order_seed = self.seed + self.epoch if self.order_rule == 1 else sample_seed("order", self.seed, self.epoch)
+        g = torch.Generator().manual_seed(order_seed)
         used = self.steps_per_epoch * self.global_batch
         perm = torch.randperm(self.n, generator=g)[:used]
         first = self.start_sample // self.global_batch

@@ -22,6 +22,7 @@ from glsd.config import Config, to_dict
 from glsd.data.loader import StepViews, build_loader
 from glsd.data.subset import SUBSET_FILE, select_images, write_subset
 from glsd.data.sources import open_source
+from glsd.data.view_params import sample_seed
 from glsd.export import write_run_exports
 from glsd.models.families import GLSD_CONVNET
 from glsd.models.heads import GLSDNet, build_network, build_teacher, freeze_unused_parameters
@@ -121,7 +122,7 @@ def _build_run(cfg: Config, device: torch.device, dinfo: DistInfo,
                                    pin_memory=device.type == "cuda")
 
     if dinfo.rank:  # from here on each rank draws its own random numbers (drop-path masks)
-        seed_everything(cfg.train.seed + dinfo.rank, cfg.train.deterministic)
+        seed_everything(sample_seed("rank", cfg.train.seed, dinfo.rank), cfg.train.deterministic)
     opt = build_optimisation(cfg, student, teacher, device, dinfo.enabled)
     sched = Schedules(cfg, sampler.steps_per_epoch, sampler.global_batch)
     state = TrainState()
@@ -421,6 +422,7 @@ def checkpoint(ctx: Context, state: TrainState, keep: bool = False) -> None:
         "step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
         "samples_in_epoch": state.step_in_epoch * ctx.sampler.global_batch,
         "global_batch": ctx.sampler.global_batch,
+        "order_rule": ctx.sampler.order_rule,
         "skipped_images": state.skipped_images,
         "rng": per_rank[0]["rng"],
         "rng_per_rank": [p["rng"] for p in per_rank],

@@ -56,6 +56,7 @@ def _restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler
         scaler.load_state_dict(ckpt["scaler"])
     rng, skipped = rank_state(ckpt, sampler.rank, sampler.world)
     set_rng_state(rng)
+    sampler.order_rule = int(ckpt.get("order_rule", 1))  # the epoch orders it was trained on
     step, step_in_epoch = resume_position(ckpt, sampler.steps_per_epoch, sampler.global_batch)
     if step == ckpt["step"]:
         LOG.info("resumed from step %d (epoch %d, step %d of it)", step, ckpt["epoch"], step_in_epoch)
