@@ -126,3 +126,17 @@ def test_a_checkpoint_resumes_under_the_epoch_order_it_was_trained_on(tmp_path, 
     save_checkpoint(last, ckpt)
     pretrain_mod.pretrain(tiny_config(tmp_path / "run", "train.max_steps=3"))
     assert seen == [2, 1] and load_checkpoint(last)["order_rule"] == 1
+
+
+def test_an_unknown_epoch_order_rule_is_refused(tmp_path):
+    from glsd.errors import CheckpointError
+    from glsd.train.checkpoint import load_checkpoint, save_checkpoint
+    from glsd.train.pretrain import pretrain
+    from helpers_tiny import tiny_config
+    pretrain(tiny_config(tmp_path / "run", "train.max_steps=1"))
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last)
+    ckpt["order_rule"] = 7
+    save_checkpoint(last, ckpt)
+    with pytest.raises(CheckpointError, match="epoch order rule 7"):
+        pretrain(tiny_config(tmp_path / "run", "train.max_steps=2"))

@@ -307,6 +307,49 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_keeping_its_full_size(tmp_path
     assert turned.size == (225, 300) and turned.info[ORIGINAL_SIZE] == (900, 1200)
 
 
+def test_reduced_decode_of_multi_picture_and_nearly_square_turned_photos(tmp_path):
+    from glsd.data.image_file import ORIGINAL_SIZE
+    # a phone's multi-picture JPEG (MPO) is a JPEG: decoded reduced too
+    first = Image.open(_photo(tmp_path / "a.jpg")).convert("RGB")
+    mpo = tmp_path / "multi.jpg"
+    first.save(mpo, "MPO", save_all=True, append_images=[first.resize((600, 450))])
+    assert Image.open(mpo).format == "MPO"
+    img = read_image_file(mpo, min_size=224)
+    assert img.size == (300, 225) and img.info[ORIGINAL_SIZE] == (1200, 900)
+    # stored sideways, reduced to a square: the full size is still given upright
+    turned = read_image_file(_photo(tmp_path / "b.jpg", size=(1200, 1199), exif_orientation=6), min_size=128)
+    assert turned.size == (150, 150) and turned.info[ORIGINAL_SIZE] == (1199, 1200)
+
+
+@pytest.mark.parametrize("kind", ["folder", "imagefolder", "zip", "synthetic", "sample"])
+def test_every_source_survives_pickling(tmp_path, kind):
+    """Loader workers started by spawn or forkserver (macOS, Linux from Python 3.14) receive
+    the source pickled: its readers must not be closures."""
+    import pickle
+    folder = tmp_path / "data" / "train" / "cls"
+    folder.mkdir(parents=True)
+    _photo(folder / "a.jpg", size=(64, 48))
+    if kind == "zip":
+        with zipfile.ZipFile(tmp_path / "d.zip", "w") as z:
+            z.write(folder / "a.jpg", "train/cls/a.jpg")
+    overrides = {"folder": [f"data.root={folder}", "data.source=folder"],
+                 "imagefolder": [f"data.root={tmp_path / 'data'}"],
+                 "zip": [f"data.root={tmp_path / 'd.zip'}"],
+                 "synthetic": ["data.source=synthetic"], "sample": ["data.source=sample"]}[kind]
+    source = open_source(load_config(None, overrides).data)
+    copy = pickle.loads(pickle.dumps(source))
+    key = copy.keys[0]
+    assert np.array_equal(np.asarray(copy.load(key, "fail")), np.asarray(source.load(key, "fail")))
+    assert copy.load(key, "fail", min_size=16).size[0] >= 16
+
+
+def test_a_dataset_reader_pickles():
+    import pickle
+    from glsd.data.sources import _DatasetReader
+    reader = pickle.loads(pickle.dumps(_DatasetReader([(Image.new("L", (8, 8), 7), 0)])))
+    assert reader("0").mode == "RGB" and reader("0").getpixel((0, 0)) == (7, 7, 7)
+
+
 @pytest.mark.parametrize("jpeg_draft", [True, False])
 def test_training_views_of_a_large_photo_record_its_full_size(tmp_path, jpeg_draft):
     """The loader decodes a 1200 x 900 photo to its 64 px square, reduced or not: the square

@@ -75,3 +75,24 @@ def test_a_bf16_run_resumes_under_fp16_with_a_fresh_loss_scaler(tmp_path, monkey
     monkeypatch.setattr(torch.amp, "GradScaler", enabled_scaler)
     pretrain(tiny_config(run, "train.max_steps=3"))
     assert load_last(run)["step"] == 3
+
+
+def test_ranks_resumed_under_another_world_size_draw_their_own_streams():
+    """Rank 0 continues rank 0's recorded state; every other rank gets a stream of its own
+    (one shared state would give every rank the same drop-path masks)."""
+    import torch
+    from glsd.train.rng import restore_rank_rng, rng_state
+    torch.manual_seed(0)
+    ckpt = {"rng": rng_state(), "rng_per_rank": [rng_state()], "skipped_per_rank": [3],
+            "config": {"train": {"seed": 0}}, "step": 5}
+    draws = []
+    for rank in (0, 1, 2):
+        skipped = restore_rank_rng(ckpt, rank, 3)
+        draws.append(torch.rand(4))
+        assert skipped == (3 if rank == 0 else 0)
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    assert torch.equal(draws[0], torch.rand(4))  # rank 0: the recorded stream
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
+    # under the same world size each rank takes its own recorded state
+    ckpt2 = {**ckpt, "rng_per_rank": [rng_state(), rng_state()], "skipped_per_rank": [1, 2]}
+    assert restore_rank_rng(ckpt2, 1, 2) == 2

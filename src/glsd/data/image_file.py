@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.JpegImagePlugin import JpegImageFile
 
 from glsd.errors import DataError
 
@@ -84,13 +85,20 @@ def open_regular(path: Path):
         raise
 
 
+TRANSPOSING = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1: as stored); a broken EXIF block reads as 1."""
+    try:
+        return img.getexif().get(0x0112, 1) or 1
+    except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
+        return 1
+
+
 def upright(img: Image.Image) -> Image.Image:
     """Apply the EXIF orientation (phone photos are stored sideways with a rotation tag)."""
-    try:
-        orientation = img.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
-        return img
-    return ImageOps.exif_transpose(img) if orientation not in (1, None) else img
+    return ImageOps.exif_transpose(img) if orientation(img) != 1 else img
 
 
 ORIGINAL_SIZE = "glsd_original_size"  # img.info key: (w, h) before a reduced decode
@@ -102,15 +110,14 @@ def decode_image(f, min_size: int = 0) -> Image.Image:
     a 256 px square decodes several times faster. Its full size, upright, is then in
     ``img.info[ORIGINAL_SIZE]``, so that crop geometry stays in original-image pixels."""
     with Image.open(f) as img:
-        full = img.size
-        if min_size and img.format == "JPEG":
+        full, turn = img.size, orientation(img)
+        if min_size and isinstance(img, JpegImageFile):  # MPO (multi-picture phone JPEGs) too
             img.draft(None, (min_size, min_size))
         img.load()
         reduced = img.size
         out = to_rgb(upright(img))
     if reduced != full:
-        turned = out.size != reduced  # EXIF orientation swapped the sides
-        out.info[ORIGINAL_SIZE] = full[::-1] if turned else full
+        out.info[ORIGINAL_SIZE] = full[::-1] if turn in TRANSPOSING else full
     return out
 
 

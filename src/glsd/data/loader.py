@@ -23,6 +23,7 @@ from glsd.data.sources import ImageSource
 # epoch e repeated seed s's epoch e+1, so study seeds shared shifted orders); 2: a hash of
 # (seed, epoch), unrelated across seeds. A checkpoint records its rule and resumes under it.
 ORDER_RULE = 2
+ORDER_RULES = (1, 2)
 
 
 class ResumableSampler(Sampler[int]):

@@ -182,9 +182,8 @@ def imagefolder_source(root: Path, split: str) -> ImageSource:
         labels += [label] * len(found)
     if not keys:
         raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {base}")
-    return ImageSource(f"imagefolder:{base}", keys, labels, classes,
-                       lambda key: read_image_file(base / key),
-                       read_reduced=lambda key, size: read_image_file(base / key, size))
+    reader = _FileReader(base)
+    return ImageSource(f"imagefolder:{base}", keys, labels, classes, reader, read_reduced=reader)
 
 
 def flat_folder_source(root: Path) -> ImageSource:
@@ -194,8 +193,19 @@ def flat_folder_source(root: Path) -> ImageSource:
     keys = _walk_images(root)
     if not keys:
         raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return ImageSource(f"folder:{root}", keys, [-1] * len(keys), [], lambda key: read_image_file(root / key),
-                       read_reduced=lambda key, size: read_image_file(root / key, size))
+    reader = _FileReader(root)
+    return ImageSource(f"folder:{root}", keys, [-1] * len(keys), [], reader, read_reduced=reader)
+
+
+class _FileReader:
+    """Files under a folder, by relative key. A class, not a closure: loader workers started by
+    spawn or forkserver (macOS; Linux from Python 3.14) receive the source pickled."""
+
+    def __init__(self, base: Path):
+        self.base = base
+
+    def __call__(self, key: str, min_size: int = 0) -> Image.Image:
+        return read_image_file(self.base / key, min_size)
 
 
 class _ZipReader:
@@ -271,10 +281,18 @@ def torchvision_source(kind: str, root: str, split: str, download: bool) -> Imag
     labels = [int(x) for x in (ds.targets if hasattr(ds, "targets") else ds.labels)]
     classes = list(getattr(ds, "classes", [])) or [str(c) for c in sorted(set(labels))]
 
-    def read(key: str) -> Image.Image:
-        return to_rgb(ds[int(key)][0])
+    return ImageSource(f"{kind}:{split}", [str(i) for i in range(len(ds))], labels, classes,
+                       _DatasetReader(ds))
 
-    return ImageSource(f"{kind}:{split}", [str(i) for i in range(len(ds))], labels, classes, read)
+
+class _DatasetReader:
+    """Items of an in-memory dataset (torchvision's), by index key; picklable like _FileReader."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __call__(self, key: str) -> Image.Image:
+        return to_rgb(self.dataset[int(key)][0])
 
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "bars", "checker", "diamond")
@@ -319,11 +337,19 @@ def synthetic_image(index: int, size: int, num_classes: int, seed: int = 0) -> t
 
 
 def synthetic_source(num_images: int, size: int, num_classes: int, seed: int = 0) -> ImageSource:
-    def read(key: str) -> Image.Image:
-        return synthetic_image(int(key), size, num_classes, seed)[0]
     return ImageSource(f"synthetic:{seed}", [str(i) for i in range(num_images)],
                        [i % num_classes for i in range(num_images)],
-                       list(SHAPES[:num_classes]), read)
+                       list(SHAPES[:num_classes]), _SyntheticReader(size, num_classes, seed))
+
+
+class _SyntheticReader:
+    """:func:`synthetic_image` by index key; picklable like _FileReader."""
+
+    def __init__(self, size: int, num_classes: int, seed: int):
+        self.size, self.num_classes, self.seed = size, num_classes, seed
+
+    def __call__(self, key: str) -> Image.Image:
+        return synthetic_image(int(key), self.size, self.num_classes, self.seed)[0]
 
 
 def balanced_subset(source: ImageSource, fraction: float = 1.0, num_images: Optional[int] = None,

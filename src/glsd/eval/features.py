@@ -101,6 +101,12 @@ def eval_transform(cfg: Config) -> T.Compose:
                       T.Normalize(cfg.crops.mean, cfg.crops.std)])
 
 
+def reduced_size(cfg: Config) -> int:
+    """The side an evaluation image is resized to, for a reduced JPEG decode that keeps both
+    sides at least that (``data.jpeg_draft``); 0 decodes at full size."""
+    return (cfg.eval.image_size or cfg.crops.global_size) if cfg.data.jpeg_draft else 0
+
+
 def resolve_feature(backbone: Backbone, feature: str) -> str:
     """"auto" -> the backbone's own global feature; checks that "cls" exists."""
     if feature not in FEATURES:
@@ -195,8 +201,7 @@ def iter_features(backbone: Backbone, source: ImageSource, cfg: Config, device: 
     feature = resolve_feature(backbone, feature)
     device = torch.device(device)
     indices = range(len(source)) if indices is None else indices
-    min_size = (cfg.eval.image_size or cfg.crops.global_size) if cfg.data.jpeg_draft else 0
-    loader = DataLoader(_EvalImages(source, indices, eval_transform(cfg), cfg.data.on_error, min_size),
+    loader = DataLoader(_EvalImages(source, indices, eval_transform(cfg), cfg.data.on_error, reduced_size(cfg)),
                         batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda",
                         worker_init_fn=leave_stop_signals_to_the_trainer)  # online k-NN mid-run

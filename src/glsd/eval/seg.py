@@ -31,7 +31,7 @@ import torch
 from glsd.config import Config, ConfigError
 from glsd.data.sources import ImageSource
 from glsd.data.view_params import sample_seed
-from glsd.eval.features import Device, eval_transform
+from glsd.eval.features import Device, eval_transform, reduced_size
 from glsd.eval.linear import fit_probe
 from glsd.models.backbone import Backbone
 
@@ -142,7 +142,7 @@ def _read_mosaics(source: ImageSource, mosaics: list[list[int]], transform, cfg:
     """(mosaic tensors ``(3, nS, nS)``, tile classes ``(n, n)``) of the fully readable ones."""
     images, classes = [], []
     for mosaic in mosaics:
-        tiles = [source.load(source.keys[i], cfg.data.on_error) for i in mosaic]
+        tiles = [source.load(source.keys[i], cfg.data.on_error, reduced_size(cfg)) for i in mosaic]
         if any(t is None for t in tiles):
             continue
         n = int(round(len(mosaic) ** 0.5))

@@ -8,7 +8,8 @@ from typing import Optional
 from glsd.config import ConfigError
 from glsd.errors import CheckpointError
 from glsd.utils.distributed import gather_objects
-from glsd.train.rng import rank_state, set_rng_state
+from glsd.data.loader import ORDER_RULES
+from glsd.train.rng import restore_rank_rng
 from glsd.train.run_folder import LOG
 from glsd.weights import check_weights
 
@@ -39,6 +40,8 @@ def require_one_checkpoint(ckpt: Optional[dict]) -> None:
 def restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler) -> TrainState:
     try:
         return _restore(ckpt, student, teacher, objective, optimizer, scaler, sampler)
+    except CheckpointError:
+        raise  # already names the problem
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
         raise CheckpointError(f"the checkpoint to resume is corrupt or of another model "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
@@ -54,9 +57,14 @@ def _restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]:  # empty from a run without fp16 loss scaling: a new scaler starts fresh
         scaler.load_state_dict(ckpt["scaler"])
-    rng, skipped = rank_state(ckpt, sampler.rank, sampler.world)
-    set_rng_state(rng)
-    sampler.order_rule = int(ckpt.get("order_rule", 1))  # the epoch orders it was trained on
+    skipped = restore_rank_rng(ckpt, sampler.rank, sampler.world)
+    sampler.order_rule = ckpt.get("order_rule", 1)  # the epoch orders it was trained on
+    if sampler.order_rule not in ORDER_RULES:
+        raise CheckpointError(f"the checkpoint's epoch order rule {sampler.order_rule!r} is not one "
+                              f"of this version's ({', '.join(map(str, ORDER_RULES))}); resume it with "
+                              "the glsd version that wrote it, or start fresh with train.resume=false")
+    if sampler.order_rule == 1:
+        LOG.info("resumed under the epoch order of runs made before 2026-12-07 (seed + epoch)")
     step, step_in_epoch = resume_position(ckpt, sampler.steps_per_epoch, sampler.global_batch)
     if step == ckpt["step"]:
         LOG.info("resumed from step %d (epoch %d, step %d of it)", step, ckpt["epoch"], step_in_epoch)

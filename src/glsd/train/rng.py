@@ -6,6 +6,7 @@ import random
 
 import torch
 
+from glsd.data.view_params import sample_seed
 from glsd.train.run_folder import LOG
 
 
@@ -22,6 +23,21 @@ def rank_state(ckpt: dict, rank: int, world_size: int) -> tuple[dict, int]:
                     world_size)
     total = sum(ckpt.get("skipped_per_rank") or [ckpt.get("skipped_images", 0)])
     return ckpt["rng"], total if rank == 0 else 0
+
+
+def restore_rank_rng(ckpt: dict, rank: int, world_size: int) -> int:
+    """Set this rank's random state from a checkpoint; return its skipped-image count. Under
+    another world size rank 0 takes rank 0's state and every other rank a stream of its own,
+    seeded by (train seed, rank, step): one shared state would give every rank the same
+    drop-path masks."""
+    state, skipped = rank_state(ckpt, rank, world_size)
+    set_rng_state(state)
+    per_rank = ckpt.get("rng_per_rank")
+    if rank and not (per_rank is not None and len(per_rank) == world_size):
+        seed = sample_seed("rank", ckpt["config"]["train"]["seed"], rank, ckpt["step"])
+        random.seed(seed)
+        torch.manual_seed(seed)
+    return skipped
 
 
 def rng_state() -> dict:
