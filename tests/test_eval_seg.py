@@ -132,3 +132,19 @@ def test_cli_end_to_end_on_the_sample(tmp_path, capsys):
     assert main(["eval", "seg", str(run / "backbone.safetensors"), "--random-init", *flags]) == 0
     assert (run / "eval" / "seg-random-init.json").is_file()
     assert "[random-init]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("jpeg_draft", [True, False])
+def test_mosaic_tiles_are_decoded_as_knn_images_are(jpeg_draft):
+    """Tiles read with the evaluation's reduced-decode size (data.jpeg_draft), as k-NN reads."""
+    from glsd.eval.features import reduced_size
+    from glsd.eval.seg import _read_mosaics
+
+    cfg = load_config(None, CFG + [f"data.jpeg_draft={str(jpeg_draft).lower()}"])
+    source = _solid_source("s", 4)
+    asked = []
+    read = source.read
+    source.read_reduced = lambda key, size: asked.append(size) or read(key)
+    transform = lambda img: torch.zeros(3, 16, 16)  # noqa: E731 - the tiles' pixels do not matter
+    _read_mosaics(source, [[0, 4, 8, 12]], transform, cfg)
+    assert asked == ([16] * 4 if jpeg_draft else []) and reduced_size(cfg) == (16 if jpeg_draft else 0)
