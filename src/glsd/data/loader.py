@@ -100,7 +100,6 @@ def build_loader(cfg: Config, subset: ImageSource, rank: int, world_size: int,
     return loader, sampler
 
 
-
 class StepViews:
     """A batch's views and geometry on the training device, wherever they were made: moved
     there when the workers made them, made there (same parameters, same code) otherwise."""

@@ -45,7 +45,7 @@ class DecodeToSquare:
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         w, h = img.info.get(ORIGINAL_SIZE, img.size)  # a JPEG decoded at reduced scale: its full size
-        if (h, w) != (self.size, self.size):
+        if img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), self.filter, reducing_gap=3.0)
         arr = np.asarray(img, dtype=np.uint8)
         image = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))

@@ -34,9 +34,8 @@ def restore_rank_rng(ckpt: dict, rank: int, world_size: int) -> int:
     set_rng_state(state)
     per_rank = ckpt.get("rng_per_rank")
     if rank and not (per_rank is not None and len(per_rank) == world_size):
-        seed = sample_seed("rank", ckpt["config"]["train"]["seed"], rank, ckpt["step"])
-        random.seed(seed)
-        torch.manual_seed(seed)
+        seed_everything(sample_seed("rank", ckpt["config"]["train"]["seed"], rank, ckpt["step"]),
+                        deterministic=False)
     return skipped
 
 
