@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-import glsd.train.pretrain as pretrain_mod
+import glsd.data.download as download_mod
 from glsd.config import load_config
 from glsd.utils.distributed import DistInfo
 
@@ -16,13 +16,13 @@ RANKS = [(0, 0), (1, 1), (2, 0), (3, 1)]
 
 def _run_ranks(monkeypatch, open_fn, download=True):
     barrier = threading.Barrier(len(RANKS), timeout=10)
-    monkeypatch.setattr(pretrain_mod, "barrier", barrier.wait)
+    monkeypatch.setattr(download_mod, "barrier", barrier.wait)
     cfg = load_config(None, ["data.source=cifar10", f"data.download={str(download).lower()}"]).data
     results = {}
 
     def rank(r, local):
         try:
-            results[r] = pretrain_mod.open_source_downloading_once(
+            results[r] = download_mod.open_source_downloading_once(
                 cfg, DistInfo(r, local, len(RANKS)), open_fn=lambda c: open_fn(r))
         except Exception as e:  # noqa: BLE001 - returned to the test
             results[r] = e
@@ -62,6 +62,6 @@ def test_a_failed_download_on_rank_0_does_not_hang_the_others(monkeypatch):
 
 
 def test_without_download_every_rank_opens_at_once(monkeypatch):
-    monkeypatch.setattr(pretrain_mod, "barrier", lambda: pytest.fail("no barrier without download"))
+    monkeypatch.setattr(download_mod, "barrier", lambda: pytest.fail("no barrier without download"))
     cfg = load_config(None, ["data.source=synthetic"]).data
-    assert pretrain_mod.open_source_downloading_once(cfg, DistInfo(1, 1, 4), open_fn=lambda c: "s") == "s"
+    assert download_mod.open_source_downloading_once(cfg, DistInfo(1, 1, 4), open_fn=lambda c: "s") == "s"

@@ -169,7 +169,7 @@ def test_report_checks_the_papers_two_claims():
 def test_cli_grid_lists_take_overrides_after_them():
     import argparse
 
-    from glsd.cli import _study_lists
+    from glsd.commands import study_lists as _study_lists
 
     args = argparse.Namespace(overrides=["a.b=1"], fractions=["0.05", "0.1"], matchings=["geometric"],
                               seeds=["0", "1", "model.local_out_dim=256"], evals=None)

@@ -6,168 +6,14 @@ Import-light: torch, torchvision and timm are imported by the commands that need
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import warnings
 
-from glsd.config import EVALUATIONS, MATCHINGS, ConfigError, load_config
+from glsd import commands
+from glsd.config import EVALUATIONS, MATCHINGS, ConfigError
 from glsd.errors import GlsdError, NonFiniteError, OutOfMemory, TrainingInterrupted, is_out_of_memory
-
-
-def _cmd_pretrain(args) -> int:
-    from glsd.train.pretrain import pretrain
-
-    cfg = load_config(args.config, args.overrides)
-    run_dir = pretrain(cfg)
-    print(f"run folder: {run_dir}")
-    return 0
-
-
-def _cmd_eval(args) -> int:
-    from glsd.eval.runner import headline, run_eval
-
-    from glsd.utils.distributed import cleanup, init_distributed
-    from glsd.utils.device import device_type
-
-    # Under torchrun every rank extracts a shard of the features; alone this is a no-op.
-    dinfo = init_distributed(device_type(args.device))
-    try:
-        result = run_eval(args.kind, args.path, args.overrides, random_init=args.random_init,
-                          device=args.device, which="student" if args.student else None,
-                          train_data=args.train_data, test_data=args.test_data)
-    finally:
-        cleanup()
-    if dinfo.is_main:
-        if args.json:
-            print(json.dumps(result, indent=2))
-        else:
-            print(headline(result))
-            print(f"full record: {result['output']}")
-    return 0
-
-
-def _cmd_embed(args) -> int:
-    from glsd.embedding import embed, summary
-
-    result = embed(args.source, args.data, args.out, local=args.local, device=args.device,
-                   batch_size=args.batch_size, overrides=args.overrides,
-                   which="student" if args.student else None)
-    print(summary(result))
-    return 0
-
-
-def _cmd_export(args) -> int:
-    from glsd.export import export_run
-
-    out = export_run(args.path, args.out)
-    print(f"wrote {out} (config.json, model.safetensors; README.md has the plain-timm lines)")
-    return 0
-
-
-STUDY_LISTS = {"fractions": float, "seeds": int,
-               "matchings": MATCHINGS, "evals": EVALUATIONS}
-
-
-def _study_lists(args) -> None:
-    """Type the grid lists; key=value tokens that argparse put in a list are overrides."""
-    for name, kind in STUDY_LISTS.items():
-        values = getattr(args, name)
-        if not values:
-            continue
-        args.overrides += [v for v in values if "=" in v]
-        values = [v for v in values if "=" not in v]
-        if not values:
-            raise SystemExit(f"glsd study: --{name} needs at least one value")
-        if isinstance(kind, tuple):
-            bad = [v for v in values if v not in kind]
-            if bad:
-                raise SystemExit(f"glsd study: --{name} {bad[0]!r} is not one of {', '.join(kind)}")
-        else:
-            try:
-                values = [kind(v) for v in values]
-            except ValueError:
-                raise SystemExit(f"glsd study: --{name} takes {kind.__name__} values, got {values}") from None
-        setattr(args, name, values)
-
-
-def _cmd_study(args) -> int:
-    from glsd.tools.study import run_study
-
-    _study_lists(args)
-    result = run_study(args.config, args.out, args.overrides, args.fractions, args.matchings,
-                       args.seeds, args.evals, args.device, report_only=args.report_only,
-                       jobs=args.jobs)
-    failed = [r["name"] for r in result["records"] if r.get("status") == "failed"]
-    print(f"study folder: {args.out} (results.json, report.md, report.png)")
-    if failed:
-        print(f"failed cells: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _cmd_presets(args) -> int:
-    from glsd.discovery import preset_lines
-
-    print("\n".join(preset_lines()))
-    return 0
-
-
-def _cmd_config(args) -> int:
-    from glsd.discovery import config_dry_run
-
-    print(config_dry_run(args.config, args.overrides))
-    return 0
-
-
-def _cmd_backbones(args) -> int:
-    from glsd.discovery import backbone_lines
-
-    for line in backbone_lines(args.pattern, args.sizes, args.limit):
-        print(line, flush=True)
-    return 0
-
-
-def _split_run_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
-    """``[RUN_DIR] [key=value ...]`` -> (run dir or None, overrides); an existing path wins."""
-    from pathlib import Path
-
-    runs = [i for i in items if "=" not in i or Path(i).exists()]
-    if len(runs) > 1:
-        raise ConfigError(f"give at most one run folder, got {', '.join(runs)}")
-    return (runs[0] if runs else None), [i for i in items if i not in runs]
-
-
-def _cmd_picture(args) -> int:
-    """show-matches, show-features and plot: one error path for their input problems."""
-    from glsd.tools import viz
-
-    try:
-        if args.command == "show-matches":
-            run_dir, overrides = _split_run_and_overrides(args.items)
-            out = viz.show_matches(args.image, args.out, run_dir, args.config, overrides, args.seed,
-                                   args.student_view, args.random_init)
-        elif args.command == "show-features":
-            out = viz.show_features(args.run_dir, args.image, args.out, args.overrides,
-                                    random_init=args.random_init)
-        else:
-            out = viz.plot_runs(args.run_dirs, args.out)
-    except (viz.VizError, viz.MatplotlibMissing) as e:
-        print(f"glsd: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
-
-def _cmd_bench(args) -> int:
-    from glsd.tools.bench import run_bench, write_json
-
-    sections = [s for s in (args.sections or "").split(",") if s] or None
-    result = run_bench(args.preset, args.overrides, quick=args.quick, sections=sections,
-                       compile_model=args.compile, threads=args.threads, data=args.data)
-    print(write_json(result, args.out))
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +35,7 @@ def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a backbone (resumes if the run folder has a checkpoint)")
     p.add_argument("config", help="preset name (see `glsd presets`) or path to a YAML file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
-    p.set_defaults(func=_cmd_pretrain)
+    p.set_defaults(func=commands.cmd_pretrain)
 
 
 def _add_use_of_backbones(sub) -> None:
@@ -209,7 +55,7 @@ def _add_use_of_backbones(sub) -> None:
                    "default: --train-data, else the run's data)")
     p.add_argument("--json", action="store_true", help="print the full JSON record (always written "
                    "to RUN_DIR/eval/<kind>[-student|-random-init][-on-<data>].json; the path is printed)")
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=commands.cmd_eval)
 
     p = sub.add_parser("embed", help="features of every image of a data source, to .safetensors/.npy + a CSV index")
     p.add_argument("source", help="run folder, checkpoint .pt, backbone.safetensors or export folder")
@@ -222,12 +68,12 @@ def _add_use_of_backbones(sub) -> None:
     p.add_argument("--batch-size", type=int, help="images per batch (default eval.batch_size)")
     p.add_argument("--student", action="store_true", help="student weights (default: eval.model, the teacher)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.set_defaults(func=_cmd_embed)
+    p.set_defaults(func=commands.cmd_embed)
 
     p = sub.add_parser("export", help="write RUN_DIR/export/timm/ (config.json + model.safetensors) for plain timm")
     p.add_argument("path", help="run folder, backbone.safetensors or checkpoint .pt")
     p.add_argument("--out", help="folder to write (default RUN_DIR/export/timm)")
-    p.set_defaults(func=_cmd_export)
+    p.set_defaults(func=commands.cmd_export)
 
 
 def _add_study_and_bench(sub) -> None:
@@ -246,7 +92,7 @@ def _add_study_and_bench(sub) -> None:
                    help="write results.json / report.md / report.png from the finished cells; train nothing")
     p.add_argument("--jobs", type=int, default=1,
                    help="cells trained at once, each in its own process (GPU boxes; keep 1 on a small CPU)")
-    p.set_defaults(func=_cmd_study)
+    p.set_defaults(func=commands.cmd_study)
 
     p = sub.add_parser("bench", help="measure geometry, data pipeline, step, utilisation and k-NN speed (one JSON object)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the preset")
@@ -259,25 +105,25 @@ def _add_study_and_bench(sub) -> None:
     p.add_argument("--sections", help="comma-separated subset of geometry,step,data,utilisation,knn")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile of the backbone")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is steadier on a busy machine)")
-    p.set_defaults(func=_cmd_bench)
+    p.set_defaults(func=commands.cmd_bench)
 
 
 def _add_inspection(sub) -> None:
     """The subcommands of presets, configs and backbones before a run."""
     p = sub.add_parser("presets", help="list the shipped presets, one line each")
-    p.set_defaults(func=_cmd_presets)
+    p.set_defaults(func=commands.cmd_presets)
 
     p = sub.add_parser("config", help="dry run: print the resolved, validated config and its feature grids")
     p.add_argument("config", help="preset name or YAML path")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p.set_defaults(func=_cmd_config)
+    p.set_defaults(func=commands.cmd_config)
 
     p = sub.add_parser("backbones", help="timm models matching a pattern, with the grid each gives per crop size")
     p.add_argument("pattern", nargs="?", help="wildcard pattern ('resnet*'; a bare word matches anywhere)")
     p.add_argument("--sizes", nargs="+", type=int, default=[224, 96], metavar="PX",
                    help="crop sizes to probe (default: 224 96)")
     p.add_argument("--limit", type=int, default=40, help="list at most this many models (0: all)")
-    p.set_defaults(func=_cmd_backbones)
+    p.set_defaults(func=commands.cmd_backbones)
 
 
 def _add_pictures(sub) -> None:
@@ -293,7 +139,7 @@ def _add_pictures(sub) -> None:
     p.add_argument("--student-view", choices=["local", "global"],
                    help="the student crop (default: local if the config has local crops)")
     p.add_argument("--random-init", action="store_true", help="the run's architecture with fresh weights")
-    p.set_defaults(func=_cmd_picture)
+    p.set_defaults(func=commands.cmd_picture)
 
     p = sub.add_parser("show-features", help="picture: PCA of local features and the CLS attention (ViT)")
     p.add_argument("run_dir", help="run folder (or backbone.safetensors)")
@@ -301,12 +147,12 @@ def _add_pictures(sub) -> None:
     p.add_argument("--image", required=True, help="an image file")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--random-init", action="store_true", help="the run's architecture with fresh weights")
-    p.set_defaults(func=_cmd_picture)
+    p.set_defaults(func=commands.cmd_picture)
 
     p = sub.add_parser("plot", help="picture: training curves of several runs overlaid")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="PNG to write")
-    p.set_defaults(func=_cmd_picture)
+    p.set_defaults(func=commands.cmd_picture)
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Like ``parse_args``, but ``key=value`` written after a flag (``glsd eval knn RUN
@@ -350,27 +196,29 @@ def main(argv=None) -> int:
         print(f"glsd: interrupted by {sig.name}; nothing of this command was finished", file=sys.stderr)
         return 128 + int(sig)
     except GlsdError as e:
-        if debug:
-            import traceback
-
-            traceback.print_exc()
-        kind = "config error: " if isinstance(e, ConfigError) else ""
-        print(f"glsd: {kind}{_message(e)}", file=sys.stderr)
-        return 1 if isinstance(e, (NonFiniteError, OutOfMemory)) else 2
+        return _report(e, debug)
     except RuntimeError as e:
         if not is_out_of_memory(e):
             raise
-        if debug:
-            import traceback
-
-            traceback.print_exc()
-        print(f"glsd: out of memory ({str(e).splitlines()[0][:160] if str(e) else 'no detail'}); "
-              "lower this command's batch size (eval.batch_size, --batch-size, train.batch_size) "
-              "or run it on a device with more memory", file=sys.stderr)
-        return 1
+        return _report(OutOfMemory(
+            f"out of memory ({str(e).splitlines()[0][:160] if str(e) else 'no detail'}); lower this "
+            "command's batch size (eval.batch_size, --batch-size, train.batch_size) or run it on "
+            "a device with more memory"), debug)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _report(e: GlsdError, debug: bool) -> int:
+    """One line for the user (the traceback of the error being handled with --debug); the
+    exit code: 1 a failed run, 2 bad input."""
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    kind = "config error: " if isinstance(e, ConfigError) else ""
+    print(f"glsd: {kind}{_message(e)}", file=sys.stderr)
+    return 1 if isinstance(e, (NonFiniteError, OutOfMemory)) else 2
 
 
 def _in_glsd_voice(show):

@@ -14,6 +14,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from glsd.errors import NonFiniteError
+from glsd.utils.distributed import max_over_ranks
 
 
 def total_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -23,6 +24,21 @@ def total_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(())
     norms = torch._foreach_norm(tensors)
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def check_loss(terms, step: int, distributed: bool = False) -> float:
+    """The loss of ``terms`` (a LossTerms) on the host (one sync, before backward), or
+    NonFiniteError on every rank: one left in backward() would wait for the others."""
+    value = terms.loss.item()
+    finite_here = math.isfinite(value)
+    ok = finite_here
+    if distributed:
+        ok = max_over_ranks(float(not finite_here), terms.loss.device) == 0
+    if ok:
+        return value
+    values = {"loss": value, "loss_global": terms.loss_global.item(),
+              "loss_local": terms.loss_local.item()}
+    raise loss_error(step, values, elsewhere=finite_here)
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:

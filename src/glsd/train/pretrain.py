@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import signal
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from glsd.config import Config, to_dict
 from glsd.data.loader import StepViews, build_loader
 from glsd.data.subset import SUBSET_FILE, select_images, write_subset
-from glsd.data.sources import open_source
+from glsd.data.download import open_source_downloading_once
 from glsd.data.view_params import sample_seed
 from glsd.export import write_run_exports
 from glsd.models.families import GLSD_CONVNET
@@ -157,27 +156,6 @@ def _finish_run(ctx: "Context", state: TrainState) -> None:
                     timm_loads_it=not ctx.cfg.model.backbone.startswith(GLSD_CONVNET))
 
 
-def open_source_downloading_once(data_cfg, dinfo: DistInfo, open_fn=open_source):
-    """open_source on every rank; with data.download under torchrun, rank 0 first, then the
-    first rank of each node (no shared disk), then the rest: never two downloads of one file
-    at once. A rank whose open fails still passes every barrier before it raises, so no rank
-    waits forever: the others then fail on their own open."""
-    if not (dinfo.enabled and data_cfg.download):
-        return open_fn(data_cfg)
-    stage = 0 if dinfo.rank == 0 else 1 if dinfo.local_rank == 0 else 2
-    source, error = None, None
-    for turn in range(3):
-        if turn == stage:
-            try:
-                source = open_fn(data_cfg)
-            except Exception as e:  # noqa: BLE001 - raised after the last barrier
-                error = e
-        barrier()
-    if error is not None:
-        raise error
-    return source
-
-
 @dataclass
 class Context:
     """Everything the loop touches, built once."""
@@ -302,7 +280,7 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
     terms = ctx.objective(student_out, teacher_out, geometry, float(sched.teacher_temp[step]),
                           diagnostics=want_stats)
     terms.diagnostics.update(collapse)
-    terms.loss_value = check_finite(terms, step + 1, ctx.dinfo.enabled)
+    terms.loss_value = finite.check_loss(terms, step + 1, ctx.dinfo.enabled)
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.scaler.scale(terms.loss).backward()
     ctx.scaler.unscale_(ctx.optimizer)
@@ -320,20 +298,6 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
     ctx.scaler.update()
     ema_update(ctx.teacher, ctx.student, float(sched.momentum[step]))
     return terms
-
-
-def check_finite(terms: LossTerms, step: int, distributed: bool = False) -> float:
-    """The loss on the host (one sync, before backward), or NonFiniteLossError on every rank."""
-    value = terms.loss.item()
-    finite_here = math.isfinite(value)
-    ok = finite_here
-    if distributed:  # every rank must stop: one left in backward() would wait for the others
-        ok = max_over_ranks(float(not finite_here), terms.loss.device) == 0
-    if ok:
-        return value
-    values = {"loss": value, "loss_global": terms.loss_global.item(),
-              "loss_local": terms.loss_local.item()}
-    raise finite.loss_error(step, values, elsewhere=finite_here)
 
 
 def out_of_memory(ctx: Context, state: TrainState, error: Exception) -> OutOfMemory:
