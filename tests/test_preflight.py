@@ -9,7 +9,7 @@ from PIL import Image
 from glsd.config import ConfigError, load_config
 from glsd.data.sources import detect_kind, open_source
 from glsd.train.preflight import check_grids, preflight, scale_warmup, short_run_notes
-from glsd.train.schedules import warmup_steps
+from glsd.train.schedules import teacher_temperature, warmup_steps
 from helpers_tiny import CONVNET, read_metrics, tiny_config
 
 SWIN = ["model.backbone=swin_tiny_patch4_window7_224",
@@ -77,9 +77,14 @@ def test_a_short_run_is_told_what_it_never_gets_past():
             "loss.warmup_teacher_temp=0.04", "loss.teacher_temp=0.07",
             "loss.warmup_teacher_temp_epochs=30", "train.warmup_steps=4")
     notes = short_run_notes(tiny_config("unused", *base), steps_per_epoch=4)  # 8 steps
-    assert notes == ["the teacher temperature warms up over 120 steps, past the end of the run "
-                     "(8): it never reaches loss.teacher_temp=0.07; lower "
-                     "loss.warmup_teacher_temp_epochs"]  # frozen 4 of 8 steps: not said
+    assert notes == ["the teacher temperature's warm-up (120 steps) is longer than the run (8), "
+                     "so it is spread over the whole run: the teacher reaches loss.teacher_temp=0.07 "
+                     "only at the last step; lower loss.warmup_teacher_temp_epochs"]  # frozen 4 of 8: not said
+    temps = teacher_temperature(0.04, 0.07, warmup_steps=120, total_steps=8)  # what the note says
+    assert len(temps) == 8 and temps[-1] == pytest.approx(0.07) and (temps[:-1] < 0.07).all()
+    stopped = short_run_notes(tiny_config("unused", *base, "train.max_steps=5"), steps_per_epoch=4)
+    assert stopped == ["the run stops at step 5, inside the teacher temperature's 8-step warm-up: it "
+                       "never reaches loss.teacher_temp=0.07; lower loss.warmup_teacher_temp_epochs"]
     frozen = short_run_notes(tiny_config("unused", *base, "train.freeze_last_layer_epochs=2"), 4)
     assert frozen[0].startswith("the prototypes are frozen for 8 steps, the whole run (8): they never train")
     smoke = short_run_notes(tiny_config("unused", "train.epochs=100", "train.warmup_steps=40",

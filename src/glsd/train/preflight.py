@@ -215,10 +215,17 @@ def short_run_notes(cfg: Config, steps_per_epoch: int) -> list[str]:
                      "never train; lower train.freeze_last_layer_epochs or set "
                      "train.freeze_last_layer_steps")
     temp_warmup = int(lo.warmup_teacher_temp_epochs * steps_per_epoch)
-    if stop and lo.warmup_teacher_temp != lo.teacher_temp and temp_warmup >= stop:
-        notes.append(f"the teacher temperature warms up over {temp_warmup} steps, past the end "
-                     f"of the run ({stop}): it never reaches loss.teacher_temp={lo.teacher_temp:g}; "
-                     "lower loss.warmup_teacher_temp_epochs")
+    squeezed = min(temp_warmup, total)  # the schedule fits a longer warm-up into the run
+    if stop and lo.warmup_teacher_temp != lo.teacher_temp:
+        if stop < squeezed:
+            notes.append(f"the run stops at step {stop}, inside the teacher temperature's "
+                         f"{squeezed}-step warm-up: it never reaches loss.teacher_temp="
+                         f"{lo.teacher_temp:g}; lower loss.warmup_teacher_temp_epochs")
+        elif temp_warmup > total:
+            notes.append(f"the teacher temperature's warm-up ({temp_warmup} steps) is longer than "
+                         f"the run ({total}), so it is spread over the whole run: the teacher "
+                         f"reaches loss.teacher_temp={lo.teacher_temp:g} only at the last step; "
+                         "lower loss.warmup_teacher_temp_epochs")
     warmup = warmup_steps(cfg, steps_per_epoch)
     if t.max_steps and t.max_steps < min(warmup, total):
         notes.append(f"train.max_steps={t.max_steps} stops inside the learning-rate warm-up "
