@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""The README's table of a partial sweep: one row per (fraction, seed, metric), every arm's
-value, the random-init floor, the best in bold (from a study's results.json).
+"""The README's tables of a sweep (from a study's results.json): with ``--means``, one table per
+metric, mean ± seed std per (fraction, arm) and the floor, as report.md computes them; else one
+row per (fraction, seed, metric), every arm's value. The best of each row in bold.
 
-    python benchmarks/sweep_table.py benchmarks/results/study-sweep-cpu/results.json
+    python benchmarks/sweep_table.py benchmarks/results/study-sweep-cpu/results.json [--means]
 """
 from __future__ import annotations
 
@@ -36,5 +37,31 @@ def table(records: list[dict]) -> list[str]:
     return lines
 
 
+def mean_tables(records: list[dict]) -> list[str]:
+    from glsd.tools.study_report import floor_of, summarize
+
+    lines = []
+    for name, key, floor_key, digits in METRICS:
+        rows = summarize(records, key)
+        if not rows:
+            continue
+        lines += ["", f"| {name} | floor | " + " | ".join(ARMS) + " |", "|---|---|" + "---|" * len(ARMS)]
+        for fraction, row in sorted(rows.items()):
+            best = max(row, key=lambda m: row[m]["mean"])
+            cells = []
+            for m in ARMS:
+                if m not in row:
+                    cells.append("-")
+                    continue
+                e = row[m]
+                text = f"{e['mean']:.{digits}f}" + (f" ± {e['std']:.{digits}f}" if e["n"] > 1 else "")
+                text += f" (n={e['n']})" if e["n"] != 2 else ""
+                cells.append(f"**{text}**" if m == best else text)
+            floor = floor_of(records, floor_key, fraction)
+            lines.append(f"| {fraction:g} | {floor:.{digits}f} | " + " | ".join(cells) + " |")
+    return lines[1:]
+
+
 if __name__ == "__main__":
-    print("\n".join(table(json.load(open(sys.argv[1])))))
+    records = json.load(open(sys.argv[1]))
+    print("\n".join(mean_tables(records) if "--means" in sys.argv[2:] else table(records)))
