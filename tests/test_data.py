@@ -63,6 +63,66 @@ def test_zip_source_reads_in_place_and_checks_split(tmp_path):
         open_source(DataConfig(root=str(path), split="val"))
 
 
+def test_what_copying_tools_leave_beside_photos_is_not_read(tmp_path):
+    # A Mac's ._ resource forks, a NAS's @eaDir thumbnails and .DS_Store are not the dataset's.
+    _folder_tree(tmp_path / "data", per_class=2)
+    (tmp_path / "data" / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (tmp_path / "data" / "a" / ".DS_Store").write_bytes(b"\x00")
+    _folder_tree(tmp_path / "data" / "@eaDir", classes=("0.png",), per_class=1)
+    src = open_source(DataConfig(root=str(tmp_path / "data")))
+    assert src.classes == ["a", "b"] and len(src) == 4 and "a/._0.png" not in src.keys
+    flat = open_source(DataConfig(root=str(tmp_path / "data" / "a"), source="folder"))
+    assert sorted(flat.keys) == ["0.png", "1.png"]
+
+
+def test_a_zipped_folder_is_read_through_its_wrapper_and_without_macos_forks(tmp_path):
+    path = tmp_path / "d.zip"
+    with zipfile.ZipFile(path, "w") as zf:  # what Finder's "Compress" makes of mydata/
+        for split in ("train", "test"):
+            for c in ("cat", "dog"):
+                zf.writestr(f"mydata/{split}/{c}/0.png", _png(Image.new("RGB", (6, 6))))
+                zf.writestr(f"__MACOSX/mydata/{split}/{c}/._0.png", b"\x00\x05\x16\x07")
+    src = open_source(DataConfig(root=str(path), split="test"))
+    assert src.classes == ["cat", "dog"] and src.keys == ["mydata/test/cat/0.png", "mydata/test/dog/0.png"]
+    assert src.labels == [0, 1] and src.read(src.keys[0]).size == (6, 6)
+    assert open_source(DataConfig(root=str(path), split="train")).name != src.name
+    classes_only = tmp_path / "c.zip"
+    with zipfile.ZipFile(classes_only, "w") as zf:
+        for c in ("cat", "dog"):
+            zf.writestr(f"photos/{c}/0.png", _png(Image.new("RGB", (6, 6))))
+    src = open_source(DataConfig(root=str(classes_only)))
+    assert src.classes == ["cat", "dog"] and src.name == f"zip:{classes_only}"
+
+
+def test_a_folder_of_photos_glsd_cannot_decode_says_so(tmp_path):
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"not decodable here")
+    with pytest.raises(ConfigError, match=r"holds \.heic files, which glsd cannot decode: convert"):
+        open_source(DataConfig(root=str(tmp_path)))
+
+
+def test_split_folders_without_classes_point_at_the_split_not_the_root(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "0.jpg")
+    with pytest.raises(ConfigError, match=f"data.source=folder data.root={tmp_path / 'train'} "):
+        open_source(DataConfig(root=str(tmp_path), source="imagefolder"))
+
+
+def test_a_home_relative_root_is_expanded(tmp_path, monkeypatch):
+    _folder_tree(tmp_path / "photos")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert len(open_source(DataConfig(root="~/photos"))) == 6
+
+
+def test_linked_folders_are_read_once_even_in_a_loop(tmp_path):
+    _folder_tree(tmp_path / "elsewhere", classes=("x",), per_class=2)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "linked").symlink_to(tmp_path / "elsewhere" / "x")
+    (tmp_path / "data" / "linked_again").symlink_to(tmp_path / "data")  # a loop
+    src = open_source(DataConfig(root=str(tmp_path / "data"), source="folder"))
+    assert src.keys == ["linked/0.png", "linked/1.png"]
+
+
 def test_balanced_subset_keeps_class_proportions_and_is_seeded():
     src = open_source(DataConfig(source="synthetic", synthetic_num_images=100, synthetic_num_classes=4))
     keys = balanced_subset(src, fraction=0.2, seed=3)

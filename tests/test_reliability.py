@@ -550,7 +550,7 @@ def _data_error_cases(tmp: Path):
                 (folder / s / c / f"{i}.png").write_bytes(png)
     return {
         "empty folder": (["data.source=auto", f"data.root={tmp / 'empty'}"], "no images"),
-        "zip without images": (["data.source=auto", f"data.root={no_images}"], "holds no images"),
+        "zip without images": (["data.source=auto", f"data.root={no_images}"], "no images (.jpg"),
         "wrong split in a zip": (["data.source=auto", f"data.root={splits}", "data.split=trian"],
                                  "split 'trian'"),
         "wrong split in a folder": (["data.source=imagefolder", f"data.root={folder}", "data.split=trian"],

@@ -21,7 +21,12 @@ from glsd.config import ConfigError, DataConfig
 from glsd.data.image_file import decode_image, read_deadline, read_image_file, to_rgb  # noqa: F401 - to_rgb: its old home
 from glsd.errors import DataError, MissingSplit
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff",
+                    ".webp", ".gif")
+# Photo formats Pillow cannot decode without a plug-in: named when a folder holds only those.
+UNREADABLE_EXTENSIONS = (".heic", ".heif", ".avif", ".dng", ".cr2", ".nef", ".arw", ".raw")
+# Folders that copying tools and NAS boxes add beside photos (resource forks, thumbnails).
+JUNK_FOLDERS = ("__MACOSX", "@eaDir", "#recycle", "$RECYCLE.BIN", "System Volume Information")
 # Sub-folder names that mark an ImageNet-style split layout (root/<split>/<class>/*).
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test", "unlabeled")
 TORCHVISION_SOURCES = ("cifar10", "cifar100", "stl10", "fashion_mnist")
@@ -104,7 +109,7 @@ def _open_source(cfg: DataConfig, split: str) -> ImageSource:
                                 cfg.synthetic_num_classes, seed=0 if split == "train" else 1)
     if kind in TORCHVISION_SOURCES:
         return torchvision_source(kind, cfg.root or "data", split, cfg.download)
-    root = Path(cfg.root)
+    root = Path(cfg.root).expanduser()  # data.root=~/photos: a shell leaves that ~ alone
     if not root.exists():
         raise ConfigError(f"data.root={cfg.root!r} does not exist; point it at an image folder or zip")
     if kind == "zip":
@@ -132,12 +137,12 @@ def detect_kind(root: str) -> tuple[str, str]:
                           "data.source=sample (the small sample shipped with glsd), or "
                           "data.source=cifar10 data.download=true (other sources: imagefolder, folder, "
                           f"zip, {', '.join(TORCHVISION_SOURCES)}, synthetic)")
-    path = Path(root)
+    path = Path(root).expanduser()
     if path.suffix.lower() == ".zip":
         return "zip", "a .zip file"
     if not path.is_dir():
         return "folder", "not a folder"
-    entries = list(path.iterdir())
+    entries = _list_folder(path)
     subdirs = [p.name for p in entries if p.is_dir() and not _hidden(p.name)]
     top_images = sum(1 for p in entries if p.is_file() and _is_image(p.name))
     if subdirs and not top_images:
@@ -147,15 +152,35 @@ def detect_kind(root: str) -> tuple[str, str]:
 
 
 def _hidden(name: str) -> bool:
-    return name.startswith(".")
+    """Hidden files and folders (.name, macOS's ._name resource forks) and the folders that
+    copying tools and NAS boxes add: never images of the dataset."""
+    return name.startswith(".") or name in JUNK_FOLDERS
+
+
+def _list_folder(path: Path) -> list[Path]:
+    try:
+        return list(path.iterdir())
+    except OSError as e:
+        raise ConfigError(f"cannot list {path}: {e.strerror or e}; check its permissions") from None
 
 
 def _walk_images(base: Path) -> list[str]:
-    """Image paths under ``base`` relative to it, sorted, skipping hidden folders."""
-    keys = []
-    for dirpath, dirnames, files in os.walk(base):
+    """Image paths under ``base`` relative to it, sorted, skipping hidden files and folders.
+    Linked sub-folders are followed (each real folder once, so a link loop ends)."""
+    keys, seen = [], set()
+
+    def refuse(error: OSError):
+        raise ConfigError(f"cannot read the folder {error.filename}: {error.strerror or error}; "
+                          "check its permissions") from None
+
+    for dirpath, dirnames, files in os.walk(base, onerror=refuse, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = [d for d in dirnames if not _hidden(d)]
-        keys += [str(Path(dirpath, f).relative_to(base)) for f in files if _is_image(f)]
+        keys += [str(Path(dirpath, f).relative_to(base)) for f in files if _is_image(f) and not _hidden(f)]
     return sorted(keys)
 
 
@@ -163,25 +188,41 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def no_images_error(where: str, names) -> ConfigError:
+    """No readable image under ``where``: say which formats were looked for, and name the photo
+    formats that were there but need converting (an iPhone's HEIC, raw files)."""
+    found = sorted({os.path.splitext(n)[1].lower() for n in names} & set(UNREADABLE_EXTENSIONS))
+    hint = (f"; it holds {', '.join(found)} files, which glsd cannot decode: convert them to JPEG "
+            "or PNG" if found else "")
+    return ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {where}{hint}")
+
+
+def _all_names(base: Path) -> list[str]:
+    """Every non-hidden file name under ``base`` (for the error above; only when nothing was found)."""
+    return [f for _, dirnames, files in os.walk(base) for f in files if not _hidden(f)]
+
+
 def imagefolder_source(root: Path, split: str) -> ImageSource:
     """``root/<class>/*`` or ``root/<split>/<class>/*`` (ImageNet layout)."""
     base = root / split if (root / split).is_dir() else root
     if base == root:  # a split layout without the asked split must not pass as classes
-        splits = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES
-                        and any(p.is_dir() for p in d.iterdir()))
+        splits = sorted(d.name for d in _list_folder(root) if d.is_dir() and d.name.lower() in SPLIT_NAMES
+                        and any(p.is_dir() for p in _list_folder(d)))
         if splits:
             raise MissingSplit(split, str(root), splits)
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not _hidden(d.name))
+    classes = sorted(d.name for d in _list_folder(base) if d.is_dir() and not _hidden(d.name))
     if not classes:
-        raise ConfigError(f"{base} has no class sub-folders; use data.source=folder for a flat "
-                          f"folder (rule of data.source=auto: {FOLDER_RULE})")
+        # Point at the split's own folder: data.source=folder on the root would read every
+        # split, the test images included.
+        raise ConfigError(f"{base} has no class sub-folders; for unlabelled images there use "
+                          f"data.source=folder data.root={base} (rule of data.source=auto: {FOLDER_RULE})")
     keys, labels = [], []
     for label, cls in enumerate(classes):
         found = _walk_images(base / cls)
         keys += [str(Path(cls, k)) for k in found]
         labels += [label] * len(found)
     if not keys:
-        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {base}")
+        raise no_images_error(str(base), _all_names(base))
     reader = _FileReader(base)
     return ImageSource(f"imagefolder:{base}", keys, labels, classes, reader, read_reduced=reader)
 
@@ -192,9 +233,25 @@ def flat_folder_source(root: Path) -> ImageSource:
         raise ConfigError(f"data.root={root} is a file; give a folder of images or a .zip")
     keys = _walk_images(root)
     if not keys:
-        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        raise no_images_error(str(root), _all_names(root))
     reader = _FileReader(root)
     return ImageSource(f"folder:{root}", keys, [-1] * len(keys), [], reader, read_reduced=reader)
+
+
+def _escapes(member: str) -> bool:
+    """An absolute or drive path, or one with a '..' part (checked before anything is skipped)."""
+    return (member.startswith(("/", "\\")) or ".." in member.replace("\\", "/").split("/")
+            or (len(member) > 1 and member[1] == ":"))
+
+
+def _wrapper_folder(names: list[str]) -> Optional[str]:
+    """The one folder every member sits in, when it is neither a split nor a class folder
+    (its members are in sub-folders of it), else None."""
+    tops = {n.split("/")[0] for n in names}
+    if len(tops) != 1 or not all(n.count("/") >= 2 for n in names):
+        return None
+    top = tops.pop()
+    return None if top.lower() in SPLIT_NAMES else top
 
 
 class _FileReader:
@@ -231,31 +288,35 @@ def zip_source(path: Path, split: str) -> ImageSource:
     """A zip holding ``<split>/<class>/*`` (or ``<class>/*``), read in place."""
     try:
         with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if _is_image(n)]
+            every = zf.namelist()
     except zipfile.BadZipFile as e:
         raise ConfigError(f"{path} is not a readable zip file ({e})") from None
-    if not names:
-        raise ConfigError(f"zip {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    unsafe = [n for n in names if n.startswith(("/", "\\")) or ".." in n.replace("\\", "/").split("/")
-              or (len(n) > 1 and n[1] == ":")]
+    except OSError as e:
+        raise ConfigError(f"cannot open {path}: {e.strerror or e}") from None
+    unsafe = [n for n in every if _is_image(n) and _escapes(n)]
     if unsafe:
         raise ConfigError(f"zip {path} has members with '..' or absolute paths (e.g. {unsafe[0]!r}); "
                           "they would escape its class folders. Rebuild the zip with relative names")
-    tops = sorted({n.split("/")[0] for n in names if n.count("/") >= 2})
+    members = [n for n in every if not any(_hidden(part) for part in n.split("/"))]
+    names = [n for n in members if _is_image(n)]
+    if not names:
+        raise no_images_error(f"zip {path}", members)
+    # A zip of a folder (Finder, Explorer: mydata/<class>/*) holds the layout one level down.
+    wrapper = _wrapper_folder(names)
+    depth = 1 if wrapper else 0
+    tops = sorted({n.split("/")[depth] for n in names if n.count("/") >= depth + 2})
     if tops:
         if split not in tops:
             raise MissingSplit(split, str(path), tops)
-        names = [n for n in names if n.startswith(split + "/")]
-        depth = 1
-    else:
-        depth = 0
+        names = [n for n in names if n.split("/")[depth] == split]
+        depth += 1
     classes = sorted({n.split("/")[depth] for n in names if n.count("/") > depth})
     index = {c: i for i, c in enumerate(classes)}
     names.sort()
     labels = [index[n.split("/")[depth]] if n.count("/") > depth else -1 for n in names]
     # Without split folders every split is the same images: one name, so that evaluation
     # refuses them as train and test (as a folder without split sub-folders is).
-    name = f"zip:{path}:{split}" if depth else f"zip:{path}"
+    name = f"zip:{path}:{split}" if tops else f"zip:{path}"
     reader = _ZipReader(path)
     return ImageSource(name, names, labels, classes, reader, read_reduced=reader)
 
