@@ -213,6 +213,26 @@ def test_eval_and_embed_take_the_export_folder(tiny_run, tmp_path):
     assert not list(folder.glob("eval*"))
 
 
+def test_an_earlier_checkpoint_never_replaces_the_final_models_records(tiny_run):
+    """Evaluating or exporting checkpoints/epochNNNN.pt writes beside the final model's eval
+    record and export folder, named after the checkpoint, not over them."""
+    import shutil
+
+    from glsd.export import export_run
+
+    name, run = tiny_run
+    earlier = run / "checkpoints" / "epoch0001.pt"
+    shutil.copy(run / "checkpoints" / "last.pt", earlier)
+    final = run_eval("knn", run, ["eval.batch_size=8"], device="cpu", progress=False)
+    final_export = (run / "export" / "timm" / "model.safetensors").read_bytes()
+    rec = run_eval("knn", earlier, ["eval.batch_size=8"], device="cpu", progress=False)
+    assert rec["output"] == str(run / "eval" / "knn-epoch0001.json") and rec["checkpoint"] == str(earlier)
+    assert final["output"] == str(run / "eval" / "knn.json") and (run / "eval" / "knn.json").is_file()
+    assert export_run(earlier) == run / "export" / "epoch0001"
+    assert (run / "export" / "timm" / "model.safetensors").read_bytes() == final_export
+    earlier.unlink()
+
+
 @pytest.mark.parametrize("name, extra", [
     ("vit pooled", ["model.backbone=vit_tiny_patch16_224", "model.patch_size=4", "model.global_feature=pooled",
                     "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]),

@@ -184,14 +184,19 @@ def export_run(path: Union[str, Path], out_dir: Union[str, Path, None] = None) -
 
     Args:
         path: a run folder, a ``backbone.safetensors`` or a checkpoint ``.pt``.
-        out_dir: default ``RUN_DIR/export/timm``.
+        out_dir: default ``RUN_DIR/export/timm``; for an earlier checkpoint
+            (``checkpoints/epoch0010.pt``) ``RUN_DIR/export/epoch0010``, so that the final
+            model's export is never replaced by an older one.
     Returns:
         The folder written.
     """
     from glsd.eval.features import load_backbone
+    from glsd.eval.locate import snapshot_name
 
     backbone, cfg, info = load_backbone(path, "teacher")
-    out = Path(out_dir) if out_dir is not None else Path(info["run_dir"]) / EXPORT_DIR
+    snapshot = snapshot_name(info.get("checkpoint"))
+    default = Path(info["run_dir"]) / (EXPORT_DIR.parent / snapshot if snapshot else EXPORT_DIR)
+    out = Path(out_dir) if out_dir is not None else default
     check_export_target(out)
     return write_timm_export(out, backbone.model, cfg)
 

@@ -18,6 +18,16 @@ BACKBONE_FILE = "backbone.safetensors"
 EXPORT_WEIGHTS = "model.safetensors"  # beside config.json in a `glsd export` folder
 
 
+def snapshot_name(checkpoint) -> str:
+    """"" for a run's final weights, else the stem of the earlier checkpoint they came from
+    (``checkpoints/epoch0010.pt`` -> ``epoch0010``): what keeps its records and export apart
+    from the final model's."""
+    if checkpoint is None:
+        return ""
+    path = Path(checkpoint)
+    return path.stem if path.parent.name == CHECKPOINT.parent.name and path.name != CHECKPOINT.name else ""
+
+
 def locate(path: Path):
     """(raw config dict, weights loader ``which -> (state, meta)``, info) for any input path."""
     if path.is_dir():

@@ -33,6 +33,7 @@ from glsd.eval.eval_data import (SOURCES, _data_record, check_split_pair, eval_s
 from glsd.eval.dense import run_dense
 from glsd.eval.features import Device, extract_features, load_backbone, resolve_feature
 from glsd.eval.knn import knn_classify
+from glsd.eval.locate import snapshot_name
 from glsd.eval.linear import linear_probe
 from glsd.eval.seg import run_seg
 from glsd.models.backbone import Backbone
@@ -102,6 +103,8 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     else:
         body, timing = _classify(kind, backbone, cfg, dev, base, (train_data, test_data, overrides), progress)
     suffix = "" if info["model"] == "teacher" else f"-{info['model']}"
+    snapshot = snapshot_name(info.get("checkpoint"))  # an earlier checkpoint: not the final model's record
+    suffix += f"-{snapshot}" if snapshot else ""
     out = base / "eval" / f"{kind}{suffix}{data_slug(train_data, test_data)}.json"
     record = {"kind": kind, **_model_record(cfg, info), **body,
               "device": str(dev), "world_size": rank_world()[1], "overrides": list(overrides),
