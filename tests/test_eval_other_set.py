@@ -106,7 +106,7 @@ def test_one_zip_with_train_and_test_splits(unlabelled_run, tmp_path):
     assert dense["test_data"] == str(test) and dense["results"]["n_images"] == 4
 
 
-def test_a_zip_without_split_folders_is_not_its_own_test_set(unlabelled_run, tmp_path, capsys):
+def test_a_zip_without_split_folders_is_not_its_own_test_set(unlabelled_run, tmp_path, capsys, monkeypatch):
     """A zip of <class>/* has no test split: its train and test are the same images, so k-NN
     refuses them (as it does a folder without split sub-folders) instead of scoring the
     images against themselves."""
@@ -116,6 +116,12 @@ def test_a_zip_without_split_folders_is_not_its_own_test_set(unlabelled_run, tmp
         for f in sorted(train.rglob("*.png")):
             zf.write(f, str(f.relative_to(train)))
     assert cli(["eval", "knn", str(run), "--train-data", str(zpath), "--device", "cpu"]) == 2
+    assert "are the same images" in capsys.readouterr().err
+    # Written two ways (relative, and through a link), one labelled folder is still one set.
+    (tmp_path / "link").symlink_to(train)
+    monkeypatch.chdir(train.parent)
+    assert cli(["eval", "knn", str(run), "--train-data", train.name, "--test-data",
+                str(tmp_path / "link"), "--device", "cpu"]) == 2
     assert "are the same images" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="not held out"):  # dense on the pretraining images
         run_eval("dense", run, [f"data.root={zpath}", "data.source=auto", "eval.dense_num_images=2"],

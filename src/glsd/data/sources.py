@@ -46,6 +46,13 @@ class ImageSource:
     # None where reading is not decoding a file (torchvision datasets, synthetic images).
     read_reduced: Optional[Callable[[str, int], Image.Image]] = field(default=None, repr=False,
                                                                       compare=False)
+    # The images' resolved place (real path, and split where the path holds several): two
+    # sources with the same one are the same images however their paths were written.
+    location: str = ""
+
+    @property
+    def identity(self) -> str:
+        return self.location or self.name
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -86,7 +93,8 @@ class ImageSource:
                 "the old run aside, or use a new output_dir); or, to evaluate on the whole train "
                 "split as it is now, delete RUN_DIR/subset.json")
         return ImageSource(self.name, list(keys), [self.labels[index[k]] for k in keys],
-                           self.classes, self.read, self.read_timeout_s, read_reduced=self.read_reduced)
+                           self.classes, self.read, self.read_timeout_s, read_reduced=self.read_reduced,
+                           location=self.location)
 
 
 def open_source(cfg: DataConfig, split: Optional[str] = None) -> ImageSource:
@@ -224,7 +232,8 @@ def imagefolder_source(root: Path, split: str) -> ImageSource:
     if not keys:
         raise no_images_error(str(base), _all_names(base))
     reader = _FileReader(base)
-    return ImageSource(f"imagefolder:{base}", keys, labels, classes, reader, read_reduced=reader)
+    return ImageSource(f"imagefolder:{base}", keys, labels, classes, reader, read_reduced=reader,
+                       location=os.path.realpath(base))
 
 
 def flat_folder_source(root: Path) -> ImageSource:
@@ -235,7 +244,8 @@ def flat_folder_source(root: Path) -> ImageSource:
     if not keys:
         raise no_images_error(str(root), _all_names(root))
     reader = _FileReader(root)
-    return ImageSource(f"folder:{root}", keys, [-1] * len(keys), [], reader, read_reduced=reader)
+    return ImageSource(f"folder:{root}", keys, [-1] * len(keys), [], reader, read_reduced=reader,
+                       location=os.path.realpath(root))
 
 
 def _escapes(member: str) -> bool:
@@ -318,7 +328,8 @@ def zip_source(path: Path, split: str) -> ImageSource:
     # refuses them as train and test (as a folder without split sub-folders is).
     name = f"zip:{path}:{split}" if tops else f"zip:{path}"
     reader = _ZipReader(path)
-    return ImageSource(name, names, labels, classes, reader, read_reduced=reader)
+    location = os.path.realpath(path) + (f":{split}" if tops else "")
+    return ImageSource(name, names, labels, classes, reader, read_reduced=reader, location=location)
 
 
 def torchvision_source(kind: str, root: str, split: str, download: bool) -> ImageSource:
