@@ -163,3 +163,16 @@ def test_a_checkpoint_of_another_run_is_named_as_such_in_a_short_message(run_dir
         load_checked_weights(build_network(vit).backbone.model, build_network(load_config(None, TINY)).backbone.model.state_dict(),
                              "x.pt", "the ViT")
     assert len(str(e.value)) < 400 and "missing (" in str(e.value) and "unexpected (" in str(e.value)
+
+
+def test_a_gpu_run_is_evaluated_where_there_is_no_gpu(monkeypatch):
+    """device=auto follows the run's recorded device only where this machine has that kind."""
+    import dataclasses
+
+    from glsd.eval.runner import eval_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gpu_run = dataclasses.replace(load_config(None, []), device="cuda")
+    assert eval_device("auto", gpu_run) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="no CUDA device is visible"):
+        eval_device("cuda", gpu_run)  # asked for by name: refused, not moved

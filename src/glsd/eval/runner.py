@@ -54,9 +54,16 @@ def clear_cache() -> None:
 
 
 def eval_device(device: Device, cfg: Config) -> torch.device:
-    """The device argument, "auto" deferring to the config's ``device`` (then
-    :func:`glsd.utils.device.resolve_device`)."""
-    return _resolve_device(cfg.device if str(device) == "auto" else device)
+    """The device argument; "auto" takes the run's own ``device`` where this machine has one of
+    its kind (a run trained on a GPU box is evaluated on a laptop's CPU), else
+    :func:`glsd.utils.device.resolve_device`'s choice."""
+    if str(device) != "auto":
+        return _resolve_device(device)
+    recorded = str(cfg.device)
+    kind = recorded if recorded == "auto" else torch.device(recorded).type
+    here = kind == "cpu" or (kind == "cuda" and torch.cuda.is_available()) or (
+        kind == "mps" and torch.backends.mps.is_available())
+    return _resolve_device(recorded if here else "auto")
 
 
 # ----------------------------------------------------------------------------------------
