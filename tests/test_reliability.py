@@ -19,7 +19,7 @@ from PIL import Image
 import glsd.train.pretrain as pretrain_mod
 from glsd.config import ConfigError, load_config
 from glsd.models.backbone import create_model
-from glsd.errors import DiskFull
+from glsd.errors import DataError, DiskFull
 from glsd.train.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from glsd.train.objective import GlobalLocalObjective, LossTerms
 from glsd.train.pretrain import NonFiniteLossError, pretrain
@@ -472,6 +472,21 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
         assert log.count(f"skipped unreadable image '{name}'") == 1, log
 
 
+def test_a_folder_of_files_that_are_not_images_is_refused_before_the_first_step(tmp_path, monkeypatch):
+    root, run = tmp_path / "images", tmp_path / "run"
+    root.mkdir()
+    for i in range(20):  # e.g. a download that saved HTML error pages under .jpg names
+        (root / f"{i}.jpg").write_text("<html>403 Forbidden</html>")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the model was built: the data error came too late")
+
+    monkeypatch.setattr(pretrain_mod, "build_network", no_network)
+    with pytest.raises(DataError, match=r"none of 16 images read from folder:.* could be decoded; e.g. '0.jpg'"):
+        pretrain(_data_cfg(run, root))
+    assert not (run / "checkpoints").exists()
+
+
 def test_removing_images_of_a_run_names_the_ways_forward(tmp_path):
     """The fix the bad-image message gives (remove the file) changes the run's recorded
     images: the rerun says so and how to go on, and train.resume=false does go on."""
@@ -515,12 +530,18 @@ def test_batch_of_only_bad_images_is_skipped(tmp_path):
     assert records[-1]["skipped_images"] > 6
 
 
-def test_no_readable_image_is_an_error_not_a_hang(tmp_path):
+def test_no_readable_image_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    import glsd.train.preflight as preflight_mod
+
     root, run = tmp_path / "images", tmp_path / "run"
     _mostly_bad_folder(root, 0, 6)
+    cfg = tiny_config(run, "data.source=auto", f"data.root={root}", "train.batch_size=6", "train.max_steps=3")
+    with pytest.raises(DataError, match="none of 12 images read"):  # the check before the first step
+        pretrain(cfg)
+    # Files that turn unreadable after that check: the epoch that reads none of them stops the run.
+    monkeypatch.setattr(preflight_mod, "image_size_notes", lambda cfg, source: [])
     with pytest.raises(RuntimeError, match="no image of 12 could be read"):
-        pretrain(tiny_config(run, "data.source=auto", f"data.root={root}", "train.batch_size=6",
-                             "train.max_steps=3"))
+        pretrain(cfg)
 
 
 def _zip(path: Path, members: dict) -> Path:

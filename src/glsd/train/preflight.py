@@ -26,6 +26,7 @@ import yaml
 from glsd.config import Config, ConfigError, diff_keys, from_dict, identity
 from glsd.data.subset import SUBSET_FILE, read_subset
 from glsd.data.sources import ImageSource, balanced_subset
+from glsd.errors import DataError
 from glsd.train.schedules import warmup_steps
 
 # The train keys that define the per-step schedules of a run (lr, wd, momentum, warm-ups);
@@ -183,6 +184,19 @@ def scale_warmup(cfg: Config, steps_per_epoch: int) -> tuple[Config, Optional[st
         cfg.train, warmup_steps=None, warmup_epochs=epochs)), note
 
 
+def raise_unreadable(source: ImageSource, keys: list[str]) -> None:
+    """Every image of an even sample failed to decode: refused before the first step, not
+    after an epoch of skipped reads."""
+    try:
+        source.read(keys[0])
+        why = "it reads now: the files may be changing or on a slow disk"
+    except Exception as e:  # noqa: BLE001 - any decoder error: what the user must see
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise DataError(f"none of {len(keys)} images read from {source.name} (evenly spaced through "
+                    f"its {len(source):,}) could be decoded; e.g. {keys[0]!r}: {why}. Check that "
+                    "the files open in an image viewer, or point data.root at the images")
+
+
 def image_size_notes(cfg: Config, source: ImageSource, sample: int = 16) -> list[str]:
     """Said when the images are much smaller than the global crops (photos of 96 px under a
     224 px preset): every view is then an upscaled blur of a few pixels. A few images, evenly
@@ -190,9 +204,10 @@ def image_size_notes(cfg: Config, source: ImageSource, sample: int = 16) -> list
     if not len(source) or not source.name.startswith(("folder:", "imagefolder:", "zip:")):
         return []  # generated or dataset images: their size is the dataset's, nothing to find
     keys = source.keys[::max(1, len(source) // sample)][:sample]
-    sides = sorted(min(img.size) for img in (source.load(k) for k in keys) if img is not None)
-    if not sides:
-        return []
+    images = [source.load(k) for k in keys]
+    if not any(images):
+        raise_unreadable(source, keys)
+    sides = sorted(min(img.size) for img in images if img is not None)
     median = sides[len(sides) // 2]
     if median * 2 > cfg.crops.global_size:
         return []
