@@ -458,6 +458,57 @@ def _data_cfg(run, root, *extra):
                        "train.max_steps=3", *extra)
 
 
+def test_a_dead_loader_worker_keeps_the_run(tmp_path, monkeypatch):
+    """A worker killed mid-run (the OOM killer, a decoder segfault) ends the run with one
+    error and a checkpoint of the last finished step, from which the rerun resumes."""
+    from glsd.data.sources import ImageSource
+
+    trainer, reads, load = os.getpid(), {}, ImageSource.load
+
+    def load_then_die(self, *args, **kwargs):
+        pid = os.getpid()
+        reads[pid] = reads.get(pid, 0) + 1
+        # In the worker's 7th batch of 6: with two batches in flight, the trainer has had 5.
+        if pid != trainer and reads[pid] > 6 * 6:
+            os.kill(pid, signal.SIGKILL)
+        return load(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageSource, "load", load_then_die)
+    root, run = tmp_path / "images", tmp_path / "run"
+    _image_folder(root, n_per_class=24)
+    cfg = _data_cfg(run, root, "data.num_workers=1", "train.max_steps=null", "train.epochs=2",
+                    "train.checkpoint_every_steps=0")
+    with pytest.raises(DataError, match=r"a data loader worker died \(DataLoader worker .*; checkpoint "
+                                        r"written at step (\d+): rerun the command to resume") as err:
+        pretrain(cfg)
+    step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    assert 4 <= step <= 6 and load_last(run)["step"] == step
+    monkeypatch.setattr(ImageSource, "load", load)
+    pretrain(cfg)  # resumes there and finishes
+    steps = [r["step"] for r in read_metrics(run)]  # the rerun went on from there: no step twice
+    assert load_last(run)["step"] == steps[-1] == 2 * (50 // 6) and len(steps) == len(set(steps))
+
+
+def test_a_worker_dying_between_steps_is_saved_first_and_other_errors_pass():
+    from glsd.data.workers import batches_or_worker_error
+
+    def loader(error):
+        yield "batch 1"
+        raise error
+
+    saves = []
+    batches = batches_or_worker_error(loader(RuntimeError("DataLoader worker (pid 7) is killed by "
+                                                          "signal: Killed.")), lambda: saves.append(1) or "kept.")
+    assert next(batches) == "batch 1" and not saves
+    with pytest.raises(DataError, match=r"worker died \(DataLoader worker \(pid 7\) is killed by "
+                                        r"signal: Killed\.\); kept\. If it happens again"):
+        next(batches)
+    assert saves == [1]
+    with pytest.raises(RuntimeError, match="a bug"):  # not a worker's death: not ours to explain
+        list(batches_or_worker_error(loader(RuntimeError("a bug")), lambda: saves.append(2) or ""))
+    assert saves == [1]
+
+
 def test_bad_images_are_skipped_and_counted(tmp_path):
     root, run = tmp_path / "images", tmp_path / "run"
     _image_folder(root)

@@ -4,7 +4,8 @@ Checks, cheapest first: the loss before ``backward`` (one scalar), the total gra
 before the optimizer step (the norm clipping computes anyway), and every weight before a
 checkpoint is written (a fused norm per tensor list; a NaN or inf anywhere makes its norm
 non-finite). A failure raises :class:`NonFiniteError`; the checkpoint on disk, written from
-finite weights, is the state a rerun resumes from.
+finite weights, is the state a rerun resumes from. A step that runs out of memory is told
+the same way: what to lower, and which checkpoint the rerun resumes from.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
-from glsd.errors import NonFiniteError
+from glsd.errors import NonFiniteError, OutOfMemory
 from glsd.utils.distributed import max_over_ranks
 
 
@@ -98,3 +99,22 @@ def kept_note(last_path, checkpoint_step: Optional[int]) -> str:
 
 def _fmt(v: float) -> str:
     return str(v) if not math.isfinite(v) else f"{v:.4g}"
+
+
+def out_of_memory(cfg, amp_dtype, device, step: int, last_path, checkpoint_step: Optional[int],
+                  error: Exception) -> OutOfMemory:
+    """What ran out, what to lower, and how the kept checkpoint resumes: under a smaller batch
+    with train.extend (the batch size is a schedule key); other crops or another model are
+    another run (their keys define the run)."""
+    detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+    precision = " or train.precision=bf16" if amp_dtype is None else ""
+    kept = ("No checkpoint was written yet." if checkpoint_step is None else
+            f"The checkpoint {last_path} (step {checkpoint_step}) is kept: it resumes "
+            "under a smaller train.batch_size with train.extend=true, under another "
+            "train.precision as it is, or with the same settings on a device with more memory; "
+            "other crops or another model are a new run (a new output_dir, or train.resume=false).")
+    return OutOfMemory(
+        f"out of memory on {device} in step {step} ({detail}). This step held "
+        f"train.batch_size={cfg.train.batch_size} images per process in {cfg.crops.num_global} views of "
+        f"{cfg.crops.global_size} px and {cfg.crops.num_local} of {cfg.crops.local_size} px: lower "
+        f"train.batch_size or crops.num_local{precision}, or pick a smaller model.backbone. {kept}")

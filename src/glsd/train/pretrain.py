@@ -22,11 +22,13 @@ from glsd.data.loader import StepViews, build_loader
 from glsd.data.subset import SUBSET_FILE, select_images, write_subset
 from glsd.data.download import open_source_downloading_once
 from glsd.data.view_params import sample_seed
+from glsd.data.workers import batches_or_worker_error, is_worker_death, worker_died
 from glsd.export import write_run_exports
 from glsd.models.families import GLSD_CONVNET
 from glsd.models.heads import GLSDNet, build_network, build_teacher, freeze_unused_parameters
-from glsd.errors import DataError, NonFiniteError, OutOfMemory, TrainingInterrupted, is_out_of_memory
+from glsd.errors import DataError, NonFiniteError, TrainingInterrupted, is_out_of_memory
 from glsd.train import finite
+from glsd.train.finite import out_of_memory
 from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
 from glsd.train.collapse import CollapseMonitor, collapse_indicators
 from glsd.train.console import Console, fmt, start_summary
@@ -177,6 +179,7 @@ class Context:
     console: Optional[Console] = None  # None (benchmarks): silent
     monitor: Optional[CollapseMonitor] = None
     sinks: list = dataclasses.field(default_factory=list)  # metric writers besides metrics.jsonl
+    applying: bool = False  # inside a step's weight and teacher update (not a state to save)
 
 
 def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
@@ -190,22 +193,14 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
         ctx.sampler.set_epoch(state.epoch, state.step_in_epoch * ctx.sampler.global_batch)
         tick, since_log, stopping, batches, steps_before = time.perf_counter(), 0, None, 0, state.step
         whole_epoch = state.step_in_epoch == 0
-        for batch in ctx.loader:
+        for batch in batches_or_worker_error(ctx.loader, lambda: _save_for_a_dead_worker(ctx, state)):
             batches += 1
             if _no_image(ctx, batch):  # data.on_error=skip dropped every image of the batch
                 state.step_in_epoch += 1
                 state.skipped_images += batch.skipped
                 continue
             is_log_step = (state.step + 1) % t.log_every == 0 or state.step + 1 == max_steps
-            try:
-                terms = train_step(ctx, batch, state.step, is_log_step)
-            except NonFiniteError as e:  # nothing of this step was applied or written
-                raise NonFiniteError(f"{e} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
-                                     f"{_advice(ctx, e)}") from None
-            except RuntimeError as e:
-                if not is_out_of_memory(e):
-                    raise
-                raise out_of_memory(ctx, state, e) from None
+            terms = checked_step(ctx, state, batch, is_log_step)
             state.step += 1
             state.step_in_epoch += 1
             state.skipped_images += batch.skipped
@@ -294,29 +289,42 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
         raise finite.grad_error(step + 1, float(norm))
     if step < sched.freeze_last_layer_steps:
         drop_prototype_grads(ctx.student)
+    ctx.applying = True
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
     ema_update(ctx.teacher, ctx.student, float(sched.momentum[step]))
+    ctx.applying = False
     return terms
 
 
-def out_of_memory(ctx: Context, state: TrainState, error: Exception) -> OutOfMemory:
-    """What ran out, what to lower, and how the kept checkpoint resumes: under a smaller batch
-    with train.extend (the batch size is a schedule key); other crops or another model are
-    another run (their keys define the run)."""
-    c = ctx.cfg
-    detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-    precision = " or train.precision=bf16" if ctx.amp_dtype is None else ""
-    kept = ("No checkpoint was written yet." if state.checkpoint_step is None else
-            f"The checkpoint {ctx.run.last} (step {state.checkpoint_step}) is kept: it resumes "
-            "under a smaller train.batch_size with train.extend=true, under another "
-            "train.precision as it is, or with the same settings on a device with more memory; "
-            "other crops or another model are a new run (a new output_dir, or train.resume=false).")
-    return OutOfMemory(
-        f"out of memory on {ctx.device} in step {state.step + 1} ({detail}). This step held "
-        f"train.batch_size={c.train.batch_size} images per process in {c.crops.num_global} views of "
-        f"{c.crops.global_size} px and {c.crops.num_local} of {c.crops.local_size} px: lower "
-        f"train.batch_size or crops.num_local{precision}, or pick a smaller model.backbone. {kept}")
+def checked_step(ctx: Context, state: TrainState, batch, want_stats: bool) -> LossTerms:
+    """:func:`train_step`, its failures told as what went wrong, what to change and what the
+    run kept: a non-finite loss or gradient, running out of memory, a dead loader worker."""
+    try:
+        return train_step(ctx, batch, state.step, want_stats)
+    except NonFiniteError as e:  # nothing of this step was applied or written
+        raise NonFiniteError(f"{e} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
+                             f"{_advice(ctx, e)}") from None
+    except RuntimeError as e:
+        if is_worker_death(e):
+            raise worker_died(e, _save_for_a_dead_worker(ctx, state)) from None
+        if not is_out_of_memory(e):
+            raise
+        raise out_of_memory(ctx.cfg, ctx.amp_dtype, ctx.device, state.step + 1,
+                            ctx.run.last, state.checkpoint_step, e) from None
+
+
+def _save_for_a_dead_worker(ctx: Context, state: TrainState) -> str:
+    """The weights of the last finished step, unless the news came mid-update. Before that,
+    a step leaves only BatchNorm's running statistics and the centre one batch further, as
+    a resume that repeats the batch would anyway."""
+    kept = finite.kept_note(ctx.run.last, state.checkpoint_step)
+    if ctx.dinfo.enabled:  # the checkpoint is collective: one rank cannot save alone
+        return f"no checkpoint written (under torchrun one rank cannot save alone). {kept}"
+    if ctx.applying:
+        return f"no checkpoint written (it came during a weight update). {kept}"
+    checkpoint(ctx, state)
+    return f"checkpoint written at step {state.step}: rerun the command to resume"
 
 
 def _advice(ctx: Context, error: NonFiniteError) -> str:
