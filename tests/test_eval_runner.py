@@ -87,11 +87,22 @@ def test_student_random_init_and_train_fraction(run_dir):
     assert half["n_train"] == SUBSET // 2 and half["train_fraction"] == 0.5
 
 
-def test_linear_and_dense(run_dir):
+def test_linear_and_dense(run_dir, monkeypatch):
     lin = run_eval("linear", run_dir)
     assert lin == _read(run_dir / "eval" / "linear.json")
     assert 0 <= lin["results"]["top1"] <= 100 and lin["results"]["epochs"] == 5
     assert lin["linear_epochs"] == 5 and lin["n_train"] == SUBSET
+    # The probe's minibatch is its own key: a larger extraction batch is not fewer probe steps.
+    assert lin["linear_batch_size"] == 256
+    import glsd.eval.runner as runner_mod
+
+    seen, real = [], runner_mod.linear_probe
+    monkeypatch.setattr(runner_mod, "linear_probe", lambda *a, **k: seen.append(a[7]) or real(*a, **k))
+    run_eval("linear", run_dir, ["eval.batch_size=4", "eval.linear_batch_size=16"])
+    assert seen == [16]
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="eval.linear_batch_size"):
+        run_eval("linear", run_dir, ["eval.linear_batch_size=0"])
     dense = run_eval("dense", run_dir)
     assert dense == _read(run_dir / "eval" / "dense.json")
     res = dense["results"]

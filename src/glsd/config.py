@@ -189,6 +189,9 @@ class EvalConfig:
     image_size: Optional[int] = None  # None: crops.global_size
     linear_epochs: int = 100
     linear_lr: float = 1e-3
+    # The probe's minibatch, apart from batch_size (feature extraction's): a larger batch_size
+    # for a GPU's throughput must not mean fewer probe steps at the same learning rate.
+    linear_batch_size: int = 256
     dense_num_images: int = 256
     dense_seed: int = 0
     # Labelled dense probe (glsd eval seg): mosaics of n x n labelled images, n from seg_tiles,

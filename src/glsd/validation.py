@@ -64,6 +64,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "eval.image_size": (1, 4096, False, False),
     "eval.linear_epochs": (1, INF, False, True),
     "eval.linear_lr": (0, INF, True, True),
+    "eval.linear_batch_size": (1, INF, False, True),
     "eval.dense_num_images": (1, INF, False, True),
     "study.steps": (1, INF, False, True),
 }

@@ -169,8 +169,9 @@ def _classify(kind: str, backbone: Backbone, cfg: Config, dev: torch.device, bas
                     "temperature": cfg.eval.temperature}
     else:
         results = linear_probe(train_f, train_y, test_f, test_y, n_cls, cfg.eval.linear_epochs,
-                               cfg.eval.linear_lr, cfg.eval.batch_size, seed=cfg.train.seed)
-        settings = {"linear_epochs": cfg.eval.linear_epochs, "linear_lr": cfg.eval.linear_lr}
+                               cfg.eval.linear_lr, cfg.eval.linear_batch_size, seed=cfg.train.seed)
+        settings = {"linear_epochs": cfg.eval.linear_epochs, "linear_lr": cfg.eval.linear_lr,
+                    "linear_batch_size": cfg.eval.linear_batch_size}
     # Extraction may skip unreadable files: report what was actually evaluated.
     data.update(n_train=int(train_y.numel()), n_test=int(test_y.numel()))
     body = {**data, "feature": feature, **settings, "results": results}

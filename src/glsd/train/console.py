@@ -136,8 +136,8 @@ class Console:
                         "(to train longer: a higher train.max_steps, or train.epochs with train.extend=true)"])
         else:
             rate = done * global_batch / max(elapsed, 1e-9)
-            skips = (f", {skipped} unreadable image{'' if skipped == 1 else 's'} skipped in the "
-                     "whole run (named in train.log)" if skipped else "")
+            skips = (f", {skipped} read{'' if skipped == 1 else 's'} of unreadable images skipped "
+                     "(a file counts each epoch; each is named once in train.log)" if skipped else "")
             self.lines([f"glsd: done: {done} step{'' if done == 1 else 's'} (step {step}) in "
                         f"{duration(elapsed)}, {fmt(rate)} images/s{skips}"])
         if export:

@@ -81,7 +81,7 @@ class RunFolder:
                               "pick a new output_dir")
         if self.is_main:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
-            (self.root / "config.yaml").write_text(dump_yaml(cfg))
+            atomic_write_text(self.root / "config.yaml", dump_yaml(cfg))  # evaluation trusts it
             self._setup_log()
         return ckpt
 
