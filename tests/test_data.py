@@ -108,6 +108,16 @@ def test_split_folders_without_classes_point_at_the_split_not_the_root(tmp_path)
         open_source(DataConfig(root=str(tmp_path), source="imagefolder"))
 
 
+def test_split_folders_named_otherwise_are_not_read_as_classes(tmp_path):
+    # A Kaggle-style download: Training/ and Testing/, each with the class folders.
+    _folder_tree(tmp_path / "Training")
+    _folder_tree(tmp_path / "Testing")
+    with pytest.raises(ConfigError, match="split 'train' not in .*available: Testing, Training "
+                                          r"\(set data.split\)"):
+        open_source(DataConfig(root=str(tmp_path)))
+    assert open_source(DataConfig(root=str(tmp_path), split="Training")).classes == ["a", "b"]
+
+
 def test_a_home_relative_root_is_expanded(tmp_path, monkeypatch):
     _folder_tree(tmp_path / "photos")
     monkeypatch.setenv("HOME", str(tmp_path))

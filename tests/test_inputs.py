@@ -50,10 +50,11 @@ def test_failed_start_leaves_no_folder_or_a_marked_one(tmp_path, capsys):
                                                          "model.backbone_kwargs={}"), tmp_path / "c.yaml"))]) == 2
     assert not run.exists()  # the lock made the folder; nothing else was written: removed
     root = tmp_path / "images"
-    for c in "ab":
+    for c in "ab":  # one bad file among good ones: past the checks before the run, read in it
         (root / c).mkdir(parents=True)
         for i in range(5):
-            (root / c / f"{i}.jpg").write_text("not a JPEG")
+            Image.new("RGB", (40, 40), (40 * i, 0, 0)).save(root / c / f"{i}.jpg")
+    (root / "a" / "0.jpg").write_text("not a JPEG")
     cfg = tiny_config(run, "data.source=auto", f"data.root={root}", "data.on_error=fail")
     capsys.readouterr()
     assert cli(["pretrain", str(write_config(cfg, tmp_path / "d.yaml"))]) == 2

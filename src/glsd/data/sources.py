@@ -28,7 +28,8 @@ UNREADABLE_EXTENSIONS = (".heic", ".heif", ".avif", ".dng", ".cr2", ".nef", ".ar
 # Folders that copying tools and NAS boxes add beside photos (resource forks, thumbnails).
 JUNK_FOLDERS = ("__MACOSX", "@eaDir", "#recycle", "$RECYCLE.BIN", "System Volume Information")
 # Sub-folder names that mark an ImageNet-style split layout (root/<split>/<class>/*).
-SPLIT_NAMES = ("train", "val", "valid", "validation", "test", "unlabeled")
+SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing", "eval",
+               "evaluation", "unlabeled")
 TORCHVISION_SOURCES = ("cifar10", "cifar100", "stl10", "fashion_mnist")
 
 
