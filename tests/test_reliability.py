@@ -463,7 +463,7 @@ def test_a_dead_loader_worker_keeps_the_run(tmp_path, monkeypatch):
     error and a checkpoint of the last finished step, from which the rerun resumes."""
     from glsd.data.sources import ImageSource
 
-    trainer, reads, load = os.getpid(), {}, ImageSource.load
+    trainer, reads, load = os.getpid(), {}, ImageSource.load_or_why
 
     def load_then_die(self, *args, **kwargs):
         pid = os.getpid()
@@ -473,7 +473,7 @@ def test_a_dead_loader_worker_keeps_the_run(tmp_path, monkeypatch):
             os.kill(pid, signal.SIGKILL)
         return load(self, *args, **kwargs)
 
-    monkeypatch.setattr(ImageSource, "load", load_then_die)
+    monkeypatch.setattr(ImageSource, "load_or_why", load_then_die)
     root, run = tmp_path / "images", tmp_path / "run"
     _image_folder(root, n_per_class=24)
     cfg = _data_cfg(run, root, "data.num_workers=1", "train.max_steps=null", "train.epochs=2",
@@ -483,7 +483,7 @@ def test_a_dead_loader_worker_keeps_the_run(tmp_path, monkeypatch):
         pretrain(cfg)
     step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
     assert 4 <= step <= 6 and load_last(run)["step"] == step
-    monkeypatch.setattr(ImageSource, "load", load)
+    monkeypatch.setattr(ImageSource, "load_or_why", load)
     pretrain(cfg)  # resumes there and finishes
     steps = [r["step"] for r in read_metrics(run)]  # the rerun went on from there: no step twice
     assert load_last(run)["step"] == steps[-1] == 2 * (50 // 6) and len(steps) == len(set(steps))
@@ -509,10 +509,11 @@ def test_a_worker_dying_between_steps_is_saved_first_and_other_errors_pass():
     assert saves == [1]
 
 
-def test_bad_images_are_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])  # 1: read in a worker, named by the trainer
+def test_bad_images_are_skipped_and_counted(tmp_path, workers):
     root, run = tmp_path / "images", tmp_path / "run"
     _image_folder(root)
-    pretrain(_data_cfg(run, root))
+    pretrain(_data_cfg(run, root, f"data.num_workers={workers}"))
     records = read_metrics(run)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[-1]["skipped_images"] == 2

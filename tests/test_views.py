@@ -300,9 +300,11 @@ def test_loader_workers_persist_and_each_epoch_is_its_own(tmp_path, path):
 
 def test_an_all_bad_batch_is_empty(tmp_path):
     from glsd.data.multicrop import ViewCollate
+    from glsd.data.sources import Unreadable
 
-    empty = ViewCollate(CropConfig(), 0, make_views=True)([None, None])
-    assert len(empty.indices) == 0 and empty.skipped == 2
+    bad = [Unreadable("a.jpg", "cannot identify image file"), Unreadable("b.jpg", "truncated")]
+    empty = ViewCollate(CropConfig(), 0, make_views=True)(bad)
+    assert len(empty.indices) == 0 and empty.skipped == 2 and empty.unreadable == tuple(bad)
 
 
 @pytest.mark.parametrize("override", ["crops.color_jitter=[0.4, 0.4, 0.2, 0.7]", "crops.blur_radius=[0, 2]",

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from glsd.config import CropConfig
 from glsd.data.image_file import ORIGINAL_SIZE
-from glsd.data.sources import ImageSource
+from glsd.data.sources import ImageSource, Unreadable
 from glsd.data.view_params import ViewParams, draw_view_params, geometry, training_seed
 from glsd.data.views import ViewMaker
 
@@ -54,7 +54,8 @@ class DecodeToSquare:
 
 class MultiCropDataset(Dataset):
     """Items of an ImageSource -> (uint8 image, original hw, label, index, epoch, position);
-    a bad file yields None (``on_error="skip"``, dropped and counted by the collate) or raises."""
+    a bad file yields :class:`Unreadable` (``on_error="skip"``: dropped by the collate, named
+    by the trainer) or raises."""
 
     def __init__(self, source: ImageSource, decode: DecodeToSquare, on_error: str = "skip",
                  jpeg_draft: bool = True):
@@ -67,9 +68,9 @@ class MultiCropDataset(Dataset):
     def __getitem__(self, key):
         """``key``: a dataset index, or ``(epoch, position, index)`` as the sampler yields."""
         epoch, position, i = key if isinstance(key, tuple) else (0, key, key)
-        img = self.source.load(self.source.keys[i], self.on_error, self.min_size)
-        if img is None:
-            return None
+        img = self.source.load_or_why(self.source.keys[i], self.on_error, self.min_size)
+        if isinstance(img, Unreadable):
+            return img
         image, hw = self.decode(img)
         return image, hw, self.source.labels[i], i, epoch, position
 
@@ -84,13 +85,15 @@ class Batch:
     views: Optional[list[torch.Tensor]] = None  # V tensors (B, 3, s_v, s_v), global views first
     images: Optional[torch.Tensor] = None  # (B, 3, S, S) uint8
     params: Optional[ViewParams] = None  # host tensors
+    unreadable: tuple = ()  # the dropped files (Unreadable): the trainer names them in train.log
 
     def pin_memory(self) -> "Batch":
         """Called by a DataLoader with pin_memory=True: page-locked tensors make the copy
         to the GPU asynchronous (a pageable one waits for the device)."""
         return Batch(self.geometry.pin_memory(), self.labels.pin_memory(), self.indices, self.skipped,
                      None if self.views is None else [v.pin_memory() for v in self.views],
-                     None if self.images is None else self.images.pin_memory(), self.params)
+                     None if self.images is None else self.images.pin_memory(), self.params,
+                     self.unreadable)
 
     def __reduce__(self):
         # From a loader worker every tensor crosses in its own shared-memory segment, and each
@@ -100,7 +103,7 @@ class Batch:
                    *([] if self.images is None else [self.images]),
                    *([] if self.params is None else [getattr(self.params, f.name) for f in fields(ViewParams)])]
         layout = (None if self.views is None else len(self.views), self.images is not None,
-                  self.params is not None, self.skipped)
+                  self.params is not None, self.skipped, self.unreadable)
         return _unpack_batch, (layout, *pack_by_dtype(tensors))
 
 
@@ -123,14 +126,14 @@ def unpack_by_dtype(spec: list[tuple], flat: dict[torch.dtype, torch.Tensor]) ->
 
 
 def _unpack_batch(layout: tuple, spec: list[tuple], flat: dict) -> Batch:
-    n_views, has_images, has_params, skipped = layout
+    n_views, has_images, has_params, skipped, unreadable = layout
     rest = unpack_by_dtype(spec, flat)
     geometry_, labels, indices = rest[:3]
     rest = rest[3:]
     views, rest = (None, rest) if n_views is None else (rest[:n_views], rest[n_views:])
     images, rest = (rest[0], rest[1:]) if has_images else (None, rest)
     params = ViewParams(*rest) if has_params else None
-    return Batch(geometry_, labels, indices, skipped, views, images, params)
+    return Batch(geometry_, labels, indices, skipped, views, images, params, unreadable)
 
 
 class ViewCollate:
@@ -142,15 +145,17 @@ class ViewCollate:
         self.maker = ViewMaker(cfg) if make_views else None
 
     def __call__(self, items: list) -> Batch:
-        good = [it for it in items if it is not None]
+        good = [it for it in items if not isinstance(it, Unreadable)]
+        bad = tuple(it for it in items if isinstance(it, Unreadable))
         if not good:
-            return Batch(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.long), len(items))
+            return Batch(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.long), len(items),
+                         unreadable=bad)
         images = torch.stack([it[0] for it in good])
         hw = torch.stack([it[1] for it in good])
         seeds = [training_seed(self.seed, epoch, position, index) for _, _, _, index, epoch, position in good]
         params = draw_view_params(self.cfg, seeds, hw)
         batch = Batch(geometry(params, hw), torch.tensor([it[2] for it in good]),
-                      torch.tensor([it[3] for it in good]), len(items) - len(good))
+                      torch.tensor([it[3] for it in good]), len(bad), unreadable=bad)
         if self.maker is not None:
             batch.views = self.maker(images, params)
         else:

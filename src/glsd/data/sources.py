@@ -6,7 +6,6 @@ chosen subset can be written to the run folder and reused by evaluation.
 """
 from __future__ import annotations
 
-import logging
 import os
 import random
 import zipfile
@@ -33,6 +32,13 @@ SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test",
 TORCHVISION_SOURCES = ("cifar10", "cifar100", "stl10", "fashion_mnist")
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A file skipped under data.on_error=skip: its key and the decoder's first line."""
+    key: str
+    reason: str
+
+
 @dataclass
 class ImageSource:
     name: str
@@ -41,8 +47,6 @@ class ImageSource:
     classes: list[str]
     read: Callable[[str], Image.Image]
     read_timeout_s: float = 0.0  # 0: no limit (data.read_timeout_s)
-    # Keys already named in the run's log as unreadable (per process: each loader worker its own).
-    reported: set = field(default_factory=set, repr=False, compare=False)
     # (key, min_size) -> the image, a JPEG decoded at reduced scale (image_file.decode_image);
     # None where reading is not decoding a file (torchvision datasets, synthetic images).
     read_reduced: Optional[Callable[[str, int], Image.Image]] = field(default=None, repr=False,
@@ -62,6 +66,12 @@ class ImageSource:
         """The image, or None for an unreadable file under ``on_error="skip"``; a read that
         takes over ``read_timeout_s`` counts as unreadable. ``min_size``: a JPEG file may be
         decoded at reduced scale, keeping both sides at least this."""
+        image = self.load_or_why(key, on_error, min_size)
+        return None if isinstance(image, Unreadable) else image
+
+    def load_or_why(self, key: str, on_error: str = "skip", min_size: int = 0):
+        """:meth:`load`, an unreadable file under ``on_error="skip"`` as :class:`Unreadable`
+        (which file, and why), for whoever names it: a loader worker has no log of its own."""
         try:
             with read_deadline(self.read_timeout_s):
                 if min_size and self.read_reduced is not None:
@@ -71,17 +81,7 @@ class ImageSource:
             if on_error == "fail":
                 raise DataError(f"cannot read image {key!r} from {self.name}: {e}. "
                                 "Fix or remove it, or set data.on_error=skip") from None
-            self._report(key, e)
-            return None
-
-    def _report(self, key: str, error: Exception) -> None:
-        """Name a skipped file once in a training run's train.log (the "glsd" logger has a
-        handler only while a run is open: evaluation names its skipped files itself)."""
-        log = logging.getLogger("glsd")
-        if log.handlers and key not in self.reported:
-            self.reported.add(key)
-            log.warning("skipped unreadable image %r of %s: %s", key, self.name,
-                        str(error).splitlines()[0] if str(error) else type(error).__name__)
+            return Unreadable(key, str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     def subset(self, keys: list[str]) -> "ImageSource":
         index = {k: i for i, k in enumerate(self.keys)}

@@ -195,6 +195,7 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
         whole_epoch = state.step_in_epoch == 0
         for batch in batches_or_worker_error(ctx.loader, lambda: _save_for_a_dead_worker(ctx, state)):
             batches += 1
+            ctx.run.name_unreadable(batch.unreadable)
             if _no_image(ctx, batch):  # data.on_error=skip dropped every image of the batch
                 state.step_in_epoch += 1
                 state.skipped_images += batch.skipped

@@ -40,6 +40,7 @@ class RunFolder:
         self.checkpoints = self.root / "checkpoints"
         self.last = self.checkpoints / "last.pt"
         self._locks = 0
+        self._named_unreadable: set[str] = set()
 
     # -- start / resume -----------------------------------------------------------------
     def prepare(self, cfg: Config) -> Optional[dict]:
@@ -192,6 +193,14 @@ class RunFolder:
         if self.is_main:
             with open(self.root / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def name_unreadable(self, unreadable) -> None:
+        """Each file a batch skipped (data.on_error=skip), named once in train.log: by the
+        trainer, since a loader worker started by spawn (macOS) has no log of its own."""
+        for item in unreadable:
+            if item.key not in self._named_unreadable:
+                self._named_unreadable.add(item.key)
+                LOG.warning("skipped unreadable image %r: %s", item.key, item.reason)
 
     def close(self) -> None:
         """Close train.log and give back this folder's lock (as often as it was taken)."""
