@@ -136,6 +136,9 @@ def test_records_of_two_sets_laid_out_alike_do_not_overwrite_each_other():
     assert data_slug("/d/pets.zip", None) == "-on-pets.zip" and data_slug("/d/pets", None) == "-on-pets"
     assert data_slug(None, None) == ""
     assert data_slug("cifar10", None) == "-on-cifar10" and data_slug("train", "test") == "-on-train-test"
+    # Y as the test set of the run's own images, or as both train and test: two records.
+    assert data_slug(None, "/d/pets") == "-on-run-pets" != data_slug("/d/pets", None)
+    assert data_slug(None, "/d/pets", labelled_train=False) == "-on-pets"  # dense: test images only
 
 
 def test_dense_refuses_train_data_naming_test_data(unlabelled_run, capsys):

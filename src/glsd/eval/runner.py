@@ -112,7 +112,7 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     suffix = "" if info["model"] == "teacher" else f"-{info['model']}"
     snapshot = snapshot_name(info.get("checkpoint"))  # an earlier checkpoint: not the final model's record
     suffix += f"-{snapshot}" if snapshot else ""
-    out = base / "eval" / f"{kind}{suffix}{data_slug(train_data, test_data)}.json"
+    out = base / "eval" / f"{kind}{suffix}{data_slug(train_data, test_data, kind != 'dense')}.json"
     record = {"kind": kind, **_model_record(cfg, info), **body,
               "device": str(dev), "world_size": rank_world()[1], "overrides": list(overrides),
               "timing": {"load_s": loaded - start, **timing, "total_s": time.perf_counter() - start},
@@ -124,12 +124,14 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     return record
 
 
-def data_slug(train_data: Optional[str], test_data: Optional[str]) -> str:
+def data_slug(train_data: Optional[str], test_data: Optional[str], labelled_train: bool = True) -> str:
     """``""`` for the run's data, else ``-on-<names>`` so that sets do not overwrite each other's
     record (``--train-data /d/pets.zip`` -> ``-on-pets.zip``, apart from a folder ``/d/pets``).
     A split folder's name alone says little, so it keeps its parent's: ``/d/a/train`` +
-    ``/d/a/test`` -> ``-on-a_train-a_test``, apart from ``/d/b/train`` + ``/d/b/test``."""
-    names = []
+    ``/d/a/test`` -> ``-on-a_train-a_test``, apart from ``/d/b/train`` + ``/d/b/test``.
+    Test images alone, where the evaluation has a labelled train set (``labelled_train``: the
+    run's own images then), are ``-on-run-Y``, apart from ``--train-data Y`` (Y for both)."""
+    names = ["run"] if labelled_train and train_data is None and test_data is not None else []
     for spec in (train_data, test_data):
         if spec is not None:
             path = Path(str(spec).rstrip("/"))
