@@ -21,6 +21,28 @@ def test_fmt_never_rounds_to_zero():
     assert line == "step 10/120 epoch 0.833 loss 5.23 lr 1.56e-05 img/s 17.4"
 
 
+def test_log_lines_say_the_time_so_far_and_left_and_warn_of_a_run_of_days(monkeypatch):
+    import glsd.train.console as console_mod
+
+    clock = [1000.0]
+    monkeypatch.setattr(console_mod.time, "perf_counter", lambda: clock[0])
+    stream = io.StringIO()
+    console = Console(progress=False, stream=stream)
+    console.begin(100, 200)  # resumed at step 100
+    clock[0] += 30
+    console.log({"step": 110, "loss": 2.5})  # 10 steps in 30 s: 90 steps left, 270 s
+    assert stream.getvalue().splitlines()[-1] == "step 110/200 loss 2.5 elapsed 30s eta 4m30s"
+    assert "warning" not in stream.getvalue()
+    long = Console(progress=False, stream=stream)
+    long.begin(0, 100_000)
+    clock[0] += 10
+    long.log({"step": 2, "loss": 2.0})  # 5 s a step: 5.8 days left
+    long.log({"step": 4, "loss": 2.0})
+    out = stream.getvalue()
+    assert out.count("glsd: warning: at this pace the schedule ends in about 5d18h") == 1, out
+    assert "a stopped run resumes where it was" in out
+
+
 class _Tty(io.StringIO):
     def isatty(self):
         return True

@@ -3,7 +3,9 @@
 - a start summary (data, grids, matching, device, batch, schedule, run folder, resume) on
   stderr and in train.log;
 - on a terminal a progress bar with loss, lr and images/s; elsewhere (or with
-  ``train.progress=false``) one line every ``train.log_every`` steps;
+  ``train.progress=false``) one line every ``train.log_every`` steps, with the time so far and
+  the time left at the pace so far;
+- a warning when that pace puts the end of the schedule more than a day away;
 - warnings (collapse, scaled warm-up) that the bar does not swallow;
 - an end summary (steps, time, images/s, skipped images, export path).
 
@@ -52,10 +54,15 @@ def format_all(record: dict) -> str:
     return " ".join(f"{k}={fmt(v)}" for k, v in record.items())
 
 
+LONG_RUN_S = 24 * 3600  # a run this far from its end at the first log line is told so
+
+
 def duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
+    if h >= 48:
+        return f"{h // 24}d{h % 24:02d}h"
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
@@ -70,6 +77,7 @@ class Console:
         self._last = (time.perf_counter(), 0)  # (time, step) of the last bar refresh
         self.started = time.perf_counter()
         self.first_step: Optional[int] = None
+        self.told_long = False
 
     # -- plain output ------------------------------------------------------------------
     def print(self, line: str) -> None:
@@ -118,8 +126,24 @@ class Console:
         if not self.is_main:
             return
         LOG.info("%s", format_all(record))
+        timing = self._timing(record["step"])
         if self.bar is None:
-            print(format_record(record, self.max_steps), file=self.stream, flush=True)
+            print(format_record(record, self.max_steps) + timing, file=self.stream, flush=True)
+
+    def _timing(self, step: int) -> str:
+        """`` elapsed 12m03s eta 1h40m00s`` at the pace since :meth:`begin` ("" before a step);
+        said once as a warning when the end is more than a day away."""
+        done = step - (self.first_step or 0)
+        if done <= 0 or not self.max_steps:
+            return ""
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / done * max(self.max_steps - step, 0)
+        if eta > LONG_RUN_S and not self.told_long:
+            self.told_long = True
+            self.warn(f"at this pace the schedule ends in about {duration(eta)} ({fmt(done / elapsed)} "
+                      "steps/s): a faster device, a smaller backbone or fewer train.epochs shortens it; "
+                      "a stopped run resumes where it was")
+        return f" elapsed {duration(elapsed)} eta {duration(eta)}"
 
     def close(self) -> None:
         if self.bar is not None:
