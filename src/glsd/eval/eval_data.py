@@ -119,7 +119,8 @@ def check_split_pair(train: ImageSource, test: ImageSource, train_split: str, te
     for src in (train, test):
         if not src.classes or any(y < 0 for y in src.labels):
             raise ConfigError(f"{src.name} is unlabeled; k-NN and linear evaluation need labels "
-                              f"(an image folder with class sub-folders, or a dataset){why_flat(src)}{hint}")
+                              f"(an image folder with class sub-folders, or a dataset){why_flat(src)}{hint}"
+                              "; without labels, `glsd eval dense RUN_DIR` scores the local features")
     if test.identity == train.identity:  # resolved: ./pets and $PWD/pets are the same images
         raise ConfigError(f"the test split ({test_split!r}) and the train split ({train_split!r}) "
                           f"are the same images ({train.name}); set eval.test_split to a "

@@ -187,7 +187,7 @@ def _dense(backbone: Backbone, cfg: Config, dev: torch.device, test_data: Option
         cfg = dataclasses.replace(cfg, data=data_config(test_data, cfg.data, overrides))
     test = open_test_split(cfg, cfg.eval.test_split)
     # By name, not by split: a source without split folders gives the same images for both.
-    if test_data is None and test.name == open_cached(cfg, cfg.data.split).name:
+    if test_data is None and test.identity == open_cached(cfg, cfg.data.split).identity:
         warnings.warn(f"dense evaluation on eval.test_split={cfg.eval.test_split!r} reads the "
                       f"pretraining images ({test.name}): they are not held out")
     t0 = time.perf_counter()
