@@ -68,6 +68,7 @@ def test_what_copying_tools_leave_beside_photos_is_not_read(tmp_path):
     _folder_tree(tmp_path / "data", per_class=2)
     (tmp_path / "data" / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
     (tmp_path / "data" / "a" / ".DS_Store").write_bytes(b"\x00")
+    (tmp_path / "data" / "._cover.png").write_bytes(b"\x00")  # not a top-level image: still classes
     _folder_tree(tmp_path / "data" / "@eaDir", classes=("0.png",), per_class=1)
     src = open_source(DataConfig(root=str(tmp_path / "data")))
     assert src.classes == ["a", "b"] and len(src) == 4 and "a/._0.png" not in src.keys

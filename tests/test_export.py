@@ -1,4 +1,6 @@
 """The exported backbone.safetensors: one call (glsd) or two lines (plain timm) rebuild the teacher."""
+import json
+
 import pytest
 import glsd
 import torch
@@ -224,12 +226,19 @@ def test_an_earlier_checkpoint_never_replaces_the_final_models_records(tiny_run)
     earlier = run / "checkpoints" / "epoch0001.pt"
     shutil.copy(run / "checkpoints" / "last.pt", earlier)
     final = run_eval("knn", run, ["eval.batch_size=8"], device="cpu", progress=False)
-    final_export = (run / "export" / "timm" / "model.safetensors").read_bytes()
+    final_export = run / "export" / "timm" / "model.safetensors"
+    written = final_export.stat().st_mtime_ns
     rec = run_eval("knn", earlier, ["eval.batch_size=8"], device="cpu", progress=False)
     assert rec["output"] == str(run / "eval" / "knn-epoch0001.json") and rec["checkpoint"] == str(earlier)
-    assert final["output"] == str(run / "eval" / "knn.json") and (run / "eval" / "knn.json").is_file()
+    assert final["output"] == str(run / "eval" / "knn.json")
+    assert json.loads((run / "eval" / "knn.json").read_text())["checkpoint"] == final["checkpoint"]
     assert export_run(earlier) == run / "export" / "epoch0001"
-    assert (run / "export" / "timm" / "model.safetensors").read_bytes() == final_export
+    # The earlier export evaluated, or exported again, stays apart from the final model's too.
+    rec = run_eval("knn", run / "export" / "epoch0001", ["eval.batch_size=8"], device="cpu", progress=False)
+    assert rec["output"] == str(run / "eval" / "knn-epoch0001.json")
+    assert export_run(run / "export" / "epoch0001") == run / "export" / "epoch0001"
+    assert final_export.stat().st_mtime_ns == written
+    assert json.loads((run / "eval" / "knn.json").read_text())["checkpoint"] == final["checkpoint"]
     earlier.unlink()
 
 

@@ -489,24 +489,23 @@ def test_a_dead_loader_worker_keeps_the_run(tmp_path, monkeypatch):
     assert load_last(run)["step"] == steps[-1] == 2 * (50 // 6) and len(steps) == len(set(steps))
 
 
-def test_a_worker_dying_between_steps_is_saved_first_and_other_errors_pass():
-    from glsd.data.workers import batches_or_worker_error
+def test_only_a_dead_worker_is_told_as_one():
+    from glsd.data.workers import is_worker_death
 
-    def loader(error):
-        yield "batch 1"
-        raise error
+    assert is_worker_death(RuntimeError("DataLoader worker (pid 7) is killed by signal: Killed. "))
+    assert is_worker_death(RuntimeError("DataLoader worker (pid(s) 7, 8) exited unexpectedly"))
+    # A worker's own exception, re-raised by torch, keeps its own message (and its own fix).
+    assert not is_worker_death(DataError("Caught DataError in DataLoader worker process 0.\n"
+                                         "cannot read image 'a/0.jpg' ... set data.on_error=skip"))
+    assert not is_worker_death(RuntimeError("Caught RuntimeError in DataLoader worker process 1."))
 
-    saves = []
-    batches = batches_or_worker_error(loader(RuntimeError("DataLoader worker (pid 7) is killed by "
-                                                          "signal: Killed.")), lambda: saves.append(1) or "kept.")
-    assert next(batches) == "batch 1" and not saves
-    with pytest.raises(DataError, match=r"worker died \(DataLoader worker \(pid 7\) is killed by "
-                                        r"signal: Killed\.\); kept\. If it happens again"):
-        next(batches)
-    assert saves == [1]
-    with pytest.raises(RuntimeError, match="a bug"):  # not a worker's death: not ours to explain
-        list(batches_or_worker_error(loader(RuntimeError("a bug")), lambda: saves.append(2) or ""))
-    assert saves == [1]
+
+def test_a_bad_file_read_in_a_worker_under_on_error_fail_names_the_file(tmp_path):
+    root, run = tmp_path / "images", tmp_path / "run"
+    _image_folder(root)
+    with pytest.raises(DataError, match="cannot read image .* set data.on_error=skip") as err:
+        pretrain(_data_cfg(run, root, "data.num_workers=1", "data.on_error=fail"))
+    assert "worker died" not in str(err.value)
 
 
 @pytest.mark.parametrize("workers", [0, 1])  # 1: read in a worker, named by the trainer

@@ -23,7 +23,7 @@ from glsd.errors import DataError, MissingSplit
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff",
                     ".webp", ".gif")
 # Photo formats Pillow cannot decode without a plug-in: named when a folder holds only those.
-UNREADABLE_EXTENSIONS = (".heic", ".heif", ".avif", ".dng", ".cr2", ".nef", ".arw", ".raw")
+UNREADABLE_EXTENSIONS = (".heic", ".heif", ".dng", ".cr2", ".nef", ".arw", ".raw")
 # Folders that copying tools and NAS boxes add beside photos (resource forks, thumbnails).
 JUNK_FOLDERS = ("__MACOSX", "@eaDir", "#recycle", "$RECYCLE.BIN", "System Volume Information")
 # Sub-folder names that mark an ImageNet-style split layout (root/<split>/<class>/*).
@@ -153,7 +153,7 @@ def detect_kind(root: str) -> tuple[str, str]:
         return "folder", "not a folder"
     entries = _list_folder(path)
     subdirs = [p.name for p in entries if p.is_dir() and not _hidden(p.name)]
-    top_images = sum(1 for p in entries if p.is_file() and _is_image(p.name))
+    top_images = sum(1 for p in entries if p.is_file() and _is_image(p.name) and not _hidden(p.name))
     if subdirs and not top_images:
         return "imagefolder", f"{len(subdirs)} sub-folders and no images at the top level"
     why = f"{top_images} images at the top level" if top_images else "no sub-folders"
@@ -188,7 +188,7 @@ def _walk_images(base: Path) -> list[str]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = [d for d in dirnames if not _hidden(d)]
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))  # a linked folder: its first path
         keys += [str(Path(dirpath, f).relative_to(base)) for f in files if _is_image(f) and not _hidden(f)]
     return sorted(keys)
 

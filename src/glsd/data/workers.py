@@ -1,5 +1,5 @@
 """How loader workers (training and evaluation) take stop signals: the training process owns
-the stop, the workers help it finish. And what a worker's death costs: the run is saved first.
+the stop, the workers help it finish. And how a worker's death is told apart and worded.
 
 A scheduler's SIGTERM, or Ctrl-C in a terminal, reaches every process of the job. A worker
 killed by it makes the training process raise at once (torch's worker watchdog), mid-step,
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Callable, Iterable, Iterator
-
 from glsd.errors import DataError
 
 _stop_signals_seen = 0
@@ -32,9 +30,10 @@ def _on_stop_signal(signum, frame) -> None:
 
 
 def is_worker_death(error: BaseException) -> bool:
-    """torch's error for a loader worker that died: raised where the trainer was when it
-    learnt of it (its SIGCHLD handler can fire mid-step), or by the loader's next batch."""
-    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error)
+    """torch's error for a loader worker that died (killed, or exited without a word): raised
+    at the next batch, or by its SIGCHLD handler wherever the trainer was. Not a worker's own
+    exception, which torch re-raises as "Caught X in DataLoader worker process N"."""
+    return isinstance(error, RuntimeError) and "DataLoader worker (pid" in str(error)
 
 
 def worker_died(error: BaseException, saved: str) -> DataError:
@@ -43,19 +42,3 @@ def worker_died(error: BaseException, saved: str) -> DataError:
                      "happens again: out of memory (lower data.num_workers or train.batch_size) "
                      "or a decoder crash on one file (data.num_workers=0 shows the error where "
                      "it happens)")
-
-
-def batches_or_worker_error(loader: Iterable, save: Callable[[], str]) -> Iterator:
-    """The loader's batches; a dead worker is :func:`worker_died` after ``save()``, not a
-    traceback that loses everything since the last checkpoint."""
-    batches = iter(loader)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except RuntimeError as e:
-            if not is_worker_death(e):
-                raise
-            raise worker_died(e, save()) from None
-        yield batch

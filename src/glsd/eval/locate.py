@@ -25,7 +25,11 @@ def snapshot_name(checkpoint) -> str:
     if checkpoint is None:
         return ""
     path = Path(checkpoint)
-    return path.stem if path.parent.name == CHECKPOINT.parent.name and path.name != CHECKPOINT.name else ""
+    if path.parent.name == CHECKPOINT.parent.name and path.name != CHECKPOINT.name:
+        return path.stem
+    if path.parent.parent.name == "export" and path.parent.name != "timm":  # its export folder
+        return path.parent.name
+    return ""
 
 
 def locate(path: Path):

@@ -25,7 +25,7 @@ import yaml
 
 from glsd.config import Config, ConfigError, diff_keys, from_dict, identity
 from glsd.data.subset import SUBSET_FILE, read_subset
-from glsd.data.sources import ImageSource, balanced_subset
+from glsd.data.sources import ImageSource, Unreadable, balanced_subset
 from glsd.errors import DataError
 from glsd.train.schedules import warmup_steps
 
@@ -187,11 +187,9 @@ def scale_warmup(cfg: Config, steps_per_epoch: int) -> tuple[Config, Optional[st
 def raise_unreadable(source: ImageSource, keys: list[str]) -> None:
     """Every image of an even sample failed to decode: refused before the first step, not
     after an epoch of skipped reads."""
-    try:
-        source.read(keys[0])
-        why = "it reads now: the files may be changing or on a slow disk"
-    except Exception as e:  # noqa: BLE001 - any decoder error: what the user must see
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    again = source.load_or_why(keys[0])  # under the read deadline too
+    why = (again.reason if isinstance(again, Unreadable)
+           else "it reads now: the files may be changing or on a slow disk")
     raise DataError(f"none of {len(keys)} images read from {source.name} (evenly spaced through "
                     f"its {len(source):,}) could be decoded; e.g. {keys[0]!r}: {why}. Check that "
                     "the files open in an image viewer, or point data.root at the images")

@@ -22,7 +22,7 @@ from glsd.data.loader import StepViews, build_loader
 from glsd.data.subset import SUBSET_FILE, select_images, write_subset
 from glsd.data.download import open_source_downloading_once
 from glsd.data.view_params import sample_seed
-from glsd.data.workers import batches_or_worker_error, is_worker_death, worker_died
+from glsd.data.workers import is_worker_death, worker_died
 from glsd.export import write_run_exports
 from glsd.models.families import GLSD_CONVNET
 from glsd.models.heads import GLSDNet, build_network, build_teacher, freeze_unused_parameters
@@ -87,6 +87,10 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo, run: RunFolder
     try:
         with StopRequested() as stop:
             finished = train_loop(ctx, state, stop)
+    except RuntimeError as e:  # torch's SIGCHLD handler raises it wherever the loop was
+        if not is_worker_death(e):
+            raise
+        raise worker_died(e, _save_for_a_dead_worker(ctx, state)) from None
     finally:
         ctx.console.close()
         for sink in ctx.sinks:
@@ -179,7 +183,7 @@ class Context:
     console: Optional[Console] = None  # None (benchmarks): silent
     monitor: Optional[CollapseMonitor] = None
     sinks: list = dataclasses.field(default_factory=list)  # metric writers besides metrics.jsonl
-    applying: bool = False  # inside a step's weight and teacher update (not a state to save)
+    applying: bool = False  # from a step's weight update until the state counts it (not a state to save)
 
 
 def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
@@ -193,7 +197,7 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
         ctx.sampler.set_epoch(state.epoch, state.step_in_epoch * ctx.sampler.global_batch)
         tick, since_log, stopping, batches, steps_before = time.perf_counter(), 0, None, 0, state.step
         whole_epoch = state.step_in_epoch == 0
-        for batch in batches_or_worker_error(ctx.loader, lambda: _save_for_a_dead_worker(ctx, state)):
+        for batch in ctx.loader:
             batches += 1
             ctx.run.name_unreadable(batch.unreadable)
             if _no_image(ctx, batch):  # data.on_error=skip dropped every image of the batch
@@ -205,6 +209,7 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
             state.step += 1
             state.step_in_epoch += 1
             state.skipped_images += batch.skipped
+            ctx.applying = False  # the weights and the state's count agree again
             since_log += 1
             console.update(state.step, terms.loss_value, float(ctx.sched.lr[state.step - 1]),
                            ctx.sampler.global_batch)
@@ -290,25 +295,22 @@ def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossT
         raise finite.grad_error(step + 1, float(norm))
     if step < sched.freeze_last_layer_steps:
         drop_prototype_grads(ctx.student)
-    ctx.applying = True
+    ctx.applying = True  # until the loop counts the step (a dead worker's save waits for it)
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
     ema_update(ctx.teacher, ctx.student, float(sched.momentum[step]))
-    ctx.applying = False
     return terms
 
 
 def checked_step(ctx: Context, state: TrainState, batch, want_stats: bool) -> LossTerms:
     """:func:`train_step`, its failures told as what went wrong, what to change and what the
-    run kept: a non-finite loss or gradient, running out of memory, a dead loader worker."""
+    run kept: a non-finite loss or gradient, running out of memory."""
     try:
         return train_step(ctx, batch, state.step, want_stats)
     except NonFiniteError as e:  # nothing of this step was applied or written
         raise NonFiniteError(f"{e} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
                              f"{_advice(ctx, e)}") from None
     except RuntimeError as e:
-        if is_worker_death(e):
-            raise worker_died(e, _save_for_a_dead_worker(ctx, state)) from None
         if not is_out_of_memory(e):
             raise
         raise out_of_memory(ctx.cfg, ctx.amp_dtype, ctx.device, state.step + 1,
@@ -316,7 +318,7 @@ def checked_step(ctx: Context, state: TrainState, batch, want_stats: bool) -> Lo
 
 
 def _save_for_a_dead_worker(ctx: Context, state: TrainState) -> str:
-    """The weights of the last finished step, unless the news came mid-update. Before that,
+    """The weights of the last counted step, unless the news came mid-update. Before that,
     a step leaves only BatchNorm's running statistics and the centre one batch further, as
     a resume that repeats the batch would anyway."""
     kept = finite.kept_note(ctx.run.last, state.checkpoint_step)

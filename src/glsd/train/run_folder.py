@@ -197,6 +197,8 @@ class RunFolder:
     def name_unreadable(self, unreadable) -> None:
         """Each file a batch skipped (data.on_error=skip), named once in train.log: by the
         trainer, since a loader worker started by spawn (macOS) has no log of its own."""
+        if not self.is_main:  # only the main process has the log (a rank's own are not named)
+            return
         for item in unreadable:
             if item.key not in self._named_unreadable:
                 self._named_unreadable.add(item.key)
