@@ -35,9 +35,11 @@ def test_log_lines_say_the_time_so_far_and_left_and_warn_of_a_run_of_days(monkey
     assert "warning" not in stream.getvalue()
     long = Console(progress=False, stream=stream)
     long.begin(0, 100_000)
-    clock[0] += 10
-    long.log({"step": 2, "loss": 2.0})  # 5 s a step: 5.8 days left
-    long.log({"step": 4, "loss": 2.0})
+    for step in range(1, 8):  # 5 s a step: told a few steps in, once, not at the first log line
+        clock[0] += 5
+        long.update(step, 2.0, 1e-3, 64)
+        assert ("warning" in stream.getvalue()) == (step >= 5), step
+    long.log({"step": 7, "loss": 2.0})
     out = stream.getvalue()
     assert out.count("glsd: warning: at this pace the schedule ends in about 5d18h") == 1, out
     assert "a stopped run resumes where it was" in out

@@ -5,7 +5,7 @@
 - on a terminal a progress bar with loss, lr and images/s; elsewhere (or with
   ``train.progress=false``) one line every ``train.log_every`` steps, with the time so far and
   the time left at the pace so far;
-- a warning when that pace puts the end of the schedule more than a day away;
+- a warning, a few steps in, when the pace puts the end of the schedule more than a day away;
 - warnings (collapse, scaled warm-up) that the bar does not swallow;
 - an end summary (steps, time, images/s, skipped images, export path).
 
@@ -54,7 +54,8 @@ def format_all(record: dict) -> str:
     return " ".join(f"{k}={fmt(v)}" for k, v in record.items())
 
 
-LONG_RUN_S = 24 * 3600  # a run this far from its end at the first log line is told so
+LONG_RUN_S = 24 * 3600  # a run this far from its end a few steps in is told so
+PACE_STEPS = 5  # the steps after which the pace is first judged (the first ones include start-up)
 
 
 def duration(seconds: float) -> str:
@@ -110,7 +111,9 @@ class Console:
                             file=self.stream)
 
     def update(self, step: int, loss: float, lr: float, global_batch: int) -> None:
-        """Every step: the bar (a terminal only)."""
+        """Every step: the pace check, and the bar (a terminal only)."""
+        if step - (self.first_step or 0) == PACE_STEPS:
+            self._eta(step)
         if self.bar is None:
             return
         self.bar.update(step - self.bar.n)
@@ -131,11 +134,18 @@ class Console:
             print(format_record(record, self.max_steps) + timing, file=self.stream, flush=True)
 
     def _timing(self, step: int) -> str:
-        """`` elapsed 12m03s eta 1h40m00s`` at the pace since :meth:`begin` ("" before a step);
-        said once as a warning when the end is more than a day away."""
+        """`` elapsed 12m03s eta 1h40m00s`` at the pace since :meth:`begin` ("" before a step)."""
+        eta = self._eta(step)
+        if eta is None:
+            return ""
+        return f" elapsed {duration(time.perf_counter() - self.started)} eta {duration(eta)}"
+
+    def _eta(self, step: int) -> Optional[float]:
+        """Seconds to the end at the pace since :meth:`begin`; said once as a warning when the
+        end is more than a day away (checked a few steps in, not at the first log line)."""
         done = step - (self.first_step or 0)
         if done <= 0 or not self.max_steps:
-            return ""
+            return None
         elapsed = time.perf_counter() - self.started
         eta = elapsed / done * max(self.max_steps - step, 0)
         if eta > LONG_RUN_S and not self.told_long:
@@ -143,7 +153,7 @@ class Console:
             self.warn(f"at this pace the schedule ends in about {duration(eta)} ({fmt(done / elapsed)} "
                       "steps/s): a faster device, a smaller backbone or fewer train.epochs shortens it; "
                       "a stopped run resumes where it was")
-        return f" elapsed {duration(elapsed)} eta {duration(eta)}"
+        return eta
 
     def close(self) -> None:
         if self.bar is not None:
