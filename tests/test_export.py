@@ -49,6 +49,30 @@ def test_load_exported_matches_checkpoint_teacher(tiny_run):
         assert not torch.allclose(model.forward_features(x), student.model.forward_features(x))
 
 
+def test_a_run_starts_from_the_weights_it_is_given(tiny_run, tmp_path):
+    """model.init_from: a run's exported backbone (or a hub file with a classifier head, left
+    out) starts the next run's student and teacher; a file of another size is refused."""
+    from glsd.train.pretrain import build_networks
+
+    name, run = tiny_run
+    given = load_file(str(run / "backbone.safetensors"))
+    with_head = {**given, "head.weight": torch.zeros(10, 4), "head.bias": torch.zeros(10)}
+    save_file(with_head, str(tmp_path / "hub.safetensors"))
+    for path in (run / "backbone.safetensors", tmp_path / "hub.safetensors"):
+        cfg = load_config(None, [*TINY, *BACKBONES[name], f"model.init_from={path}"])
+        student, teacher = build_networks(cfg, torch.device("cpu"))
+        for net in (student, teacher):
+            own = net.backbone.model.state_dict()
+            assert all(torch.equal(own[k], v) for k, v in given.items()), (name, path)
+    fresh, _ = build_networks(load_config(None, [*TINY, *BACKBONES[name]]), torch.device("cpu"))
+    assert not all(torch.equal(fresh.backbone.model.state_dict()[k], v) for k, v in given.items())
+    other = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if v.dim() else v for k, v in given.items()}
+    save_file(other, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ConfigError, match="do not fit .*model.init_from"):
+        build_networks(load_config(None, [*TINY, *BACKBONES[name], f"model.init_from={tmp_path / 'other.safetensors'}"]),
+                       torch.device("cpu"))
+
+
 def test_plain_timm_one_liner(tiny_run):
     """The docstring's recipe: timm.create_model(name, num_classes=0, **kwargs) + load_file."""
     name, run = tiny_run

@@ -107,6 +107,10 @@ class ModelConfig:
     channels_last: bool = False  # conv backbones: NHWC kernels (faster on CPU with bf16)
     norm_last_layer: bool = False
     drop_path_rate: float = 0.1
+    # Start the backbone from these weights instead of random ones: a .safetensors of this
+    # architecture (a glsd run's backbone.safetensors or export folder's model.safetensors, or
+    # a timm model.safetensors; a classifier head in it is left out). Part of the run's identity.
+    init_from: Optional[str] = None
 
 
 # The local-loss arms, in the order reports list them.

@@ -161,6 +161,19 @@ def load_checked_weights(model: torch.nn.Module, state: Mapping[str, torch.Tenso
     return model
 
 
+def load_initial_weights(model: torch.nn.Module, path, what: str) -> list[str]:
+    """The backbone weights of a safetensors file into ``model`` (model.init_from): every
+    tensor of the model must be there with its shape; tensors the model has no place for (a
+    classifier head of a hub checkpoint) are left out and returned by name."""
+    path = Path(path).expanduser()
+    state, _ = read_safetensors(path)
+    own = model.state_dict()
+    unused = sorted(k for k in state if k not in own)
+    load_checked_weights(model, {k: v for k, v in state.items() if k in own}, path,
+                         f"{what} (model.init_from: a file of another architecture or size?)")
+    return unused
+
+
 def misfit(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str:
     """How two state dicts differ, in one short line (torch lists every key)."""
     def some(names):

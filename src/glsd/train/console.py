@@ -200,6 +200,8 @@ def start_summary(cfg, source, plan, device, amp_dtype, world_size: int, run_roo
     grids = ", ".join(f"{g[0]}x{g[1]} at {name}" for name, g in plan.grids.items())
     stride = f", stride {plan.stride}" if plan.stride else ""
     lines.append(f"  model      {cfg.model.backbone}{stride}: grid {grids}")
+    if cfg.model.init_from:
+        lines.append(f"             backbone weights from {cfg.model.init_from} (model.init_from)")
     threshold = f", threshold {cfg.loss.match_threshold}" if cfg.loss.matching != "none" else ""
     lines.append(f"  matching   {cfg.loss.matching}{threshold}")
     lines.append(f"  device     {device}, precision {precision}")

@@ -45,6 +45,7 @@ from glsd.train.rng import rng_state, seed_everything
 from glsd.train.schedules import Schedules
 from glsd.train.signals import StopRequested
 from glsd.utils.device import device_type, resolve_device
+from glsd.weights import load_initial_weights
 
 
 NonFiniteLossError = NonFiniteError  # the name before glsd.errors
@@ -54,7 +55,12 @@ __all__ = ["pretrain", "NonFiniteLossError", "TrainingInterrupted"]
 def build_networks(cfg: Config, device: torch.device) -> tuple[GLSDNet, GLSDNet]:
     """(student, teacher) on ``device``: the teacher starts as a copy of the student. Student
     parameters no output depends on are frozen (named in train.log)."""
-    student = build_network(cfg).to(device)
+    student = build_network(cfg)
+    if cfg.model.init_from:  # before the teacher is copied from it
+        unused = load_initial_weights(student.backbone.model, cfg.model.init_from, cfg.model.backbone)
+        LOG.info("backbone initialised from %s%s", cfg.model.init_from,
+                 f" (left out, not in the backbone: {', '.join(unused)})" if unused else "")
+    student = student.to(device)
     sizes = [cfg.crops.global_size] + ([cfg.crops.local_size] if cfg.crops.num_local else [])
     unused = freeze_unused_parameters(student, sizes)
     if unused:
