@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from glsd.config import load_config, to_dict
-from glsd.data.sources import synthetic_image
+from glsd.data.synthetic import synthetic_image
 from glsd.embedding import embed
 from glsd.eval.features import eval_transform, load_backbone
 from glsd.models.backbone import build_backbone

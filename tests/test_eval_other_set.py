@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from glsd.config import dump_yaml, load_config, to_dict
-from glsd.data.sources import synthetic_image
+from glsd.data.synthetic import synthetic_image
 from glsd.eval.runner import clear_cache, run_eval
 from glsd.models.backbone import build_backbone
 from glsd.train.checkpoint import export_backbone

@@ -141,7 +141,7 @@ def test_timm_folder_gives_the_same_features_and_preprocessing(vit_preset_run):
     import timm
     from PIL import Image
 
-    from glsd.data.sources import synthetic_image
+    from glsd.data.synthetic import synthetic_image
     from glsd.eval.features import eval_transform
 
     folder = vit_preset_run / "export" / "timm"

@@ -430,12 +430,12 @@ def test_a_second_signal_stops_a_stuck_data_read(tmp_path, monkeypatch):
     the step, the second stops at once; the checkpoint on disk is kept."""
     import time
 
-    import glsd.data.sources as sources
+    import glsd.data.synthetic as synthetic
     from glsd.errors import TrainingInterrupted
 
     run = tmp_path / "run"
     pretrain(tiny_config(run, "train.max_steps=1"))
-    real, reads = sources.synthetic_source, []
+    real, reads = synthetic.synthetic_source, []
 
     def stuck_source(*args, **kwargs):
         src = real(*args, **kwargs)
@@ -449,7 +449,7 @@ def test_a_second_signal_stops_a_stuck_data_read(tmp_path, monkeypatch):
         src.read = slow
         return src
 
-    monkeypatch.setattr(sources, "synthetic_source", stuck_source)
+    monkeypatch.setattr(synthetic, "synthetic_source", stuck_source)
 
     def signal_twice():
         while len(reads) <= 8:

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 import glsd.train.pretrain as pretrain_mod
 from glsd.config import load_config
-from glsd.data.sources import balanced_subset, synthetic_source
+from glsd.data.sources import balanced_subset
+from glsd.data.synthetic import synthetic_source
 from glsd.models.backbone import create_model
 from glsd.train.checkpoint import load_checkpoint
 from glsd.train.pretrain import pretrain

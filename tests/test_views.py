@@ -14,7 +14,7 @@ from PIL import Image
 from glsd.config import CropConfig
 from glsd.data.geometry import cell_centers
 from glsd.data.loader import StepViews, build_loader
-from glsd.data.sources import synthetic_source
+from glsd.data.synthetic import synthetic_source
 from glsd.data.view_params import (crop_boxes, draw_view_params, N_UNIFORMS, sample_seed,
                                    training_seed, view_sizes)
 from glsd.data.views import (ViewMaker, adjust_brightness, adjust_contrast, adjust_hue,

@@ -13,23 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from glsd.config import ConfigError, DataConfig
 from glsd.data.image_file import decode_image, read_deadline, read_image_file, to_rgb  # noqa: F401 - to_rgb: its old home
+from glsd.data.layout import (FOLDER_RULE, SPLIT_NAMES, TORCHVISION_SOURCES, all_names, detect_kind,
+                               escapes, hidden, is_image, list_folder, no_images_error, walk_images,
+                               wrapper_folder)
 from glsd.errors import DataError, MissingSplit
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff",
-                    ".webp", ".gif")
-# Photo formats Pillow cannot decode without a plug-in: named when a folder holds only those.
-UNREADABLE_EXTENSIONS = (".heic", ".heif", ".dng", ".cr2", ".nef", ".arw", ".raw")
-# Folders that copying tools and NAS boxes add beside photos (resource forks, thumbnails).
-JUNK_FOLDERS = ("__MACOSX", "@eaDir", "#recycle", "$RECYCLE.BIN", "System Volume Information")
-# Sub-folder names that mark an ImageNet-style split layout (root/<split>/<class>/*).
-SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing", "eval",
-               "evaluation", "unlabeled")
-TORCHVISION_SOURCES = ("cifar10", "cifar100", "stl10", "fashion_mnist")
 
 
 @dataclass(frozen=True)
@@ -114,8 +106,10 @@ def _open_source(cfg: DataConfig, split: str) -> ImageSource:
 
         return imagefolder_source(sample_root(), split)
     if kind == "synthetic":
-        return synthetic_source(cfg.synthetic_num_images, cfg.synthetic_image_size,
-                                cfg.synthetic_num_classes, seed=0 if split == "train" else 1)
+        from glsd.data import synthetic
+
+        return synthetic.synthetic_source(cfg.synthetic_num_images, cfg.synthetic_image_size,
+                                          cfg.synthetic_num_classes, seed=0 if split == "train" else 1)
     if kind in TORCHVISION_SOURCES:
         return torchvision_source(kind, cfg.root or "data", split, cfg.download)
     root = Path(cfg.root).expanduser()  # data.root=~/photos: a shell leaves that ~ alone
@@ -128,98 +122,19 @@ def _open_source(cfg: DataConfig, split: str) -> ImageSource:
     return flat_folder_source(root)
 
 
-# The rule data.source=auto applies to a folder; stated in its messages and the start summary.
-FOLDER_RULE = ("a folder whose non-hidden sub-folders hold the images (none at its top level) is an "
-               "ImageFolder (one class per sub-folder); any other folder is unlabelled and read "
-               "recursively; hidden folders (.name) are ignored; data.source=imagefolder|folder forces either")
-
-
 def _detect_kind(root: str) -> str:
     return detect_kind(root)[0]
-
-
-def detect_kind(root: str) -> tuple[str, str]:
-    """(kind, why) for data.source=auto."""
-    if not root:
-        raise ConfigError("data.root is empty: the config names no images. Pass data.root=PATH (a "
-                          "folder of images, an ImageFolder tree root/<class>/*, or a .zip of one), or "
-                          "data.source=sample (the small sample shipped with glsd), or "
-                          "data.source=cifar10 data.download=true (other sources: imagefolder, folder, "
-                          f"zip, {', '.join(TORCHVISION_SOURCES)}, synthetic)")
-    path = Path(root).expanduser()
-    if path.suffix.lower() == ".zip":
-        return "zip", "a .zip file"
-    if not path.is_dir():
-        return "folder", "not a folder"
-    entries = _list_folder(path)
-    subdirs = [p.name for p in entries if p.is_dir() and not _hidden(p.name)]
-    top_images = sum(1 for p in entries if p.is_file() and _is_image(p.name) and not _hidden(p.name))
-    if subdirs and not top_images:
-        return "imagefolder", f"{len(subdirs)} sub-folders and no images at the top level"
-    why = f"{top_images} images at the top level" if top_images else "no sub-folders"
-    return "folder", why
-
-
-def _hidden(name: str) -> bool:
-    """Hidden files and folders (.name, macOS's ._name resource forks) and the folders that
-    copying tools and NAS boxes add: never images of the dataset."""
-    return name.startswith(".") or name in JUNK_FOLDERS
-
-
-def _list_folder(path: Path) -> list[Path]:
-    try:
-        return list(path.iterdir())
-    except OSError as e:
-        raise ConfigError(f"cannot list {path}: {e.strerror or e}; check its permissions") from None
-
-
-def _walk_images(base: Path) -> list[str]:
-    """Image paths under ``base`` relative to it, sorted, skipping hidden files and folders.
-    Linked sub-folders are followed (each real folder once, so a link loop ends)."""
-    keys, seen = [], set()
-
-    def refuse(error: OSError):
-        raise ConfigError(f"cannot read the folder {error.filename}: {error.strerror or error}; "
-                          "check its permissions") from None
-
-    for dirpath, dirnames, files in os.walk(base, onerror=refuse, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))  # a linked folder: its first path
-        keys += [str(Path(dirpath, f).relative_to(base)) for f in files if _is_image(f) and not _hidden(f)]
-    return sorted(keys)
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def no_images_error(where: str, names) -> ConfigError:
-    """No readable image under ``where``: say which formats were looked for, and name the photo
-    formats that were there but need converting (an iPhone's HEIC, raw files)."""
-    found = sorted({os.path.splitext(n)[1].lower() for n in names} & set(UNREADABLE_EXTENSIONS))
-    hint = (f"; it holds {', '.join(found)} files, which glsd cannot decode: convert them to JPEG "
-            "or PNG" if found else "")
-    return ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {where}{hint}")
-
-
-def _all_names(base: Path) -> list[str]:
-    """Every non-hidden file name under ``base`` (for the error above; only when nothing was found)."""
-    return [f for _, dirnames, files in os.walk(base) for f in files if not _hidden(f)]
 
 
 def imagefolder_source(root: Path, split: str) -> ImageSource:
     """``root/<class>/*`` or ``root/<split>/<class>/*`` (ImageNet layout)."""
     base = root / split if (root / split).is_dir() else root
     if base == root:  # a split layout without the asked split must not pass as classes
-        splits = sorted(d.name for d in _list_folder(root) if d.is_dir() and d.name.lower() in SPLIT_NAMES
-                        and any(p.is_dir() for p in _list_folder(d)))
+        splits = sorted(d.name for d in list_folder(root) if d.is_dir() and d.name.lower() in SPLIT_NAMES
+                        and any(p.is_dir() for p in list_folder(d)))
         if splits:
             raise MissingSplit(split, str(root), splits)
-    classes = sorted(d.name for d in _list_folder(base) if d.is_dir() and not _hidden(d.name))
+    classes = sorted(d.name for d in list_folder(base) if d.is_dir() and not hidden(d.name))
     if not classes:
         # Point at the split's own folder: data.source=folder on the root would read every
         # split, the test images included.
@@ -227,11 +142,11 @@ def imagefolder_source(root: Path, split: str) -> ImageSource:
                           f"data.source=folder data.root={base} (rule of data.source=auto: {FOLDER_RULE})")
     keys, labels = [], []
     for label, cls in enumerate(classes):
-        found = _walk_images(base / cls)
+        found = walk_images(base / cls)
         keys += [str(Path(cls, k)) for k in found]
         labels += [label] * len(found)
     if not keys:
-        raise no_images_error(str(base), _all_names(base))
+        raise no_images_error(str(base), all_names(base))
     reader = _FileReader(base)
     return ImageSource(f"imagefolder:{base}", keys, labels, classes, reader, read_reduced=reader,
                        location=os.path.realpath(base))
@@ -241,28 +156,12 @@ def flat_folder_source(root: Path) -> ImageSource:
     """Every image under ``root`` (recursively), unlabeled."""
     if root.is_file():
         raise ConfigError(f"data.root={root} is a file; give a folder of images or a .zip")
-    keys = _walk_images(root)
+    keys = walk_images(root)
     if not keys:
-        raise no_images_error(str(root), _all_names(root))
+        raise no_images_error(str(root), all_names(root))
     reader = _FileReader(root)
     return ImageSource(f"folder:{root}", keys, [-1] * len(keys), [], reader, read_reduced=reader,
                        location=os.path.realpath(root))
-
-
-def _escapes(member: str) -> bool:
-    """An absolute or drive path, or one with a '..' part (checked before anything is skipped)."""
-    return (member.startswith(("/", "\\")) or ".." in member.replace("\\", "/").split("/")
-            or (len(member) > 1 and member[1] == ":"))
-
-
-def _wrapper_folder(names: list[str]) -> Optional[str]:
-    """The one folder every member sits in, when it is neither a split nor a class folder
-    (its members are in sub-folders of it), else None."""
-    tops = {n.split("/")[0] for n in names}
-    if len(tops) != 1 or not all(n.count("/") >= 2 for n in names):
-        return None
-    top = tops.pop()
-    return None if top.lower() in SPLIT_NAMES else top
 
 
 class _FileReader:
@@ -304,16 +203,16 @@ def zip_source(path: Path, split: str) -> ImageSource:
         raise ConfigError(f"{path} is not a readable zip file ({e})") from None
     except OSError as e:
         raise ConfigError(f"cannot open {path}: {e.strerror or e}") from None
-    unsafe = [n for n in every if _is_image(n) and _escapes(n)]
+    unsafe = [n for n in every if is_image(n) and escapes(n)]
     if unsafe:
         raise ConfigError(f"zip {path} has members with '..' or absolute paths (e.g. {unsafe[0]!r}); "
                           "they would escape its class folders. Rebuild the zip with relative names")
-    members = [n for n in every if not any(_hidden(part) for part in n.split("/"))]
-    names = [n for n in members if _is_image(n)]
+    members = [n for n in every if not any(hidden(part) for part in n.split("/"))]
+    names = [n for n in members if is_image(n)]
     if not names:
         raise no_images_error(f"zip {path}", members)
     # A zip of a folder (Finder, Explorer: mydata/<class>/*) holds the layout one level down.
-    wrapper = _wrapper_folder(names)
+    wrapper = wrapper_folder(names)
     depth = 1 if wrapper else 0
     tops = sorted({n.split("/")[depth] for n in names if n.count("/") >= depth + 2})
     if tops:
@@ -366,63 +265,6 @@ class _DatasetReader:
 
     def __call__(self, key: str) -> Image.Image:
         return to_rgb(self.dataset[int(key)][0])
-
-
-SHAPES = ("disc", "square", "triangle", "cross", "ring", "bars", "checker", "diamond")
-
-
-def synthetic_image(index: int, size: int, num_classes: int, seed: int = 0) -> tuple[Image.Image, int]:
-    """A deterministic image: a coloured shape (the class) at a random place on noise."""
-    rng = random.Random(seed * 1_000_003 + index)
-    label = index % num_classes
-    noise = np.random.default_rng(rng.randrange(2**31)).integers(0, 80, (size, size, 3), dtype=np.uint8)
-    img = Image.fromarray(noise)
-    draw = ImageDraw.Draw(img)
-    r = rng.uniform(0.2, 0.35) * size
-    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
-    color = tuple(rng.randrange(120, 256) for _ in range(3))
-    box = (cx - r, cy - r, cx + r, cy + r)
-    shape = SHAPES[label % len(SHAPES)]
-    if shape == "disc":
-        draw.ellipse(box, fill=color)
-    elif shape == "square":
-        draw.rectangle(box, fill=color)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
-    elif shape == "cross":
-        draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=color)
-        draw.rectangle((cx - r / 3, cy - r, cx + r / 3, cy + r), fill=color)
-    elif shape == "ring":
-        draw.ellipse(box, outline=color, width=max(1, int(r / 3)))
-    elif shape == "bars":
-        for k in range(3):
-            x = cx - r + k * r * 0.8
-            draw.rectangle((x, cy - r, x + r / 3, cy + r), fill=color)
-    elif shape == "checker":
-        h = r / 2
-        for a in range(4):
-            for b in range(4):
-                if (a + b) % 2 == 0:
-                    draw.rectangle((cx - r + a * h, cy - r + b * h, cx - r + (a + 1) * h, cy - r + (b + 1) * h), fill=color)
-    else:
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=color)
-    return img, label
-
-
-def synthetic_source(num_images: int, size: int, num_classes: int, seed: int = 0) -> ImageSource:
-    return ImageSource(f"synthetic:{seed}", [str(i) for i in range(num_images)],
-                       [i % num_classes for i in range(num_images)],
-                       list(SHAPES[:num_classes]), _SyntheticReader(size, num_classes, seed))
-
-
-class _SyntheticReader:
-    """:func:`synthetic_image` by index key; picklable like _FileReader."""
-
-    def __init__(self, size: int, num_classes: int, seed: int):
-        self.size, self.num_classes, self.seed = size, num_classes, seed
-
-    def __call__(self, key: str) -> Image.Image:
-        return synthetic_image(int(key), self.size, self.num_classes, self.seed)[0]
 
 
 def balanced_subset(source: ImageSource, fraction: float = 1.0, num_images: Optional[int] = None,
