@@ -12,6 +12,7 @@ from glsd.config import load_config
 from glsd.data.sources import balanced_subset
 from glsd.data.synthetic import synthetic_source
 from glsd.models.backbone import create_model
+from glsd.models.heads import build_network
 from glsd.train.checkpoint import load_checkpoint
 from glsd.train.pretrain import pretrain
 
@@ -84,7 +85,7 @@ def test_run_folder_export_and_teacher(tmp_path, monkeypatch, matching):
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None for p in student.parameters())
     torch.manual_seed(cfg.train.seed)  # pretrain's seed: the initial weights
-    fresh = pretrain_mod.build_network(cfg)
+    fresh = build_network(cfg)
     moved = state_dicts_equal(fresh.state_dict(), ckpt["teacher"])
     assert moved, "the teacher never changed"
 
@@ -135,7 +136,7 @@ def test_prototypes_stay_frozen_for_their_steps(tmp_path, monkeypatch, frozen_st
     seen = _capture_ctx(monkeypatch)
     pretrain(cfg)
     torch.manual_seed(cfg.train.seed)  # pretrain's seed: the initial weights
-    fresh = pretrain_mod.build_network(cfg)
+    fresh = build_network(cfg)
     student = seen["ctx"].student
     for head in ("global_head", "local_head"):
         before = dict(getattr(fresh, head).last_layer.named_parameters())

@@ -532,7 +532,7 @@ def test_a_folder_of_files_that_are_not_images_is_refused_before_the_first_step(
     def no_network(*args, **kwargs):
         raise AssertionError("the model was built: the data error came too late")
 
-    monkeypatch.setattr(pretrain_mod, "build_network", no_network)
+    monkeypatch.setattr(pretrain_mod, "build_networks", no_network)
     with pytest.raises(DataError, match=r"none of 16 images read from folder:.* could be decoded; e.g. '0.jpg'"):
         pretrain(_data_cfg(run, root))
     assert not (run / "checkpoints").exists()
@@ -648,7 +648,7 @@ def test_data_errors_before_training(tmp_path, monkeypatch, case):
     def no_network(*args, **kwargs):
         raise AssertionError("the model was built: the data error came too late")
 
-    monkeypatch.setattr(pretrain_mod, "build_network", no_network)
+    monkeypatch.setattr(pretrain_mod, "build_networks", no_network)
     run = tmp_path / "run"
     with pytest.raises(ConfigError) as err:
         pretrain(tiny_config(run, *overrides))

@@ -1,8 +1,10 @@
-"""DINO projection heads and the student/teacher network (backbone + global + local head)."""
+"""DINO projection heads, the student/teacher network (backbone + global + local head), and
+the pair a run starts from (:func:`build_networks`)."""
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,6 +15,9 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from glsd.config import Config
 from glsd.models.backbone import Backbone, build_backbone
+from glsd.weights import load_initial_weights
+
+_LOG = logging.getLogger("glsd")  # the run's train.log once a run is open
 
 
 class DINOHead(nn.Module):
@@ -145,3 +150,20 @@ def freeze_unused_parameters(net: GLSDNet, crop_sizes: list[int]) -> list[str]:
     for name in unused:
         params[name].requires_grad_(False)
     return unused
+
+
+def build_networks(cfg: Config, device: torch.device) -> tuple[GLSDNet, GLSDNet]:
+    """(student, teacher) on ``device``: the teacher starts as a copy of the student. Student
+    parameters no output depends on are frozen (named in train.log)."""
+    student = build_network(cfg)
+    if cfg.model.init_from:  # before the teacher is copied from it
+        unused = load_initial_weights(student.backbone.model, cfg.model.init_from, cfg.model.backbone)
+        _LOG.info("backbone initialised from %s%s", cfg.model.init_from,
+                  f" (left out, not in the backbone: {', '.join(unused)})" if unused else "")
+    student = student.to(device)
+    sizes = [cfg.crops.global_size] + ([cfg.crops.local_size] if cfg.crops.num_local else [])
+    unused = freeze_unused_parameters(student, sizes)
+    if unused:
+        _LOG.info("frozen: %d parameters none of glsd's outputs use (%s)",
+                  len(unused), ", ".join(unused))
+    return student, build_teacher(cfg, student).to(device)

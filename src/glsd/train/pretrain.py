@@ -25,7 +25,7 @@ from glsd.data.view_params import sample_seed
 from glsd.data.workers import is_worker_death, worker_died
 from glsd.export import write_run_exports
 from glsd.models.families import GLSD_CONVNET
-from glsd.models.heads import GLSDNet, build_network, build_teacher, freeze_unused_parameters
+from glsd.models.heads import GLSDNet, build_networks
 from glsd.errors import DataError, NonFiniteError, TrainingInterrupted, is_out_of_memory
 from glsd.train import finite
 from glsd.train.finite import out_of_memory
@@ -45,28 +45,10 @@ from glsd.train.rng import rng_state, seed_everything
 from glsd.train.schedules import Schedules
 from glsd.train.signals import StopRequested
 from glsd.utils.device import device_type, resolve_device
-from glsd.weights import load_initial_weights
 
 
 NonFiniteLossError = NonFiniteError  # the name before glsd.errors
 __all__ = ["pretrain", "NonFiniteLossError", "TrainingInterrupted"]
-
-
-def build_networks(cfg: Config, device: torch.device) -> tuple[GLSDNet, GLSDNet]:
-    """(student, teacher) on ``device``: the teacher starts as a copy of the student. Student
-    parameters no output depends on are frozen (named in train.log)."""
-    student = build_network(cfg)
-    if cfg.model.init_from:  # before the teacher is copied from it
-        unused = load_initial_weights(student.backbone.model, cfg.model.init_from, cfg.model.backbone)
-        LOG.info("backbone initialised from %s%s", cfg.model.init_from,
-                 f" (left out, not in the backbone: {', '.join(unused)})" if unused else "")
-    student = student.to(device)
-    sizes = [cfg.crops.global_size] + ([cfg.crops.local_size] if cfg.crops.num_local else [])
-    unused = freeze_unused_parameters(student, sizes)
-    if unused:
-        LOG.info("frozen: %d parameters none of glsd's outputs use (%s)",
-                 len(unused), ", ".join(unused))
-    return student, build_teacher(cfg, student).to(device)
 
 
 def pretrain(cfg: Config) -> Path:
