@@ -131,6 +131,8 @@ def test_override_without_equals():
     ("crops.num_global=0", "crops.num_global"),
     ("crops.global_scale=[0.9,0.5]", "crops.global_scale"),
     ("train.lr=0", "train.lr"),
+    ("crops.local_size=256", "crops.local_size=256 is larger than crops.global_size"),
+    ("train.min_lr=1", "train.min_lr=1 is above train.lr"),
 ])
 def test_range_validation(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -176,6 +178,28 @@ def test_mapping_override_replaces_dotted_key_merges(tmp_path):
     assert cfg.model.backbone_kwargs == {}
     # sections merge key by key: the file's other values survive an override
     assert load_config(str(path), ["model.out_dim=8"]).model.backbone_kwargs == {"embed_dim": 32, "depth": 2}
+    # ... and a whole section given as a mapping merges too (it once reset the section's other keys)
+    whole = load_config("cifar10-vit-tiny", ["train={epochs: 1}"])
+    assert whole.train.epochs == 1 and whole.train.lr == load_config("cifar10-vit-tiny").train.lr
+
+
+def test_another_seed_or_the_same_folder_written_otherwise_is_judged_as_a_run_is(tmp_path, monkeypatch):
+    from glsd.config import diff_keys, identity
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "photos").mkdir()
+    a = load_config(None, [f"data.root={tmp_path / 'photos'}"])
+    assert diff_keys(identity(a), identity(load_config(None, ["data.root=~/photos"]))) == []
+    assert diff_keys(identity(a), identity(load_config(None, [f"data.root={tmp_path / 'photos'}",
+                                                              "train.seed=1"]))) == ["train.seed: 0 -> 1"]
+
+
+def test_the_api_takes_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    import glsd
+
+    cfg = glsd.load_config(None, train__lr=np.float64(1e-3), train__epochs=np.int64(3))
+    assert cfg.train.lr == 1e-3 and cfg.train.epochs == 3
 
 
 def test_yaml_file_unknown_key(tmp_path):

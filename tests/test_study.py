@@ -176,10 +176,13 @@ def test_cli_grid_lists_take_overrides_after_them():
     _study_lists(args)
     assert args.fractions == [0.05, 0.1] and args.seeds == [0, 1] and args.matchings == ["geometric"]
     assert args.overrides == ["a.b=1", "model.local_out_dim=256"]
-    with pytest.raises(SystemExit, match="--matchings 'geo' is not one of none, similarity, geometric, soft_geometric, hybrid"):
+    with pytest.raises(ConfigError, match="--matchings 'geo' is not one of none, similarity, geometric, soft_geometric, hybrid"):
         _study_lists(argparse.Namespace(overrides=[], fractions=None, matchings=["geo"], seeds=None, evals=None))
-    with pytest.raises(SystemExit, match="--seeds takes int values"):
+    with pytest.raises(ConfigError, match="--seeds takes int values"):
         _study_lists(argparse.Namespace(overrides=[], fractions=None, matchings=None, seeds=["x"], evals=None))
+    from helpers_tiny import cli
+
+    assert cli(["study", "cpu-default", "--seeds", "x", "--out", "unused"]) == 2  # bad input: exit 2
 
 
 def test_study_runs_the_seg_probe(tmp_path):

@@ -73,16 +73,16 @@ def study_lists(args) -> None:
         args.overrides += [v for v in values if "=" in v]
         values = [v for v in values if "=" not in v]
         if not values:
-            raise SystemExit(f"glsd study: --{name} needs at least one value")
+            raise ConfigError(f"glsd study --{name} needs at least one value")
         if isinstance(kind, tuple):
             bad = [v for v in values if v not in kind]
             if bad:
-                raise SystemExit(f"glsd study: --{name} {bad[0]!r} is not one of {', '.join(kind)}")
+                raise ConfigError(f"glsd study --{name} {bad[0]!r} is not one of {', '.join(kind)}")
         else:
             try:
                 values = [kind(v) for v in values]
             except ValueError:
-                raise SystemExit(f"glsd study: --{name} takes {kind.__name__} values, got {values}") from None
+                raise ConfigError(f"glsd study --{name} takes {kind.__name__} values, got {values}") from None
         setattr(args, name, values)
 
 

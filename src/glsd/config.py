@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence, Union
@@ -352,7 +353,11 @@ def identity(cfg: Config) -> dict:
     # Workers, error policy, read limits and where views are made do not change what is learned.
     for k in ("num_workers", "on_error", "download", "augment_on", "read_timeout_s"):
         ident["data"].pop(k, None)
+    if ident["data"].get("root"):  # ~/photos and /home/me/photos are one folder
+        ident["data"]["root"] = os.path.realpath(os.path.expanduser(ident["data"]["root"]))
     ident["model"].pop("channels_last", None)  # a memory layout, same numbers
+    # The seed drew the initial weights and draws every view: another seed is another run.
+    ident["train"] = {"seed": d["train"]["seed"]}
     return ident
 
 

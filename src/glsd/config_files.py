@@ -104,8 +104,9 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
                               f"({getattr(e, 'problem', None) or e}); quote it or fix brackets") from None
         if isinstance(parsed, (bool, int, float, datetime.date)):  # the text too, for str keys
             parsed = OverrideText(value.strip(), parsed)
-        # A mapping literal (model.backbone_kwargs={...}) replaces; a dotted key merges.
-        node[parts[-1]] = _Replace(parsed) if isinstance(parsed, dict) else parsed
+        # A mapping literal for a key (model.backbone_kwargs={...}) replaces it; one for a whole
+        # section (train={epochs: 1}) merges into it, as dotted keys do.
+        node[parts[-1]] = _Replace(parsed) if isinstance(parsed, dict) and len(parts) > 1 else parsed
     return out
 
 

@@ -208,6 +208,9 @@ def check_config(cfg) -> None:
     for name, (lo, hi) in (("global_scale", c.global_scale), ("local_scale", c.local_scale)):
         if not 0.0 < lo <= hi <= 1.0:
             raise ConfigError(f"crops.{name}={[lo, hi]} must satisfy 0 < min <= max <= 1")
+    if c.num_local and c.local_size > c.global_size:
+        raise ConfigError(f"crops.local_size={c.local_size} is larger than crops.global_size="
+                          f"{c.global_size}: local crops are the small views (swapped sizes?)")
     _check_view_recipe(c)
     patch = m.patch_size or patch_from_name(m.backbone)
     if patch is not None:
@@ -230,6 +233,9 @@ def check_config(cfg) -> None:
         raise ConfigError("train.batch_size and train.epochs must be >= 1")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr:g} is above train.lr={t.lr:g}: the cosine "
+                          "schedule would raise the learning rate over the run")
     if not 0.0 <= t.momentum_teacher <= t.momentum_teacher_end <= 1.0:
         raise ConfigError("need 0 <= train.momentum_teacher <= train.momentum_teacher_end <= 1")
     if cfg.eval.train_fraction is not None and not 0.0 < cfg.eval.train_fraction <= 1.0:

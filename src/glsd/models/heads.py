@@ -152,11 +152,12 @@ def freeze_unused_parameters(net: GLSDNet, crop_sizes: list[int]) -> list[str]:
     return unused
 
 
-def build_networks(cfg: Config, device: torch.device) -> tuple[GLSDNet, GLSDNet]:
+def build_networks(cfg: Config, device: torch.device, initial_weights: bool = True) -> tuple[GLSDNet, GLSDNet]:
     """(student, teacher) on ``device``: the teacher starts as a copy of the student. Student
-    parameters no output depends on are frozen (named in train.log)."""
+    parameters no output depends on are frozen (named in train.log). ``initial_weights``:
+    read ``model.init_from`` (a resumed run's checkpoint replaces them: not needed then)."""
     student = build_network(cfg)
-    if cfg.model.init_from:  # before the teacher is copied from it
+    if cfg.model.init_from and initial_weights:  # before the teacher is copied from it
         unused = load_initial_weights(student.backbone.model, cfg.model.init_from, cfg.model.backbone)
         _LOG.info("backbone initialised from %s%s", cfg.model.init_from,
                   f" (left out, not in the backbone: {', '.join(unused)})" if unused else "")

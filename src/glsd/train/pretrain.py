@@ -102,7 +102,7 @@ def _build_run(cfg: Config, device: torch.device, dinfo: DistInfo,
     # Grids, strides, warm-up and schedule changes: refused or adjusted before any step.
     cfg, plan = preflight(cfg, source, dinfo.world_size)
     require_sinks(cfg)
-    student, teacher = build_networks(cfg, device)
+    student, teacher = build_networks(cfg, device, initial_weights=not (cfg.train.resume and run.last.is_file()))
     resume = run.prepare(cfg)
     require_one_checkpoint(resume)
     barrier()  # rank 0 may have archived an old run (and its subset.json): read after that
