@@ -291,6 +291,13 @@ def test_a_yaml_file_starts_from_the_preset_it_names(tmp_path):
     path.write_text("preset: cifar10-vit-tni\n")
     with pytest.raises(ConfigError, match="mine.yaml: preset: 'cifar10-vit-tni'.*cifar10-vit-tiny"):
         load_config(str(path))
+    # A file on top of another file is not read as one (it was ignored, the defaults used).
+    path.write_text("preset: base.yaml\ntrain: {epochs: 3}\n")
+    with pytest.raises(ConfigError, match="mine.yaml: preset: base.yaml names a file; .* copy the keys"):
+        load_config(str(path))
+    path.write_bytes(b"train: {epochs: 3}\n\xff\xfe")
+    with pytest.raises(ConfigError, match="cannot read the config file .*mine.yaml"):
+        load_config(str(path))
 
 
 def test_an_unknown_key_in_a_file_names_the_file(tmp_path):

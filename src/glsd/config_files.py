@@ -31,8 +31,16 @@ def read_yaml(name_or_path: str) -> tuple[dict, str]:
             raise ConfigError(f"config file {path} does not exist" if not path.exists() else
                               f"{path} is a folder, not a config file; give a YAML file or a preset "
                               f"({', '.join(preset_names())})")
-        raw = parse_yaml(path.read_text(), str(path))
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read the config file {path}: {getattr(e, 'strerror', None) or e}") from None
+        raw = parse_yaml(text, str(path))
         base = raw.get("preset")
+        if isinstance(base, str) and base.endswith((".yaml", ".yml")) and not _is_record(raw):
+            raise ConfigError(f"{path}: preset: {base} names a file; a config file starts from a "
+                              f"shipped preset only ({', '.join(preset_names())}): name one, or copy "
+                              f"the keys of {base} into {path.name}")
         if isinstance(base, str) and base and not base.endswith((".yaml", ".yml")):
             if base not in preset_names():
                 close = difflib.get_close_matches(base, preset_names(), n=3)
@@ -48,6 +56,12 @@ def read_yaml(name_or_path: str) -> tuple[dict, str]:
         raise ConfigError(f"unknown preset '{name_or_path}'.{hint} "
                           f"Presets: {', '.join(preset_names())}; or give a path to a YAML file.")
     return parse_yaml(res.read_text(), f"preset {name_or_path}"), name_or_path
+
+
+def _is_record(raw: dict) -> bool:
+    """A run's config.yaml (every section written out, its ``preset:`` the file it came from),
+    not a hand-written file on top of another."""
+    return {"data", "crops", "model", "loss", "train", "eval"} <= set(raw)
 
 
 def parse_yaml(text: str, name: str) -> dict:
