@@ -332,3 +332,16 @@ def test_a_data_root_the_source_would_ignore_is_refused():
     with pytest.raises(ConfigError, match=r"data.root=/photos is not read by data.source=synthetic.*data.source=auto"):
         load_config("cpu-default", ["data.root=/photos"])
     assert load_config("cpu-default", ["data.root=/photos", "data.source=auto"]).data.root == "/photos"
+
+
+def test_an_exponent_without_a_dot_is_a_number_everywhere(tmp_path):
+    """YAML 1.1 reads 1e-5 as a string: inside backbone_kwargs timm then refused it, and the same
+    run from the Python API (1.0e-05) was another config."""
+    import glsd
+
+    cli = load_config(None, ["model.backbone_kwargs.init_values=1e-5", "train.lr=5e-4"])
+    assert cli.model.backbone_kwargs == {"init_values": 1e-5} and cli.train.lr == 5e-4
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {backbone_kwargs: {init_values: 1e-5}}\n")
+    assert load_config(str(path)).model.backbone_kwargs == {"init_values": 1e-5}
+    assert glsd.load_config(None, model__backbone_kwargs={"init_values": 1e-5}).model == cli.model

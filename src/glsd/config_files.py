@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -13,6 +14,20 @@ import yaml
 
 from glsd.config_types import OverrideText
 from glsd.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, with YAML 1.2's floats: ``1e-5`` is a number (1.1 wants
+    ``1.0e-5`` and reads ``1e-5`` as a string, which timm then refuses in backbone_kwargs)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def preset_names() -> list[str]:
@@ -67,7 +82,7 @@ def _is_record(raw: dict) -> bool:
 def parse_yaml(text: str, name: str) -> dict:
     """A YAML config mapping; syntax errors and non-mappings are ConfigErrors naming the line."""
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -112,7 +127,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
                                   f"'{'.'.join(parts[:depth + 1])}', which an earlier override "
                                   "set to a single value; give that key once")
         try:
-            parsed = yaml.safe_load(value) if value != "" else ""
+            parsed = load_yaml(value) if value != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override '{item}': the value is not valid YAML "
                               f"({getattr(e, 'problem', None) or e}); quote it or fix brackets") from None
