@@ -35,11 +35,20 @@ def test_log_lines_say_the_time_so_far_and_left_and_warn_of_a_run_of_days(monkey
     assert "warning" not in stream.getvalue()
     long = Console(progress=False, stream=stream)
     long.begin(0, 100_000)
-    for step in range(1, 8):  # 5 s a step: told a few steps in, once, not at the first log line
+    clock[0] += 600  # a first step that holds ten minutes of start-up: not the pace
+    long.update(1, 2.0, 1e-3, 64)
+    for step in range(2, 9):  # then 5 s a step: told a few steps in, once, not at a log line
         clock[0] += 5
+        long.log({"step": step, "loss": 2.0})
         long.update(step, 2.0, 1e-3, 64)
-        assert ("warning" in stream.getvalue()) == (step >= 5), step
-    long.log({"step": 7, "loss": 2.0})
+        assert ("warning" in stream.getvalue()) == (step >= 6), step
+    quick = Console(progress=False, stream=io.StringIO())
+    quick.begin(0, 1000)
+    clock[0] += 3600  # an hour of start-up, then a fast pace: no warning
+    for step in range(1, 8):
+        quick.update(step, 2.0, 1e-3, 64)
+        clock[0] += 1
+    assert "warning" not in quick.stream.getvalue()
     out = stream.getvalue()
     assert out.count("glsd: warning: at this pace the schedule ends in about 5d18h") == 1, out
     assert "a stopped run resumes where it was" in out
@@ -144,15 +153,14 @@ def test_indicators_are_logged_every_logging_step(tmp_path):
         assert 0 < record["feature_std"] < 1
 
 
-def test_a_collapsed_run_is_warned_about(tmp_path, capsys):
+def test_a_collapsed_run_is_warned_about(tmp_path, capsys, monkeypatch):
+    import glsd.models.heads as heads
     from glsd.train.pretrain import pretrain
 
     # An all-zero student and teacher: every image has the same features and outputs.
     cfg = tiny_config(tmp_path / "run", "train.max_steps=3", "log.collapse_patience=2",
-                      "train.freeze_last_layer_epochs=0", "train.lr=1e-9")
-    import glsd.train.pretrain as p
-
-    original = p.build_network
+                      "train.freeze_last_layer_epochs=0", "train.lr=1e-9", "train.min_lr=0")
+    original = heads.build_network
 
     def zeroed(c):
         net = original(c)
@@ -161,11 +169,8 @@ def test_a_collapsed_run_is_warned_about(tmp_path, capsys):
                 param.zero_()
         return net
 
-    p.build_network = zeroed
-    try:
-        pretrain(cfg)
-    finally:
-        p.build_network = original
+    monkeypatch.setattr(heads, "build_network", zeroed)
+    pretrain(cfg)
     err = capsys.readouterr().err
     assert "glsd: warning: the run looks collapsed at step 2" in err
     assert "identical across images" in err

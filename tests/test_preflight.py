@@ -191,6 +191,15 @@ def test_preflight_plan_counts_the_subset(tmp_path):
     assert (plan.num_images, plan.steps_per_epoch, plan.total_steps) == (16, 2, 200)
 
 
+def test_a_floor_above_the_peak_learning_rate_is_said(tmp_path):
+    # the peak is train.lr x global batch / 256: 1e-4 x 8 / 256 = 3.1e-6 < min_lr 1e-5
+    cfg = tiny_config(tmp_path / "run", "train.lr=1e-4", "train.min_lr=1e-5", "data.synthetic_num_images=64")
+    notes = preflight(cfg, open_source(cfg.data))[1].notes
+    assert any("train.min_lr=1e-05 is above the peak learning rate 3.13e-06" in n for n in notes), notes
+    _, plan = preflight(cfg, open_source(cfg.data), world_size=8)  # 64 images a step: 2.5e-5
+    assert not any("min_lr" in n for n in plan.notes)
+
+
 def test_another_run_is_refused_for_its_identity_first(tmp_path):
     from glsd.train.pretrain import pretrain
 

@@ -15,10 +15,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence, Union
 
-import yaml
 
 from glsd.errors import ConfigError  # noqa: F401 - glsd.config.ConfigError is the same class
-from glsd.config_files import (merge_overrides, parse_overrides, parse_yaml,  # noqa: F401 - re-exported
+from glsd.config_files import (dump_yaml_text, merge_overrides, parse_overrides, parse_yaml,  # noqa: F401 - re-exported
                                preset_names, read_yaml)
 from glsd.config_types import coerce, reading
 
@@ -343,7 +342,13 @@ def to_dict(cfg: Config) -> dict:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return dump_yaml_text(to_dict(cfg))
+
+
+def same_root(root: str) -> str:
+    """``data.root`` as the place it names (``~/photos`` and ``/home/me/photos`` are one), to
+    compare two configs by; "" stays ""."""
+    return os.path.realpath(os.path.expanduser(root)) if root else root
 
 
 def identity(cfg: Config) -> dict:
@@ -353,8 +358,7 @@ def identity(cfg: Config) -> dict:
     # Workers, error policy, read limits and where views are made do not change what is learned.
     for k in ("num_workers", "on_error", "download", "augment_on", "read_timeout_s"):
         ident["data"].pop(k, None)
-    if ident["data"].get("root"):  # ~/photos and /home/me/photos are one folder
-        ident["data"]["root"] = os.path.realpath(os.path.expanduser(ident["data"]["root"]))
+    ident["data"]["root"] = same_root(ident["data"]["root"])
     ident["model"].pop("channels_last", None)  # a memory layout, same numbers
     # The seed drew the initial weights and draws every view: another seed is another run.
     ident["train"] = {"seed": d["train"]["seed"]}

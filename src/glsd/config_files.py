@@ -21,13 +21,22 @@ class _Loader(yaml.SafeLoader):
     ``1.0e-5`` and reads ``1e-5`` as a string, which timm then refuses in backbone_kwargs)."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+class _Dumper(yaml.SafeDumper):
+    """Quotes the strings :class:`_Loader` would read as numbers (a split named ``1e5``)."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float",
+                               re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                               list("-+0123456789"))
 
 
 def load_yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def dump_yaml_text(data) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def preset_names() -> list[str]:
@@ -134,8 +143,11 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         if isinstance(parsed, (bool, int, float, datetime.date)):  # the text too, for str keys
             parsed = OverrideText(value.strip(), parsed)
         # A mapping literal for a key (model.backbone_kwargs={...}) replaces it; one for a whole
-        # section (train={epochs: 1}) merges into it, as dotted keys do.
-        node[parts[-1]] = _Replace(parsed) if isinstance(parsed, dict) and len(parts) > 1 else parsed
+        # section (train={epochs: 1}) merges into it key by key, as a YAML file's section does.
+        if isinstance(parsed, dict):
+            parsed = (_Replace(parsed) if len(parts) > 1 else
+                      {k: _Replace(v) if isinstance(v, dict) else v for k, v in parsed.items()})
+        node[parts[-1]] = parsed
     return out
 
 

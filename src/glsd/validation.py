@@ -233,9 +233,6 @@ def check_config(cfg) -> None:
         raise ConfigError("train.batch_size and train.epochs must be >= 1")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be positive")
-    if t.min_lr > t.lr:
-        raise ConfigError(f"train.min_lr={t.min_lr:g} is above train.lr={t.lr:g}: the cosine "
-                          "schedule would raise the learning rate over the run")
     if not 0.0 <= t.momentum_teacher <= t.momentum_teacher_end <= 1.0:
         raise ConfigError("need 0 <= train.momentum_teacher <= train.momentum_teacher_end <= 1")
     if cfg.eval.train_fraction is not None and not 0.0 < cfg.eval.train_fraction <= 1.0:

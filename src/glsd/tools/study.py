@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from glsd.config import Config, config_hash, diff_keys, from_dict, load_config, to_dict
+from glsd.config import Config, config_hash, diff_keys, from_dict, load_config, same_root, to_dict
 from glsd.data.subset import SUBSET_FILE
 from glsd.data.sources import open_source
 from glsd.errors import ConfigError, GlsdError, RunFolderBusy
@@ -244,6 +244,8 @@ def changed_settings(recorded: Optional[dict], cfg: Config, sections: Sequence[s
     except ConfigError as e:
         return [f"a config this version cannot read ({e})"]
     new = to_dict(cfg)
+    for d in (old, new):  # the folder, not how its path was written
+        d["data"]["root"] = same_root(d["data"]["root"])
     return diff_keys({k: old[k] for k in sections}, {k: new[k] for k in sections})
 
 

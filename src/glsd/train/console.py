@@ -55,7 +55,7 @@ def format_all(record: dict) -> str:
 
 
 LONG_RUN_S = 24 * 3600  # a run this far from its end a few steps in is told so
-PACE_STEPS = 5  # the steps after which the pace is first judged (the first ones include start-up)
+PACE_STEPS = 5  # the steps over which the pace is judged, after the first (which holds the start-up)
 
 
 def duration(seconds: float) -> str:
@@ -79,6 +79,7 @@ class Console:
         self.started = time.perf_counter()
         self.first_step: Optional[int] = None
         self.told_long = False
+        self._paced_from: Optional[tuple[float, int]] = None  # (time, step) after the first step
 
     # -- plain output ------------------------------------------------------------------
     def print(self, line: str) -> None:
@@ -112,8 +113,7 @@ class Console:
 
     def update(self, step: int, loss: float, lr: float, global_batch: int) -> None:
         """Every step: the pace check, and the bar (a terminal only)."""
-        if step - (self.first_step or 0) == PACE_STEPS:
-            self._eta(step)
+        self._check_pace(step)
         if self.bar is None:
             return
         self.bar.update(step - self.bar.n)
@@ -141,19 +141,28 @@ class Console:
         return f" elapsed {duration(time.perf_counter() - self.started)} eta {duration(eta)}"
 
     def _eta(self, step: int) -> Optional[float]:
-        """Seconds to the end at the pace since :meth:`begin`; said once as a warning when the
-        end is more than a day away (checked a few steps in, not at the first log line)."""
+        """Seconds to the end at the pace since :meth:`begin`."""
         done = step - (self.first_step or 0)
         if done <= 0 or not self.max_steps:
             return None
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / done * max(self.max_steps - step, 0)
-        if eta > LONG_RUN_S and not self.told_long:
-            self.told_long = True
-            self.warn(f"at this pace the schedule ends in about {duration(eta)} ({fmt(done / elapsed)} "
-                      "steps/s): a faster device, a smaller backbone or fewer train.epochs shortens it; "
-                      "a stopped run resumes where it was")
-        return eta
+        return (time.perf_counter() - self.started) / done * max(self.max_steps - step, 0)
+
+    def _check_pace(self, step: int) -> None:
+        """Once, PACE_STEPS steps after the first (whose time holds the start-up: workers,
+        compilation, a checkpoint read), a warning when the end is more than a day away."""
+        now = time.perf_counter()
+        done = step - (self.first_step or 0)
+        if done == 1:
+            self._paced_from = (now, step)
+        elif done == 1 + PACE_STEPS and self._paced_from and self.max_steps and not self.told_long:
+            since, at = self._paced_from
+            eta = (now - since) / (step - at) * max(self.max_steps - step, 0)
+            if eta > LONG_RUN_S:
+                self.told_long = True
+                self.warn(f"at this pace the schedule ends in about {duration(eta)} "
+                          f"({fmt((step - at) / max(now - since, 1e-9))} steps/s): a faster device, a "
+                          "smaller backbone or fewer train.epochs shortens it; a stopped run resumes "
+                          "where it was")
 
     def close(self) -> None:
         if self.bar is not None:

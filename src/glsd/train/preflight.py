@@ -69,6 +69,11 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
     cfg, note = scale_warmup(cfg, steps_per_epoch)
     notes += [note] if note else []
     notes += short_run_notes(cfg, steps_per_epoch)
+    peak = cfg.train.lr * global_batch / 256  # the schedule's scaling rule
+    if cfg.train.min_lr > peak:
+        notes.append(f"train.min_lr={cfg.train.min_lr:g} is above the peak learning rate {peak:.3g} "
+                     f"(train.lr={cfg.train.lr:g} x {global_batch}/256): the cosine schedule raises "
+                     "the learning rate over the run; lower train.min_lr")
     notes += image_size_notes(cfg, source)
     notes += check_resume_schedule(cfg, Path(cfg.output_dir))
     from glsd.eval.runner import check_online_knn  # training's one use of evaluation
