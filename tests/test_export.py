@@ -68,6 +68,11 @@ def test_a_run_starts_from_the_weights_it_is_given(tiny_run, tmp_path):
     assert not all(torch.equal(fresh.backbone.model.state_dict()[k], v) for k, v in given.items())
     other = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if v.dim() else v for k, v in given.items()}
     save_file(other, str(tmp_path / "other.safetensors"))
+    # A resumed run takes its weights from the checkpoint: the file is not read (nor needed).
+    gone = load_config(None, [*TINY, *BACKBONES[name], f"model.init_from={tmp_path / 'deleted.safetensors'}"])
+    build_networks(gone, torch.device("cpu"), initial_weights=False)
+    with pytest.raises(CheckpointError, match="deleted.safetensors does not exist"):
+        build_networks(gone, torch.device("cpu"))
     with pytest.raises(ConfigError, match="do not fit .*model.init_from"):
         build_networks(load_config(None, [*TINY, *BACKBONES[name], f"model.init_from={tmp_path / 'other.safetensors'}"]),
                        torch.device("cpu"))
