@@ -134,6 +134,7 @@ def test_sigterm_finishes_step_checkpoints_and_exits_cleanly(tmp_path, whole_gro
             assert time.monotonic() < deadline, "a loader worker outlived the trainer"
             time.sleep(0.2)
     assert f"stopped by signal {int(signal.SIGTERM)}" in err and "Rerun the same command" in err
+    assert f"`glsd export {run}` writes this checkpoint's backbone" in err  # usable meanwhile
     assert err.count("glsd:") == 1 and "Traceback" not in err, err  # one message
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     stopped_at = int(re.search(r"after step (\d+)", err).group(1))

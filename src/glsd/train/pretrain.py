@@ -87,7 +87,8 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo, run: RunFolder
         signum = stop.signal or signal.SIGTERM
         raise TrainingInterrupted(
             f"stopped by signal {int(signum)} ({signal.Signals(signum).name}) after step "
-            f"{state.step}; checkpoint saved in {run.last}. Rerun the same command to resume.",
+            f"{state.step}; checkpoint saved in {run.last}. Rerun the same command to resume; "
+            f"`glsd export {run.root}` writes this checkpoint's backbone meanwhile.",
             signum)
     _finish_run(ctx, state)
     return run.root
