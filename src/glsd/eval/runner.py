@@ -59,11 +59,10 @@ def eval_device(device: Device, cfg: Config) -> torch.device:
     :func:`glsd.utils.device.resolve_device`'s choice."""
     if str(device) != "auto":
         return _resolve_device(device)
-    recorded = str(cfg.device)
-    kind = recorded if recorded == "auto" else torch.device(recorded).type
-    here = kind == "cpu" or (kind == "cuda" and torch.cuda.is_available()) or (
-        kind == "mps" and torch.backends.mps.is_available())
-    return _resolve_device(recorded if here else "auto")
+    try:
+        return _resolve_device(cfg.device)
+    except ConfigError:  # this machine has none of its kind (resolve_device's own check)
+        return _resolve_device("auto")
 
 
 # ----------------------------------------------------------------------------------------

@@ -140,29 +140,28 @@ class Console:
             return ""
         return f" elapsed {duration(time.perf_counter() - self.started)} eta {duration(eta)}"
 
-    def _eta(self, step: int) -> Optional[float]:
-        """Seconds to the end at the pace since :meth:`begin`."""
-        done = step - (self.first_step or 0)
-        if done <= 0 or not self.max_steps:
+    def _eta(self, step: int, since: Optional[tuple[float, int]] = None) -> Optional[float]:
+        """Seconds to the end at the pace since ``since`` (time, step), by default :meth:`begin`."""
+        start, at = since or (self.started, self.first_step or 0)
+        if step <= at or not self.max_steps:
             return None
-        return (time.perf_counter() - self.started) / done * max(self.max_steps - step, 0)
+        return (time.perf_counter() - start) / (step - at) * max(self.max_steps - step, 0)
 
     def _check_pace(self, step: int) -> None:
         """Once, PACE_STEPS steps after the first (whose time holds the start-up: workers,
         compilation, a checkpoint read), a warning when the end is more than a day away."""
-        now = time.perf_counter()
         done = step - (self.first_step or 0)
         if done == 1:
-            self._paced_from = (now, step)
-        elif done == 1 + PACE_STEPS and self._paced_from and self.max_steps and not self.told_long:
-            since, at = self._paced_from
-            eta = (now - since) / (step - at) * max(self.max_steps - step, 0)
-            if eta > LONG_RUN_S:
+            self._paced_from = (time.perf_counter(), step)
+        elif done == 1 + PACE_STEPS and self._paced_from and not self.told_long:
+            eta = self._eta(step, self._paced_from)
+            if eta is not None and eta > LONG_RUN_S:
                 self.told_long = True
+                since, at = self._paced_from
                 self.warn(f"at this pace the schedule ends in about {duration(eta)} "
-                          f"({fmt((step - at) / max(now - since, 1e-9))} steps/s): a faster device, a "
-                          "smaller backbone or fewer train.epochs shortens it; a stopped run resumes "
-                          "where it was")
+                          f"({fmt((step - at) / max(time.perf_counter() - since, 1e-9))} steps/s): a "
+                          "faster device, a smaller backbone or fewer train.epochs shortens it; a "
+                          "stopped run resumes where it was")
 
     def close(self) -> None:
         if self.bar is not None:

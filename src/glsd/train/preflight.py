@@ -27,7 +27,7 @@ from glsd.config import Config, ConfigError, diff_keys, from_dict, identity
 from glsd.data.subset import SUBSET_FILE, read_subset
 from glsd.data.sources import ImageSource, Unreadable, balanced_subset
 from glsd.errors import DataError
-from glsd.train.schedules import warmup_steps
+from glsd.train.schedules import peak_lr, warmup_steps
 
 # The train keys that define the per-step schedules of a run (lr, wd, momentum, warm-ups);
 # max_steps only stops early and is free to change.
@@ -69,7 +69,7 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
     cfg, note = scale_warmup(cfg, steps_per_epoch)
     notes += [note] if note else []
     notes += short_run_notes(cfg, steps_per_epoch)
-    peak = cfg.train.lr * global_batch / 256  # the schedule's scaling rule
+    peak = peak_lr(cfg, global_batch)
     if cfg.train.min_lr > peak:
         notes.append(f"train.min_lr={cfg.train.min_lr:g} is above the peak learning rate {peak:.3g} "
                      f"(train.lr={cfg.train.lr:g} x {global_batch}/256): the cosine schedule raises "

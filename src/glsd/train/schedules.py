@@ -31,6 +31,11 @@ def warmup_steps(cfg, steps_per_epoch: int) -> int:
     return t.warmup_steps if t.warmup_steps is not None else int(t.warmup_epochs * steps_per_epoch)
 
 
+def peak_lr(cfg, global_batch: int) -> float:
+    """The learning rate after the warm-up: ``train.lr`` scaled by the global batch / 256."""
+    return cfg.train.lr * global_batch / 256.0
+
+
 class Schedules:
     """All per-step values of a run, from its config and the number of steps per epoch."""
 
@@ -38,8 +43,7 @@ class Schedules:
         t, lo = cfg.train, cfg.loss
         total = cfg.train.epochs * steps_per_epoch
         warmup = warmup_steps(cfg, steps_per_epoch)
-        peak_lr = t.lr * global_batch / 256.0
-        self.lr = cosine(peak_lr, t.min_lr, total, warmup)
+        self.lr = cosine(peak_lr(cfg, global_batch), t.min_lr, total, warmup)
         self.wd = cosine(t.weight_decay, t.weight_decay_end, total)
         self.momentum = cosine(t.momentum_teacher, t.momentum_teacher_end, total)
         self.teacher_temp = teacher_temperature(lo.warmup_teacher_temp, lo.teacher_temp,
