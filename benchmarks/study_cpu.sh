@@ -11,11 +11,16 @@
 # Seed 0 of every fraction first, then seed 1, so a partial grid already spans the fractions;
 # then seed 2 where two seeds leave a comparison within the spread.
 #   GLSD_DATA=PATH/cifar10-jpg.zip benchmarks/study_cpu.sh [WORK_DIR]
+# A row retuned on its own (the preset's recipe with key=value changes, some fractions only)
+# goes to its own results folder, e.g.
+#   GLSD_DATA=... GLSD_OVERRIDES="train.momentum_teacher=0.96 train.momentum_teacher_end=0.96" \
+#   GLSD_FRACTIONS=1.0 GLSD_DEST=benchmarks/results/study-sweep-cpu-f1-mom096 benchmarks/study_cpu.sh WORK
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${GLSD_DATA:?set GLSD_DATA to the CIFAR-10 JPEG zip (ImageFolder layout: train/<class>/*.jpg, test/<class>/*.jpg)}"
 WORK=${1:-../study-sweep-cpu}
-DEST=benchmarks/results/study-sweep-cpu
+DEST=${GLSD_DEST:-benchmarks/results/study-sweep-cpu}
+read -r -a OVERRIDES <<< "${GLSD_OVERRIDES:-}"
 ARCHIVE=$DEST/cells
 PRESET=cifar10-lowdata-cpu
 mkdir -p "$WORK" "$ARCHIVE"
@@ -67,19 +72,21 @@ run_cell() {  # $1 fraction, $2 matching, $3 seed; a cell finished here or archi
     echo "$commit" > "$WORK/.commit-$name"
   fi
   # A failed cell is in the report (its error too); the grid goes on. A signal stops it.
-  glsd study "$PRESET" "data.root=$GLSD_DATA" --fractions "$1" --matchings "$2" --seeds "$3" \
-    --out "$WORK" || { rc=$?; [ "$rc" -ge 128 ] && exit "$rc"; echo "[study_cpu] $name failed (exit $rc); going on" >&2; }
+  glsd study "$PRESET" "data.root=$GLSD_DATA" ${OVERRIDES[@]+"${OVERRIDES[@]}"} \
+    --fractions "$1" --matchings "$2" --seeds "$3" --out "$WORK" || { rc=$?; [ "$rc" -ge 128 ] && exit "$rc"; echo "[study_cpu] $name failed (exit $rc); going on" >&2; }
   archive
 }
 
 report() {
-  glsd study "$PRESET" "data.root=$GLSD_DATA" --out "$WORK" --report-only
+  glsd study "$PRESET" "data.root=$GLSD_DATA" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --out "$WORK" --report-only \
+    ${GLSD_FRACTIONS:+--fractions $GLSD_FRACTIONS}
   cp "$WORK"/results.json "$WORK"/report.md "$DEST"/
   cp "$WORK"/report.png "$DEST"/ 2>/dev/null || true
 }
 
 restore
 read -r -a fractions < <(python3 -c "from glsd.config import load_config; print(*load_config('$PRESET').study.fractions)")
+if [ -n "${GLSD_FRACTIONS:-}" ]; then read -r -a fractions <<< "$GLSD_FRACTIONS"; fi
 read -r -a matchings < <(python3 -c "from glsd.config import load_config; print(*load_config('$PRESET').study.matchings)")
 for seed in 0 1; do
   for fraction in "${fractions[@]}"; do

@@ -283,10 +283,14 @@ def test_an_earlier_checkpoint_never_replaces_the_final_models_records(tiny_run)
     ("resnet", ["model.backbone=resnet18", "model.backbone_kwargs={layers: [1, 1, 1, 1]}"]),
     ("vit avg-pool", ["model.backbone=vit_tiny_patch16_224", "model.patch_size=4", "model.global_feature=pooled",
                       "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2, global_pool: avg}"]),
+    # trained on the class token, evaluated (and so reported) on the mean of the patch tokens
+    ("vit cls, eval pooled", ["model.backbone=vit_tiny_patch16_224", "model.patch_size=4",
+                              "model.global_feature=cls", "eval.features=pooled",
+                              "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]),
 ])
 def test_the_export_readme_line_gives_glsds_global_feature(tmp_path, name, extra):
     """The `feats = ...` line of export/timm/README.md, run on the plain timm model, is the
-    feature glsd evaluates, for every layout (timm's own model(x) is not, for ConvNeXt or an
+    feature glsd evaluates (eval.features), for every layout (timm's own model(x) is not, for ConvNeXt or an
     average-pool ViT: it adds a norm glsd never trains)."""
     import re
 
@@ -304,5 +308,17 @@ def test_the_export_readme_line_gives_glsds_global_feature(tmp_path, name, extra
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         feats = eval(line, {"model": model, "x": x})
-        expected = embed(backbone, x, resolve_feature(backbone, "auto"))
+        expected = embed(backbone, x, resolve_feature(backbone, cfg.eval.features))
     torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_export_where_nothing_can_be_written_says_so_before_writing(tiny_run, tmp_path):
+    from glsd.errors import NotWritable
+    from glsd.export import export_run
+
+    _, run = tiny_run
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(NotWritable, match="cannot write the export in .*a part of that path is a file"):
+        export_run(run, blocker / "export")
+    assert blocker.read_text() == ""

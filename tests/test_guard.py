@@ -305,3 +305,15 @@ def test_lock_is_reentrant_and_eval_locks_its_output(tmp_path):
     lock.release(folder)
     assert not folder.exists()  # created only to lock it, nothing written: removed
     assert lock.eval_output_dir(tmp_path / "run" / "checkpoints" / "last.pt") == tmp_path / "run" / "eval"
+
+
+def test_large_finite_half_precision_weights_are_not_called_non_finite():
+    """A finite fp16 tensor's norm overflows past 65,504 (a BatchNorm running_var of a hub
+    file): only the tensor holding an inf is named."""
+    big = torch.full((10_000,), 1000.0, dtype=torch.float16)
+    broken = big.clone()
+    broken[3] = float("inf")
+    state = {"big": big, "broken": broken, "double": torch.ones(3, dtype=torch.float64),
+             "count": torch.arange(3)}
+    assert torch.isinf(torch._foreach_norm([big])[0])  # the overflow this guards against
+    assert nonfinite_tensors({"w": state}) == ["w.broken"]

@@ -185,9 +185,11 @@ def load_backbone(path: Union[str, Path], student: bool = False) -> "nn.Module":
 
     ``path``: a run folder, a checkpoint ``.pt``, a ``backbone.safetensors`` or an export
     folder (``RUN_DIR/export/timm``), in eval mode with trainable parameters (to fine-tune;
-    ``requires_grad_(False)`` freezes it). ``model(x)`` gives the model's pooled ``(B, D)``
-    feature (the CLS token for a ViT; a timm head norm glsd never trains for a few families,
-    see the export folder's README), ``model.forward_features(x)`` the tokens or feature map.
+    ``requires_grad_(False)`` freezes it). ``model(x)`` gives timm's own pooled ``(B, D)``
+    feature: glsd's global feature for a ViT trained and evaluated on its CLS token; for other
+    models and settings the export folder's README.md gives the line (it may differ: a head
+    norm glsd never trains, the CLS token where glsd evaluated the patch mean).
+    ``model.forward_features(x)`` gives the tokens or feature map.
 
     >>> import glsd, tempfile, torch
     >>> run = glsd.pretrain("cpu-default", output_dir=tempfile.mkdtemp() + "/run",

@@ -37,6 +37,7 @@ from glsd.config import ConfigError, from_dict
 from glsd.errors import CheckpointError
 from glsd.models.backbone import create_model, declared_layout
 from glsd.train.checkpoint import read_backbone
+from glsd.utils.io import check_writable
 from glsd.weights import load_checked_weights, read_safetensors
 
 
@@ -136,9 +137,12 @@ def write_timm_export(out_dir: Union[str, Path], model: torch.nn.Module, cfg) ->
 
 
 def _resolved_feature(model: torch.nn.Module, cfg) -> str:
-    """"cls" or "pooled": the global feature glsd evaluates (model.global_feature resolved)."""
-    if cfg.model.global_feature != "auto":
-        return cfg.model.global_feature
+    """"cls" or "pooled": the global feature glsd evaluates, the one its k-NN, linear and
+    embed numbers were made with: ``eval.features``, else the training's ``model.global_feature``,
+    resolved."""
+    for choice in (cfg.eval.features, cfg.model.global_feature):
+        if choice != "auto":
+            return choice
     return "cls" if int(getattr(model, "num_prefix_tokens", 0)) > 0 else "pooled"
 
 
@@ -203,18 +207,19 @@ def export_run(path: Union[str, Path], out_dir: Union[str, Path, None] = None) -
 
 def check_export_target(out: Path) -> None:
     """An export replaces an earlier export; it never writes its config.json and README.md
-    among someone's other files."""
+    among someone's other files, and it finds out that it cannot write there before it writes
+    any file of the export."""
     if out.is_file():
         raise ConfigError(f"{out} is a file; give a folder for the export")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    try:
-        earlier = json.loads((out / "config.json").read_text()).get("glsd", {}).get("format")
-    except (OSError, ValueError, AttributeError):
-        earlier = None
-    if earlier is None:
-        raise ConfigError(f"{out} is not empty and holds no glsd export; give a new or empty "
-                          "folder to --out (an earlier export there is replaced)")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            earlier = json.loads((out / "config.json").read_text()).get("glsd", {}).get("format")
+        except (OSError, ValueError, AttributeError):
+            earlier = None
+        if earlier is None:
+            raise ConfigError(f"{out} is not empty and holds no glsd export; give a new or empty "
+                              "folder to --out (an earlier export there is replaced)")
+    check_writable(out, "the export")
 
 
 def write_run_exports(run_dir: Union[str, Path], model: torch.nn.Module, cfg) -> Path:

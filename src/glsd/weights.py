@@ -28,8 +28,11 @@ _probe = threading.local()
 
 
 def _fail(path, what: str) -> CheckpointError:
-    return CheckpointError(f"{path} is not a valid glsd backbone file: {what}. Re-export it "
-                           "with glsd (RUN_DIR/backbone.safetensors is written at the end of pretraining)")
+    # One message for both readers: a glsd weights file, or model.init_from's timm hub file.
+    return CheckpointError(f"{path} is not a valid backbone weights file: {what}. Give the "
+                           "RUN_DIR/backbone.safetensors glsd writes at the end of pretraining, a "
+                           "`glsd export RUN_DIR` folder (made from the run's checkpoint), or for "
+                           "model.init_from the model.safetensors of a timm model of this architecture")
 
 
 def _header(path: Path) -> dict:
