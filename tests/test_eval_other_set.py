@@ -90,6 +90,24 @@ def test_linear_and_max_test_images(unlabelled_run, capsys):
     assert re.fullmatch(r"linear top-1 \d+\.\d % \(3 epochs, 12 train / 9 test\)", out[0]), out[0]
 
 
+def test_data_overrides_set_how_the_named_set_is_read(unlabelled_run, tmp_path):
+    """data.jpeg_draft / data.on_error given with another set decide how its files are read
+    (the record's config says what was used), and a bad file there is skipped, not fatal."""
+    run, train, test = unlabelled_run
+    broken = tmp_path / "test"
+    for f in test.rglob("*.png"):
+        (broken / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (broken / f.parent.name / f.name).write_bytes(f.read_bytes())
+    (broken / CLASSES[0] / "bad.png").write_bytes(b"not an image")
+    rec = run_eval("knn", run, ["data.jpeg_draft=false"], device="cpu", train_data=str(train),
+                   test_data=str(broken), progress=False)
+    assert rec["config"]["data"]["jpeg_draft"] is False and rec["config"]["data"]["on_error"] == "skip"
+    assert rec["n_test"] == 9  # the bad file skipped
+    with pytest.raises(Exception, match="bad.png"):
+        run_eval("knn", run, ["data.on_error=fail"], device="cpu", train_data=str(train),
+                 test_data=str(broken), progress=False)
+
+
 def test_one_zip_with_train_and_test_splits(unlabelled_run, tmp_path):
     run, train, test = unlabelled_run
     zpath = tmp_path / "set.zip"
@@ -126,6 +144,10 @@ def test_a_zip_without_split_folders_is_not_its_own_test_set(unlabelled_run, tmp
     with pytest.warns(UserWarning, match="not held out"):  # dense on the pretraining images
         run_eval("dense", run, [f"data.root={zpath}", "data.source=auto", "eval.dense_num_images=2"],
                  device="cpu", progress=False)
+    photos = run.parent / "photos"  # the run's own pretraining folder, named as the test set
+    with pytest.warns(UserWarning, match=f"--test-data {photos} reads the pretraining images"):
+        run_eval("dense", run, ["eval.dense_num_images=2"], device="cpu", test_data=str(photos),
+                 progress=False)
 
 
 def test_records_of_two_sets_laid_out_alike_do_not_overwrite_each_other():

@@ -1,4 +1,5 @@
 """End to end: a hand-built run folder evaluated with run_eval (knn, linear, dense)."""
+import dataclasses
 import json
 import shutil
 
@@ -156,6 +157,12 @@ def test_online_knn(run_dir):
     # The run folder (its subset.json) gives the same images; the cached sources are reused.
     assert online_knn(backbone, cfg, "cpu", run_dir)["top1"] == out["top1"]
     assert online_knn(backbone, cfg, "cpu", None)["n_train"] == 24
+    # eval.max_test_images caps the online test set as it caps `glsd eval knn`'s
+    capped = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_test_images=10))
+    online = online_knn(backbone, capped, "cpu", keys)
+    offline = run_eval("knn", run_dir, overrides=[f"eval.k={SUBSET}", "eval.max_test_images=10"])
+    assert online["n_test"] == offline["n_test"] == 10
+    assert online["top1"] == offline["results"]["per_k"][str(SUBSET)]["top1"]
 
 
 def test_a_checkpoint_of_another_run_is_named_as_such_in_a_short_message(run_dir, tmp_path):

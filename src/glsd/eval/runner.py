@@ -25,11 +25,12 @@ from typing import Optional, Sequence, Union
 import torch
 
 from glsd.config import EVALUATIONS, Config, ConfigError, to_dict
+from glsd.errors import GlsdError
 from glsd.data.subset import SUBSET_FILE, read_subset
 from glsd.data.sources import SPLIT_NAMES, ImageSource
 from glsd.eval.data_spec import data_config
-from glsd.eval.eval_data import (SOURCES, _data_record, check_split_pair, eval_sources,  # noqa: F401 - re-exported
-                                 open_cached, open_test_split, train_subset)
+from glsd.eval.eval_data import (SOURCES, _data_record, cap_test, check_split_pair,  # noqa: F401 - re-exported
+                                 eval_sources, open_cached, open_test_split, train_subset)
 from glsd.eval.dense import run_dense
 from glsd.eval.features import Device, extract_features, load_backbone, resolve_feature
 from glsd.eval.knn import knn_classify
@@ -98,6 +99,7 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     path = Path(path)
     run_overrides = [o for o in overrides if not (o.startswith("data.") and (train_data or test_data))]
     backbone, cfg, info = load_backbone(path, which, random_init, run_overrides)
+    cfg = with_named_set_reading(cfg, train_data or test_data, overrides)
     dev = eval_device(device, cfg)
     backbone.to(dev)
     base = Path(info["run_dir"])  # the run's subset.json and eval/ (an export's too)
@@ -121,6 +123,21 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
         payload = json.dumps(record, indent=2).encode()
         atomic_write(out, lambda f: f.write(payload))
     return record
+
+
+# How images are read, not which: a named set's values serve every extraction of its evaluation.
+READING_KEYS = ("on_error", "jpeg_draft", "num_workers", "read_timeout_s")
+
+
+def with_named_set_reading(cfg: Config, spec: Optional[str], overrides: Sequence[str]) -> Config:
+    """``cfg`` whose reading policy is that of the set named on the command line (its
+    ``data.*`` overrides applied), when one is: the run's own ``data`` section would otherwise
+    decide how another set's files are decoded and whether a bad one stops the evaluation."""
+    if spec is None:
+        return cfg
+    named = data_config(spec, cfg.data, overrides)
+    reading = {k: getattr(named, k) for k in READING_KEYS}
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **reading))
 
 
 def data_slug(train_data: Optional[str], test_data: Optional[str], labelled_train: bool = True) -> str:
@@ -182,13 +199,14 @@ def _classify(kind: str, backbone: Backbone, cfg: Config, dev: torch.device, bas
 def _dense(backbone: Backbone, cfg: Config, dev: torch.device, test_data: Optional[str] = None,
            overrides: Sequence[str] = (), progress: bool = True) -> tuple[dict, dict]:
     """Dense correspondence: (record body, timing)."""
+    run_cfg = cfg
     if test_data is not None:
         cfg = dataclasses.replace(cfg, data=data_config(test_data, cfg.data, overrides))
     test = open_test_split(cfg, cfg.eval.test_split)
-    # By name, not by split: a source without split folders gives the same images for both.
-    if test_data is None and test.identity == open_cached(cfg, cfg.data.split).identity:
-        warnings.warn(f"dense evaluation on eval.test_split={cfg.eval.test_split!r} reads the "
-                      f"pretraining images ({test.name}): they are not held out")
+    if test.identity == _pretraining_identity(run_cfg):
+        where = f"--test-data {test_data}" if test_data else f"eval.test_split={cfg.eval.test_split!r}"
+        warnings.warn(f"dense evaluation on {where} reads the pretraining images ({test.name}): "
+                      "they are not held out")
     t0 = time.perf_counter()
     results = run_dense(backbone, test, cfg, dev)
     body = {**_data_record(cfg), "test_data": test_data, "test_source": test.name,
@@ -197,6 +215,16 @@ def _dense(backbone: Backbone, cfg: Config, dev: torch.device, test_data: Option
             "dense_num_images": cfg.eval.dense_num_images, "dense_seed": cfg.eval.dense_seed,
             "results": results}
     return body, {"eval_s": time.perf_counter() - t0}
+
+
+def _pretraining_identity(cfg: Config) -> Optional[str]:
+    """Where the run's pretraining images are (by place, not by split: a source without split
+    folders gives the same images for both); None when they cannot be opened here (evaluating
+    on another set is how a run whose data stayed elsewhere is scored)."""
+    try:
+        return open_cached(cfg, cfg.data.split).identity
+    except (GlsdError, OSError):
+        return None
 
 
 def _seg(backbone: Backbone, cfg: Config, dev: torch.device, base: Path,
@@ -246,12 +274,13 @@ def online_knn(backbone: Backbone, cfg: Config, device: Device,
 
 def _online_sources(cfg: Config, train_keys: Optional[Sequence[str]]) -> tuple[ImageSource, ImageSource]:
     key = (None if train_keys is None else tuple(train_keys), cfg.data.split, cfg.eval.test_split, cfg.eval.train_fraction,
-           cfg.data.subset_seed, json.dumps(dataclasses.asdict(cfg.data), sort_keys=True))
+           cfg.eval.max_test_images, cfg.data.subset_seed, json.dumps(dataclasses.asdict(cfg.data), sort_keys=True))
     if _ONLINE.get("key") != key:
         try:
             full = open_cached(cfg, cfg.data.split)
             test = open_test_split(cfg, cfg.eval.test_split)
             check_split_pair(full, test, cfg.data.split, cfg.eval.test_split)
+            test = cap_test(test, cfg)  # the images `glsd eval knn` scores on, so the numbers agree
         except ConfigError as e:
             raise ConfigError(f"online k-NN (eval.every_epochs={cfg.eval.every_epochs}): {e}; "
                               "or turn it off with eval.every_epochs=0") from None
