@@ -195,6 +195,27 @@ def test_tensorboard_event_file_holds_the_logged_scalars(tmp_path):
         assert [e.value for e in events] == pytest.approx([r[key] for r in records], rel=1e-6)
 
 
+def test_tensorboard_drops_the_steps_a_resume_redoes(tmp_path):
+    """A run killed after logging steps past its checkpoint redoes them on resume: TensorBoard
+    shows each step once, with the resumed run's value, as metrics.jsonl does."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+    from glsd.train.pretrain import pretrain
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, "train.max_steps=2", "log.tensorboard=true"))
+    stale = SummaryWriter(log_dir=str(run / "tensorboard"))  # what the killed run logged
+    stale.add_scalar("loss", -1.0, 3)
+    stale.close()
+    pretrain(tiny_config(run, "train.max_steps=4", "log.tensorboard=true"))
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    records = read_metrics(run)
+    assert [e.step for e in acc.Scalars("loss")] == [r["step"] for r in records] == [1, 2, 3, 4]
+    assert -1.0 not in [e.value for e in acc.Scalars("loss")]
+
+
 def test_tensorboard_missing_is_a_config_error(tmp_path, monkeypatch):
     from glsd.config import ConfigError
     from glsd.train.pretrain import pretrain

@@ -825,3 +825,41 @@ def test_a_finished_run_without_its_last_checkpoint_is_not_started_over(tmp_path
     assert (run / "backbone.safetensors").exists() and not list(run.glob("previous-*"))
     pretrain(tiny_config(run, "train.max_steps=2", "train.resume=false"))
     assert "(train.resume=false)" in capsys.readouterr().err and len(list(run.glob("previous-*"))) == 1
+
+
+def test_one_signal_delivered_twice_is_one_request(monkeypatch):
+    """A preempted torchrun job gets SIGTERM from the scheduler and again from torchrun
+    milliseconds later: still a stop after the step, not a stop at once. A second signal
+    later, or another one, stops at once."""
+    from glsd.errors import TrainingInterrupted
+    from glsd.train import signals
+
+    with signals.StopRequested() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal == signal.SIGTERM
+        with pytest.raises(TrainingInterrupted, match="second signal"):
+            os.kill(os.getpid(), signal.SIGINT)
+    with signals.StopRequested() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        monkeypatch.setattr(signals, "REPEAT_WINDOW_S", 0.0)
+        with pytest.raises(TrainingInterrupted, match="second signal"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_full_disk_while_logging_says_what_the_run_kept(tmp_path, monkeypatch):
+    import errno
+
+    import glsd.train.run_folder as run_folder_mod
+
+    folder = RunFolder(tmp_path / "run", is_main=True)
+    folder.checkpoints.mkdir(parents=True)
+    folder.last.write_bytes(b"")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_folder_mod, "open", full, raising=False)
+    with pytest.raises(DiskFull, match=r"disk full while logging to .*metrics.jsonl \(step 7\); "
+                                       r".*last.pt is kept\. Free space"):
+        folder.log_metrics({"step": 7, "loss": 1.0})

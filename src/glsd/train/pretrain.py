@@ -54,7 +54,7 @@ __all__ = ["pretrain", "NonFiniteLossError", "TrainingInterrupted"]
 def pretrain(cfg: Config) -> Path:
     dinfo = init_distributed(device_type(cfg.device))
     device = resolve_device(cfg.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and dinfo.enabled:  # one GPU per rank; alone, the device asked for
         device = torch.device("cuda", dinfo.local_rank)
     # Locked before anything is read or written there (rank 0; the other ranks share it).
     folder = RunFolder(cfg.output_dir, dinfo.is_main)
@@ -75,6 +75,8 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo, run: RunFolder
     try:
         with StopRequested() as stop:
             finished = train_loop(ctx, state, stop)
+            if finished:  # a signal now waits for the export (seconds): the run is trained
+                _finish_run(ctx, state)
     except RuntimeError as e:  # torch's SIGCHLD handler raises it wherever the loop was
         if not is_worker_death(e):
             raise
@@ -90,7 +92,6 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo, run: RunFolder
             f"{state.step}; checkpoint saved in {run.last}. Rerun the same command to resume; "
             f"`glsd export {run.root}` writes this checkpoint's backbone meanwhile.",
             signum)
-    _finish_run(ctx, state)
     return run.root
 
 
@@ -134,7 +135,7 @@ def _build_run(cfg: Config, device: torch.device, dinfo: DistInfo,
         make_views=StepViews(cfg), console=console,
         monitor=CollapseMonitor(cfg.model.out_dim, cfg.log.collapse_patience,
                                 max(sched.warmup_steps, sched.freeze_last_layer_steps)),
-        sinks=metric_sinks(cfg, run.root, dinfo.is_main))
+        sinks=metric_sinks(cfg, run.root, dinfo.is_main, state.step if resume is not None else 0))
     return ctx, state
 
 
@@ -307,9 +308,12 @@ def checked_step(ctx: Context, state: TrainState, batch, want_stats: bool) -> Lo
 
 
 def _save_for_a_dead_worker(ctx: Context, state: TrainState) -> str:
-    """The weights of the last counted step, unless the news came mid-update. Before that,
-    a step leaves only BatchNorm's running statistics and the centre one batch further, as
-    a resume that repeats the batch would anyway."""
+    """A checkpoint of the weights of the last counted step, unless the news came during the
+    weight update (the weights would be a step ahead of the count). Torch raises it wherever
+    the trainer is: in a step's forward or backward, the step has already moved BatchNorm's
+    statistics, the centres and the random state one batch on, and the checkpoint keeps them
+    so. The resume repeats that batch from there: a valid run, not bit for bit the one an
+    uninterrupted run would have made, and hours of steps are not thrown away for that."""
     kept = finite.kept_note(ctx.run.last, state.checkpoint_step)
     if ctx.dinfo.enabled:  # the checkpoint is collective: one rank cannot save alone
         return f"no checkpoint written (under torchrun one rank cannot save alone). {kept}"

@@ -6,6 +6,7 @@ keys), resuming poisoned (non-finite) weights, and silently overwriting another 
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -17,7 +18,7 @@ from typing import Optional
 import yaml
 
 from glsd.config import Config, ConfigError, diff_keys, dump_yaml, from_dict, identity
-from glsd.errors import CheckpointError, GlsdError
+from glsd.errors import CheckpointError, DiskFull, GlsdError
 from glsd.train import lock
 from glsd.train.checkpoint import load_checkpoint, sweep_temp_files
 from glsd.train.finite import nonfinite_tensors
@@ -190,9 +191,19 @@ class RunFolder:
 
     # -- records ------------------------------------------------------------------------
     def log_metrics(self, record: dict) -> None:
-        if self.is_main:
-            with open(self.root / "metrics.jsonl", "a") as f:
+        if not self.is_main:
+            return
+        path = self.root / "metrics.jsonl"
+        try:
+            with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a resume drops a cut line and the steps after its checkpoint
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                kept = f"{self.last} is kept" if self.last.is_file() else "no checkpoint was written yet"
+                raise DiskFull(errno.ENOSPC, f"disk full while logging to {path} (step "
+                               f"{record.get('step')}); {kept}. Free space on {self.root.parent} "
+                               "(or move the run), then rerun to resume") from None
+            raise
 
     def name_unreadable(self, unreadable) -> None:
         """Each file a batch skipped (data.on_error=skip), named once in train.log: by the

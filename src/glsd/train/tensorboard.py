@@ -23,17 +23,21 @@ def require_sinks(cfg) -> None:
         require_tensorboard()
 
 
-def metric_sinks(cfg, run_root: Path, is_main: bool) -> list:
-    """Writers that receive every metrics.jsonl record (``write``/``close``); rank 0 only."""
-    return [TensorBoardSink(run_root)] if cfg.log.tensorboard and is_main else []
+def metric_sinks(cfg, run_root: Path, is_main: bool, resumed_step: int = 0) -> list:
+    """Writers that receive every metrics.jsonl record (``write``/``close``); rank 0 only.
+    ``resumed_step``: the checkpoint's step; what was logged after it is redone, so dropped."""
+    return [TensorBoardSink(run_root, resumed_step)] if cfg.log.tensorboard and is_main else []
 
 
 class TensorBoardSink:
-    def __init__(self, run_root: Path):
+    def __init__(self, run_root: Path, resumed_step: int = 0):
         require_tensorboard()
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(run_root) / "tensorboard"))
+        # purge_step: TensorBoard hides the events of steps >= it written before (a killed
+        # run's steps past its checkpoint), as metrics.jsonl drops them.
+        self.writer = SummaryWriter(log_dir=str(Path(run_root) / "tensorboard"),
+                                    purge_step=resumed_step + 1 if resumed_step else None)
 
     def write(self, record: dict) -> None:
         step = int(record["step"])
