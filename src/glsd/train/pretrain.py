@@ -54,8 +54,9 @@ __all__ = ["pretrain", "NonFiniteLossError", "TrainingInterrupted"]
 def pretrain(cfg: Config) -> Path:
     dinfo = init_distributed(device_type(cfg.device))
     device = resolve_device(cfg.device)
-    if device.type == "cuda" and dinfo.enabled:  # one GPU per rank; alone, the device asked for
-        device = torch.device("cuda", dinfo.local_rank)
+    if device.type == "cuda":  # one GPU per rank; alone, the one asked for (cuda:1), by index
+        index = dinfo.local_rank if dinfo.enabled else device.index
+        device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
     # Locked before anything is read or written there (rank 0; the other ranks share it).
     folder = RunFolder(cfg.output_dir, dinfo.is_main)
     try:
