@@ -98,7 +98,7 @@ def test_summary_and_verdict_maths():
     table = summarize(records)[0.1]
     assert table["none"]["mean"] == 31.0 and table["none"]["std"] == pytest.approx(2 ** 0.5)
     text = verdict(table)
-    assert text.startswith("**geometric** wins")
+    assert text.startswith("**geometric** leads")
     assert "+4.50 over none (beyond the seed spread of 1.41" in text  # diffs +5, +4 > spread 1.41, same sign
     assert "+2.50 over similarity (within" in text  # diffs -1, +6: signs disagree
     assert "| 0.1 | 100 | 10.00 |" in report_markdown(records)
@@ -147,7 +147,7 @@ def test_report_tabulates_dense_when_run():
     text = report_markdown(records)
     assert "## Dense correspondence" in text
     assert "| 0.1 | 0.710 ± 0.014 (n=2) | 0.905 ± 0.007 (n=2) |" in text
-    assert "- fraction 0.1: **geometric** wins; +0.195 over none (beyond the seed spread of 0.014" in text
+    assert "- fraction 0.1: **geometric** leads; +0.195 over none (beyond the seed spread of 0.014" in text
     assert "Linear probe" not in text  # not run, not reported
 
 
@@ -240,12 +240,12 @@ def test_unsettled_comparisons_name_the_arms_a_third_seed_needs():
     # 2.12; none - similarity = -4 and hybrid - geometric = +4.25 are beyond it.
     assert extra_seed_arms(records) == {0.1: ["similarity", "geometric"]}
     text = report_markdown(records)
-    assert "## Comparisons still within the seed spread (k-NN)" in text
+    assert "## The study's questions still within the seed spread (k-NN)" in text
     assert "- fraction 0.1: geometric vs similarity" in text
-    assert "fraction 0.2:" not in text.split("## Comparisons still within")[1].split("##")[0]
+    assert "fraction 0.2:" not in text.split("## The study's questions still within")[1].split("##")[0]
     settled = [r for r in records if r["fraction"] != 0.1]
     assert extra_seed_arms(settled) == {}
-    assert "Comparisons still within" not in report_markdown(settled)
+    assert "questions still within" not in report_markdown(settled)
 
 
 def test_a_bad_cell_is_refused_before_any_cell_trains(tmp_path, monkeypatch):
@@ -298,8 +298,26 @@ def test_the_bar_without_a_global_only_arm_and_rankings_on_shared_seeds():
                _rec(0.1, "hybrid", 0, 51.0), _rec(0.1, "hybrid", 1, 51.0)]
     text = report_markdown(records)
     assert "No global-only (none) arm: the bar was not measured." in text and "nan" not in text
-    assert "- fraction 0.1: **hybrid** wins; +1.00 over geometric" in text
+    assert "- fraction 0.1: **hybrid** leads; +1.00 over geometric" in text
     assert "best new arm (hybrid) vs the best of none/similarity/geometric (geometric): +1.00" in text
+
+
+def test_the_spread_is_over_the_paired_seeds_and_a_sign_split_is_named():
+    from glsd.tools.study_report import evidence, paired_margin
+
+    # geometric's third seed (alone, far off) widens its std to 3.46; on seeds 0 and 1 it is 0.
+    row = summarize([_rec(0.1, "geometric", 0, 50.0), _rec(0.1, "geometric", 1, 50.0),
+                     _rec(0.1, "geometric", 2, 56.0), _rec(0.1, "hybrid", 0, 51.0),
+                     _rec(0.1, "hybrid", 1, 51.5)])[0.1]
+    p = paired_margin(row, "hybrid", "geometric")
+    assert p["spread"] == pytest.approx(0.3536, abs=1e-4) and p["clear"]
+    # a margin above the spread that one seed contradicts is not "within" it
+    split = summarize([_rec(0.1, m, seed, v) for m, values in
+                       (("none", (50.0, 50.0, 50.0)), ("similarity", (47.0, 47.0, 50.1)))
+                       for seed, v in enumerate(values)])[0.1]
+    p = paired_margin(split, "none", "similarity")
+    assert p["margin"] == pytest.approx(1.9667, abs=1e-4) and not p["clear"]
+    assert evidence(p, 2) == "larger than the seed spread of 1.79, but the seeds disagree in sign"
 
 
 def test_a_rerun_under_other_settings_refuses_the_folders_cells(tmp_path):

@@ -57,27 +57,28 @@ def summarize(records: list[dict], key: str = "knn_top1") -> dict:
 def paired_margin(row: dict, a: str, b: str) -> Optional[dict]:
     """Mean paired difference a - b over the seeds both arms finished (same seed = same
     subset and init), and whether it "exceeds the seed spread": larger than the larger of
-    the two arms' standard deviations, with every seed agreeing on the sign."""
+    the two arms' sample standard deviations over those same seeds (a seed one arm ran alone
+    is in neither the margin nor the spread), with every seed agreeing on the sign."""
     seeds = sorted(set(row[a]["per_seed"]) & set(row[b]["per_seed"]))
     diffs = [row[a]["per_seed"][s] - row[b]["per_seed"][s] for s in seeds]
     if not diffs:
         return None
     margin = statistics.fmean(diffs)
-    spread = max(row[a]["std"], row[b]["std"])
+    spread = max(mean_std([row[arm]["per_seed"][s] for s in seeds])[1] for arm in (a, b))
     same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
     clear = abs(margin) > spread and same_sign and len(diffs) > 1
     return {"margin": margin, "spread": spread, "clear": clear, "diffs": diffs}
 
 
 def verdict(row: dict, digits: int = 2) -> str:
-    """Which matching wins at one fraction, by how much, and whether it beats the spread.
+    """Which matching leads at one fraction, by how much, and whether it beats the spread.
     The rule is deliberately cautious: each arm's spread also holds the subset-to-subset
     variation that pairing by seed removes."""
     ranked = sorted(row, key=lambda m: -ranking_mean(row, m))
     best = ranked[0]
     if len(ranked) < 2:
         return f"only {best} has finished cells: no comparison yet"
-    parts = [f"**{best}** wins"]
+    parts = [f"**{best}** leads"]
     for other in ranked[1:]:
         p = paired_margin(row, best, other)
         if p is None:
@@ -91,11 +92,15 @@ def verdict(row: dict, digits: int = 2) -> str:
 
 
 def evidence(p: dict, digits: int) -> str:
-    """How far a paired margin can be trusted: one seed, beyond the spread, or within it."""
+    """How far a paired margin can be trusted: one seed, beyond the spread, within it, or
+    larger than it with the seeds disagreeing in sign."""
     if len(p["diffs"]) == 1:
         return "one seed: no spread to compare with"
-    where = "beyond" if p["clear"] else "within"
-    return f"{where} the seed spread of {p['spread']:.{digits}f}"
+    if p["clear"]:
+        return f"beyond the seed spread of {p['spread']:.{digits}f}"
+    if abs(p["margin"]) > p["spread"]:  # large, but not every seed says so
+        return f"larger than the seed spread of {p['spread']:.{digits}f}, but the seeds disagree in sign"
+    return f"within the seed spread of {p['spread']:.{digits}f}"
 
 
 PAPER_CLAIMS = (("geometric", "similarity", "geometric matching beats similarity matching"),
@@ -258,7 +263,7 @@ def _unsettled_section(table: dict) -> list[str]:
     rows = {frac: pairs for frac, pairs in rows.items() if pairs}
     if not rows:
         return []
-    lines = ["", "## Comparisons still within the seed spread (k-NN)", "",
+    lines = ["", "## The study's questions still within the seed spread (k-NN)", "",
              "Margins that two or more seeds do not yet settle; a further seed of these arms "
              "would (`extra_seed_arms`).", ""]
     for frac, pairs in rows.items():
