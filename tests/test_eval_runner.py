@@ -72,7 +72,7 @@ def test_bare_safetensors_writes_beside_it(run_dir, tmp_path):
     path = tmp_path / "backbone.safetensors"
     shutil.copy(run_dir / "backbone.safetensors", path)
     rec = run_eval("knn", path, overrides=["eval.k=5"])
-    assert (tmp_path / "eval" / "knn.json").is_file()
+    assert (tmp_path / "eval" / "knn-k5.json").is_file()
     # No subset.json beside it: the whole train split.
     assert rec["n_train"] == 24 and rec["subset_file"] is None and rec["k"] == 5
     assert rec["ks"] == [5, 10, 20, 100, 200]
@@ -84,8 +84,12 @@ def test_student_random_init_and_train_fraction(run_dir):
     rand = run_eval("knn", run_dir, random_init=True)
     assert rand["model"] == "random-init" and rand["checkpoint"] is None
     assert (run_dir / "eval" / "knn-random-init.json").is_file()
-    half = run_eval("knn", run_dir, overrides=["eval.train_fraction=0.5"])
+    whole = _read(run_dir / "eval" / "knn.json")
+    half = run_eval("knn", run_dir, overrides=["eval.train_fraction=0.5", "eval.batch_size=8"])
     assert half["n_train"] == SUBSET // 2 and half["train_fraction"] == 0.5
+    # a record of other settings has its own file: the full-split one is not replaced
+    assert half["output"] == str(run_dir / "eval" / "knn-train_fraction0.5.json")
+    assert _read(run_dir / "eval" / "knn.json") == whole
 
 
 def test_linear_and_dense(run_dir, monkeypatch):

@@ -124,13 +124,14 @@ def test_cli_end_to_end_on_the_sample(tmp_path, capsys):
     assert main(["eval", "seg", str(run), *flags]) == 0
     out = capsys.readouterr().out
     assert out.startswith("seg cell accuracy ") and "16 train / 8 test mosaics of 2x2, 3x3" in out
-    record = json.loads((run / "eval" / "seg.json").read_text())
+    settings = "seg_num_train16-seg_num_test8-seg_steps20"  # in the name: not the run's settings
+    record = json.loads((run / "eval" / f"seg-{settings}.json").read_text())
     assert record["kind"] == "seg" and record["n_train"] == 96 and record["n_test"] == 32
     res = record["results"]
     assert 0.0 <= res["accuracy"] <= 1.0 and 0.0 <= res["miou"] <= 1.0
     assert set(res["per_layout"]) == {"2x2", "3x3"}
     assert main(["eval", "seg", str(run / "backbone.safetensors"), "--random-init", *flags]) == 0
-    assert (run / "eval" / "seg-random-init.json").is_file()
+    assert (run / "eval" / f"seg-random-init-{settings}.json").is_file()
     assert "[random-init]" in capsys.readouterr().out
 
 

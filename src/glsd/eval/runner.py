@@ -87,7 +87,7 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
             module docstring); dense reads only ``test_data``.
         progress: progress bars of feature extraction when stderr is a terminal.
     Returns:
-        The record also written to ``<run>/eval/<kind>[-student|-random-init][-on-<data>].json`` (by
+        The record also written to ``<run>/eval/<kind>[-student|-random-init][-on-<data>][-<setting>].json`` (by
         rank 0 under torch.distributed; every rank must call it, extraction is shared).
     """
     if kind not in KINDS:
@@ -113,7 +113,7 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     suffix = "" if info["model"] == "teacher" else f"-{info['model']}"
     snapshot = snapshot_name(info.get("checkpoint"))  # an earlier checkpoint: not the final model's record
     suffix += f"-{snapshot}" if snapshot else ""
-    out = base / "eval" / f"{kind}{suffix}{data_slug(train_data, test_data, kind != 'dense')}.json"
+    out = base / "eval" / f"{kind}{suffix}{data_slug(train_data, test_data, kind != 'dense')}{settings_slug(overrides)}.json"
     record = {"kind": kind, **_model_record(cfg, info), **body,
               "device": str(dev), "world_size": rank_world()[1], "overrides": list(overrides),
               "timing": {"load_s": loaded - start, **timing, "total_s": time.perf_counter() - start},
@@ -138,6 +138,23 @@ def with_named_set_reading(cfg: Config, spec: Optional[str], overrides: Sequence
     named = data_config(spec, cfg.data, overrides)
     reading = {k: getattr(named, k) for k in READING_KEYS}
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **reading))
+
+
+# Overrides that change how an evaluation runs, not what it measures: left out of its file name.
+HOW_NOT_WHAT = {"eval.batch_size", "eval.every_epochs", "eval.model", "data.num_workers",
+                "data.read_timeout_s", "device"}
+
+
+def settings_slug(overrides: Sequence[str]) -> str:
+    """``-<key><value>`` per override that changes what is measured (``eval.train_fraction=0.1``
+    -> ``-train_fraction0.1``), so that records of other settings do not replace each other's."""
+    parts = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.strip()
+        if key not in HOW_NOT_WHAT:
+            parts.append(re.sub(r"[^A-Za-z0-9._-]+", "_", key.split(".", 1)[-1] + value.strip()))
+    return "".join(f"-{part}" for part in parts)
 
 
 def data_slug(train_data: Optional[str], test_data: Optional[str], labelled_train: bool = True) -> str:
