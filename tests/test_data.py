@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from glsd.config import ConfigError, DataConfig
+from glsd.data.layout import detect_kind
 from glsd.data.sources import balanced_subset, open_source, to_rgb
 
 
@@ -61,6 +62,36 @@ def test_zip_source_reads_in_place_and_checks_split(tmp_path):
     assert src.read(src.keys[-1]).mode == "RGB"
     with pytest.raises(ConfigError, match="available: test, train"):
         open_source(DataConfig(root=str(path), split="val"))
+
+
+def test_a_zip_takes_split_folders_by_the_folder_rule_not_by_depth(tmp_path):
+    """Photos by year/month are classes (as the same folder on disk is), not splits; a split
+    zip without class folders is that split's images, unlabelled, never the test images too."""
+    by_date = tmp_path / "photos.zip"
+    with zipfile.ZipFile(by_date, "w") as zf:
+        for year, month in (("2019", "01"), ("2019", "02"), ("2020", "03")):
+            zf.writestr(f"{year}/{month}/a.png", _png(Image.new("RGB", (6, 6))))
+    src = open_source(DataConfig(root=str(by_date)))
+    assert src.classes == ["2019", "2020"] and len(src) == 3 and src.name == f"zip:{by_date}"
+    unlabelled = tmp_path / "split.zip"
+    with zipfile.ZipFile(unlabelled, "w") as zf:
+        for split in ("train", "test"):
+            zf.writestr(f"{split}/a.png", _png(Image.new("RGB", (6, 6))))
+    train = open_source(DataConfig(root=str(unlabelled)))
+    assert train.keys == ["train/a.png"] and train.labels == [-1] and train.classes == []
+    assert open_source(DataConfig(root=str(unlabelled), split="test")).keys == ["test/a.png"]
+    with pytest.raises(ConfigError, match="split 'val' not in .*available: test, train"):
+        open_source(DataConfig(root=str(unlabelled), split="val"))
+
+
+def test_a_stray_image_beside_split_folders_does_not_make_them_one_pile(tmp_path):
+    _folder_tree(tmp_path / "d" / "train")
+    _folder_tree(tmp_path / "d" / "test")
+    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "preview.jpg")
+    kind, why = detect_kind(str(tmp_path / "d"))
+    assert kind == "imagefolder" and "the 1 images at the top level are not read" in why
+    src = open_source(DataConfig(root=str(tmp_path / "d")))
+    assert src.classes == ["a", "b"] and all(not k.startswith("test") for k in src.keys)
 
 
 def test_what_copying_tools_leave_beside_photos_is_not_read(tmp_path):

@@ -22,9 +22,10 @@ SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test",
 TORCHVISION_SOURCES = ("cifar10", "cifar100", "stl10", "fashion_mnist")
 
 # The rule data.source=auto applies to a folder; stated in its messages and the start summary.
-FOLDER_RULE = ("a folder whose non-hidden sub-folders hold the images (none at its top level) is an "
-               "ImageFolder (one class per sub-folder); any other folder is unlabelled and read "
-               "recursively; hidden folders (.name) are ignored; data.source=imagefolder|folder forces either")
+FOLDER_RULE = ("a folder whose non-hidden sub-folders hold the images (none at its top level), or "
+               "that holds split folders (train/, test/, ...) of class folders, is an ImageFolder "
+               "(one class per sub-folder); any other folder is unlabelled and read recursively; "
+               "hidden folders (.name) are ignored; data.source=imagefolder|folder forces either")
 
 
 def detect_kind(root: str) -> tuple[str, str]:
@@ -45,6 +46,13 @@ def detect_kind(root: str) -> tuple[str, str]:
     top_images = sum(1 for p in entries if p.is_file() and is_image(p.name) and not hidden(p.name))
     if subdirs and not top_images:
         return "imagefolder", f"{len(subdirs)} sub-folders and no images at the top level"
+    # A split layout with a stray image beside it (a preview, a README figure): read as one
+    # unlabelled pile it would pretrain on the test split too.
+    splits = [d for d in subdirs if d.lower() in SPLIT_NAMES
+              and any(p.is_dir() and not hidden(p.name) for p in list_folder(path / d))]
+    if splits:
+        return "imagefolder", (f"split folders ({', '.join(sorted(splits))}) of class folders; the "
+                               f"{top_images} images at the top level are not read")
     why = f"{top_images} images at the top level" if top_images else "no sub-folders"
     return "folder", why
 

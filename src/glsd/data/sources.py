@@ -195,7 +195,8 @@ class _ZipReader:
 
 
 def zip_source(path: Path, split: str) -> ImageSource:
-    """A zip holding ``<split>/<class>/*`` (or ``<class>/*``), read in place."""
+    """A zip holding ``<split>/<class>/*`` (or ``<class>/*``), read in place; images not in a
+    class folder (``<split>/*``, or at the top) are unlabelled."""
     try:
         with zipfile.ZipFile(path) as zf:
             every = zf.namelist()
@@ -214,21 +215,24 @@ def zip_source(path: Path, split: str) -> ImageSource:
     # A zip of a folder (Finder, Explorer: mydata/<class>/*) holds the layout one level down.
     wrapper = wrapper_folder(names)
     depth = 1 if wrapper else 0
-    tops = sorted({n.split("/")[depth] for n in names if n.count("/") >= depth + 2})
-    if tops:
-        if split not in tops:
-            raise MissingSplit(split, str(path), tops)
+    # Split folders by the folder rule: the asked split, or folders named like splits (not any
+    # folder two levels deep: photos by year/month, or classes with sub-folders, are not splits).
+    folders = sorted({n.split("/")[depth] for n in names if n.count("/") > depth})
+    is_split = split in folders
+    if is_split:
         names = [n for n in names if n.split("/")[depth] == split]
         depth += 1
+    elif any(f.lower() in SPLIT_NAMES for f in folders):
+        raise MissingSplit(split, str(path), [f for f in folders if f.lower() in SPLIT_NAMES])
     classes = sorted({n.split("/")[depth] for n in names if n.count("/") > depth})
     index = {c: i for i, c in enumerate(classes)}
     names.sort()
     labels = [index[n.split("/")[depth]] if n.count("/") > depth else -1 for n in names]
     # Without split folders every split is the same images: one name, so that evaluation
     # refuses them as train and test (as a folder without split sub-folders is).
-    name = f"zip:{path}:{split}" if tops else f"zip:{path}"
+    name = f"zip:{path}:{split}" if is_split else f"zip:{path}"
     reader = _ZipReader(path)
-    location = os.path.realpath(path) + (f":{split}" if tops else "")
+    location = os.path.realpath(path) + (f":{split}" if is_split else "")
     return ImageSource(name, names, labels, classes, reader, read_reduced=reader, location=location)
 
 

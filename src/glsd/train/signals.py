@@ -11,7 +11,7 @@ from glsd.errors import TrainingInterrupted
 
 # The same signal again this soon is one request delivered twice, not a second request: a
 # preempted torchrun job gets SIGTERM from the scheduler and, milliseconds later, from torchrun.
-REPEAT_WINDOW_S = 1.0
+REPEAT_WINDOW_S = 0.1  # a person pressing Ctrl-C twice is slower than this
 
 
 class StopRequested:
