@@ -10,6 +10,8 @@ Tiny backbones used (all run 32 px global and 16 px local crops):
   override) except in the forward-only backbone test, to keep each test fast on 2 cores.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -104,6 +106,22 @@ def test_unknown_backbone_suggests():
     from glsd.config import ConfigError
     with pytest.raises(ConfigError, match="vit_tiny_patch16_224"):
         build_backbone(make_cfg("vit", extra=["model.backbone=vit_tiny_patch16_2244"]).model, 32)
+
+
+def test_a_backbone_switch_with_the_old_kwargs_is_a_config_error():
+    """The preset's kwargs of another backbone, or values its constructor asserts on: one
+    message naming the fix, not a traceback."""
+    from glsd.config import ConfigError, load_config
+    from glsd.cli import main
+
+    vit = load_config("cifar10-vit-tiny", ["data.source=sample"]).model
+    with pytest.raises(ConfigError, match=r"glsd_convnet cannot be built .*'model.backbone_kwargs=\{\}'"):
+        build_backbone(dataclasses.replace(vit, backbone="glsd_convnet"), 32)
+    with pytest.raises(ConfigError, match="cannot be built .*AssertionError"):
+        build_backbone(dataclasses.replace(vit, backbone_kwargs={**vit.backbone_kwargs, "num_heads": 5}), 32)
+    with pytest.raises(ConfigError, match="unknown backbone model.backbone='glsd_convnet_wide'. Close names: glsd_convnet"):
+        build_backbone(dataclasses.replace(vit, backbone="glsd_convnet_wide", backbone_kwargs={}), 32)
+    assert main(["config", "cifar10-vit-tiny", "data.source=sample", "model.backbone=glsd_convnet"]) == 2
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))

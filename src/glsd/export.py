@@ -36,6 +36,7 @@ import torch
 from glsd.config import ConfigError, from_dict
 from glsd.errors import CheckpointError
 from glsd.models.backbone import create_model, declared_layout
+from glsd.models.families import GLSD_CONVNET
 from glsd.train.checkpoint import read_backbone
 from glsd.utils.io import check_writable
 from glsd.weights import load_checked_weights, read_safetensors
@@ -92,7 +93,7 @@ def timm_config(cfg, num_features: int) -> dict:
     from glsd.models.backbone import timm_kwargs
 
     m, c = cfg.model, cfg.crops
-    is_timm = not m.backbone.startswith("glsd_convnet")
+    is_timm = m.backbone != GLSD_CONVNET
     args = timm_kwargs(m, c.global_size) if is_timm else dict(m.backbone_kwargs)
     args.pop("drop_path_rate", None)
     if is_timm:

@@ -104,21 +104,22 @@ def create_model(cfg: ModelConfig, image_size: int) -> nn.Module:
     # paths or loading options to timm, and no absurd size (measured on the meta device).
     check_backbone_kwargs(cfg.backbone_kwargs)
     check_model_size(lambda: create_model(cfg, image_size), f"model.backbone={cfg.backbone!r}")
-    kwargs = dict(cfg.backbone_kwargs)
-    if cfg.backbone.startswith(GLSD_CONVNET):
-        return ConvNet(**kwargs)
-    if cfg.backbone not in timm.list_models():
-        close = difflib.get_close_matches(cfg.backbone, timm.list_models(), n=5, cutoff=0.5)
+    if cfg.backbone != GLSD_CONVNET and cfg.backbone not in timm.list_models():
+        close = difflib.get_close_matches(cfg.backbone, [GLSD_CONVNET, *timm.list_models()], n=5, cutoff=0.5)
         hint = f" Close names: {', '.join(close)}." if close else ""
         raise ConfigError(f"unknown backbone model.backbone='{cfg.backbone}'.{hint} "
                           "Any timm model name works, or glsd_convnet.")
     try:
+        if cfg.backbone == GLSD_CONVNET:
+            return ConvNet(**cfg.backbone_kwargs)
         return timm.create_model(cfg.backbone, pretrained=False, num_classes=0,
                                  **timm_kwargs(cfg, image_size))
-    except TypeError as e:
-        raise ConfigError(f"{cfg.backbone} does not accept model.backbone_kwargs="
-                          f"{cfg.backbone_kwargs} ({e}). When switching backbones, reset them: "
-                          "'model.backbone_kwargs={}'") from None
+    # A keyword the model does not take (TypeError), or a value its constructor asserts on
+    # (num_heads not dividing embed_dim): the kwargs of the preset's previous backbone, mostly.
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"{cfg.backbone} cannot be built with model.backbone_kwargs="
+                          f"{cfg.backbone_kwargs} ({type(e).__name__}: {str(e)[:200]}). When "
+                          "switching backbones, reset them: 'model.backbone_kwargs={}'") from None
 
 
 def timm_kwargs(cfg: ModelConfig, image_size: int) -> dict:

@@ -150,7 +150,7 @@ def _finish_run(ctx: "Context", state: TrainState) -> None:
         sweep_temp_files(ctx.run.root)
     skipped = int(sum_over_ranks(state.skipped_images, ctx.device))
     ctx.console.end(state.step, ctx.sampler.global_batch, skipped, str(export) if export else None,
-                    timm_loads_it=not ctx.cfg.model.backbone.startswith(GLSD_CONVNET))
+                    timm_loads_it=ctx.cfg.model.backbone != GLSD_CONVNET)
 
 
 @dataclass
