@@ -211,6 +211,16 @@ def test_yaml_file_unknown_key(tmp_path):
         load_config(str(path))
 
 
+def test_a_key_given_twice_in_a_file_is_refused_not_half_dropped(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("preset: cpu-default\ntrain:\n  epochs: 5\nmodel:\n  out_dim: 64\ntrain:\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: line 6, column 1: .*key 'train' given twice"):
+        load_config(str(path))
+    path.write_text("a: &base {epochs: 5}\ntrain:\n  <<: *base\n  epochs: 6\n")  # a merge may repeat
+    from glsd.config_files import parse_yaml
+    assert parse_yaml(path.read_text(), "x")["train"] == {"epochs": 6}
+
+
 def test_missing_yaml_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "nope.yaml"))
@@ -356,3 +366,16 @@ def test_a_string_that_reads_as_a_number_survives_its_record(tmp_path):
     record.write_text(dump_yaml(cfg))
     again = load_config(str(record))
     assert (again.output_dir, again.data.split) == ("1e3", "1e5")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.global_weight=0", "loss.local_weight=0"], "the loss is always 0"),
+    (["loss.matching=none", "loss.global_weight=0"], r"loss.matching=none \(no local loss\)"),
+    (["model.backbone=swin_tiny_patch4_window7_224", "model.patch_size=2"], "ViT backbones only"),
+    (["crops.color_jitter=[.inf, 0.4, 0.2, 0.1]"], "crops.color_jitter=inf"),
+    (["crops.color_jitter=[.nan, 0.4, 0.2, 0.1]"], "crops.color_jitter=nan"),
+])
+def test_settings_that_would_train_nothing_or_something_else_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    assert load_config(None, ["loss.global_weight=0"]).loss.global_weight == 0  # the local loss alone

@@ -294,3 +294,11 @@ def test_images_much_smaller_than_the_crops_are_said(tmp_path):
     assert any("median short side of 30 px (of 6 read) under crops.global_size=64" in n for n in notes)
     fits = tiny_config(tmp_path / "r", *data)  # 32 px crops of 30 px images: no note
     assert not any("small for the crops" in n for n in preflight(fits, open_source(fits.data))[1].notes)
+
+
+def test_a_teacher_no_sharper_than_the_student_is_said_not_refused():
+    from glsd.train.preflight import temperature_notes
+
+    assert temperature_notes(tiny_config("unused")) == []
+    hot = temperature_notes(tiny_config("unused", "loss.teacher_temp=0.2", "loss.warmup_teacher_temp=0.2"))
+    assert len(hot) == 1 and "loss.teacher_temp=0.2" in hot[0] and "loss.student_temp=0.1" in hot[0]

@@ -863,3 +863,17 @@ def test_a_full_disk_while_logging_says_what_the_run_kept(tmp_path, monkeypatch)
     with pytest.raises(DiskFull, match=r"disk full while logging to .*metrics.jsonl \(step 7\); "
                                        r".*last.pt is kept\. Free space"):
         folder.log_metrics({"step": 7, "loss": 1.0})
+
+
+def test_a_run_that_failed_exits_1_and_bad_input_2(capsys):
+    import errno
+
+    from glsd.cli import _report
+    from glsd.errors import NonFiniteError, OutOfMemory, WorkerDied
+
+    failed = [WorkerDied("a data loader worker died"), DiskFull(errno.ENOSPC, "disk full"),
+              NonFiniteError("loss is nan"), OutOfMemory("out of memory")]
+    assert [_report(e, debug=False) for e in failed] == [1, 1, 1, 1]
+    assert _report(DataError("cannot read image 'a.jpg'"), debug=False) == 2
+    assert _report(ConfigError("data.root is empty"), debug=False) == 2
+    capsys.readouterr()

@@ -13,7 +13,11 @@ import warnings
 
 from glsd import commands
 from glsd.config import EVALUATIONS, MATCHINGS, ConfigError
-from glsd.errors import GlsdError, NonFiniteError, OutOfMemory, TrainingInterrupted, is_out_of_memory
+from glsd.errors import (DiskFull, GlsdError, NonFiniteError, OutOfMemory, TrainingInterrupted, WorkerDied,
+                         is_out_of_memory)
+
+# Errors of a run that started and failed (exit 1), not of its input (exit 2): a scheduler may retry these.
+FAILED_RUN = (NonFiniteError, OutOfMemory, WorkerDied, DiskFull)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +179,8 @@ def _raise_terminated(signum, frame):
 
 
 def main(argv=None) -> int:
-    """Exit codes: 0 done, 1 a failed run (non-finite training, out of memory), 2 bad input (a GlsdError:
+    """Exit codes: 0 done, 1 a failed run (non-finite training, out of memory, a dead loader
+    worker, a full disk), 2 bad input (a GlsdError:
     one message, no traceback unless --debug or GLSD_DEBUG=1), 128 + N stopped by signal N
     (130 SIGINT, 143 SIGTERM; a training run checkpoints first)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -218,7 +223,7 @@ def _report(e: GlsdError, debug: bool) -> int:
         traceback.print_exc()
     kind = "config error: " if isinstance(e, ConfigError) else ""
     print(f"glsd: {kind}{_message(e)}", file=sys.stderr)
-    return 1 if isinstance(e, (NonFiniteError, OutOfMemory)) else 2
+    return 1 if isinstance(e, FAILED_RUN) else 2
 
 
 def _in_glsd_voice(show):

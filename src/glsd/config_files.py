@@ -18,7 +18,21 @@ from glsd.errors import ConfigError
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 as PyYAML reads it, with YAML 1.2's floats: ``1e-5`` is a number (1.1 wants
-    ``1.0e-5`` and reads ``1e-5`` as a string, which timm then refuses in backbone_kwargs)."""
+    ``1.0e-5`` and reads ``1e-5`` as a string, which timm then refuses in backbone_kwargs),
+    and, as YAML 1.2 says, no key twice in one mapping (PyYAML keeps the last: a second
+    ``train:`` section would silently drop the first's keys)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:  # the keys as written (a << merge may repeat them)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key_node.value!r} given twice in one mapping: merge them",
+                    key_node.start_mark)
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
 
 
 class _Dumper(yaml.SafeDumper):

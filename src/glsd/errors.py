@@ -36,6 +36,11 @@ class DataError(GlsdError, RuntimeError):
     """An image or data source cannot be read (the message names the file)."""
 
 
+class WorkerDied(DataError):
+    """A data loader worker died mid-run (the OOM killer, a decoder crash): a failed run, not
+    bad input; the message says what the run kept."""
+
+
 class RunFolderBusy(GlsdError, RuntimeError):
     """Another process holds the run folder's lock."""
 

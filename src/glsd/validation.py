@@ -10,7 +10,7 @@ from typing import Any
 
 from glsd.config import EVALUATIONS, MATCHINGS
 from glsd.errors import ConfigError
-from glsd.models.families import patch_from_name
+from glsd.models.families import is_vit, patch_from_name
 
 INF = math.inf
 # key -> (low, high, low_open, high_open); None values are allowed where the type is Optional.
@@ -69,7 +69,8 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "study.steps": (1, INF, False, True),
 }
 TUPLE_RANGES = {"crops.ratio": (0, INF, True, True), "crops.blur_p": (0, 1, False, False),
-                "crops.blur_radius": (0, INF, False, True), "crops.std": (0, INF, True, True)}
+                "crops.blur_radius": (0, INF, False, True), "crops.std": (0, INF, True, True),
+                "crops.color_jitter": (0, INF, False, True)}
 
 
 def _interval(lo, hi, lo_open, hi_open) -> str:
@@ -212,6 +213,9 @@ def check_config(cfg) -> None:
         raise ConfigError(f"crops.local_size={c.local_size} is larger than crops.global_size="
                           f"{c.global_size}: local crops are the small views (swapped sizes?)")
     _check_view_recipe(c)
+    if m.patch_size is not None and not is_vit(m.backbone):  # timm_kwargs gives it to ViTs only
+        raise ConfigError(f"model.patch_size={m.patch_size} is read by ViT backbones only; "
+                          f"{m.backbone} has its own (set model.patch_size=null)")
     patch = m.patch_size or patch_from_name(m.backbone)
     if patch is not None:
         for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
@@ -221,6 +225,13 @@ def check_config(cfg) -> None:
                 raise ConfigError(f"crops.{name}={size} is not a multiple of the patch size "
                                   f"(model.patch_size={patch}, {m.backbone}): nearest valid sizes "
                                   f"{nearest}; or another model.patch_size")
+    local = l.matching != "none"
+    weights = (l.global_weight, l.local_weight if local else 0.0)
+    if all(w == 0 for w in weights):  # None is a default weight > 0; all 0: weight decay alone
+        raise ConfigError(f"loss.global_weight={l.global_weight:g} with "
+                          + (f"loss.local_weight={l.local_weight:g}" if local
+                             else "loss.matching=none (no local loss)")
+                          + ": the loss is always 0 and nothing is learned; give a weight > 0")
     if isinstance(l.match_threshold, str) and l.match_threshold not in ("half_diagonal", "none"):
         raise ConfigError(f"loss.match_threshold={l.match_threshold!r}: use half_diagonal, none, "
                           "or a distance in original-image pixels")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
-from glsd.errors import DataError
+from glsd.errors import WorkerDied
 
 _stop_signals_seen = 0
 
@@ -36,9 +36,9 @@ def is_worker_death(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "DataLoader worker (pid" in str(error)
 
 
-def worker_died(error: BaseException, saved: str) -> DataError:
+def worker_died(error: BaseException, saved: str) -> WorkerDied:
     """The one message for a dead worker; ``saved`` says what the run kept."""
-    return DataError(f"a data loader worker died ({str(error).splitlines()[0]}); {saved.rstrip('.')}. If it "
+    return WorkerDied(f"a data loader worker died ({str(error).splitlines()[0]}); {saved.rstrip('.')}. If it "
                      "happens again: out of memory (lower data.num_workers or train.batch_size) "
                      "or a decoder crash on one file (data.num_workers=0 shows the error where "
                      "it happens)")

@@ -74,6 +74,7 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
         notes.append(f"train.min_lr={cfg.train.min_lr:g} is above the peak learning rate {peak:.3g} "
                      f"(train.lr={cfg.train.lr:g} x {global_batch}/256): the cosine schedule raises "
                      "the learning rate over the run; lower train.min_lr")
+    notes += temperature_notes(cfg)
     notes += image_size_notes(cfg, source)
     notes += check_resume_schedule(cfg, Path(cfg.output_dir))
     from glsd.eval.runner import check_online_knn  # training's one use of evaluation
@@ -218,6 +219,17 @@ def image_size_notes(cfg: Config, source: ImageSource, sample: int = 16) -> list
             f"read) under crops.global_size={cfg.crops.global_size}, so every view is upscaled over "
             f"{cfg.crops.global_size // median}x; crop sizes nearer the images' (and a backbone of "
             "matching stride) learn from real pixels"]
+
+
+def temperature_notes(cfg: Config) -> list[str]:
+    """A teacher no sharper than the student: allowed (an ablation may want it), said."""
+    lo = cfg.loss
+    if max(lo.teacher_temp, lo.warmup_teacher_temp) < lo.student_temp:
+        return []
+    return [f"the teacher's temperature (loss.teacher_temp={lo.teacher_temp:g}, warm-up "
+            f"{lo.warmup_teacher_temp:g}) is not below the student's (loss.student_temp="
+            f"{lo.student_temp:g}): its targets are no sharper than the student's outputs, the "
+            "sharpening DINO relies on against collapse (DINO: teacher 0.04-0.07, student 0.1)"]
 
 
 def short_run_notes(cfg: Config, steps_per_epoch: int) -> list[str]:
