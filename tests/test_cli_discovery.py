@@ -106,3 +106,10 @@ def test_the_dry_run_refuses_a_device_this_machine_lacks(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli(["config", "cpu-default", "device=cuda"]) == 2
     assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_overrides_after_the_flags_of_show_matches_are_taken_as_its_items():
+    from glsd.cli import parse_args
+
+    args = parse_args(["show-matches", "run", "--image", "a.jpg", "--out", "b.png", "crops.local_size=16"])
+    assert args.items == ["run", "crops.local_size=16"]

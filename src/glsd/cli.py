@@ -163,10 +163,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     --train-data X eval.k=10``) is an override, as it is before the flags."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
+    into = "overrides" if hasattr(args, "overrides") else "items" if hasattr(args, "items") else None
+    if extra and (into is None or any("=" not in e or e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
+    if extra:  # show-matches takes its overrides among its items (after an optional RUN_DIR)
+        setattr(args, into, [*getattr(args, into), *extra])
     return args
 
 

@@ -200,6 +200,9 @@ def check_config(cfg) -> None:
                           f"come from glsd itself); add data.source=auto to use {d.root}")
     if d.num_images is not None and d.num_images <= 0:
         raise ConfigError(f"data.num_images={d.num_images} must be positive (or null for all)")
+    if d.num_images is not None and d.fraction != 1.0:  # one would be ignored
+        raise ConfigError(f"data.fraction={d.fraction:g} and data.num_images={d.num_images} both "
+                          "choose the subset: give one of them")
     if c.num_local < 0:
         raise ConfigError(f"crops.num_local={c.num_local} must be >= 0")
     if c.num_global < 1:

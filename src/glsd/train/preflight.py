@@ -75,6 +75,9 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
                      f"(train.lr={cfg.train.lr:g} x {global_batch}/256): the cosine schedule raises "
                      "the learning rate over the run; lower train.min_lr")
     notes += temperature_notes(cfg)
+    if cfg.data.num_images is not None and cfg.data.num_images > n:
+        notes.append(f"data.num_images={cfg.data.num_images} is more than the {n} images there: "
+                     "the run uses them all")
     notes += image_size_notes(cfg, source)
     notes += check_resume_schedule(cfg, Path(cfg.output_dir))
     from glsd.eval.runner import check_online_knn  # training's one use of evaluation
