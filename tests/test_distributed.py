@@ -294,8 +294,8 @@ def test_one_rank_signal_or_nan_stops_all_ranks(two_ranks):
     assert torch.equal(rank_state(ckpt, 1, 1)[0]["torch"], own[0])  # another world: rank 0's
     # A non-finite loss on rank 1 only: both ranks raise at step 3, none waits for the other.
     for r in (r0, r1):
+        # (a rank left waiting would end in gloo's timeout, not in this error)
         assert r["nan"].startswith("NonFiniteError") and "step 3" in r["nan"], r["nan"]
-        assert r["nan_s"] < 15, r
     assert "on another rank" in r0["nan"] and "on another rank" not in r1["nan"]
     assert torch.load(out_dir / "nan" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
 

@@ -82,6 +82,23 @@ def test_weightnorm_magnitude_is_decayed_by_default(tmp_path):
     assert magnitudes <= no_decay_old and not magnitudes & decay_old
 
 
+@pytest.mark.parametrize("value", [True, False])
+def test_the_optimiser_of_a_run_follows_its_magnitude_decay_setting(tmp_path, value):
+    """build_optimisation (what a run uses) passes train.decay_weightnorm_magnitude on:
+    cpu-default pins false, the other presets keep DINO's decay."""
+    from glsd.models.heads import build_teacher
+    from glsd.train.optim import build_optimisation
+
+    cfg = tiny_config(tmp_path, "model.norm_last_layer=false",
+                      f"train.decay_weightnorm_magnitude={str(value).lower()}")
+    student = build_network(cfg)
+    opt = build_optimisation(cfg, student, build_teacher(cfg, student), torch.device("cpu"))
+    decay, no_decay = _group_names(opt.student, opt.optimizer.param_groups)
+    magnitudes = {n for n, _ in opt.student.named_parameters() if n.endswith(".original0")}
+    assert magnitudes and magnitudes <= (decay if value else no_decay)
+    assert opt.optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
 def test_frozen_magnitude_is_in_no_group(tmp_path):
     net = build_network(tiny_config(tmp_path, "model.norm_last_layer=true"))
     names = set().union(*_group_names(net, param_groups(net)))

@@ -147,15 +147,19 @@ def test_prototypes_stay_frozen_for_their_steps(tmp_path, monkeypatch, frozen_st
         assert mlp_moved  # the rest of the head trains meanwhile
 
 
-def test_channels_last_trains_the_same_numbers(tmp_path):
+def test_channels_last_trains_the_same_numbers(tmp_path, monkeypatch):
     """model.channels_last only changes the memory layout of the conv net's activations (a
     run may resume with it switched: it is not part of the run's identity), not the result."""
     runs = {}
+    seen = _capture_ctx(monkeypatch)
     for layout in ("true", "false"):
         run = tmp_path / layout
         pretrain(tiny_config(run, "train.max_steps=2", "train.freeze_last_layer_steps=0",
                              f"model.channels_last={layout}", "loss.matching=geometric"))
         runs[layout] = load_checkpoint(run / "checkpoints" / "last.pt")
+        convs = [p for p in seen["ctx"].student.parameters() if p.ndim == 4 and p.shape[-1] > 1]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == (layout == "true")
+                             for p in convs)  # the setting reached the weights
     a, b = runs["true"], runs["false"]
     assert [r["loss"] for r in read_metrics(tmp_path / "true")] == pytest.approx(
         [r["loss"] for r in read_metrics(tmp_path / "false")], rel=1e-5)
@@ -192,3 +196,34 @@ def test_one_global_view_logs_finite_matching_diagnostics(tmp_path):
     for key in ("geo_valid_frac", "sim_geo_agree", "sim_dist_cells"):
         assert math.isfinite(record[key]), (key, record[key])
     assert 0 < record["geo_valid_frac"] <= 1
+
+
+def test_a_bf16_run_trains_under_autocast_with_fp32_losses(tmp_path, monkeypatch):
+    """precision=bf16 (the GPU presets' auto on a bf16 device): the heads run in bf16, the
+    losses in fp32, every student parameter gets a finite gradient, the teacher none, and the
+    loss stays near the fp32 run's."""
+    from glsd.train.objective import GlobalLocalObjective
+
+    seen, real = {"dtypes": set(), "grads": []}, GlobalLocalObjective.forward
+
+    def spy(self, student_out, teacher_out, *args, **kwargs):
+        seen["dtypes"] |= {o.global_logits.dtype for o in student_out}
+        terms = real(self, student_out, teacher_out, *args, **kwargs)
+        seen["loss_dtype"] = terms.loss.dtype
+        return terms
+
+    monkeypatch.setattr(GlobalLocalObjective, "forward", spy)
+    ctx = _capture_ctx(monkeypatch)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        run = tmp_path / precision
+        pretrain(tiny_config(run, "train.max_steps=1", f"train.precision={precision}",
+                             "loss.matching=geometric", "train.freeze_last_layer_steps=0"))
+        losses[precision] = read_metrics(run)[0]["loss"]
+        student, teacher = ctx["ctx"].student, ctx["ctx"].teacher
+        assert all(p.grad is None for p in teacher.parameters())
+        grads = [p.grad for p in student.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert ctx["ctx"].amp_dtype is torch.bfloat16
+    assert seen["dtypes"] == {torch.float32, torch.bfloat16} and seen["loss_dtype"] is torch.float32
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)

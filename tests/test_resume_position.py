@@ -65,16 +65,16 @@ def test_a_bf16_run_resumes_under_fp16_with_a_fresh_loss_scaler(tmp_path, monkey
     """bf16 and fp32 runs save an empty GradScaler state; fp16 (e.g. `precision=auto` on an
     older GPU) enables one. The resume starts a fresh scaler, not a "corrupt checkpoint"."""
     run = tmp_path / "run"
-    pretrain(tiny_config(run, "train.max_steps=2"))
-    assert load_last(run)["scaler"] == {}
+    pretrain(tiny_config(run, "train.max_steps=2", "train.precision=bf16"))
+    assert load_last(run)["scaler"] == {} and load_last(run)["config"]["train"]["precision"] == "bf16"
     real = torch.amp.GradScaler
 
     def enabled_scaler(*args, **kwargs):  # fp16 scaling is CUDA-only: enable it on the CPU
         return real("cpu", enabled=True)
 
     monkeypatch.setattr(torch.amp, "GradScaler", enabled_scaler)
-    pretrain(tiny_config(run, "train.max_steps=3"))
-    assert load_last(run)["step"] == 3
+    pretrain(tiny_config(run, "train.max_steps=3", "train.precision=bf16"))
+    assert load_last(run)["step"] == 3 and load_last(run)["scaler"] != {}  # the fresh scaler's state
 
 
 def test_ranks_resumed_under_another_world_size_draw_their_own_streams():

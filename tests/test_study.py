@@ -192,8 +192,10 @@ def test_study_runs_the_seg_probe(tmp_path):
               fractions=[1.0], matchings=["none"], seeds=[0], evals=["seg"], device="cpu")
     (record,) = json.loads((out / "results.json").read_text())
     assert record["status"] == "done", record
-    assert 0.0 <= record["seg_accuracy"] <= 1.0 and 0.0 <= record["seg_miou"] <= 1.0
-    assert 0.0 <= record["seg_floor_accuracy"] <= 1.0 and (out / "seg-floor-f1-s0.json").is_file()
+    seg = json.loads((out / "f1-none-s0" / "eval" / "seg.json").read_text())["results"]
+    floor = json.loads((out / "seg-floor-f1-s0.json").read_text())["results"]
+    assert (record["seg_accuracy"], record["seg_miou"]) == (seg["accuracy"], seg["miou"])
+    assert (record["seg_floor_accuracy"], record["seg_floor_miou"]) == (floor["accuracy"], floor["miou"])
     assert "## Labelled dense probe: cell accuracy" in (out / "report.md").read_text()
 
 
@@ -204,8 +206,10 @@ def test_study_records_the_dense_floor_and_draws_it(tmp_path):
               device="cpu")
     (record,) = json.loads((out / "results.json").read_text())
     assert record["status"] == "done", record
-    assert 0.0 <= record["dense_within_one"] <= 1.0 and 0.0 <= record["dense_floor_within_one"] <= 1.0
-    assert (out / "dense-floor-f1-s0.json").is_file()
+    dense = json.loads((out / "f1-none-s0" / "eval" / "dense.json").read_text())["results"]
+    floor = json.loads((out / "dense-floor-f1-s0.json").read_text())["results"]
+    assert (record["dense_within_one"], record["dense_floor_within_one"]) == (
+        dense["within_one"], floor["within_one"])
     if importlib.util.find_spec("matplotlib"):
         from glsd.tools.study_plot import present_metrics
 
@@ -337,3 +341,16 @@ def test_a_rerun_under_other_settings_refuses_the_folders_cells(tmp_path):
     assert floor["config"]["model"]["out_dim"] == 64
     cfg = yaml.safe_load((out / "f1-none-s0" / "config.yaml").read_text())
     assert cfg["device"] == "cpu"  # --device is the cell's, training included
+
+
+def test_the_step_budget_gives_every_fraction_whole_epochs_of_about_study_steps():
+    from glsd.config import load_config
+    from glsd.tools.study import with_step_budget
+
+    cfg = load_config(None, [*TINY, "study.steps=12"])  # 32 images, batch 8: 4 steps an epoch
+    assert with_step_budget(cfg).train.epochs == 3
+    half = load_config(None, [*TINY, "study.steps=12", "data.fraction=0.5"])  # 2 steps an epoch
+    assert with_step_budget(half).train.epochs == 6
+    assert with_step_budget(load_config(None, [*TINY, "study.steps=13"])).train.epochs == 3  # nearest
+    unset = load_config(None, [*TINY, "study.steps=null", "train.epochs=7"])
+    assert with_step_budget(unset) is unset
