@@ -322,6 +322,25 @@ def test_reduced_decode_of_multi_picture_and_nearly_square_turned_photos(tmp_pat
     assert turned.size == (150, 150) and turned.info[ORIGINAL_SIZE] == (1199, 1200)
 
 
+@pytest.mark.parametrize("orientation", [None, 6, 3])
+def test_a_reduced_decode_of_sides_the_scale_does_not_divide_spans_the_whole_photo(tmp_path, orientation):
+    """1003 x 757 at 1/4 decodes to 251 x 190 pixels of which 250.75 x 189.25 are picture: the
+    frame is resampled to the picture alone, so a feature stays where the full decode has it
+    (and where the crop geometry, in original pixels, says it is), upright included."""
+    from glsd.data.image_file import ORIGINAL_SIZE
+    path = _photo(tmp_path / "odd.jpg", size=(1003, 757), exif_orientation=orientation)
+    full = np.asarray(read_image_file(path), dtype=np.float64)
+    reduced = read_image_file(path, min_size=160)
+    assert reduced.info[ORIGINAL_SIZE] == (full.shape[1], full.shape[0])
+    small = np.asarray(Image.fromarray(full.astype(np.uint8)).resize(reduced.size, Image.BICUBIC,
+                                                                      reducing_gap=3.0), dtype=np.float64)
+    # The gradient channels say where each pixel came from: a frame stretched over its padding
+    # shifts the far border by most of a reduced pixel (about 1 grey level there; 0.24 when exact).
+    diff = np.asarray(reduced, dtype=np.float64) - small
+    borders = [diff[2:12], diff[-12:-2], diff[:, 2:12], diff[:, -12:-2]]
+    assert max(abs(band[..., c].mean()) for band in borders for c in (0, 1)) < 0.5
+
+
 @pytest.mark.parametrize("kind", ["folder", "imagefolder", "zip", "synthetic", "sample"])
 def test_every_source_survives_pickling(tmp_path, kind):
     """Loader workers started by spawn or forkserver (macOS, Linux from Python 3.14) receive

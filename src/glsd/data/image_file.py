@@ -111,11 +111,19 @@ def decode_image(f, min_size: int = 0) -> Image.Image:
     ``img.info[ORIGINAL_SIZE]``, so that crop geometry stays in original-image pixels."""
     with Image.open(f) as img:
         full, turn = img.size, orientation(img)
+        drafted = None
         if min_size and isinstance(img, JpegImageFile):  # MPO (multi-picture phone JPEGs) too
-            img.draft(None, (min_size, min_size))
+            drafted = img.draft(None, (min_size, min_size))
         img.load()
         reduced = img.size
-        out = to_rgb(upright(img))
+        out = img
+        if drafted is not None and tuple(drafted[1][2:]) != img.size:
+            # A side that the scale does not divide decodes to ceil(side / scale) pixels, of
+            # which side / scale are picture: resample the picture alone onto the whole frame,
+            # so that the frame spans the original image exactly (crop geometry stays exact).
+            box = drafted[1]
+            out = img.resize((max(1, round(box[2])), max(1, round(box[3]))), Image.BICUBIC, box=box)
+        out = to_rgb(upright(out))
     if reduced != full:
         out.info[ORIGINAL_SIZE] = full[::-1] if turn in TRANSPOSING else full
     return out
