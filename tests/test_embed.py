@@ -186,3 +186,36 @@ def test_embed_checks_its_output_folder_before_computing(backbone_file, tmp_path
     monkeypatch.setattr(embedding, "iter_features", lambda *a, **k: pytest.fail("features computed"))
     with pytest.raises(NotWritable, match="cannot write --out e.npy .*a part of that path is a file"):
         embed(backbone_file, "synthetic", tmp_path / "file" / "e.npy", device="cpu", progress=False)
+
+
+def test_embed_replaces_neither_its_model_nor_a_csv_it_did_not_write(backbone_file, tmp_path, monkeypatch):
+    import shutil
+
+    import glsd.embedding as embedding
+    from glsd.config import ConfigError
+
+    monkeypatch.setattr(embedding, "iter_features", lambda *a, **k: pytest.fail("features computed"))
+    model = tmp_path / "backbone.safetensors"
+    shutil.copy(backbone_file, model)
+    with pytest.raises(ConfigError, match="is the model being embedded"):
+        embed(model, "synthetic", model, device="cpu", progress=False)
+    (tmp_path / "train.csv").write_text("image,species\na.jpg,cat\n")  # the user's labels
+    with pytest.raises(ConfigError, match=r"train.csv exists and is not a glsd embedding index"):
+        embed(model, "synthetic", tmp_path / "train.npy", device="cpu", progress=False)
+    assert (tmp_path / "train.csv").read_text().startswith("image,species")
+    with pytest.raises(ConfigError, match="data.num_images choose the images a run pretrains on"):
+        embed(model, "synthetic", None, overrides=["data.num_images=4"], device="cpu", progress=False)
+
+
+def test_a_class_token_feature_owns_its_memory_not_the_batch_of_tokens():
+    """A CLS feature kept per batch must not be a view into the (B, 1 + N, D) tokens."""
+    from glsd.eval.features import embed as embed_batch
+
+    cfg = load_config(None, ["model.backbone=vit_tiny_patch16_224", "model.patch_size=4",
+                             "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}",
+                             "model.global_feature=cls"])
+    backbone = build_backbone(cfg.model, 32).eval()
+    with torch.no_grad():
+        for feature in ("cls", "auto"):
+            g = embed_batch(backbone, torch.randn(3, 3, 32, 32), feature)
+            assert g.shape == (3, 32) and g.untyped_storage().nbytes() == g.numel() * 4

@@ -76,6 +76,7 @@ def embed(source: Union[str, Path], data: str, out: Union[str, Path, None] = Non
         raise ConfigError(f"--out {out}: use a {' or '.join(SUFFIXES)} file name")
     if out is not None:  # before the features, not after hours of them
         check_writable(out.parent, f"--out {out.name}")
+        check_outputs(out, source)
     backbone, cfg, info = load_backbone(source, which, overrides=[o for o in overrides
                                                                    if not o.startswith("data.")])
     cfg.data = data_config(data, cfg.data, overrides)
@@ -102,10 +103,10 @@ def embed(source: Union[str, Path], data: str, out: Union[str, Path, None] = Non
                 loc.append(lf.cpu())
     dim = backbone.embed_dim
     result = EmbedResult(
-        features=torch.cat(glob) if glob else torch.zeros(0, dim),
-        labels=torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+        features=_joined(glob, torch.zeros(0, dim)),
+        labels=_joined(labels, torch.zeros(0, dtype=torch.long)),
         keys=[images.keys[i] for i in rows], classes=list(images.classes),
-        local=(torch.cat(loc) if loc else torch.zeros(0, dim)) if local else None,
+        local=_joined(loc, torch.zeros(0, dim)) if local else None,
         skipped=[images.keys[i] for i in bad], feature=feature, source=images.name)
     if out is not None:
         meta = {"format": "glsd-embeddings-v1", "model_path": info["path"], "model": info["model"],
@@ -114,6 +115,33 @@ def embed(source: Union[str, Path], data: str, out: Union[str, Path, None] = Non
                 "source": images.name, "skipped": str(len(bad)), "classes": json.dumps(images.classes)}
         result.files = write_embeddings(result, out, meta)
     return result
+
+
+INDEX_HEADER = "row,path,label,class"  # the first line of every index glsd writes
+
+
+def _joined(parts: list, empty: torch.Tensor) -> torch.Tensor:
+    """The batches as one tensor, the list emptied as it is made (not every feature twice)."""
+    if not parts:
+        return empty
+    joined = torch.cat(parts)
+    parts.clear()
+    return joined
+
+
+def check_outputs(out: Path, source: Union[str, Path]) -> None:
+    """``out`` and its ``<stem>.csv`` replace nothing but an earlier embedding: not the model
+    embedded, not a CSV of someone else's (a labels file beside the images)."""
+    if out.exists() and Path(source).exists() and out.resolve() == Path(source).resolve():
+        raise ConfigError(f"--out {out} is the model being embedded; give another file name")
+    index = out.with_suffix(".csv")
+    if index.is_file():
+        with open(index, errors="replace") as f:
+            header = f.readline().strip()
+        if header != INDEX_HEADER:
+            raise ConfigError(f"{index} exists and is not a glsd embedding index (its first line is "
+                              f"{header[:60]!r}); the index of --out {out.name} would replace it: "
+                              "give --out another name")
 
 
 def write_embeddings(result: EmbedResult, out: Path, meta: dict) -> list[Path]:
@@ -145,7 +173,7 @@ def write_embeddings(result: EmbedResult, out: Path, meta: dict) -> list[Path]:
 def index_csv(result: EmbedResult) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["row", "path", "label", "class"])
+    writer.writerow(INDEX_HEADER.split(","))
     for row, (key, y) in enumerate(zip(result.keys, result.labels.tolist())):
         named = y >= 0 and y < len(result.classes)
         writer.writerow([row, key, y if y >= 0 else "", result.classes[y] if named else ""])

@@ -16,6 +16,7 @@ from glsd.config import ConfigError, DataConfig, apply_overrides
 from glsd.data.sources import TORCHVISION_SOURCES
 
 DATASET_NAMES = (*TORCHVISION_SOURCES, "synthetic", "sample")
+SUBSET_KEYS = ("data.fraction", "data.num_images", "data.subset_seed")
 
 
 def data_config(spec: str, base: DataConfig, overrides: Sequence[str] = ()) -> DataConfig:
@@ -28,4 +29,9 @@ def data_config(spec: str, base: DataConfig, overrides: Sequence[str] = ()) -> D
     raw = {"num_workers": base.num_workers, "jpeg_draft": base.jpeg_draft, "on_error": "skip"}
     raw.update({"source": spec} if spec in DATASET_NAMES else {"source": "auto", "root": spec})
     data_overrides = [o for o in overrides if o.split("=", 1)[0].startswith("data.")]
+    subset = [o.split("=", 1)[0] for o in data_overrides if o.split("=", 1)[0].strip() in SUBSET_KEYS]
+    if subset:  # they choose pretraining images; a named set is read whole
+        raise ConfigError(f"{', '.join(subset)} choose the images a run pretrains on; a set named "
+                          f"on the command line ({spec}) is read whole (for k-NN / linear on part of "
+                          "its train images: eval.train_fraction)")
     return apply_overrides({"data": raw}, data_overrides).data

@@ -129,11 +129,12 @@ def embed(backbone: Backbone, images: torch.Tensor, feature: str,
         # Read the token directly (the backbone is configured to pool for training), and the
         # local grid from the same forward pass.
         tokens, grid = last_stage(backbone.model, images)  # (B, P + N, D), (B, D, gh, gw)
-        g = tokens[:, 0].float()
+        # A copy, not a view of the token tensor: a batch kept in a list would hold every token.
+        g = tokens[:, 0].to(torch.float32, copy=True)
         return (g, grid.mean(dim=(2, 3)).float()) if local else g
     out = backbone(images)
     pooled = out.local_feat.mean(dim=(1, 2)).float()
-    g = pooled if feature == "pooled" else out.global_feat.float()
+    g = pooled if feature == "pooled" else out.global_feat.to(torch.float32, copy=True)
     return (g, pooled) if local else g
 
 
