@@ -95,6 +95,10 @@ def pil_decode(path: Path, size: int, draft: bool) -> torch.Tensor:
 
 
 def _to_square(img: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bicubic to the square, in uint8 on the CPU (as PIL resizes: a float32 copy
+    of a 12-megapixel frame would time the conversion, not the decoder), in float32 on a GPU."""
+    if img.device.type == "cpu":
+        return F.interpolate(img[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
     x = F.interpolate(img[None].float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return x.clamp_(0, 255).round_().to(torch.uint8)[0]
 
