@@ -121,7 +121,7 @@ def _worker(rank: int, world: int, ports: list, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("dist")
-    ports = [free_port() for _ in range(len(CASES) + 2)]
+    ports = [free_port() for _ in range(len(CASES) + 3)]
     ctx = mp.start_processes(_worker, args=(2, ports, str(out_dir)), nprocs=2, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + 400
@@ -234,7 +234,8 @@ def test_two_processes_match_one_process_of_twice_the_batch(two_ranks, one_rank,
 # Events seen by one rank only must stop every rank at the same step (no deadlock)
 
 def _one_rank_events(rank: int, world: int, ports: list, out_dir: str) -> dict:
-    """Pretrain twice more: rank 1 alone gets a SIGTERM, then rank 1 alone a NaN loss."""
+    """Pretrain three times more: rank 1 alone gets a SIGTERM, then rank 1 alone a NaN loss,
+    then rank 0 alone a full disk when it writes the checkpoint of step 3."""
     import datetime
     import signal
 
@@ -242,9 +243,12 @@ def _one_rank_events(rank: int, world: int, ports: list, out_dir: str) -> dict:
 
     from glsd.train.objective import GlobalLocalObjective, LossTerms
 
-    real_step, real_forward = pretrain_mod.train_step, GlobalLocalObjective.forward
+    from glsd.errors import DiskFull
+
+    real_step, real_forward, real_save = (pretrain_mod.train_step, GlobalLocalObjective.forward,
+                                          pretrain_mod.save_checkpoint)
     results = {}
-    for scenario, port in zip(("sigterm", "nan"), ports):
+    for scenario, port in zip(("sigterm", "nan", "diskfull"), ports):
         os.environ["MASTER_PORT"] = str(port)
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20))
         calls = []
@@ -262,7 +266,13 @@ def _one_rank_events(rank: int, world: int, ports: list, out_dir: str) -> dict:
                 return LossTerms(terms.loss * nan, terms.loss_global * nan, terms.loss_local, terms.diagnostics)
             return terms
 
+        def save_checkpoint(path, payload):
+            if scenario == "diskfull" and payload["step"] == 3:  # only rank 0 ever writes
+                raise DiskFull(28, f"disk full while writing {path}; the previous last.pt is intact")
+            return real_save(path, payload)
+
         pretrain_mod.train_step, GlobalLocalObjective.forward = train_step, forward
+        pretrain_mod.save_checkpoint = save_checkpoint
         cfg = tiny_config(Path(out_dir) / scenario, "model.drop_path_rate=0", "train.max_steps=6",
                           f"train.batch_size={B}", "train.checkpoint_every_steps=1", vit=True)
         start = time.monotonic()
@@ -277,10 +287,11 @@ def _one_rank_events(rank: int, world: int, ports: list, out_dir: str) -> dict:
         if dist.is_initialized():
             dist.destroy_process_group()
     pretrain_mod.train_step, GlobalLocalObjective.forward = real_step, real_forward
+    pretrain_mod.save_checkpoint = real_save
     return results
 
 
-def test_one_rank_signal_or_nan_stops_all_ranks(two_ranks):
+def test_one_rank_signal_nan_or_full_disk_stops_all_ranks(two_ranks):
     out_dir, ranks = two_ranks
     r0, r1 = (r["events"] for r in ranks)
     # SIGTERM seen by rank 1 only: both ranks stop after step 2, rank 0 checkpoints it.
@@ -297,6 +308,9 @@ def test_one_rank_signal_or_nan_stops_all_ranks(two_ranks):
         # (a rank left waiting would end in gloo's timeout, not in this error)
         assert r["nan"].startswith("NonFiniteError") and "step 3" in r["nan"], r["nan"]
     assert "on another rank" in r0["nan"] and "on another rank" not in r1["nan"]
+    # Rank 0 alone fails to write a checkpoint: the other rank stops with it, not at a timeout.
+    assert r0["diskfull"].startswith("DiskFull: disk full while writing"), r0["diskfull"]
+    assert r1["diskfull"].startswith("CheckpointError: rank 0 could not write the checkpoint"), r1["diskfull"]
     assert torch.load(out_dir / "nan" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
 
 

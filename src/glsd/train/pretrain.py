@@ -26,7 +26,8 @@ from glsd.data.workers import is_worker_death, worker_died
 from glsd.export import write_run_exports
 from glsd.models.families import GLSD_CONVNET
 from glsd.models.heads import GLSDNet, build_networks
-from glsd.errors import DataError, NonFiniteError, TrainingInterrupted, is_out_of_memory
+from glsd.errors import (CheckpointError, DataError, GlsdError, NonFiniteError, TrainingInterrupted,
+                         is_out_of_memory)
 from glsd.train import finite
 from glsd.train.finite import out_of_memory
 from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
@@ -133,7 +134,7 @@ def _build_run(cfg: Config, device: torch.device, dinfo: DistInfo,
         model=DistributedDataParallel(opt.student) if dinfo.enabled else opt.student,
         student=opt.student, teacher=opt.teacher, objective=opt.objective,
         optimizer=opt.optimizer, scaler=opt.scaler, sched=sched, loader=loader, sampler=sampler,
-        make_views=StepViews(cfg), console=console,
+        make_views=StepViews(cfg), console=console, train_keys=list(subset.keys),
         monitor=CollapseMonitor(cfg.model.out_dim, cfg.log.collapse_patience,
                                 max(sched.warmup_steps, sched.freeze_last_layer_steps)),
         sinks=metric_sinks(cfg, run.root, dinfo.is_main, state.step if resume is not None else 0))
@@ -171,6 +172,7 @@ class Context:
     loader: torch.utils.data.DataLoader
     sampler: object
     make_views: StepViews  # a Batch -> views and geometry on the device
+    train_keys: list = dataclasses.field(default_factory=list)  # the images it pretrains on (online k-NN)
     console: Optional[Console] = None  # None (benchmarks): silent
     monitor: Optional[CollapseMonitor] = None
     sinks: list = dataclasses.field(default_factory=list)  # metric writers besides metrics.jsonl
@@ -362,7 +364,9 @@ def end_of_epoch(ctx: Context, state: TrainState) -> None:
         # The checkpoint above holds the RNG state that a resume restores; the evaluation's
         # loaders draw seeds from it, so they draw from a fork, or a resumed run would diverge.
         with torch.random.fork_rng(devices=[]):
-            result = online_knn(ctx.teacher.backbone, ctx.cfg, ctx.device, ctx.run.root)
+            # the keys in memory, not the run folder's subset.json: a rank on a node that
+            # does not share output_dir would read none there and score the whole split
+            result = online_knn(ctx.teacher.backbone, ctx.cfg, ctx.device, ctx.train_keys)
         ctx.run.log_metrics({"step": state.step, "epoch": state.epoch,
                              **{f"knn_{k}": v for k, v in result.items()}})
         if ctx.console is not None:
@@ -381,9 +385,23 @@ def checkpoint(ctx: Context, state: TrainState, keep: bool = False) -> None:
         raise NonFiniteError(f"{error} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
                              f"{_advice(ctx, error)}")
     per_rank = gather_objects({"rng": rng_state(), "skipped_images": state.skipped_images})
+    failure = None
+    if ctx.dinfo.is_main:
+        try:
+            _write_checkpoint(ctx, state, states, per_rank, keep)
+        except (GlsdError, OSError) as e:  # a full disk, mostly
+            failure = e
+    # Rank 0 writes alone: the others learn of its failure here, not from a collective that
+    # would wait for it until the process group's timeout.
+    if ctx.dinfo.enabled and max_over_ranks(float(failure is not None), ctx.device):
+        raise failure if failure is not None else CheckpointError(
+            "rank 0 could not write the checkpoint (its message says why); every rank stops")
+    if failure is not None:
+        raise failure
     state.checkpoint_step = state.step
-    if not ctx.dinfo.is_main:
-        return
+
+
+def _write_checkpoint(ctx: Context, state: TrainState, states: dict, per_rank: list, keep: bool) -> None:
     payload = {
         "config": to_dict(ctx.cfg),
         **states,  # student, teacher, objective (both centres)
