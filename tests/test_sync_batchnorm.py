@@ -63,3 +63,12 @@ def test_cpu_modules_get_group_batchnorm():
     net = sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), torch.device("cpu"))
     assert isinstance(net[1], GroupBatchNorm)
     assert isinstance(sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), torch.device("cuda"))[0], nn.SyncBatchNorm)
+
+
+def test_a_frozen_norm_stays_frozen_when_converted():
+    """freeze_unused_parameters freezes a norm no output uses; DDP would wait for its gradient
+    if the conversion made it trainable again."""
+    bn = nn.BatchNorm2d(4)
+    bn.weight.requires_grad_(False)
+    converted = sync_batchnorm(nn.Sequential(bn), torch.device("cpu"))[0]
+    assert not converted.weight.requires_grad and converted.bias.requires_grad

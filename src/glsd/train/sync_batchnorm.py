@@ -83,6 +83,9 @@ def convert_group_batchnorm(module: nn.Module) -> nn.Module:
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         new = new.to(next(iter(module.buffers()), torch.empty(0)).device)
+        if module.affine:  # a norm no output uses was frozen (freeze_unused_parameters): still
+            for name in ("weight", "bias"):
+                getattr(new, name).requires_grad_(getattr(module, name).requires_grad)
         return new
     for name, child in module.named_children():
         module.add_module(name, convert_group_batchnorm(child))
