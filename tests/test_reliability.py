@@ -209,12 +209,16 @@ def test_each_position_is_checkpointed_once(tmp_path, monkeypatch):
 def test_ranks_that_find_different_checkpoints_are_refused(monkeypatch):
     """Nodes without a shared output_dir: one rank resumes step 5, another starts fresh."""
     import glsd.train.resume as resume_mod
-    monkeypatch.setattr(resume_mod, "gather_objects", lambda mine: [mine, None])
+    monkeypatch.setattr(resume_mod, "gather_objects", lambda mine: [mine, (None, None)])
     with pytest.raises(ConfigError, match=r"rank 0: step 5, rank 1: none.*disk they share"):
         resume_mod.require_one_checkpoint({"step": 5})
     monkeypatch.setattr(resume_mod, "gather_objects", lambda mine: [mine, mine])
     resume_mod.require_one_checkpoint({"step": 5})
     resume_mod.require_one_checkpoint(None)
+    # rank 0 alone refused the folder: the other ranks stop with its message, not at a timeout
+    monkeypatch.setattr(resume_mod, "gather_objects", lambda mine: [(None, "output_dir x is not empty"), mine])
+    with pytest.raises(ConfigError, match="rank 0 could not prepare the run folder: output_dir x is not empty"):
+        resume_mod.require_one_checkpoint(None)
 
 
 def test_a_resume_asks_every_rank_which_checkpoint_it_found(tmp_path, monkeypatch):
@@ -223,7 +227,7 @@ def test_a_resume_asks_every_rank_which_checkpoint_it_found(tmp_path, monkeypatc
     import glsd.train.resume as resume_mod
     cfg = tiny_config(tmp_path / "run", "train.max_steps=2")
     pretrain(cfg)
-    monkeypatch.setattr(resume_mod, "gather_objects", lambda mine: [mine, None])
+    monkeypatch.setattr(resume_mod, "gather_objects", lambda mine: [mine, (None, None)])
     with pytest.raises(ConfigError, match="rank 0: step 2, rank 1: none"):
         pretrain(tiny_config(tmp_path / "run", "train.max_steps=4"))
     assert load_last(tmp_path / "run")["step"] == 2

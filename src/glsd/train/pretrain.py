@@ -107,8 +107,11 @@ def _build_run(cfg: Config, device: torch.device, dinfo: DistInfo,
     cfg, plan = preflight(cfg, source, dinfo.world_size)
     require_sinks(cfg)
     student, teacher = build_networks(cfg, device, initial_weights=not (cfg.train.resume and run.last.is_file()))
-    resume = run.prepare(cfg)
-    require_one_checkpoint(resume)
+    try:
+        resume, failure = run.prepare(cfg), None
+    except GlsdError as e:  # on rank 0 alone (it alone checks and writes the folder)
+        resume, failure = None, e
+    require_one_checkpoint(resume, failure)
     barrier()  # rank 0 may have archived an old run (and its subset.json): read after that
     _, subset = select_images(cfg, run.root, source)
     if dinfo.is_main:

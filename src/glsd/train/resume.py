@@ -23,13 +23,23 @@ class TrainState:
     checkpoint_step: Optional[int] = None  # step of the last checkpoint on disk
 
 
-def require_one_checkpoint(ckpt: Optional[dict]) -> None:
+def require_one_checkpoint(ckpt: Optional[dict], failure: Optional[BaseException] = None) -> None:
     """Every rank resumes the same checkpoint, or every rank starts fresh (collective).
 
     Each rank reads ``output_dir`` on its own file system: nodes that do not share it would
     find different checkpoints (or none) and run different schedules until a collective hangs.
+    ``failure``: this rank's error in preparing the run folder (rank 0 alone checks and writes
+    it), raised here on every rank, so that none waits for a rank that has stopped.
     """
-    steps = gather_objects(None if ckpt is None else int(ckpt["step"]))
+    seen = gather_objects((None if ckpt is None else int(ckpt["step"]),
+                           None if failure is None else str(failure)))
+    failed = [(rank, error) for rank, (_, error) in enumerate(seen) if error is not None]
+    if failure is not None:
+        raise failure
+    if failed:
+        rank, error = failed[0]
+        raise ConfigError(f"rank {rank} could not prepare the run folder: {error}")
+    steps = [step for step, _ in seen]
     if len(set(steps)) > 1:
         found = ", ".join(f"rank {rank}: {'none' if step is None else f'step {step}'}"
                           for rank, step in enumerate(steps))
