@@ -146,12 +146,17 @@ def _build_run(cfg: Config, device: torch.device, dinfo: DistInfo,
 
 def _finish_run(ctx: "Context", state: TrainState) -> None:
     """The teacher backbone exported (rank 0) and the end summary."""
-    export = None
+    export, failure = None, None
     if ctx.dinfo.is_main:
         export = ctx.run.root / "backbone.safetensors"
-        export_backbone(export, ctx.teacher.backbone.model, to_dict(ctx.cfg))
-        write_run_exports(ctx.run.root, ctx.teacher.backbone.model, ctx.cfg)  # + export/timm/, files 0644
-        sweep_temp_files(ctx.run.root)
+        try:
+            export_backbone(export, ctx.teacher.backbone.model, to_dict(ctx.cfg))
+            write_run_exports(ctx.run.root, ctx.teacher.backbone.model, ctx.cfg)  # + export/timm/, files 0644
+            sweep_temp_files(ctx.run.root)
+        except (GlsdError, OSError) as e:  # a full disk: the others must not wait for rank 0
+            failure = e
+    raise_together(ctx, failure, f"rank 0 could not write the export (its message says why); the run "
+                                 f"is trained and checkpointed: `glsd export {ctx.run.root}` writes it")
     skipped = int(sum_over_ranks(state.skipped_images, ctx.device))
     ctx.console.end(state.step, ctx.sampler.global_batch, skipped, str(export) if export else None,
                     timm_loads_it=ctx.cfg.model.backbone != GLSD_CONVNET)
@@ -394,14 +399,18 @@ def checkpoint(ctx: Context, state: TrainState, keep: bool = False) -> None:
             _write_checkpoint(ctx, state, states, per_rank, keep)
         except (GlsdError, OSError) as e:  # a full disk, mostly
             failure = e
-    # Rank 0 writes alone: the others learn of its failure here, not from a collective that
-    # would wait for it until the process group's timeout.
+    raise_together(ctx, failure, "rank 0 could not write the checkpoint (its message says why); every rank stops")
+    state.checkpoint_step = state.step
+
+
+def raise_together(ctx: Context, failure: Optional[BaseException], others: str) -> None:
+    """Rank 0 writes alone: every rank raises when it failed (rank 0 its error, the others
+    ``others``), here, not in a later collective that would wait for rank 0 until the process
+    group's timeout. Collective under torchrun."""
     if ctx.dinfo.enabled and max_over_ranks(float(failure is not None), ctx.device):
-        raise failure if failure is not None else CheckpointError(
-            "rank 0 could not write the checkpoint (its message says why); every rank stops")
+        raise failure if failure is not None else CheckpointError(others)
     if failure is not None:
         raise failure
-    state.checkpoint_step = state.step
 
 
 def _write_checkpoint(ctx: Context, state: TrainState, states: dict, per_rank: list, keep: bool) -> None:
