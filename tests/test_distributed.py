@@ -217,6 +217,8 @@ def test_two_processes_match_one_process_of_twice_the_batch(two_ranks, one_rank,
     first = (r0["local_loss"][0] + r1["local_loss"][0]) / 2
     assert first == pytest.approx(single["local_loss"][0], rel=1e-5, abs=1e-6)
     assert r0["logged"][0]["loss"] == pytest.approx(single["logged"][0]["loss"], rel=1e-5, abs=1e-6)
+    for key in ("effective_prototypes", "feature_std", "teacher_entropy"):  # the global batch's
+        assert r0["logged"][0][key] == pytest.approx(single["logged"][0][key], rel=1e-4), key
     moved = _max_diff(single["student_0"], single["student_1"])
     assert moved > 1e-4, "the first step did not move the weights; the comparison would be empty"
     assert _max_diff(r0["student_1"], single["student_1"]) < 1e-5

@@ -4,8 +4,8 @@ DINO collapses in two ways (dino #61, #246; dinov2 #407): every image onto one p
 (the teacher's batch-mean distribution concentrates: few *effective prototypes*), or every
 output uniform (the teacher's per-image entropy reaches log K). Either way the backbone stops
 telling images apart: the per-dimension std of its L2-normalised features goes to zero.
-Under torchrun each rank computes them on its slice of the batch and the logged value is the
-mean over ranks (as for the losses).
+Under torchrun they are the global batch's: the batch-mean distribution and the feature
+moments are summed over ranks first (the per-image entropy is a mean of equal slices already).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from glsd.loss.dino import teacher_probs
@@ -39,13 +40,27 @@ def collapse_indicators(teacher_logits: torch.Tensor, center: torch.Tensor, teac
     probs = teacher_probs(teacher_logits.flatten(0, -2), center, teacher_temp)  # (N, K)
     k = probs.shape[-1]
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-    mean = probs.mean(0)
-    effective = torch.exp(-(mean * mean.clamp_min(1e-12).log()).sum())
     z = F.normalize(features.float(), dim=-1)
-    std = z.std(0, unbiased=False).mean()
+    if dist.is_available() and dist.is_initialized():
+        mean, std = _global_batch_moments(probs, z)
+    else:
+        mean, std = probs.mean(0), z.std(0, unbiased=False).mean()
+    effective = torch.exp(-(mean * mean.clamp_min(1e-12).log()).sum())
     return {"teacher_entropy": entropy, "teacher_kl_uniform": math.log(k) - entropy,
             "effective_prototypes": effective, "feature_std": std,
             "feature_spread": std * math.sqrt(z.shape[-1])}
+
+
+def _global_batch_moments(probs: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch-mean teacher distribution ``(K,)``, mean per-dimension feature std) over every
+    rank's rows: one all-reduce of the sums (collective)."""
+    k, d = probs.shape[-1], z.shape[-1]
+    sums = torch.cat([probs.sum(0), z.sum(0), (z * z).sum(0), z.new_full((1,), z.shape[0])])
+    dist.all_reduce(sums)
+    n = sums[-1]
+    zmean = sums[k:k + d] / n
+    var = (sums[k + d:k + 2 * d] / n - zmean * zmean).clamp_min(0.0)
+    return sums[:k] / n, var.sqrt().mean()
 
 
 def collapse_reason(record: dict, num_prototypes: int) -> Optional[str]:
