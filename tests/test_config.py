@@ -370,10 +370,8 @@ def test_a_string_that_reads_as_a_number_survives_its_record(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["loss.global_weight=0", "loss.local_weight=0"], "the loss is always 0"),
     (["loss.matching=none", "loss.global_weight=0"], r"loss.matching=none \(no local loss\)"),
-    (["model.backbone=swin_tiny_patch4_window7_224", "model.patch_size=2"], "ViT backbones only"),
     (["crops.color_jitter=[.inf, 0.4, 0.2, 0.1]"], "crops.color_jitter=inf"),
     (["crops.color_jitter=[.nan, 0.4, 0.2, 0.1]"], "crops.color_jitter=nan"),
-    (["data.fraction=0.5", "data.num_images=10"], "both choose the subset: give one of them"),
 ])
 def test_settings_that_would_train_nothing_or_something_else_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -384,4 +382,5 @@ def test_settings_that_would_train_nothing_or_something_else_are_refused(overrid
 def test_a_hash_in_an_override_is_part_of_the_value():
     """A shell passes `output_dir=runs/exp #2` (quoted) whole; YAML would cut it at ' #'."""
     assert load_config(None, ["output_dir=runs/exp #2"]).output_dir == "runs/exp #2"
+    assert load_config(None, ["output_dir=#3"]).output_dir == "#3"
     assert load_config(None, ['output_dir="runs/a #3"']).output_dir == "runs/a #3"

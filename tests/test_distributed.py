@@ -312,7 +312,7 @@ def test_one_rank_signal_nan_or_full_disk_stops_all_ranks(two_ranks):
     assert "on another rank" in r0["nan"] and "on another rank" not in r1["nan"]
     # Rank 0 alone fails to write a checkpoint: the other rank stops with it, not at a timeout.
     assert r0["diskfull"].startswith("DiskFull: disk full while writing"), r0["diskfull"]
-    assert r1["diskfull"].startswith("CheckpointError: rank 0 could not write the checkpoint"), r1["diskfull"]
+    assert r1["diskfull"].startswith("RankFailed: rank 0 could not write the checkpoint"), r1["diskfull"]
     assert torch.load(out_dir / "nan" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
 
 

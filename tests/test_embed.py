@@ -197,8 +197,13 @@ def test_embed_replaces_neither_its_model_nor_a_csv_it_did_not_write(backbone_fi
     monkeypatch.setattr(embedding, "iter_features", lambda *a, **k: pytest.fail("features computed"))
     model = tmp_path / "backbone.safetensors"
     shutil.copy(backbone_file, model)
-    with pytest.raises(ConfigError, match="is the model being embedded"):
+    with pytest.raises(ConfigError, match="would replace the model being embedded"):
         embed(model, "synthetic", model, device="cpu", progress=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(backbone_file, run / "backbone.safetensors")
+    with pytest.raises(ConfigError, match="would replace the model being embedded"):
+        embed(run, "synthetic", run / "backbone.safetensors", device="cpu", progress=False)
     (tmp_path / "train.csv").write_text("image,species\na.jpg,cat\n")  # the user's labels
     with pytest.raises(ConfigError, match=r"train.csv exists and is not a glsd embedding index"):
         embed(model, "synthetic", tmp_path / "train.npy", device="cpu", progress=False)

@@ -84,7 +84,7 @@ def test_student_random_init_and_train_fraction(run_dir):
     rand = run_eval("knn", run_dir, random_init=True)
     assert rand["model"] == "random-init" and rand["checkpoint"] is None
     assert (run_dir / "eval" / "knn-random-init.json").is_file()
-    whole = _read(run_dir / "eval" / "knn.json")
+    whole = run_eval("knn", run_dir)
     half = run_eval("knn", run_dir, overrides=["eval.train_fraction=0.5", "eval.batch_size=8"])
     assert half["n_train"] == SUBSET // 2 and half["train_fraction"] == 0.5
     # a record of other settings has its own file: the full-split one is not replaced

@@ -302,3 +302,15 @@ def test_a_teacher_no_sharper_than_the_student_is_said_not_refused():
     assert temperature_notes(tiny_config("unused")) == []
     hot = temperature_notes(tiny_config("unused", "loss.teacher_temp=0.2", "loss.warmup_teacher_temp=0.2"))
     assert len(hot) == 1 and "loss.teacher_temp=0.2" in hot[0] and "loss.student_temp=0.1" in hot[0]
+
+
+def test_keys_a_run_does_not_read_are_said_not_refused():
+    """A stored run that has them (an older README's Swin override kept patch_size) stays
+    loadable: they are start notes, not errors."""
+    from glsd.train.preflight import ignored_key_notes
+
+    swin = tiny_config("unused", "model.backbone=swin_tiny_patch4_window7_224", "model.patch_size=2",
+                       "model.backbone_kwargs={}", "data.fraction=0.5", "data.num_images=10")
+    notes = ignored_key_notes(swin)
+    assert "model.patch_size=2 is ignored" in notes[0] and "data.fraction=0.5 is ignored" in notes[1]
+    assert ignored_key_notes(tiny_config("unused")) == []

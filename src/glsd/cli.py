@@ -13,11 +13,11 @@ import warnings
 
 from glsd import commands
 from glsd.config import EVALUATIONS, MATCHINGS, ConfigError
-from glsd.errors import (DiskFull, GlsdError, NonFiniteError, OutOfMemory, TrainingInterrupted, WorkerDied,
-                         is_out_of_memory)
+from glsd.errors import (DiskFull, GlsdError, NonFiniteError, OutOfMemory, RankFailed, TrainingInterrupted,
+                         WorkerDied, is_out_of_memory)
 
 # Errors of a run that started and failed (exit 1), not of its input (exit 2): a scheduler may retry these.
-FAILED_RUN = (NonFiniteError, OutOfMemory, WorkerDied, DiskFull)
+FAILED_RUN = (NonFiniteError, OutOfMemory, WorkerDied, DiskFull, RankFailed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def _add_use_of_backbones(sub) -> None:
     p.add_argument("--test-data", metavar="Y", help="labelled test set (its eval.test_split; "
                    "default: --train-data, else the run's data)")
     p.add_argument("--json", action="store_true", help="print the full JSON record (always written "
-                   "to RUN_DIR/eval/<kind>[-student|-random-init][-on-<data>].json; the path is printed)")
+                   "to RUN_DIR/eval/<kind>[-student|-random-init][-epochNNNN][-on-<data>][-<setting>].json; the path is printed)")
     p.set_defaults(func=commands.cmd_eval)
 
     p = sub.add_parser("embed", help="features of every image of a data source, to .safetensors/.npy + a CSV index")

@@ -156,7 +156,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
                               f"({getattr(e, 'problem', None) or e}); quote it or fix brackets") from None
         if isinstance(parsed, (bool, int, float, datetime.date)):  # the text too, for str keys
             parsed = OverrideText(value.strip(), parsed)
-        elif isinstance(parsed, str) and " #" in value and not value.strip().startswith(("'", '"')):
+        elif ((isinstance(parsed, str) or parsed is None) and (" #" in value or value.strip().startswith("#"))
+              and not value.strip().startswith(("'", '"'))):
             parsed = value.strip()  # a command line has no comments: output_dir=runs/exp #2 is that name
         # A mapping literal for a key (model.backbone_kwargs={...}) replaces it; one for a whole
         # section (train={epochs: 1}) merges into it key by key, as a YAML file's section does.

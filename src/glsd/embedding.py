@@ -132,8 +132,13 @@ def _joined(parts: list, empty: torch.Tensor) -> torch.Tensor:
 def check_outputs(out: Path, source: Union[str, Path]) -> None:
     """``out`` and its ``<stem>.csv`` replace nothing but an earlier embedding: not the model
     embedded, not a CSV of someone else's (a labels file beside the images)."""
-    if out.exists() and Path(source).exists() and out.resolve() == Path(source).resolve():
-        raise ConfigError(f"--out {out} is the model being embedded; give another file name")
+    src, target = Path(source).resolve(), out.resolve()
+    # a run folder's model files: its exported backbone, its checkpoints and export folders
+    model_files = [src] if not src.is_dir() else [src / "backbone.safetensors", src / "checkpoints",
+                                                  src / "export"]
+    if any(target == m or m in target.parents for m in model_files):
+        raise ConfigError(f"--out {out} would replace the model being embedded (or its run's "
+                          "checkpoints or export); give another file name")
     index = out.with_suffix(".csv")
     if index.is_file():
         with open(index, errors="replace") as f:

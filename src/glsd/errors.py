@@ -41,6 +41,10 @@ class WorkerDied(DataError):
     bad input; the message says what the run kept."""
 
 
+class RankFailed(GlsdError, RuntimeError):
+    """Under torchrun, another rank's write failed (rank 0 writes alone): this rank stops with it."""
+
+
 class RunFolderBusy(GlsdError, RuntimeError):
     """Another process holds the run folder's lock."""
 

@@ -200,9 +200,6 @@ def check_config(cfg) -> None:
                           f"come from glsd itself); add data.source=auto to use {d.root}")
     if d.num_images is not None and d.num_images <= 0:
         raise ConfigError(f"data.num_images={d.num_images} must be positive (or null for all)")
-    if d.num_images is not None and d.fraction != 1.0:  # one would be ignored
-        raise ConfigError(f"data.fraction={d.fraction:g} and data.num_images={d.num_images} both "
-                          "choose the subset: give one of them")
     if c.num_local < 0:
         raise ConfigError(f"crops.num_local={c.num_local} must be >= 0")
     if c.num_global < 1:
@@ -216,10 +213,7 @@ def check_config(cfg) -> None:
         raise ConfigError(f"crops.local_size={c.local_size} is larger than crops.global_size="
                           f"{c.global_size}: local crops are the small views (swapped sizes?)")
     _check_view_recipe(c)
-    if m.patch_size is not None and not is_vit(m.backbone):  # timm_kwargs gives it to ViTs only
-        raise ConfigError(f"model.patch_size={m.patch_size} is read by ViT backbones only; "
-                          f"{m.backbone} has its own (set model.patch_size=null)")
-    patch = m.patch_size or patch_from_name(m.backbone)
+    patch = (m.patch_size if is_vit(m.backbone) else None) or patch_from_name(m.backbone)
     if patch is not None:
         for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
             if size % patch:

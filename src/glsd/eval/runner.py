@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import time
 import warnings
@@ -220,7 +221,7 @@ def _dense(backbone: Backbone, cfg: Config, dev: torch.device, test_data: Option
     if test_data is not None:
         cfg = dataclasses.replace(cfg, data=data_config(test_data, cfg.data, overrides))
     test = open_test_split(cfg, cfg.eval.test_split)
-    if test.identity == _pretraining_identity(run_cfg):
+    if test.identity == _pretraining_identity(run_cfg, test):
         where = f"--test-data {test_data}" if test_data else f"eval.test_split={cfg.eval.test_split!r}"
         warnings.warn(f"dense evaluation on {where} reads the pretraining images ({test.name}): "
                       "they are not held out")
@@ -234,12 +235,17 @@ def _dense(backbone: Backbone, cfg: Config, dev: torch.device, test_data: Option
     return body, {"eval_s": time.perf_counter() - t0}
 
 
-def _pretraining_identity(cfg: Config) -> Optional[str]:
+def _pretraining_identity(cfg: Config, test: ImageSource) -> Optional[str]:
     """Where the run's pretraining images are (by place, not by split: a source without split
-    folders gives the same images for both); None when they cannot be opened here (evaluating
-    on another set is how a run whose data stayed elsewhere is scored)."""
+    folders gives the same images for both), when they may be ``test``'s; None when they
+    cannot be opened here (evaluating on another set is how a run whose data stayed elsewhere
+    is scored). Never downloads, and lists the run's folder only when ``test`` lies in it."""
+    root = os.path.realpath(os.path.expanduser(cfg.data.root)) if cfg.data.root else ""
+    if test.location and not (root and test.location.startswith(root)):
+        return None  # files elsewhere: not the pretraining images, whatever they hold
     try:
-        return open_cached(cfg, cfg.data.split).identity
+        return open_cached(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, download=False)),
+                           cfg.data.split).identity
     except (GlsdError, OSError):
         return None
 

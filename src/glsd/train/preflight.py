@@ -27,6 +27,7 @@ from glsd.config import Config, ConfigError, diff_keys, from_dict, identity
 from glsd.data.subset import SUBSET_FILE, read_subset
 from glsd.data.sources import ImageSource, Unreadable, balanced_subset
 from glsd.errors import DataError
+from glsd.models.families import is_vit
 from glsd.train.schedules import peak_lr, warmup_steps
 
 # The train keys that define the per-step schedules of a run (lr, wd, momentum, warm-ups);
@@ -74,7 +75,7 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
         notes.append(f"train.min_lr={cfg.train.min_lr:g} is above the peak learning rate {peak:.3g} "
                      f"(train.lr={cfg.train.lr:g} x {global_batch}/256): the cosine schedule raises "
                      "the learning rate over the run; lower train.min_lr")
-    notes += temperature_notes(cfg)
+    notes += temperature_notes(cfg) + ignored_key_notes(cfg)
     if cfg.data.num_images is not None and cfg.data.num_images > n:
         notes.append(f"data.num_images={cfg.data.num_images} is more than the {n} images there: "
                      "the run uses them all")
@@ -222,6 +223,18 @@ def image_size_notes(cfg: Config, source: ImageSource, sample: int = 16) -> list
             f"read) under crops.global_size={cfg.crops.global_size}, so every view is upscaled over "
             f"{cfg.crops.global_size // median}x; crop sizes nearer the images' (and a backbone of "
             "matching stride) learn from real pixels"]
+
+
+def ignored_key_notes(cfg: Config) -> list[str]:
+    """Keys a run does not read, said (not refused: a stored run that has them stays usable)."""
+    m, d, notes = cfg.model, cfg.data, []
+    if m.patch_size is not None and not is_vit(m.backbone):  # timm_kwargs gives it to ViTs only
+        notes.append(f"model.patch_size={m.patch_size} is ignored: it is read by ViT backbones "
+                     f"only and {m.backbone} has its own (model.patch_size=null says so)")
+    if d.num_images is not None and d.fraction != 1.0:
+        notes.append(f"data.fraction={d.fraction:g} is ignored: data.num_images={d.num_images} "
+                     "chooses the subset")
+    return notes
 
 
 def temperature_notes(cfg: Config) -> list[str]:

@@ -26,8 +26,7 @@ from glsd.data.workers import is_worker_death, worker_died
 from glsd.export import write_run_exports
 from glsd.models.families import GLSD_CONVNET
 from glsd.models.heads import GLSDNet, build_networks
-from glsd.errors import (CheckpointError, DataError, GlsdError, NonFiniteError, TrainingInterrupted,
-                         is_out_of_memory)
+from glsd.errors import DataError, NonFiniteError, RankFailed, TrainingInterrupted, is_out_of_memory
 from glsd.train import finite
 from glsd.train.finite import out_of_memory
 from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
@@ -58,6 +57,7 @@ def pretrain(cfg: Config) -> Path:
     if device.type == "cuda":  # one GPU per rank; alone, the one asked for (cuda:1), by index
         index = dinfo.local_rank if dinfo.enabled else device.index
         device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+        torch.cuda.set_device(device)  # the current device: its random state is the one saved
     # Locked before anything is read or written there (rank 0; the other ranks share it).
     folder = RunFolder(cfg.output_dir, dinfo.is_main)
     try:
@@ -109,7 +109,7 @@ def _build_run(cfg: Config, device: torch.device, dinfo: DistInfo,
     student, teacher = build_networks(cfg, device, initial_weights=not (cfg.train.resume and run.last.is_file()))
     try:
         resume, failure = run.prepare(cfg), None
-    except GlsdError as e:  # on rank 0 alone (it alone checks and writes the folder)
+    except Exception as e:  # noqa: BLE001 - on rank 0 alone (it alone checks and writes the folder)
         resume, failure = None, e
     require_one_checkpoint(resume, failure)
     barrier()  # rank 0 may have archived an old run (and its subset.json): read after that
@@ -153,7 +153,7 @@ def _finish_run(ctx: "Context", state: TrainState) -> None:
             export_backbone(export, ctx.teacher.backbone.model, to_dict(ctx.cfg))
             write_run_exports(ctx.run.root, ctx.teacher.backbone.model, ctx.cfg)  # + export/timm/, files 0644
             sweep_temp_files(ctx.run.root)
-        except (GlsdError, OSError) as e:  # a full disk: the others must not wait for rank 0
+        except Exception as e:  # noqa: BLE001 - a full disk, mostly: the others must not wait for rank 0
             failure = e
     raise_together(ctx, failure, f"rank 0 could not write the export (its message says why); the run "
                                  f"is trained and checkpointed: `glsd export {ctx.run.root}` writes it")
@@ -352,7 +352,7 @@ def log_step(ctx: Context, state: TrainState, terms: LossTerms, steps_per_sec: f
               "momentum": float(sched.momentum[step]), "teacher_temp": float(sched.teacher_temp[step]),
               "images_per_sec": steps_per_sec * ctx.sampler.global_batch,
               "skipped_images": int(sum_over_ranks(state.skipped_images, ctx.device))}
-    ctx.run.log_metrics(record)
+    log_metrics_together(ctx, record)
     for sink in ctx.sinks:
         sink.write(record)
     if ctx.console is not None:
@@ -375,7 +375,7 @@ def end_of_epoch(ctx: Context, state: TrainState) -> None:
             # the keys in memory, not the run folder's subset.json: a rank on a node that
             # does not share output_dir would read none there and score the whole split
             result = online_knn(ctx.teacher.backbone, ctx.cfg, ctx.device, ctx.train_keys)
-        ctx.run.log_metrics({"step": state.step, "epoch": state.epoch,
+        log_metrics_together(ctx, {"step": state.step, "epoch": state.epoch,
                              **{f"knn_{k}": v for k, v in result.items()}})
         if ctx.console is not None:
             ctx.console.lines([f"epoch {state.epoch} online k-NN: "
@@ -397,7 +397,7 @@ def checkpoint(ctx: Context, state: TrainState, keep: bool = False) -> None:
     if ctx.dinfo.is_main:
         try:
             _write_checkpoint(ctx, state, states, per_rank, keep)
-        except (GlsdError, OSError) as e:  # a full disk, mostly
+        except Exception as e:  # noqa: BLE001 - a full disk, mostly: re-raised below, on every rank
             failure = e
     raise_together(ctx, failure, "rank 0 could not write the checkpoint (its message says why); every rank stops")
     state.checkpoint_step = state.step
@@ -408,9 +408,19 @@ def raise_together(ctx: Context, failure: Optional[BaseException], others: str) 
     ``others``), here, not in a later collective that would wait for rank 0 until the process
     group's timeout. Collective under torchrun."""
     if ctx.dinfo.enabled and max_over_ranks(float(failure is not None), ctx.device):
-        raise failure if failure is not None else CheckpointError(others)
+        raise failure if failure is not None else RankFailed(others)
     if failure is not None:
         raise failure
+
+
+def log_metrics_together(ctx: Context, record: dict) -> None:
+    """``ctx.run.log_metrics`` (rank 0 writes), its failure raised on every rank (collective)."""
+    failure = None
+    try:
+        ctx.run.log_metrics(record)
+    except Exception as e:  # noqa: BLE001 - a full disk, mostly
+        failure = e
+    raise_together(ctx, failure, "rank 0 could not write metrics.jsonl (its message says why); every rank stops")
 
 
 def _write_checkpoint(ctx: Context, state: TrainState, states: dict, per_rank: list, keep: bool) -> None:
