@@ -245,10 +245,11 @@ def _one_rank_events(rank: int, world: int, ports: list, out_dir: str) -> dict:
 
     from glsd.train.objective import GlobalLocalObjective, LossTerms
 
+    import glsd.train.saving as saving_mod
     from glsd.errors import DiskFull
 
     real_step, real_forward, real_save = (pretrain_mod.train_step, GlobalLocalObjective.forward,
-                                          pretrain_mod.save_checkpoint)
+                                          saving_mod.save_checkpoint)
     results = {}
     for scenario, port in zip(("sigterm", "nan", "diskfull"), ports):
         os.environ["MASTER_PORT"] = str(port)
@@ -274,7 +275,7 @@ def _one_rank_events(rank: int, world: int, ports: list, out_dir: str) -> dict:
             return real_save(path, payload)
 
         pretrain_mod.train_step, GlobalLocalObjective.forward = train_step, forward
-        pretrain_mod.save_checkpoint = save_checkpoint
+        saving_mod.save_checkpoint = save_checkpoint
         cfg = tiny_config(Path(out_dir) / scenario, "model.drop_path_rate=0", "train.max_steps=6",
                           f"train.batch_size={B}", "train.checkpoint_every_steps=1", vit=True)
         start = time.monotonic()
@@ -289,7 +290,7 @@ def _one_rank_events(rank: int, world: int, ports: list, out_dir: str) -> dict:
         if dist.is_initialized():
             dist.destroy_process_group()
     pretrain_mod.train_step, GlobalLocalObjective.forward = real_step, real_forward
-    pretrain_mod.save_checkpoint = real_save
+    saving_mod.save_checkpoint = real_save
     return results
 
 

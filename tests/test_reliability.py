@@ -193,13 +193,15 @@ def test_each_position_is_checkpointed_once(tmp_path, monkeypatch):
     end, not also by the every-2-steps rule), 6 and 8 (the end of the run, not again after the
     loop); epoch0002.pt once. Each save is a full write and fsync."""
     saved = []
-    real = pretrain_mod.save_checkpoint
+    import glsd.train.saving as saving_mod
+
+    real = saving_mod.save_checkpoint
 
     def counting(path, payload):
         saved.append((Path(path).name, payload["step"]))
         return real(path, payload)
 
-    monkeypatch.setattr(pretrain_mod, "save_checkpoint", counting)
+    monkeypatch.setattr(saving_mod, "save_checkpoint", counting)
     pretrain(tiny_config(tmp_path / "run", "train.max_steps=null", "train.epochs=2",
                          "train.checkpoint_every_steps=2", "train.checkpoint_every_epochs=2"))
     assert saved == [("last.pt", 2), ("last.pt", 4), ("last.pt", 6), ("last.pt", 8),
@@ -864,7 +866,7 @@ def test_a_full_disk_while_logging_says_what_the_run_kept(tmp_path, monkeypatch)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(run_folder_mod, "open", full, raising=False)
-    with pytest.raises(DiskFull, match=r"disk full while logging to .*metrics.jsonl \(step 7\); "
+    with pytest.raises(DiskFull, match=r"disk full while writing .*metrics.jsonl; logging step 7; "
                                        r".*last.pt is kept\. Free space"):
         folder.log_metrics({"step": 7, "loss": 1.0})
 

@@ -19,6 +19,8 @@ JUNK_FOLDERS = ("__MACOSX", "@eaDir", "#recycle", "$RECYCLE.BIN", "System Volume
 # Sub-folder names that mark an ImageNet-style split layout (root/<split>/<class>/*).
 SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing", "eval",
                "evaluation", "unlabeled")
+
+
 TORCHVISION_SOURCES = ("cifar10", "cifar100", "stl10", "fashion_mnist")
 
 # The rule data.source=auto applies to a folder; stated in its messages and the start summary.
@@ -26,6 +28,11 @@ FOLDER_RULE = ("a folder whose non-hidden sub-folders hold the images (none at i
                "that holds split folders (train/, test/, ...) of class folders, is an ImageFolder "
                "(one class per sub-folder); any other folder is unlabelled and read recursively; "
                "hidden folders (.name) are ignored; data.source=imagefolder|folder forces either")
+
+
+def is_split_name(name: str) -> bool:
+    """A folder named like a split (``train``, ``Testing``, ...), in any case."""
+    return name.lower() in SPLIT_NAMES
 
 
 def detect_kind(root: str) -> tuple[str, str]:
@@ -48,7 +55,7 @@ def detect_kind(root: str) -> tuple[str, str]:
         return "imagefolder", f"{len(subdirs)} sub-folders and no images at the top level"
     # A split layout with a stray image beside it (a preview, a README figure): read as one
     # unlabelled pile it would pretrain on the test split too.
-    splits = [d for d in subdirs if d.lower() in SPLIT_NAMES
+    splits = [d for d in subdirs if is_split_name(d)
               and any(p.is_dir() and not hidden(p.name) for p in list_folder(path / d))]
     if splits:
         return "imagefolder", (f"split folders ({', '.join(sorted(splits))}) of class folders; the "
@@ -121,4 +128,4 @@ def wrapper_folder(names: list[str]) -> Optional[str]:
     if len(tops) != 1 or not all(n.count("/") >= 2 for n in names):
         return None
     top = tops.pop()
-    return None if top.lower() in SPLIT_NAMES else top
+    return None if is_split_name(top) else top

@@ -17,9 +17,9 @@ from PIL import Image
 
 from glsd.config import ConfigError, DataConfig
 from glsd.data.image_file import decode_image, read_deadline, read_image_file, to_rgb  # noqa: F401 - to_rgb: its old home
-from glsd.data.layout import (FOLDER_RULE, SPLIT_NAMES, TORCHVISION_SOURCES, all_names, detect_kind,
-                               escapes, hidden, is_image, list_folder, no_images_error, walk_images,
-                               wrapper_folder)
+from glsd.data.layout import (FOLDER_RULE, TORCHVISION_SOURCES, all_names, detect_kind,
+                               escapes, hidden, is_image, is_split_name, list_folder, no_images_error,
+                               walk_images, wrapper_folder)
 from glsd.errors import DataError, MissingSplit
 
 
@@ -130,7 +130,7 @@ def imagefolder_source(root: Path, split: str) -> ImageSource:
     """``root/<class>/*`` or ``root/<split>/<class>/*`` (ImageNet layout)."""
     base = root / split if (root / split).is_dir() else root
     if base == root:  # a split layout without the asked split must not pass as classes
-        splits = sorted(d.name for d in list_folder(root) if d.is_dir() and d.name.lower() in SPLIT_NAMES
+        splits = sorted(d.name for d in list_folder(root) if d.is_dir() and is_split_name(d.name)
                         and any(p.is_dir() for p in list_folder(d)))
         if splits:
             raise MissingSplit(split, str(root), splits)
@@ -222,8 +222,8 @@ def zip_source(path: Path, split: str) -> ImageSource:
     if is_split:
         names = [n for n in names if n.split("/")[depth] == split]
         depth += 1
-    elif any(f.lower() in SPLIT_NAMES for f in folders):
-        raise MissingSplit(split, str(path), [f for f in folders if f.lower() in SPLIT_NAMES])
+    elif any(is_split_name(f) for f in folders):
+        raise MissingSplit(split, str(path), [f for f in folders if is_split_name(f)])
     classes = sorted({n.split("/")[depth] for n in names if n.count("/") > depth})
     index = {c: i for i, c in enumerate(classes)}
     names.sort()

@@ -28,7 +28,8 @@ import torch
 from glsd.config import EVALUATIONS, Config, ConfigError, to_dict
 from glsd.errors import GlsdError
 from glsd.data.subset import SUBSET_FILE, read_subset
-from glsd.data.sources import SPLIT_NAMES, ImageSource
+from glsd.data.layout import is_split_name
+from glsd.data.sources import ImageSource
 from glsd.eval.data_spec import data_config
 from glsd.eval.eval_data import (SOURCES, _data_record, cap_test, check_split_pair,  # noqa: F401 - re-exported
                                  eval_sources, open_cached, open_test_split, train_subset)
@@ -154,8 +155,13 @@ def settings_slug(overrides: Sequence[str]) -> str:
         key, _, value = override.partition("=")
         key = key.strip()
         if key not in HOW_NOT_WHAT:
-            parts.append(re.sub(r"[^A-Za-z0-9._-]+", "_", key.split(".", 1)[-1] + value.strip()))
+            parts.append(_file_name_part(key.split(".", 1)[-1] + value.strip()))
     return "".join(f"-{part}" for part in parts)
+
+
+def _file_name_part(text: str) -> str:
+    """``text`` safe in a record's file name (runs of other characters become one ``_``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
 def data_slug(train_data: Optional[str], test_data: Optional[str], labelled_train: bool = True) -> str:
@@ -170,9 +176,9 @@ def data_slug(train_data: Optional[str], test_data: Optional[str], labelled_trai
         if spec is not None:
             path = Path(str(spec).rstrip("/"))
             name = path.name
-            if name.lower() in SPLIT_NAMES and path.parent.name:
+            if is_split_name(name) and path.parent.name:
                 name = f"{path.parent.name}_{name}"
-            name = re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "data"
+            name = _file_name_part(name) or "data"
             if name not in names:
                 names.append(name)
     return f"-on-{'-'.join(names)}" if names else ""

@@ -17,22 +17,20 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from glsd.config import Config, to_dict
+from glsd.config import Config
 from glsd.data.loader import StepViews, build_loader
 from glsd.data.subset import SUBSET_FILE, select_images, write_subset
 from glsd.data.download import open_source_downloading_once
 from glsd.data.view_params import sample_seed
 from glsd.data.workers import is_worker_death, worker_died
-from glsd.export import write_run_exports
 from glsd.models.families import GLSD_CONVNET
 from glsd.models.heads import GLSDNet, build_networks
-from glsd.errors import DataError, NonFiniteError, RankFailed, TrainingInterrupted, is_out_of_memory
+from glsd.errors import DataError, NonFiniteError, TrainingInterrupted, is_out_of_memory
 from glsd.train import finite
 from glsd.train.finite import out_of_memory
-from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
 from glsd.train.collapse import CollapseMonitor, collapse_indicators
 from glsd.train.console import Console, fmt, start_summary
-from glsd.utils.distributed import (DistInfo, all_reduce_mean, barrier, cleanup, gather_objects,
+from glsd.utils.distributed import (DistInfo, all_reduce_mean, barrier, cleanup,
                                     init_distributed, max_over_ranks, sum_over_ranks)
 from glsd.train.objective import GlobalLocalObjective, LossTerms
 from glsd.train.optim import (apply_schedule, build_optimisation, clip_gradients, drop_prototype_grads,
@@ -41,7 +39,8 @@ from glsd.train.preflight import preflight
 from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.tensorboard import metric_sinks, require_sinks
 from glsd.train.resume import TrainState, require_one_checkpoint, restore
-from glsd.train.rng import rng_state, seed_everything
+from glsd.train.rng import seed_everything
+from glsd.train.saving import checkpoint, export_teacher, log_metrics, nonfinite_advice
 from glsd.train.schedules import Schedules
 from glsd.train.signals import StopRequested
 from glsd.utils.device import device_type, resolve_device
@@ -146,17 +145,8 @@ def _build_run(cfg: Config, device: torch.device, dinfo: DistInfo,
 
 def _finish_run(ctx: "Context", state: TrainState) -> None:
     """The teacher backbone exported (rank 0) and the end summary."""
-    export, failure = None, None
-    if ctx.dinfo.is_main:
-        export = ctx.run.root / "backbone.safetensors"
-        try:
-            export_backbone(export, ctx.teacher.backbone.model, to_dict(ctx.cfg))
-            write_run_exports(ctx.run.root, ctx.teacher.backbone.model, ctx.cfg)  # + export/timm/, files 0644
-            sweep_temp_files(ctx.run.root)
-        except Exception as e:  # noqa: BLE001 - a full disk, mostly: the others must not wait for rank 0
-            failure = e
-    raise_together(ctx, failure, f"rank 0 could not write the export (its message says why); the run "
-                                 f"is trained and checkpointed: `glsd export {ctx.run.root}` writes it")
+    export_teacher(ctx)
+    export = ctx.run.root / "backbone.safetensors" if ctx.dinfo.is_main else None
     skipped = int(sum_over_ranks(state.skipped_images, ctx.device))
     ctx.console.end(state.step, ctx.sampler.global_batch, skipped, str(export) if export else None,
                     timm_loads_it=ctx.cfg.model.backbone != GLSD_CONVNET)
@@ -310,7 +300,7 @@ def checked_step(ctx: Context, state: TrainState, batch, want_stats: bool) -> Lo
         return train_step(ctx, batch, state.step, want_stats)
     except NonFiniteError as e:  # nothing of this step was applied or written
         raise NonFiniteError(f"{e} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
-                             f"{_advice(ctx, e)}") from None
+                             f"{nonfinite_advice(ctx, e)}") from None
     except RuntimeError as e:
         if not is_out_of_memory(e):
             raise
@@ -334,12 +324,6 @@ def _save_for_a_dead_worker(ctx: Context, state: TrainState) -> str:
     return f"checkpoint written at step {state.step}: rerun the command to resume"
 
 
-def _advice(ctx: Context, error: NonFiniteError) -> str:
-    cause = "weights" if "weights" in str(error) else "loss"
-    return finite.advice(cause, float(ctx.sched.lr.max()), ctx.cfg.train.clip_grad,
-                         ctx.amp_dtype is not None)
-
-
 def log_step(ctx: Context, state: TrainState, terms: LossTerms, steps_per_sec: float) -> None:
     sched, step = ctx.sched, state.step - 1
     values = terms.as_floats()
@@ -352,7 +336,7 @@ def log_step(ctx: Context, state: TrainState, terms: LossTerms, steps_per_sec: f
               "momentum": float(sched.momentum[step]), "teacher_temp": float(sched.teacher_temp[step]),
               "images_per_sec": steps_per_sec * ctx.sampler.global_batch,
               "skipped_images": int(sum_over_ranks(state.skipped_images, ctx.device))}
-    log_metrics_together(ctx, record)
+    log_metrics(ctx, record)
     for sink in ctx.sinks:
         sink.write(record)
     if ctx.console is not None:
@@ -375,68 +359,8 @@ def end_of_epoch(ctx: Context, state: TrainState) -> None:
             # the keys in memory, not the run folder's subset.json: a rank on a node that
             # does not share output_dir would read none there and score the whole split
             result = online_knn(ctx.teacher.backbone, ctx.cfg, ctx.device, ctx.train_keys)
-        log_metrics_together(ctx, {"step": state.step, "epoch": state.epoch,
+        log_metrics(ctx, {"step": state.step, "epoch": state.epoch,
                              **{f"knn_{k}": v for k, v in result.items()}})
         if ctx.console is not None:
             ctx.console.lines([f"epoch {state.epoch} online k-NN: "
                                + ", ".join(f"{k} {fmt(v)}" for k, v in result.items())])
-
-
-def checkpoint(ctx: Context, state: TrainState, keep: bool = False) -> None:
-    # Every rank's own RNG and skip count (collective: all ranks checkpoint at the same step),
-    # so a resume gives each rank its own drop-path and augmentation streams back.
-    states = {"student": ctx.student.state_dict(), "teacher": ctx.teacher.state_dict(),
-              "objective": ctx.objective.state_dict()}
-    bad = finite.nonfinite_tensors(states)  # identical on every rank: all stop together
-    if bad:
-        error = finite.weights_error(state.step, bad, sum(len(v) for v in states.values()))
-        raise NonFiniteError(f"{error} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
-                             f"{_advice(ctx, error)}")
-    per_rank = gather_objects({"rng": rng_state(), "skipped_images": state.skipped_images})
-    failure = None
-    if ctx.dinfo.is_main:
-        try:
-            _write_checkpoint(ctx, state, states, per_rank, keep)
-        except Exception as e:  # noqa: BLE001 - a full disk, mostly: re-raised below, on every rank
-            failure = e
-    raise_together(ctx, failure, "rank 0 could not write the checkpoint (its message says why); every rank stops")
-    state.checkpoint_step = state.step
-
-
-def raise_together(ctx: Context, failure: Optional[BaseException], others: str) -> None:
-    """Rank 0 writes alone: every rank raises when it failed (rank 0 its error, the others
-    ``others``), here, not in a later collective that would wait for rank 0 until the process
-    group's timeout. Collective under torchrun."""
-    if ctx.dinfo.enabled and max_over_ranks(float(failure is not None), ctx.device):
-        raise failure if failure is not None else RankFailed(others)
-    if failure is not None:
-        raise failure
-
-
-def log_metrics_together(ctx: Context, record: dict) -> None:
-    """``ctx.run.log_metrics`` (rank 0 writes), its failure raised on every rank (collective)."""
-    failure = None
-    try:
-        ctx.run.log_metrics(record)
-    except Exception as e:  # noqa: BLE001 - a full disk, mostly
-        failure = e
-    raise_together(ctx, failure, "rank 0 could not write metrics.jsonl (its message says why); every rank stops")
-
-
-def _write_checkpoint(ctx: Context, state: TrainState, states: dict, per_rank: list, keep: bool) -> None:
-    payload = {
-        "config": to_dict(ctx.cfg),
-        **states,  # student, teacher, objective (both centres)
-        "optimizer": ctx.optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
-        "step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
-        "samples_in_epoch": state.step_in_epoch * ctx.sampler.global_batch,
-        "global_batch": ctx.sampler.global_batch,
-        "order_rule": ctx.sampler.order_rule,
-        "skipped_images": state.skipped_images,
-        "rng": per_rank[0]["rng"],
-        "rng_per_rank": [p["rng"] for p in per_rank],
-        "skipped_per_rank": [p["skipped_images"] for p in per_rank],
-    }
-    save_checkpoint(ctx.run.last, payload)
-    if keep:
-        save_checkpoint(ctx.run.checkpoints / f"epoch{state.epoch:04d}.pt", payload)

@@ -6,7 +6,6 @@ keys), resuming poisoned (non-finite) weights, and silently overwriting another 
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import shutil
@@ -18,11 +17,11 @@ from typing import Optional
 import yaml
 
 from glsd.config import Config, ConfigError, diff_keys, dump_yaml, from_dict, identity
-from glsd.errors import CheckpointError, DiskFull, GlsdError
+from glsd.errors import CheckpointError, GlsdError
 from glsd.train import lock
 from glsd.train.checkpoint import load_checkpoint, sweep_temp_files
 from glsd.train.finite import nonfinite_tensors
-from glsd.utils.io import atomic_write_text
+from glsd.utils.io import atomic_write_text, raise_if_disk_full
 
 RESUME_KEYS = ("student", "teacher", "objective", "optimizer", "scaler", "step", "epoch",
                "samples_in_epoch", "rng")
@@ -198,11 +197,8 @@ class RunFolder:
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:  # a resume drops a cut line and the steps after its checkpoint
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                kept = f"{self.last} is kept" if self.last.is_file() else "no checkpoint was written yet"
-                raise DiskFull(errno.ENOSPC, f"disk full while logging to {path} (step "
-                               f"{record.get('step')}); {kept}. Free space on {self.root.parent} "
-                               "(or move the run), then rerun to resume") from None
+            kept = f"{self.last} is kept" if self.last.is_file() else "no checkpoint was written yet"
+            raise_if_disk_full(e, path, f"logging step {record.get('step')}; {kept}")
             raise
 
     def name_unreadable(self, unreadable) -> None:

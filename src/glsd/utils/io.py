@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import IO, Any, Callable, Optional
 
 from glsd.errors import DiskFull
 
@@ -41,7 +41,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk
-        _raise_if_disk_full(e, path)
+        raise_if_disk_full(e, path)
         raise
     finally:
         if tmp.exists():
@@ -49,7 +49,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     fsync_dir(path.parent)
 
 
-def _raise_if_disk_full(e: BaseException, path: Path) -> None:
+def raise_if_disk_full(e: BaseException, path: Path, kept: Optional[str] = None) -> None:
+    """A DiskFull naming ``path`` and what is ``kept`` (default: the previous ``path``, which an
+    atomic write leaves as it was) when ``e`` comes from a full disk; else nothing."""
     full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or \
         "No space left on device" in str(e)
     if not full and any(m in str(e) for m in _WRITE_ERRORS):
@@ -59,8 +61,9 @@ def _raise_if_disk_full(e: BaseException, path: Path) -> None:
             full = False
     if not full or isinstance(e, DiskFull):
         return
-    kept = (f"the previous {path.name} is intact" if path.exists()
-            else f"no previous {path.name} existed")
+    if kept is None:
+        kept = (f"the previous {path.name} is intact" if path.exists()
+                else f"no previous {path.name} existed")
     raise DiskFull(errno.ENOSPC, f"disk full while writing {path}; {kept}. Free space on "
                    f"{path.parent} (or move the run), then rerun to resume") from None
 

@@ -1,0 +1,108 @@
+"""What a run writes while it trains: checkpoints, metrics records and the final export.
+
+Under torchrun rank 0 writes alone; every write here is collective, so that when rank 0's
+fails (a full disk, mostly) every rank stops with it, instead of the others waiting for rank 0
+in the next collective until the process group's timeout.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional
+
+from glsd.config import to_dict
+from glsd.errors import NonFiniteError, RankFailed
+from glsd.export import write_run_exports
+from glsd.train import finite
+from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
+from glsd.train.resume import TrainState
+from glsd.train.rng import rng_state
+from glsd.utils.distributed import gather_objects, max_over_ranks
+
+if TYPE_CHECKING:
+    from glsd.train.pretrain import Context
+
+
+def written_by_rank0(ctx: "Context", write: Callable[[], None], others: str) -> None:
+    """``write()`` on rank 0, its failure raised on every rank: rank 0's own error there, a
+    :class:`RankFailed` saying ``others`` elsewhere. Collective under torchrun."""
+    raise_on_every_rank(ctx, attempt(write) if ctx.dinfo.is_main else None, others)
+
+
+def attempt(write: Callable[[], None]) -> Optional[BaseException]:
+    """``write()``; the exception it raised, if any (for :func:`raise_on_every_rank`)."""
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 - re-raised by raise_on_every_rank, on every rank
+        return e
+    return None
+
+
+def raise_on_every_rank(ctx: "Context", failure: Optional[BaseException], others: str) -> None:
+    """Raise ``failure`` where it happened and :class:`RankFailed` (``others``) on the other
+    ranks, when any rank failed. Collective under torchrun."""
+    if ctx.dinfo.enabled and max_over_ranks(float(failure is not None), ctx.device):
+        raise failure if failure is not None else RankFailed(others)
+    if failure is not None:
+        raise failure
+
+
+def log_metrics(ctx: "Context", record: dict) -> None:
+    """One metrics.jsonl record (collective under torchrun). Every rank calls the run folder's
+    ``log_metrics``, which writes on rank 0 only."""
+    raise_on_every_rank(ctx, attempt(lambda: ctx.run.log_metrics(record)),
+                        "rank 0 could not write metrics.jsonl (its message says why); every rank stops")
+
+
+def checkpoint(ctx: "Context", state: TrainState, keep: bool = False) -> None:
+    """``last.pt`` (and ``epochNNNN.pt`` with ``keep``) of the state now; refused for
+    non-finite weights. ``state.checkpoint_step`` moves only once it is written."""
+    # Every rank's own RNG and skip count (collective: all ranks checkpoint at the same step),
+    # so a resume gives each rank its own drop-path and augmentation streams back.
+    states = {"student": ctx.student.state_dict(), "teacher": ctx.teacher.state_dict(),
+              "objective": ctx.objective.state_dict()}
+    bad = finite.nonfinite_tensors(states)  # identical on every rank: all stop together
+    if bad:
+        error = finite.weights_error(state.step, bad, sum(len(v) for v in states.values()))
+        raise NonFiniteError(f"{error} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
+                             f"{nonfinite_advice(ctx, error)}")
+    per_rank = gather_objects({"rng": rng_state(), "skipped_images": state.skipped_images})
+    written_by_rank0(ctx, lambda: _write_checkpoint(ctx, state, states, per_rank, keep),
+                     "rank 0 could not write the checkpoint (its message says why); every rank stops")
+    state.checkpoint_step = state.step
+
+
+def _write_checkpoint(ctx: "Context", state: TrainState, states: dict, per_rank: list, keep: bool) -> None:
+    payload = {
+        "config": to_dict(ctx.cfg),
+        **states,  # student, teacher, objective (both centres)
+        "optimizer": ctx.optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
+        "step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+        "samples_in_epoch": state.step_in_epoch * ctx.sampler.global_batch,
+        "global_batch": ctx.sampler.global_batch,
+        "order_rule": ctx.sampler.order_rule,
+        "skipped_images": state.skipped_images,
+        "rng": per_rank[0]["rng"],
+        "rng_per_rank": [p["rng"] for p in per_rank],
+        "skipped_per_rank": [p["skipped_images"] for p in per_rank],
+    }
+    save_checkpoint(ctx.run.last, payload)
+    if keep:
+        save_checkpoint(ctx.run.checkpoints / f"epoch{state.epoch:04d}.pt", payload)
+
+
+def export_teacher(ctx: "Context") -> None:
+    """The teacher backbone: ``backbone.safetensors`` and ``export/timm/`` (collective)."""
+    def write() -> None:
+        model = ctx.teacher.backbone.model
+        export_backbone(ctx.run.root / "backbone.safetensors", model, to_dict(ctx.cfg))
+        write_run_exports(ctx.run.root, model, ctx.cfg)  # + export/timm/, files 0644
+        sweep_temp_files(ctx.run.root)
+
+    written_by_rank0(ctx, write, f"rank 0 could not write the export (its message says why); the run "
+                                 f"is trained and checkpointed: `glsd export {ctx.run.root}` writes it")
+
+
+def nonfinite_advice(ctx: "Context", error: NonFiniteError) -> str:
+    """What to change after a non-finite loss or weights, from the run's settings."""
+    cause = "weights" if "weights" in str(error) else "loss"
+    return finite.advice(cause, float(ctx.sched.lr.max()), ctx.cfg.train.clip_grad,
+                         ctx.amp_dtype is not None)
