@@ -50,6 +50,8 @@ VARIANTS: dict[str, tuple[str, float, str, list[str]]] = {
     "f1-lr2x": (CPU, 1.0, "none", ["train.lr=1.6e-2"]),
     "f1-mom096": (CPU, 1.0, "none", ["train.momentum_teacher=0.96", "train.momentum_teacher_end=0.96"]),
     "f1-local8": (CPU, 1.0, "none", ["crops.num_local=8"]),
+    # The lever that moved the arm at 5 %: the step budget (twice the sweep's, ~24 min a cell).
+    "f1-steps6000": (CPU, 1.0, "none", ["study.steps=6000"]),
     "gpu-base": (GPU, 0.05, "none", []),
     "gpu-out1024": (GPU, 0.05, "none", ["model.out_dim=1024"]),
     "gpu-lr2x": (GPU, 0.05, "none", ["train.lr=1.6e-2"]),
