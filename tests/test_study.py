@@ -74,15 +74,39 @@ def test_micro_grid_end_to_end_and_resume(tmp_path):
     assert "f0.25-geometric-s0" in (out / "report.md").read_text()
 
 
-def test_failed_cell_is_reported_and_others_go_on(tmp_path):
+def test_failed_cell_is_reported_and_others_go_on(tmp_path, monkeypatch):
+    import glsd.train.pretrain as pretrain_module
+
+    real = pretrain_module.pretrain
+
+    def fails_at_half(cfg):  # a failure no preflight can see (a crash mid-training)
+        if cfg.data.fraction == 0.5:
+            raise RuntimeError("simulated crash")
+        return real(cfg)
+
+    monkeypatch.setattr(pretrain_module, "pretrain", fails_at_half)
     out = tmp_path / "study"
-    # batch 64 > 16 images at fraction 0.5: that cell fails, the 1.0 cell (32 images) too; use
-    # batch 24 so only the small cell fails.
-    result = run_study(None, out, [*TINY, "train.batch_size=24"], fractions=[0.5, 1.0],
+    result = run_study(None, out, [*TINY, "train.batch_size=8"], fractions=[0.5, 1.0],
                        matchings=["none"], seeds=[0], evals=["knn"], device="cpu")
     status = {r["name"]: r["status"] for r in result["records"]}
     assert status == {"f0.5-none-s0": "failed", "f1-none-s0": "done"}
-    assert "Failed cells" in (out / "report.md").read_text()
+    assert "simulated crash" in (out / "report.md").read_text()
+
+
+def test_a_cell_the_preflight_refuses_stops_the_study_before_any_trains(tmp_path):
+    out = tmp_path / "study"
+    # batch 24 > the 16 images of the 0.5 cell: refused up front, though the 1.0 cell is listed first
+    with pytest.raises(ConfigError, match=r"study cell f0.5-none-s0: 16 images are fewer than one global batch"):
+        run_study(None, out, [*TINY, "train.batch_size=24"], fractions=[1.0, 0.5],
+                  matchings=["none"], seeds=[0], evals=["knn"], device="cpu")
+    assert not list(out.glob("f*"))  # no cell folder: nothing trained
+
+
+def test_a_study_with_no_data_is_refused_before_any_cell(tmp_path):
+    with pytest.raises(ConfigError, match="data.root is empty"):
+        run_study("cifar10-lowdata-cpu", tmp_path / "study", [], fractions=[0.05, 1.0],
+                  matchings=["none"], seeds=[0], evals=["knn"], device="cpu")
+    assert not list((tmp_path / "study").glob("f*"))
 
 
 def _rec(fraction, matching, seed, top1):

@@ -91,11 +91,24 @@ def device_override(device: str) -> list[str]:
 
 
 def check_cells(config, overrides, cells: list[Cell], out: Path) -> None:
-    """Every cell's config, built before the first cell trains: a bad value in one cell
-    (``--fractions 0.05 5``) is refused now, not after hours of the others."""
+    """Every cell's config and its training preflight (data, grids, batch against subset
+    size), before the first cell trains: a bad value in one cell (``--fractions 0.05 5``) or a
+    missing ``data.root`` is refused now, not once per cell after hours of the others."""
+    from glsd.train.preflight import preflight
+
+    configs = []
     for cell in cells:
         try:
-            load_config(config, [*overrides, *cell.overrides(out)])
+            configs.append(load_config(config, [*overrides, *cell.overrides(out)]))
+        except ConfigError as e:
+            raise ConfigError(f"study cell {cell.name}: {e}") from None
+    sources = {}  # cells differ in subset, not in data: open (or download) each source once
+    for cell, cfg in zip(cells, configs):
+        key = (cfg.data.source, cfg.data.root, cfg.data.split, cfg.data.download)
+        if key not in sources:
+            sources[key] = open_source(cfg.data)
+        try:
+            preflight(with_step_budget(cfg, sources[key]), sources[key])
         except ConfigError as e:
             raise ConfigError(f"study cell {cell.name}: {e}") from None
 
@@ -196,7 +209,7 @@ def _run_locked_cell(cfg: Config, cell: Cell, out: Path, evals: list[str], devic
     return record
 
 
-def with_step_budget(cfg: Config) -> Config:
+def with_step_budget(cfg: Config, source=None) -> Config:
     """Give the cell about ``study.steps`` optimisation steps whatever its subset size: the
     whole number of epochs nearest to it (a schedule ends at an epoch's end), so cells of
     different fractions differ by up to half an epoch (CIFAR-10 at 100 %: 3,124 for 3,000)."""
@@ -204,7 +217,7 @@ def with_step_budget(cfg: Config) -> Config:
         return cfg
     from glsd.data.subset import select_images
 
-    n_images = len(select_images(cfg, None)[1])
+    n_images = len(select_images(cfg, None, source)[1])
     steps_per_epoch = max(1, n_images // cfg.train.batch_size)
     epochs = max(1, round(cfg.study.steps / steps_per_epoch))
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
