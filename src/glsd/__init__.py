@@ -154,7 +154,7 @@ def embed(source: Union[str, Path], data: Union[str, Path], out: Union[str, Path
     Args:
         source: a run folder, a checkpoint ``.pt`` or a ``backbone.safetensors``.
         data: a folder, a zip, or ``cifar10`` / ``cifar100`` / ``stl10`` / ``fashion_mnist`` /
-            ``synthetic``.
+            ``synthetic`` / ``sample``.
         out: ``.safetensors`` or ``.npy`` to write (with a ``.csv`` index); None: in memory.
         local: also the pooled local features (``result.local``).
         overrides: e.g. ``data__split="test"``, ``eval__image_size=64``.

@@ -58,13 +58,13 @@ def _add_use_of_backbones(sub) -> None:
     p.add_argument("--test-data", metavar="Y", help="labelled test set (its eval.test_split; "
                    "default: --train-data, else the run's data)")
     p.add_argument("--json", action="store_true", help="print the full JSON record (always written "
-                   "to RUN_DIR/eval/<kind>[-student|-random-init][-epochNNNN][-on-<data>][-<setting>].json; the path is printed)")
+                   "to RUN_DIR/eval/<kind>[-student|-random-init][-epochNNNN][-on-<data>][-<setting>].json; its path is printed, or is the JSON's output field with --json)")
     p.set_defaults(func=commands.cmd_eval)
 
     p = sub.add_parser("embed", help="features of every image of a data source, to .safetensors/.npy + a CSV index")
     p.add_argument("source", help="run folder, checkpoint .pt, backbone.safetensors or export folder")
     p.add_argument("data", help="image folder, flat folder, .zip, or cifar10 / cifar100 / stl10 / "
-                   "fashion_mnist / synthetic")
+                   "fashion_mnist / synthetic / sample")
     p.add_argument("overrides", nargs="*", help="key=value overrides: data.split=test, "
                    "data.source=folder, data.root=DIR (datasets), eval.image_size=..., ...")
     p.add_argument("--out", required=True, help="FILE.safetensors or FILE.npy (FILE.csv is the index)")
@@ -76,7 +76,7 @@ def _add_use_of_backbones(sub) -> None:
 
     p = sub.add_parser("export", help="write RUN_DIR/export/timm/ (config.json + model.safetensors) for plain timm")
     p.add_argument("path", help="run folder, backbone.safetensors or checkpoint .pt")
-    p.add_argument("--out", help="folder to write (default RUN_DIR/export/timm)")
+    p.add_argument("--out", help="folder to write (default RUN_DIR/export/timm; RUN_DIR/export/epochNNNN for an earlier checkpoint)")
     p.set_defaults(func=commands.cmd_export)
 
 
@@ -104,7 +104,7 @@ def _add_study_and_bench(sub) -> None:
     p.add_argument("--out", help="also write the JSON to this file")
     p.add_argument("--data", metavar="PATH",
                    help="a folder or zip of real images: the data section measures decoding them, and "
-                        "a preset without data.root trains on them (needed for step/data/utilisation then)")
+                        "a preset whose images come from data.root and that has none trains on them (needed for step/data/utilisation then)")
     p.add_argument("--quick", action="store_true", help="smoke mode: tiny sizes, one or two timed iterations")
     p.add_argument("--sections", help="comma-separated subset of geometry,step,data,utilisation,knn")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile of the backbone")

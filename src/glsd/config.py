@@ -163,7 +163,7 @@ class TrainConfig:
     decay_weightnorm_magnitude: bool = True
     freeze_last_layer_epochs: float = 1.0
     # Overrides freeze_last_layer_epochs: a study compares subsets of different sizes at one
-    # step budget, where "1 epoch" would freeze the prototypes for 8 steps on 1% and 780 on 100%.
+    # step budget, where "1 epoch" would freeze the prototypes for 7 steps on 1% and 781 on 100%.
     freeze_last_layer_steps: Optional[int] = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0

@@ -4,8 +4,8 @@ One row per readable image, in source order: the global feature (the same the k-
 linear evaluations use, ``eval.features``) and, with ``local=True``, the pooled local feature
 (the mean of the backbone's feature grid). Preprocessing is the evaluation's
 (:func:`glsd.eval.features.eval_transform`: resize, center crop to ``eval.image_size`` or the
-global crop size, the training normalisation). Unreadable images are skipped and counted,
-never fatal.
+global crop size, the training normalisation). Unreadable images are skipped and counted
+(``data.on_error=fail`` stops at the first instead).
 
 Output, chosen by the suffix of ``out``:
 

@@ -9,7 +9,8 @@ config's ``data`` section with the split replaced. Another labelled set replaces
 reads DATA): the train split of ``train_data`` (``data.split``), all of it, since the
 pretraining subset belongs to other data, and the ``eval.test_split`` of ``test_data``
 (default: ``train_data``).
-Results are written to ``RUN_DIR/eval/<kind>[-student|-random-init][-on-<data>].json`` (for a
+Results are written to ``RUN_DIR/eval/<kind>[-student|-random-init][-epochNNNN][-on-<data>][-<setting>].json``
+(``-epochNNNN`` for an earlier checkpoint, ``-<setting>`` for a command-line setting; for a
 bare safetensors file, to an ``eval/`` folder beside it; ``-on-<data>`` names another set).
 """
 from __future__ import annotations
