@@ -244,6 +244,68 @@ def test_teacher_has_no_drop_path(name):
     assert all(p == 0 for p in _drop_probs(teacher)), _drop_probs(teacher)
 
 
+def test_teacher_has_no_randomness_set_in_backbone_kwargs():
+    # model.drop_path_rate=0 reaches timm, but a rate in backbone_kwargs wins over it; dropout too
+    cfg = make_cfg("vit", extra=["model.backbone_kwargs.depth=2", "model.backbone_kwargs.drop_path_rate=0.5",
+                                 "model.backbone_kwargs.proj_drop_rate=0.5"])
+    student = build_network(cfg)
+    assert any(p > 0 for p in _drop_probs(student))
+    teacher = build_teacher(cfg, student).train()  # the teacher runs in train mode (BatchNorm)
+    assert all(p == 0 for p in _drop_probs(teacher))
+    assert all(m.p == 0 for m in teacher.modules() if isinstance(m, torch.nn.Dropout))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.backbone(x).local_feat, teacher.backbone(x).local_feat,
+                                   rtol=0, atol=0)
+
+
+def test_register_tokens_are_not_a_class_token():
+    from glsd.config import ConfigError
+    from glsd.export import _resolved_feature
+    from glsd.models.backbone import meta_backbone
+
+    # four prefix tokens, all registers: "auto" must pool the grid, not read register 0
+    m = make_cfg("vit", extra=["model.backbone=vit_medium_patch16_reg4_gap_256",
+                               "model.backbone_kwargs={}", "model.patch_size=null"]).model
+    backbone = meta_backbone(m, 256)
+    assert backbone.num_prefix_tokens == 4 and backbone.global_feature == "pooled"
+    with pytest.raises(ConfigError, match="class token"):
+        meta_backbone(dataclasses.replace(m, global_feature="cls"), 256)
+    cfg = make_cfg("vit")
+    assert _resolved_feature(backbone.model, cfg) == "pooled"
+    assert _resolved_feature(meta_backbone(cfg.model, 32).model, cfg) == "cls"
+
+
+def test_a_model_whose_output_is_not_its_last_stage_is_refused():
+    from glsd.config import ConfigError, ModelConfig
+    from glsd.models.backbone import meta_backbone
+
+    # EfficientNet's feature grid (320 channels) skips its 1280-channel head convolution
+    with pytest.raises(ConfigError, match="320 channels.*head layer to 1280"):
+        meta_backbone(ModelConfig(backbone="efficientnet_b0"), 128)
+
+
+@pytest.mark.parametrize("backbone, dynamic", [
+    ("vit_small_patch16_224", True), ("eva02_tiny_patch14_224", True),
+    ("beit_base_patch16_224", False), ("vit_relpos_small_patch16_224", False)])
+def test_dynamic_size_goes_to_the_models_that_take_it(backbone, dynamic):
+    from glsd.config import ModelConfig
+    from glsd.models.backbone import meta_backbone, timm_kwargs
+
+    kwargs = timm_kwargs(ModelConfig(backbone=backbone), 224)
+    assert kwargs.get("dynamic_img_size", False) is dynamic
+    assert kwargs["drop_path_rate"] == ModelConfig().drop_path_rate
+    meta_backbone(ModelConfig(backbone=backbone), 224)  # builds (the BEiTs failed on the keyword)
+
+
+def test_focalnet_gets_the_configured_drop_path_rate():
+    from glsd.config import ModelConfig
+    from glsd.models.backbone import meta_backbone
+
+    backbone = meta_backbone(ModelConfig(backbone="focalnet_tiny_srf", drop_path_rate=0.0), 224)
+    assert all(p == 0 for p in _drop_probs(backbone))  # timm's own default for it is 0.1
+
+
 @pytest.mark.parametrize("name", ["vit", "swin"])
 def test_zero_drop_path_rate_means_none(name):
     student = build_network(make_cfg(name, extra=["model.drop_path_rate=0"]))

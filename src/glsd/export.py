@@ -35,7 +35,7 @@ import torch
 
 from glsd.config import ConfigError, from_dict
 from glsd.errors import CheckpointError
-from glsd.models.backbone import create_model, declared_layout
+from glsd.models.backbone import create_model, declared_layout, has_class_token
 from glsd.models.families import GLSD_CONVNET
 from glsd.train.checkpoint import read_backbone
 from glsd.utils.io import check_writable
@@ -144,7 +144,7 @@ def _resolved_feature(model: torch.nn.Module, cfg) -> str:
     for choice in (cfg.eval.features, cfg.model.global_feature):
         if choice != "auto":
             return choice
-    return "cls" if int(getattr(model, "num_prefix_tokens", 0)) > 0 else "pooled"
+    return "cls" if declared_layout(model) == "tokens" and has_class_token(model) else "pooled"
 
 
 # glsd's global feature from timm's forward_features, per layout: timm's own model(x) may

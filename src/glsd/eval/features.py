@@ -113,7 +113,7 @@ def resolve_feature(backbone: Backbone, feature: str) -> str:
         raise ConfigError(f"eval.features={feature!r}: use one of {', '.join(FEATURES)}")
     if feature == "auto":
         return backbone.global_feature
-    if feature == "cls" and not (backbone.layout == "tokens" and backbone.num_prefix_tokens > 0):
+    if feature == "cls" and not backbone.has_class_token:
         raise ConfigError("eval.features=cls needs a ViT with a class token; use pooled or auto")
     return feature
 

@@ -9,6 +9,8 @@ grid. Nothing here guesses a layout from shapes.
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +20,7 @@ from torch import nn
 
 from glsd.config import ConfigError, ModelConfig
 from glsd.models.convnet import ConvNet
-from glsd.models.families import DROP_PATH_FAMILIES, GLSD_CONVNET, family, is_swin, is_vit
+from glsd.models.families import GLSD_CONVNET, is_swin, is_vit
 
 
 @dataclass
@@ -45,12 +47,35 @@ def declared_stride(model: nn.Module) -> Optional[int]:
     return None
 
 
+def has_class_token(model: nn.Module) -> bool:
+    """A ViT's class token, as the model declares it: prefix tokens alone may be registers
+    (``vit_*_reg4_gap_*`` has four and no class token)."""
+    if hasattr(model, "has_class_token"):
+        return bool(model.has_class_token)
+    return getattr(model, "cls_token", None) is not None
+
+
 def last_stage(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """images ``(B, 3, H, W)`` -> (final features in the model's own layout: ``(B, P + N, D)``
     tokens of a ViT, ``(B, D, gh, gw)`` or ``(B, gh, gw, D)`` maps otherwise; last stage
     ``(B, D, gh, gw)``), normalised by the model's final norm as ``forward_features`` would be."""
     final, intermediates = model.forward_intermediates(images, indices=1, norm=True, output_fmt="NCHW")
     return final, intermediates[-1]
+
+
+def check_grid_is_output(model: nn.Module, num_features: int) -> None:
+    """Refuse a model whose output is not its last stage: EfficientNet, GhostNet, FastViT end
+    in a head convolution (320 -> 1280 channels) that the feature grid glsd trains on does not
+    pass through, so its exported ``forward_features`` would give untrained features."""
+    info = getattr(model, "feature_info", None)
+    last = info[-1] if isinstance(info, (list, tuple)) and info else None
+    channels = last.get("num_chs") if isinstance(last, dict) else None
+    if channels is not None and int(channels) != num_features:
+        raise ConfigError(
+            f"{type(model).__name__}'s last stage has {channels} channels, but the model ends in a "
+            f"head layer to {num_features} that glsd's feature grid does not pass through (it "
+            "would stay untrained in the export). Use a backbone whose last stage is its output: "
+            "ResNet, ConvNeXt, RegNet, ViT, Swin, MobileNetV3 or glsd_convnet")
 
 
 class Backbone(nn.Module):
@@ -64,10 +89,12 @@ class Backbone(nn.Module):
                               "(`glsd backbones PATTERN` lists the ones that work)")
         self.model = model
         self.embed_dim = int(getattr(model, "num_features"))
+        check_grid_is_output(model, self.embed_dim)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.layout = declared_layout(model)
         self.stride = declared_stride(model)
-        has_cls = self.layout == "tokens" and self.num_prefix_tokens > 0
+        self.has_class_token = self.layout == "tokens" and has_class_token(model)
+        has_cls = self.has_class_token
         if global_feature == "auto":
             global_feature = "cls" if has_cls else "pooled"
         if global_feature == "cls" and not has_cls:
@@ -126,17 +153,27 @@ def timm_kwargs(cfg: ModelConfig, image_size: int) -> dict:
     """The keyword arguments ``timm.create_model(cfg.backbone, ...)`` gets (no num_classes);
     the exported timm folder records them as ``model_args``."""
     kwargs = dict(cfg.backbone_kwargs)
-    if is_vit(cfg.backbone):
-        kwargs.setdefault("dynamic_img_size", True)
-        kwargs.setdefault("img_size", image_size)
-        if cfg.patch_size is not None:
-            kwargs.setdefault("patch_size", cfg.patch_size)
-    elif is_swin(cfg.backbone):
+    takes = constructor_parameters(cfg.backbone)
+    if is_swin(cfg.backbone):
         kwargs.setdefault("img_size", image_size)
         kwargs.setdefault("strict_img_size", False)
-    if family(cfg.backbone) in DROP_PATH_FAMILIES:
+    elif "dynamic_img_size" in takes:  # ViT, DeiT, EVA-02, ... (not BEiT or relative-position ViTs)
+        kwargs.setdefault("dynamic_img_size", True)
+        kwargs.setdefault("img_size", image_size)
+        if cfg.patch_size is not None and is_vit(cfg.backbone):
+            kwargs.setdefault("patch_size", cfg.patch_size)
+    if "drop_path_rate" in takes:  # else timm's own default (0.1 for Swin, FocalNet) would act
         kwargs.setdefault("drop_path_rate", cfg.drop_path_rate)
     return kwargs
+
+
+@functools.lru_cache(maxsize=64)
+def constructor_parameters(backbone: str) -> frozenset:
+    """The keywords the backbone's model class takes, read from its signature (a name prefix
+    cannot tell a ViT that takes ``dynamic_img_size`` from one that does not)."""
+    with torch.device("meta"):
+        model = timm.create_model(backbone, pretrained=False, num_classes=0)
+    return frozenset(inspect.signature(type(model).__init__).parameters)
 
 
 def build_backbone(cfg: ModelConfig, image_size: int) -> Backbone:

@@ -7,12 +7,9 @@ from typing import Optional
 
 # Plain ViTs: a patch embedding and tokens; they take any multiple of the patch size when
 # built with dynamic_img_size.
-VIT_FAMILIES = ("vit", "deit", "deit3", "eva", "beit")
+VIT_FAMILIES = ("vit", "deit", "deit3", "eva", "eva02", "beit")
 # Swin: patch embedding + patch merging; built for a fixed size unless strict_img_size=False.
 SWIN_FAMILIES = ("swin", "swinv2")
-# Families whose constructor takes drop_path_rate (passed always: timm's own default, 0.1 for
-# Swin, would leak stochastic depth into the teacher).
-DROP_PATH_FAMILIES = VIT_FAMILIES + SWIN_FAMILIES + ("resnet", "resnetv2", "convnext")
 GLSD_CONVNET = "glsd_convnet"
 
 

@@ -123,9 +123,21 @@ def build_teacher(cfg: Config, student: GLSDNet) -> GLSDNet:
     no_drop = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, drop_path_rate=0.0))
     teacher = build_network(no_drop)
     teacher.load_state_dict(student.state_dict())
+    without_randomness(teacher)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def without_randomness(net: nn.Module) -> None:
+    """Zero every stochastic-depth and dropout rate. ``model.drop_path_rate=0`` alone misses a
+    rate set in ``model.backbone_kwargs`` and a family whose timm default is above zero; the
+    teacher stays in train mode (BatchNorm batch statistics, as DINO's), so its own rates act."""
+    for module in net.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "drop_prob", None), float):  # timm's DropPath / DropBlock
+            module.drop_prob = 0.0
 
 
 def freeze_unused_parameters(net: GLSDNet, crop_sizes: list[int]) -> list[str]:
