@@ -806,7 +806,7 @@ def test_gpu_random_state_is_the_rank_device_only(monkeypatch):
     from glsd.train import rng
 
     restored = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([10 + device]))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((int(s), device)))
@@ -818,6 +818,19 @@ def test_gpu_random_state_is_the_rank_device_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     rng.set_rng_state({k: v for k, v in state.items() if k != "cuda_device"} | {"cuda": every[:2]})
     assert restored == [(11, 1), (21, 1), (20, 3)]
+
+
+def test_a_process_that_never_used_cuda_saves_no_gpu_stream(monkeypatch):
+    """device=cpu under torchrun on a GPU node: saving the random state must not open a CUDA
+    context on GPU 0 in every rank."""
+    from glsd.train import rng
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("opened CUDA"))
+    state = rng.rng_state()
+    assert "cuda_device" not in state
+    rng.set_rng_state({**state, "cuda_device": torch.tensor([1])})  # a GPU checkpoint, on a CPU
 
 
 def test_a_finished_run_without_its_last_checkpoint_is_not_started_over(tmp_path, capsys):

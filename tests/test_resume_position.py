@@ -38,6 +38,7 @@ def test_a_run_resumed_under_a_bigger_global_batch_ends_after_its_epochs(tmp_pat
     pretrain(tiny_config(run, *base, "train.max_steps=null", "train.batch_size=16", "train.extend=true"))
     log = (run / "train.log").read_text()
     assert "resumed from step 6 of batches of 8 images = step 3 of this run's batches of 16" in log
+    assert "peak learning rate follows the global batch (train.lr x batch / 256: x2)" in log
     ckpt = load_last(run)
     assert (ckpt["step"], ckpt["epoch"], ckpt["global_batch"]) == (6, 3, 16)
     resumed = [r["step"] for r in read_metrics(run)][6:]

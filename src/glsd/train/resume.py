@@ -78,11 +78,13 @@ def _restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler
     step, step_in_epoch = resume_position(ckpt, sampler.steps_per_epoch, sampler.global_batch)
     if step == ckpt["step"]:
         LOG.info("resumed from step %d (epoch %d, step %d of it)", step, ckpt["epoch"], step_in_epoch)
-    else:
-        LOG.info("resumed from step %d of batches of %d images = step %d of this run's batches of %d "
-                 "(epoch %d, step %d of it): the schedules continue at the same point of the run",
-                 ckpt["step"], recorded_global_batch(ckpt), step, sampler.global_batch,
-                 ckpt["epoch"], step_in_epoch)
+    else:  # another world size (a requeued job on fewer GPUs): continue, and say what changes
+        LOG.warning("resumed from step %d of batches of %d images = step %d of this run's batches of "
+                    "%d (epoch %d, step %d of it): the schedules continue at the same point of the "
+                    "run; the peak learning rate follows the global batch (train.lr x batch / 256: x%.3g), "
+                    "and step-counted warm-ups count this run's batches",
+                    ckpt["step"], recorded_global_batch(ckpt), step, sampler.global_batch,
+                    ckpt["epoch"], step_in_epoch, sampler.global_batch / recorded_global_batch(ckpt))
     return TrainState(step, ckpt["epoch"], step_in_epoch, skipped, step)
 
 

@@ -44,7 +44,9 @@ def rng_state() -> dict:
     of its node, and a list of all of them could not be restored on a node with fewer."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
              "python_version": random.getstate()[0]}
-    if torch.cuda.is_available():
+    # Initialised, not just available: a device=cpu rank on a GPU node would otherwise open a
+    # CUDA context (all on GPU 0) only to save a stream it never used.
+    if torch.cuda.is_initialized():
         state["cuda_device"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
@@ -52,8 +54,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), None))
-    if not torch.cuda.is_available():
-        return  # a GPU checkpoint resumed on a CPU: the CPU streams are restored
+    if not torch.cuda.is_initialized():
+        return  # a GPU checkpoint resumed on a CPU (the networks are on their device by now)
     device = torch.cuda.current_device()
     own = state.get("cuda_device")
     if own is None and state.get("cuda"):  # checkpoints before 2026-12: every visible GPU's
