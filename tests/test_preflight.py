@@ -60,6 +60,13 @@ def test_a_crop_the_backbone_cannot_take_names_the_minimum_size():
     assert "Traceback" not in msg
 
 
+def test_a_backbone_fixed_at_one_size_is_named_as_such():
+    # BEiT takes no dynamic input size: "raise crops.local_size to 224" would be no fix
+    cfg = load_config("imagenet-swin-t", ["model.backbone=beit_base_patch16_224", "model.backbone_kwargs={}"])
+    with pytest.raises(ConfigError, match=r"beit_base_patch16_224 takes only 224 px crops.*crops.local_size=96"):
+        check_grids(cfg)
+
+
 def test_warmup_longer_than_the_run_is_scaled_and_said():
     cfg = tiny_config("unused", "train.epochs=5", "train.warmup_epochs=10", "train.warmup_steps=null")
     scaled, note = scale_warmup(cfg, steps_per_epoch=4)  # 20 steps, warm-up 40

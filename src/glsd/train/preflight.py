@@ -117,6 +117,17 @@ def minimum_size(backbone, stride: Optional[int], limit: int = 1024) -> Optional
     return None
 
 
+def takes_one_size(backbone, size: int, stride: Optional[int]) -> bool:
+    """Whether the next larger size fails too: a model fixed at one input size."""
+    from glsd.models.backbone import probe_grid
+
+    try:
+        probe_grid(backbone, size + (stride or 1))
+        return False
+    except Exception:  # noqa: BLE001 - any failure means: not this size
+        return True
+
+
 def check_grids(cfg: Config) -> tuple[dict[str, tuple[int, int]], Optional[int]]:
     """Grid per crop size; ConfigError listing every size that is off-stride, too small for
     the backbone, or (with a local loss) below 2x2 cells."""
@@ -131,6 +142,12 @@ def check_grids(cfg: Config) -> tuple[dict[str, tuple[int, int]], Optional[int]]
             grid = probe_grid(backbone, size)
         except Exception as e:  # noqa: BLE001 - the model's own error, reported with the fix
             low = minimum_size(backbone, stride)
+            if low is not None and takes_one_size(backbone, low, stride):
+                problems.append(f"{name} takes only {low} px crops (it is built for the global crop "
+                                f"and has no dynamic input size), so crops.{key}={size} cannot run; "
+                                "pick a model.backbone that takes any multiple of its stride "
+                                "(`glsd backbones PATTERN` lists both crop sizes per model)")
+                continue
             floor = f"its minimum is {low} px" if low else "no size up to 1024 px worked"
             problems.append(f"{name} cannot take crops.{key}={size} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120]}); {floor}: raise crops.{key} or pick "
