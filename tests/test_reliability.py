@@ -847,23 +847,43 @@ def test_a_finished_run_without_its_last_checkpoint_is_not_started_over(tmp_path
 
 
 def test_one_signal_delivered_twice_is_one_request(monkeypatch):
-    """A preempted torchrun job gets SIGTERM from the scheduler and again from torchrun
-    milliseconds later: still a stop after the step, not a stop at once. A second signal
-    later, or another one, stops at once."""
+    """A preempted torchrun job gets SIGTERM from the scheduler and again from torchrun, and
+    the copy's handler may run seconds later (after a long C call): a repeated SIGTERM is never
+    a stop at once, however late. A Ctrl-C after it is; the same Ctrl-C within the repeat
+    window is not."""
     from glsd.errors import TrainingInterrupted
     from glsd.train import signals
 
+    monkeypatch.setattr(signals, "REPEAT_WINDOW_S", 0.0)  # every repeat counts as "late"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     with signals.StopRequested() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signal == signal.SIGTERM
-        with pytest.raises(TrainingInterrupted, match="second signal"):
+        with pytest.raises(TrainingInterrupted, match="second signal 2"):
             os.kill(os.getpid(), signal.SIGINT)
     with signals.StopRequested() as stop:
-        os.kill(os.getpid(), signal.SIGTERM)
-        monkeypatch.setattr(signals, "REPEAT_WINDOW_S", 0.0)
-        with pytest.raises(TrainingInterrupted, match="second signal"):
-            os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(TrainingInterrupted, match="second signal 2"):
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(signals, "REPEAT_WINDOW_S", 60.0)
+    with signals.StopRequested() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # within the window: a key repeat
+        assert stop.signal == signal.SIGINT
+
+
+def test_under_torchrun_no_forwarded_signal_stops_at_once(monkeypatch):
+    """torchrun forwards each signal it gets (and kills the workers after its own timeout):
+    under it a worker finishes its step and checkpoints whatever arrives after the first."""
+    from glsd.train import signals
+
+    monkeypatch.setattr(signals, "REPEAT_WINDOW_S", 0.0)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    with signals.StopRequested() as stop:
+        for sig in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
+            os.kill(os.getpid(), sig)
+        assert stop.signal == signal.SIGINT
 
 
 def test_a_full_disk_while_logging_says_what_the_run_kept(tmp_path, monkeypatch):
