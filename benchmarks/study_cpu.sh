@@ -15,6 +15,8 @@
 # goes to its own results folder, e.g.
 #   GLSD_DATA=... GLSD_OVERRIDES="train.momentum_teacher=0.96 train.momentum_teacher_end=0.96" \
 #   GLSD_FRACTIONS=1.0 GLSD_DEST=benchmarks/results/study-sweep-cpu-f1-mom096 benchmarks/study_cpu.sh WORK
+# GLSD_MATCHINGS="none" runs some arms only (a new recipe's global-only arm at every fraction
+# first, to check its bar before the other arms; rerun without it for the rest of the grid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${GLSD_DATA:?set GLSD_DATA to the CIFAR-10 JPEG zip (ImageFolder layout: train/<class>/*.jpg, test/<class>/*.jpg)}"
@@ -88,6 +90,7 @@ restore
 read -r -a fractions < <(python3 -c "from glsd.config import load_config; print(*load_config('$PRESET').study.fractions)")
 if [ -n "${GLSD_FRACTIONS:-}" ]; then read -r -a fractions <<< "$GLSD_FRACTIONS"; fi
 read -r -a matchings < <(python3 -c "from glsd.config import load_config; print(*load_config('$PRESET').study.matchings)")
+if [ -n "${GLSD_MATCHINGS:-}" ]; then read -r -a matchings <<< "$GLSD_MATCHINGS"; fi
 for seed in 0 1; do
   for fraction in "${fractions[@]}"; do
     for matching in "${matchings[@]}"; do
