@@ -518,3 +518,23 @@ def test_a_read_deadline_gives_back_the_programs_own_timer():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_an_error_with_loader_workers_running_still_exits():
+    """Workers ignore the first SIGTERM (it belongs to the trainer); multiprocessing's exit
+    sends them exactly one and joins them: without glsd's exit hook the process printed its
+    error and then hung forever, holding a batch job's GPU."""
+    import subprocess
+    import sys
+
+    script = (
+        "from torch.utils.data import DataLoader\n"
+        "from glsd.data.workers import leave_stop_signals_to_the_trainer, stop_workers_at_exit\n"
+        "stop_workers_at_exit()\n"
+        "it = iter(DataLoader(range(100), batch_size=2, num_workers=2,\n"
+        "                     worker_init_fn=leave_stop_signals_to_the_trainer))\n"
+        "next(it)\n"
+        "raise SystemExit(3)  # the iterator, and its workers, outlive the error\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr and "killed by signal" not in done.stderr, done.stderr

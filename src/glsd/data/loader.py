@@ -16,7 +16,7 @@ from glsd.config import Config, ConfigError
 from glsd.data.multicrop import Batch, DecodeToSquare, MultiCropDataset, ViewCollate, decode_size
 from glsd.data.view_params import sample_seed
 from glsd.data.views import ViewMaker
-from glsd.data.workers import leave_stop_signals_to_the_trainer
+from glsd.data.workers import leave_stop_signals_to_the_trainer, stop_workers_at_exit
 from glsd.data.sources import ImageSource
 
 # How an epoch's permutation is seeded. 1: ``seed + epoch`` (runs before session 9: seed s+1's
@@ -91,6 +91,7 @@ def build_loader(cfg: Config, subset: ImageSource, rank: int, world_size: int,
     collate = ViewCollate(cfg.crops, cfg.train.seed, make_views=not makes_views_on_device(cfg))
     # Its own generator: each new iterator draws a base seed from it, and drawing from the
     # global RNG would shift the model's random stream (drop-path) on a mid-epoch resume.
+    stop_workers_at_exit()
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
                         num_workers=cfg.data.num_workers, collate_fn=collate,
                         pin_memory=pin_memory, drop_last=True,

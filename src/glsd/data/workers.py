@@ -6,14 +6,51 @@ killed by it makes the training process raise at once (torch's worker watchdog),
 before it can finish the step and write its checkpoint. So a worker ignores the first stop
 signal and ends quietly at the next one: the trainer's own shutdown of a worker it cannot
 stop otherwise (one stuck in a read), or a second signal from someone who wants it over now.
+
+The one signal they get is then not enough at the parent's exit after an error: Python's
+multiprocessing terminates its daemonic children once (one SIGTERM, ignored) and joins them,
+forever. So the parent kills its loader workers first, at exit (:func:`stop_workers_at_exit`).
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # noqa: F401 - registers its exit hook now, so that ours runs before it
 import os
 import signal
 from glsd.errors import WorkerDied
 
 _stop_signals_seen = 0
+_exit_hook_registered = False
+
+
+def stop_workers_at_exit() -> None:
+    """Parent side, before a loader with workers starts: at interpreter exit (an error, a broken
+    pipe, the end) its workers are killed before multiprocessing joins them. A loader shut down
+    normally has none left; a worker holds nothing to save. Registered once, after
+    multiprocessing's own exit hook, so it runs first."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_kill_loader_workers)
+        _exit_hook_registered = True
+
+
+def _kill_loader_workers() -> None:
+    workers = [c for c in multiprocessing.active_children() if c.daemon and _is_loader_worker(c.pid)]
+    if workers and hasattr(signal, "SIGCHLD"):  # torch's handler would report them "killed"
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in workers:
+        child.kill()  # multiprocessing would terminate it next, once
+
+
+def _is_loader_worker(pid: int) -> bool:
+    """torch names its loader worker processes; where the name cannot be read (no /proc), any
+    daemonic child is taken for one."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == "pt_data_worker"
+    except OSError:
+        return True
 
 
 def leave_stop_signals_to_the_trainer(worker_id: int) -> None:

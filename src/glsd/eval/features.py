@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 
 from glsd.config import Config, ConfigError, apply_overrides
 from glsd.data.sources import ImageSource
-from glsd.data.workers import leave_stop_signals_to_the_trainer
+from glsd.data.workers import leave_stop_signals_to_the_trainer, stop_workers_at_exit
 from glsd.models.backbone import Backbone, build_backbone, last_stage
 from glsd.utils.distributed import all_gather_cat, rank_world
 from glsd.weights import load_checked_weights
@@ -202,6 +202,7 @@ def iter_features(backbone: Backbone, source: ImageSource, cfg: Config, device: 
     feature = resolve_feature(backbone, feature)
     device = torch.device(device)
     indices = range(len(source)) if indices is None else indices
+    stop_workers_at_exit()
     loader = DataLoader(_EvalImages(source, indices, eval_transform(cfg), cfg.data.on_error, reduced_size(cfg)),
                         batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda",
