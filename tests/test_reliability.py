@@ -916,3 +916,22 @@ def test_a_run_that_failed_exits_1_and_bad_input_2(capsys):
     assert _report(DataError("cannot read image 'a.jpg'"), debug=False) == 2
     assert _report(ConfigError("data.root is empty"), debug=False) == 2
     capsys.readouterr()
+
+
+def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch):
+    """config.yaml must name the same images from any directory: evaluation, export and resume
+    read it (a relative root broke `glsd eval` run from elsewhere, and a resume given the
+    absolute path was refused as another dataset)."""
+    import yaml
+
+    (tmp_path / "photos").mkdir()
+    for i in range(16):
+        Image.new("RGB", (40, 40), (i * 15, 80, 160)).save(tmp_path / "photos" / f"{i}.jpg")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, "data.source=folder", "data.root=photos", "train.max_steps=1"))
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["data"]["root"]
+    assert recorded == str(tmp_path / "photos")
+    monkeypatch.chdir("/")
+    pretrain(tiny_config(run, "data.source=folder", f"data.root={tmp_path / 'photos'}", "train.max_steps=2"))
+    assert load_last(run)["step"] == 2  # resumed: the same images, named absolutely

@@ -351,6 +351,15 @@ def same_root(root: str) -> str:
     return os.path.realpath(os.path.expanduser(root)) if root else root
 
 
+def with_absolute_root(cfg: Config) -> Config:
+    """``data.root`` made absolute (links kept): a run folder's ``config.yaml`` then names the
+    same images from any working directory, for evaluation, export and resume."""
+    root = cfg.data.root
+    if not root:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=os.path.abspath(os.path.expanduser(root))))
+
+
 def identity(cfg: Config) -> dict:
     """The part of the config a checkpoint is bound to (model, data, loss, crops)."""
     d = to_dict(cfg)

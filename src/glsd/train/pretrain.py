@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from glsd.config import Config
+from glsd.config import Config, with_absolute_root
 from glsd.data.loader import StepViews, build_loader
 from glsd.data.subset import SUBSET_FILE, select_images, write_subset
 from glsd.data.download import open_source_downloading_once
@@ -51,6 +51,7 @@ __all__ = ["pretrain", "NonFiniteLossError", "TrainingInterrupted"]
 
 
 def pretrain(cfg: Config) -> Path:
+    cfg = with_absolute_root(cfg)  # what config.yaml records: the images, from any directory
     dinfo = init_distributed(device_type(cfg.device))
     device = resolve_device(cfg.device)
     if device.type == "cuda":  # one GPU per rank; alone, the one asked for (cuda:1), by index
