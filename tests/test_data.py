@@ -165,6 +165,17 @@ def test_linked_folders_are_read_once_even_in_a_loop(tmp_path):
     assert src.keys == ["linked/0.png", "linked/1.png"]
 
 
+def test_a_link_to_a_folder_above_the_root_is_skipped_and_named(tmp_path, caplog):
+    """A link to '..' (or to the home folder) would pull in every image beside the root."""
+    _folder_tree(tmp_path / "sibling", classes=("x",), per_class=3)
+    _folder_tree(tmp_path / "data", classes=("a",), per_class=2)
+    (tmp_path / "data" / "a" / "up").symlink_to(tmp_path)
+    with caplog.at_level("WARNING", logger="glsd"):
+        src = open_source(DataConfig(root=str(tmp_path / "data"), source="folder"))
+    assert src.keys == ["a/0.png", "a/1.png"]
+    assert "skipping the linked folder" in caplog.text and "a/up" in caplog.text
+
+
 def test_balanced_subset_keeps_class_proportions_and_is_seeded():
     src = open_source(DataConfig(source="synthetic", synthetic_num_images=100, synthetic_num_classes=4))
     keys = balanced_subset(src, fraction=0.2, seed=3)

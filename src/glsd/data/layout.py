@@ -4,6 +4,7 @@ copying tools and NAS boxes add). Pure paths and names: no image is opened here.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -79,8 +80,11 @@ def list_folder(path: Path) -> list[Path]:
 
 def walk_images(base: Path) -> list[str]:
     """Image paths under ``base`` relative to it, sorted, skipping hidden files and folders.
-    Linked sub-folders are followed (each real folder once, so a link loop ends)."""
+    Linked sub-folders are followed (each real folder once, so a link loop ends), except a link
+    to ``base`` itself or a folder above it: it would pull in the images beside ``base`` (a
+    link to ``..`` or to the home folder), never what was meant; it is skipped, and named."""
     keys, seen = [], set()
+    above = _base_and_its_parents(base)
 
     def refuse(error: OSError):
         raise ConfigError(f"cannot read the folder {error.filename}: {error.strerror or error}; "
@@ -92,9 +96,23 @@ def walk_images(base: Path) -> list[str]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not hidden(d))  # a linked folder: its first path
+        dirnames[:] = sorted(d for d in dirnames if not hidden(d) and not _links_above(dirpath, d, above))
         keys += [str(Path(dirpath, f).relative_to(base)) for f in files if is_image(f) and not hidden(f)]
     return sorted(keys)
+
+
+def _base_and_its_parents(base: Path) -> set[str]:
+    real = Path(os.path.realpath(base))
+    return {str(real), *map(str, real.parents)}
+
+
+def _links_above(dirpath: str, name: str, above: set[str]) -> bool:
+    path = os.path.join(dirpath, name)
+    if not os.path.islink(path) or os.path.realpath(path) not in above:
+        return False
+    logging.getLogger("glsd").warning("skipping the linked folder %s: it leads to %s, the image folder "
+                                      "itself or a folder above it", path, os.path.realpath(path))
+    return True
 
 
 def is_image(name: str) -> bool:
