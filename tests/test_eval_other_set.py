@@ -134,13 +134,16 @@ def test_a_zip_without_split_folders_is_not_its_own_test_set(unlabelled_run, tmp
         for f in sorted(train.rglob("*.png")):
             zf.write(f, str(f.relative_to(train)))
     assert cli(["eval", "knn", str(run), "--train-data", str(zpath), "--device", "cpu"]) == 2
-    assert "are the same images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no 'test' split folder beside 'train' ones, so both read the same images" in err
+    assert cli(["eval", "seg", str(run), "--train-data", str(zpath), "--device", "cpu"]) == 2
+    assert "the labelled dense probe (seg) needs held-out labelled images" in capsys.readouterr().err
     # Written two ways (relative, and through a link), one labelled folder is still one set.
     (tmp_path / "link").symlink_to(train)
     monkeypatch.chdir(train.parent)
     assert cli(["eval", "knn", str(run), "--train-data", train.name, "--test-data",
                 str(tmp_path / "link"), "--device", "cpu"]) == 2
-    assert "are the same images" in capsys.readouterr().err
+    assert "read the same images" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="not held out"):  # dense on the pretraining images
         run_eval("dense", run, [f"data.root={zpath}", "data.source=auto", "eval.dense_num_images=2"],
                  device="cpu", progress=False)

@@ -38,7 +38,7 @@ def _add_pretrain(sub) -> None:
     """The subcommands of pretraining."""
     p = sub.add_parser("pretrain", help="pretrain a backbone (resumes if the run folder has a checkpoint)")
     p.add_argument("config", help="preset name (see `glsd presets`) or path to a YAML file")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides, e.g. train.epochs=5")
     p.set_defaults(func=commands.cmd_pretrain)
 
 
@@ -48,7 +48,7 @@ def _add_use_of_backbones(sub) -> None:
     p.add_argument("kind", choices=EVALUATIONS,
                    help="seg: linear probe of local features on labelled mosaics (eval.seg_*)")
     p.add_argument("path", help="run folder, backbone.safetensors, checkpoint .pt or export folder")
-    p.add_argument("overrides", nargs="*", help="key=value overrides (eval.k=10, eval.model=student, ...)")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides (eval.k=10, eval.model=student, ...)")
     p.add_argument("--random-init", action="store_true",
                    help="evaluate a randomly initialised backbone of the same architecture (the floor)")
     p.add_argument("--student", action="store_true", help="student weights (default: eval.model, the teacher)")
@@ -65,7 +65,7 @@ def _add_use_of_backbones(sub) -> None:
     p.add_argument("source", help="run folder, checkpoint .pt, backbone.safetensors or export folder")
     p.add_argument("data", help="image folder, flat folder, .zip, or cifar10 / cifar100 / stl10 / "
                    "fashion_mnist / synthetic / sample")
-    p.add_argument("overrides", nargs="*", help="key=value overrides: data.split=test, "
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides: data.split=test, "
                    "data.source=folder, data.root=DIR (datasets), eval.image_size=..., ...")
     p.add_argument("--out", required=True, help="FILE.safetensors or FILE.npy (FILE.csv is the index)")
     p.add_argument("--local", action="store_true", help="also the pooled local features")
@@ -84,7 +84,7 @@ def _add_study_and_bench(sub) -> None:
     """The subcommands of the study and the benchmark."""
     p = sub.add_parser("study", help="compare matchings (none / similarity / geometric / soft_geometric / hybrid) over data fractions and seeds")
     p.add_argument("config", help="preset name or YAML path (its study: section gives the default grid)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides applied to every cell")
     p.add_argument("--out", required=True, help="study folder (rerun to resume)")
     # Typed after parsing: a key=value written after a list (--seeds 0 1 a.b=2) is an override.
     p.add_argument("--fractions", nargs="+", metavar="F")
@@ -99,7 +99,7 @@ def _add_study_and_bench(sub) -> None:
     p.set_defaults(func=commands.cmd_study)
 
     p = sub.add_parser("bench", help="measure geometry, data pipeline, step, utilisation and k-NN speed (one JSON object)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the preset")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides of the preset")
     p.add_argument("--preset", default="cpu-default", help="preset name or YAML path (default: cpu-default)")
     p.add_argument("--out", help="also write the JSON to this file")
     p.add_argument("--data", metavar="PATH",
@@ -119,7 +119,7 @@ def _add_inspection(sub) -> None:
 
     p = sub.add_parser("config", help="dry run: print the resolved, validated config and its feature grids")
     p.add_argument("config", help="preset name or YAML path")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides")
     p.set_defaults(func=commands.cmd_config)
 
     p = sub.add_parser("backbones", help="timm models matching a pattern, with the grid each gives per crop size")
@@ -147,7 +147,7 @@ def _add_pictures(sub) -> None:
 
     p = sub.add_parser("show-features", help="picture: PCA of local features and the CLS attention (ViT)")
     p.add_argument("run_dir", help="run folder (or backbone.safetensors)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides (eval.image_size=..., ...)")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides (eval.image_size=..., ...)")
     p.add_argument("--image", required=True, help="an image file")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--random-init", action="store_true", help="the run's architecture with fresh weights")

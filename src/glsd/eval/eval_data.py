@@ -60,7 +60,8 @@ def train_subset(full: ImageSource, subset: Optional[dict], cfg: Config) -> Imag
 
 
 def eval_sources(cfg: Config, base: Path, train_data: Optional[str] = None, test_data: Optional[str] = None,
-                 overrides: Sequence[str] = ()) -> tuple[ImageSource, ImageSource, dict]:
+                 overrides: Sequence[str] = (), purpose: str = "k-NN and linear evaluation"
+                 ) -> tuple[ImageSource, ImageSource, dict]:
     """(labelled train source, test source, record of what they are) for k-NN / linear.
 
     ``train_data`` / ``test_data``: another labelled set (module docstring); ``overrides``
@@ -81,7 +82,7 @@ def eval_sources(cfg: Config, base: Path, train_data: Optional[str] = None, test
                   "folder that holds both train/ and test/)" if test_data is None else "")
     check_split_pair(full, test, train_split, cfg.eval.test_split,
                      hint=other_hint if train_data is not None else "; or evaluate on another "
-                     "labelled set: --train-data X --test-data Y")
+                     "labelled set: --train-data X --test-data Y", purpose=purpose)
     train = train_subset(full, subset, cfg)
     record = {**_data_record(cfg), "train_data": train_data, "test_data": test_data,
               "train_source": full.name, "test_source": test.name,
@@ -114,13 +115,19 @@ def cap_test(test: ImageSource, cfg: Config) -> ImageSource:
 
 
 def check_split_pair(train: ImageSource, test: ImageSource, train_split: str, test_split: str,
-                     hint: str = "") -> None:
+                     hint: str = "", purpose: str = "k-NN and linear evaluation") -> None:
     """Labelled, held-out, with the same classes: else a ConfigError naming the fix."""
     for src in (train, test):
         if not src.classes or any(y < 0 for y in src.labels):
-            raise ConfigError(f"{src.name} is unlabeled; k-NN and linear evaluation need labels "
+            raise ConfigError(f"{src.name} is unlabeled; {purpose} need{'s' if ' and ' not in purpose else ''} labels "
                               f"(an image folder with class sub-folders, or a dataset){why_flat(src)}{hint}"
                               "; without labels, `glsd eval dense RUN_DIR` scores the local features")
+    if test.identity == train.identity and test_split != train_split:  # no split folders there
+        raise ConfigError(f"{train.name} has no {test_split!r} split folder beside {train_split!r} "
+                          f"ones, so both read the same images; {purpose} need"
+                          f"{'s' if ' and ' not in purpose else ''} held-out labelled images: put "
+                          f"them in {train_split}/ and {test_split}/ sub-folders, or set "
+                          f"eval.test_split to the held-out folder's name (e.g. 'val'){hint}")
     if test.identity == train.identity:  # resolved: ./pets and $PWD/pets are the same images
         raise ConfigError(f"the test split ({test_split!r}) and the train split ({train_split!r}) "
                           f"are the same images ({train.name}); set eval.test_split to a "

@@ -229,9 +229,10 @@ def _dense(backbone: Backbone, cfg: Config, dev: torch.device, test_data: Option
         cfg = dataclasses.replace(cfg, data=data_config(test_data, cfg.data, overrides))
     test = open_test_split(cfg, cfg.eval.test_split)
     if test.identity == _pretraining_identity(run_cfg, test):
-        where = f"--test-data {test_data}" if test_data else f"eval.test_split={cfg.eval.test_split!r}"
+        missing = " (no such split there: the whole folder)" if run_cfg.data.split != cfg.eval.test_split else ""
+        where = f"--test-data {test_data}" if test_data else f"eval.test_split={cfg.eval.test_split!r}{missing}"
         warnings.warn(f"dense evaluation on {where} reads the pretraining images ({test.name}): "
-                      "they are not held out")
+                      "they are not held out; --test-data names held-out images")
     t0 = time.perf_counter()
     results = run_dense(backbone, test, cfg, dev)
     body = {**_data_record(cfg), "test_data": test_data, "test_source": test.name,
@@ -260,7 +261,7 @@ def _pretraining_identity(cfg: Config, test: ImageSource) -> Optional[str]:
 def _seg(backbone: Backbone, cfg: Config, dev: torch.device, base: Path,
          other: tuple = (None, None, ())) -> tuple[dict, dict]:
     """Labelled dense probe on mosaics of the k-NN / linear images: (record body, timing)."""
-    train, test, data = eval_sources(cfg, base, *other)
+    train, test, data = eval_sources(cfg, base, *other, purpose="the labelled dense probe (seg)")
     t0 = time.perf_counter()
     results = run_seg(backbone, train, test, cfg, dev, data["num_classes"])
     e = cfg.eval
