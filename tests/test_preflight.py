@@ -131,6 +131,18 @@ def test_resume_under_a_changed_schedule_is_refused_or_extended(tmp_path, capsys
     assert [r["step"] for r in read_metrics(run) if "loss" in r][-1] == 8
 
 
+def test_a_warmup_the_run_scaled_is_named_as_scaled_in_a_schedule_change(tmp_path):
+    from glsd.train.pretrain import pretrain
+
+    run = tmp_path / "run"
+    # warm-up of 10 epochs in a 1-epoch run: scaled to 0.1 epochs, then to 0.2 in a 2-epoch one
+    pretrain(tiny_config(run, "train.epochs=1", "train.max_steps=null", "train.warmup_steps=null",
+                         "train.warmup_epochs=10"))
+    with pytest.raises(ConfigError, match=r"train.warmup_epochs: 0.1 -> 0.2 \(scaled with the run length\)"):
+        pretrain(tiny_config(run, "train.epochs=2", "train.max_steps=null", "train.warmup_steps=null",
+                             "train.warmup_epochs=10"))
+
+
 def test_a_run_recorded_before_the_clipping_keys_resumes_under_its_own_rule(tmp_path):
     """A config.yaml without train.clip_grad_mode was trained with a global norm and an
     undecayed weight-norm magnitude: today's defaults would change that mid-run."""

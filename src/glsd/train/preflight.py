@@ -69,6 +69,7 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
     notes: list[str] = []
     cfg, note = scale_warmup(cfg, steps_per_epoch)
     notes += [note] if note else []
+    derived = ("warmup_epochs",) if note else ()  # set by the scaling above, not by the user
     notes += short_run_notes(cfg, steps_per_epoch)
     peak = peak_lr(cfg, global_batch)
     if cfg.train.min_lr > peak:
@@ -80,7 +81,7 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
         notes.append(f"data.num_images={cfg.data.num_images} is more than the {n} images there: "
                      "the run uses them all")
     notes += image_size_notes(cfg, source)
-    notes += check_resume_schedule(cfg, Path(cfg.output_dir))
+    notes += check_resume_schedule(cfg, Path(cfg.output_dir), derived)
     from glsd.eval.runner import check_online_knn  # training's one use of evaluation
 
     check_online_knn(cfg)
@@ -297,7 +298,7 @@ def short_run_notes(cfg: Config, steps_per_epoch: int) -> list[str]:
     return notes
 
 
-def check_resume_schedule(cfg: Config, run_dir: Path) -> list[str]:
+def check_resume_schedule(cfg: Config, run_dir: Path, derived: tuple = ()) -> list[str]:
     """A resume under changed schedule keys continues only with train.extend=true. The run
     folder's config.yaml is the config its checkpoint was trained under (written at start)."""
     last, recorded = run_dir / "checkpoints" / "last.pt", run_dir / "config.yaml"
@@ -317,8 +318,8 @@ def check_resume_schedule(cfg: Config, run_dir: Path) -> list[str]:
                           f"holds the parameter groups that follow from it. Resume with "
                           f"{' '.join(fixed)}, use a new output_dir, or train.resume=false to "
                           "start fresh.")
-    changed = [f"train.{k}: {old[k]!r} -> {new[k]!r}" for k in SCHEDULE_KEYS
-               if k in old and old[k] != new[k]]
+    changed = [f"train.{k}: {old[k]!r} -> {new[k]!r}{' (scaled with the run length)' if k in derived else ''}"
+               for k in SCHEDULE_KEYS if k in old and old[k] != new[k]]
     if not changed:
         return []
     if not cfg.train.extend:
