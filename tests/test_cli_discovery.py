@@ -45,6 +45,19 @@ def test_config_prints_resolved_yaml_and_grids(capsys):
     assert "# note: warm-up train.warmup_epochs=10 (80 steps) is longer than the run" in out
 
 
+def test_config_says_how_a_folder_is_read(capsys, tmp_path):
+    """A photo tree by year is read as classes: the dry run must say so, as pretrain does."""
+    from PIL import Image
+
+    for year in ("2023", "2024"):
+        (tmp_path / "photos" / year).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (40, 40)).save(tmp_path / "photos" / year / f"{i}.jpg")
+    assert cli(["config", "cifar10-vit-tiny", f"data.root={tmp_path / 'photos'}", "train.batch_size=4"]) == 0
+    out = capsys.readouterr().out
+    assert "8 images, 8 used, 2 classes" in out and "#   read as imagefolder (2 sub-folders" in out
+
+
 def test_config_refuses_what_pretrain_refuses(capsys, tmp_path):
     """The dry run is the same check as the start of pretraining: too few images for one
     batch, or a data path that does not exist, fail it (exit 2) and create no folder."""

@@ -67,7 +67,10 @@ def _data_lines(cfg) -> list[str]:
         return [f"data: not checked ({str(e).splitlines()[0]})"]
     _, plan = preflight(cfg, source)  # its refusals are pretrain's: the dry run fails too
     stop = f", stopping at train.max_steps={cfg.train.max_steps}" if cfg.train.max_steps else ""
-    lines = [f"data {source.name}: {len(source):,} images, {plan.num_images:,} used",
+    from glsd.train.console import folder_reading, labels_of
+
+    lines = [f"data {source.name}: {len(source):,} images, {plan.num_images:,} used, {labels_of(source)}",
+             *(f"  {line}" for line in folder_reading(cfg.data)),
              f"schedule {plan.steps_per_epoch:,} steps/epoch x {cfg.train.epochs} epochs = "
              f"{plan.total_steps:,} steps (one process){stop}"]
     return lines + [f"note: {n}" for n in plan.notes]

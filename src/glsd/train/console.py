@@ -188,21 +188,31 @@ class Console:
             self.lines([f"glsd: teacher backbone exported to {export} (and, {loader}, {folder})"])
 
 
+def labels_of(source) -> str:
+    return (f"{len(source.classes)} classes" if source.classes and any(l >= 0 for l in source.labels)
+            else "unlabelled")
+
+
+def folder_reading(d) -> list[str]:
+    """How data.source=auto reads the folder (class folders or not), and the rule, for a user
+    whose photo tree by year might be read as classes."""
+    if not (d.source == "auto" and d.root and not d.root.lower().endswith(".zip")):
+        return []
+    from glsd.data.sources import FOLDER_RULE, detect_kind
+
+    kind, why = detect_kind(d.root)
+    return [f"read as {kind} ({why}; rule: {FOLDER_RULE})"]
+
+
 def start_summary(cfg, source, plan, device, amp_dtype, world_size: int, run_root,
                   resumed_step: Optional[int], skipped: int = 0) -> list[str]:
     """The lines printed before the first step (amp_dtype: the autocast dtype, None = fp32)."""
     d, t = cfg.data, cfg.train
     precision = "fp32" if amp_dtype is None else f"{str(amp_dtype).replace('torch.', '')} autocast"
-    labels = (f"{len(source.classes)} classes" if source.classes and any(l >= 0 for l in source.labels)
-              else "unlabelled")
     used = "all used" if plan.num_images == len(source) else f"{plan.num_images:,} images used"
     lines = [f"glsd pretrain {cfg.preset or '(defaults)'}",
-             f"  data       {source.name}: {len(source):,} images found, {used}, {labels}"]
-    if d.source == "auto" and d.root and not d.root.lower().endswith(".zip"):
-        from glsd.data.sources import FOLDER_RULE, detect_kind
-
-        kind, why = detect_kind(d.root)
-        lines.append(f"             read as {kind} ({why}; rule: {FOLDER_RULE})")
+             f"  data       {source.name}: {len(source):,} images found, {used}, {labels_of(source)}"]
+    lines += [f"             {line}" for line in folder_reading(d)]
     lines.append(f"             unreadable images are {'skipped and counted' if d.on_error == 'skip' else 'errors'}"
                  f" (data.on_error={d.on_error})" + (f"; {skipped} skipped so far" if skipped else ""))
     grids = ", ".join(f"{g[0]}x{g[1]} at {name}" for name, g in plan.grids.items())
