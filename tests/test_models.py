@@ -279,31 +279,37 @@ def test_register_tokens_are_not_a_class_token():
 def test_a_model_whose_output_is_not_its_last_stage_is_refused():
     from glsd.config import ConfigError, ModelConfig
     from glsd.models.backbone import meta_backbone
+    from glsd.train.preflight import check_grids
 
     # EfficientNet's feature grid (320 channels) skips its 1280-channel head convolution
+    cfg = make_cfg("convnet", extra=["model.backbone=efficientnet_b0", "model.backbone_kwargs={}",
+                                     "crops.global_size=128", "crops.local_size=64"])
     with pytest.raises(ConfigError, match="320 channels.*head layer to 1280"):
-        meta_backbone(ModelConfig(backbone="efficientnet_b0"), 128)
+        check_grids(cfg)  # new pretraining is refused
+    # the bare backbone still builds (feature extraction, the listing's probe), refused only there
+    assert meta_backbone(ModelConfig(backbone="efficientnet_b0"), 128).embed_dim == 1280
 
 
 @pytest.mark.parametrize("backbone, dynamic", [
     ("vit_small_patch16_224", True), ("eva02_tiny_patch14_224", True),
+    ("deit_tiny_distilled_patch16_224", True),  # its __init__ takes **kwargs: its parent's count
     ("beit_base_patch16_224", False), ("vit_relpos_small_patch16_224", False)])
 def test_dynamic_size_goes_to_the_models_that_take_it(backbone, dynamic):
     from glsd.config import ModelConfig
     from glsd.models.backbone import meta_backbone, timm_kwargs
 
-    kwargs = timm_kwargs(ModelConfig(backbone=backbone), 224)
+    kwargs = timm_kwargs(ModelConfig(backbone=backbone), 128)
     assert kwargs.get("dynamic_img_size", False) is dynamic
-    assert kwargs["drop_path_rate"] == ModelConfig().drop_path_rate
-    meta_backbone(ModelConfig(backbone=backbone), 224)  # builds (the BEiTs failed on the keyword)
+    assert kwargs["img_size"] == 128 and kwargs["drop_path_rate"] == ModelConfig().drop_path_rate
+    meta_backbone(ModelConfig(backbone=backbone), 128)  # builds (the BEiTs failed on the keyword)
 
 
-def test_focalnet_gets_the_configured_drop_path_rate():
+def test_families_that_never_had_drop_path_keep_timms_default():
     from glsd.config import ModelConfig
-    from glsd.models.backbone import meta_backbone
+    from glsd.models.backbone import timm_kwargs
 
-    backbone = meta_backbone(ModelConfig(backbone="focalnet_tiny_srf", drop_path_rate=0.0), 224)
-    assert all(p == 0 for p in _drop_probs(backbone))  # timm's own default for it is 0.1
+    # resnet18's family is "resnet18": stored ResNet runs were built without it
+    assert "drop_path_rate" not in timm_kwargs(ModelConfig(backbone="resnet18"), 224)
 
 
 @pytest.mark.parametrize("name", ["vit", "swin"])

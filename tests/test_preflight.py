@@ -65,6 +65,10 @@ def test_a_backbone_fixed_at_one_size_is_named_as_such():
     cfg = load_config("imagenet-swin-t", ["model.backbone=beit_base_patch16_224", "model.backbone_kwargs={}"])
     with pytest.raises(ConfigError, match=r"beit_base_patch16_224 takes only 224 px crops.*crops.local_size=96"):
         check_grids(cfg)
+    small = load_config("cifar10-vit-tiny", ["model.backbone=beit_base_patch16_224", "model.backbone_kwargs={}",
+                                              "model.patch_size=16", "crops.global_size=64", "crops.local_size=32"])
+    with pytest.raises(ConfigError, match=r"takes only 64 px crops.*crops.local_size=32"):
+        check_grids(small)  # built for the global crop, whatever it is
 
 
 def test_warmup_longer_than_the_run_is_scaled_and_said():

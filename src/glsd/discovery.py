@@ -91,11 +91,12 @@ def backbone_names(pattern: Optional[str]) -> list[str]:
 def backbone_line(name: str, sizes: Sequence[int], width: int = 0) -> str:
     """``resnet50  stride 32  224: 7x7  96: 3x3`` or why a size does not work."""
     from glsd.config import ModelConfig
-    from glsd.models.backbone import meta_backbone, probe_grid
+    from glsd.models.backbone import check_grid_is_output, meta_backbone, probe_grid
     from glsd.train.preflight import nearest_multiples
 
     try:
         backbone = meta_backbone(ModelConfig(backbone=name), sizes[0])
+        check_grid_is_output(backbone.model)
     except Exception as e:  # noqa: BLE001 - reported on the model's line
         return f"{name:<{width}}  cannot be built: {_first_line(e)}"
     stride = backbone.stride

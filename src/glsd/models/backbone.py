@@ -20,7 +20,7 @@ from torch import nn
 
 from glsd.config import ConfigError, ModelConfig
 from glsd.models.convnet import ConvNet
-from glsd.models.families import GLSD_CONVNET, is_swin, is_vit
+from glsd.models.families import DROP_PATH_FAMILIES, GLSD_CONVNET, family, is_swin, is_vit
 
 
 @dataclass
@@ -63,10 +63,13 @@ def last_stage(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, to
     return final, intermediates[-1]
 
 
-def check_grid_is_output(model: nn.Module, num_features: int) -> None:
-    """Refuse a model whose output is not its last stage: EfficientNet, GhostNet, FastViT end
-    in a head convolution (320 -> 1280 channels) that the feature grid glsd trains on does not
-    pass through, so its exported ``forward_features`` would give untrained features."""
+def check_grid_is_output(model: nn.Module) -> None:
+    """Refuse, for new pretraining (preflight) and in the backbone listing, a model whose output
+    is not its last stage: EfficientNet, GhostNet, FastViT end in a head convolution (320 ->
+    1280 channels) that the feature grid glsd trains on does not pass through, so its exported
+    ``forward_features`` would give untrained features (and the heads, sized from
+    ``num_features``, would not fit the grid: no such run ever trained)."""
+    num_features = int(getattr(model, "num_features"))
     info = getattr(model, "feature_info", None)
     last = info[-1] if isinstance(info, (list, tuple)) and info else None
     channels = last.get("num_chs") if isinstance(last, dict) else None
@@ -89,7 +92,6 @@ class Backbone(nn.Module):
                               "(`glsd backbones PATTERN` lists the ones that work)")
         self.model = model
         self.embed_dim = int(getattr(model, "num_features"))
-        check_grid_is_output(model, self.embed_dim)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.layout = declared_layout(model)
         self.stride = declared_stride(model)
@@ -153,16 +155,20 @@ def timm_kwargs(cfg: ModelConfig, image_size: int) -> dict:
     """The keyword arguments ``timm.create_model(cfg.backbone, ...)`` gets (no num_classes);
     the exported timm folder records them as ``model_args``."""
     kwargs = dict(cfg.backbone_kwargs)
-    takes = constructor_parameters(cfg.backbone)
     if is_swin(cfg.backbone):
         kwargs.setdefault("img_size", image_size)
         kwargs.setdefault("strict_img_size", False)
-    elif "dynamic_img_size" in takes:  # ViT, DeiT, EVA-02, ... (not BEiT or relative-position ViTs)
-        kwargs.setdefault("dynamic_img_size", True)
+    elif is_vit(cfg.backbone):  # built for the global crop; any multiple of the patch if it can be
+        takes = constructor_parameters(cfg.backbone)
+        if "dynamic_img_size" in takes:  # not BEiT or the relative-position ViTs: one size only
+            kwargs.setdefault("dynamic_img_size", True)
         kwargs.setdefault("img_size", image_size)
-        if cfg.patch_size is not None and is_vit(cfg.backbone):
+        if cfg.patch_size is not None:
             kwargs.setdefault("patch_size", cfg.patch_size)
-    if "drop_path_rate" in takes:  # else timm's own default (0.1 for Swin, FocalNet) would act
+    # The families whose runs have always had it: passing it to others (ResNet, RegNet, ...)
+    # would add stochastic depth to stored runs on resume. Others keep timm's default in the
+    # student; the teacher never has any (models.heads.without_randomness).
+    if family(cfg.backbone) in DROP_PATH_FAMILIES:
         kwargs.setdefault("drop_path_rate", cfg.drop_path_rate)
     return kwargs
 
@@ -173,7 +179,15 @@ def constructor_parameters(backbone: str) -> frozenset:
     cannot tell a ViT that takes ``dynamic_img_size`` from one that does not)."""
     with torch.device("meta"):
         model = timm.create_model(backbone, pretrained=False, num_classes=0)
-    return frozenset(inspect.signature(type(model).__init__).parameters)
+    names = set()
+    for cls in type(model).__mro__:  # a subclass's **kwargs hides its parent's (distilled DeiT)
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(cls.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return frozenset(names)
 
 
 def build_backbone(cfg: ModelConfig, image_size: int) -> Backbone:

@@ -10,6 +10,9 @@ from typing import Optional
 VIT_FAMILIES = ("vit", "deit", "deit3", "eva", "eva02", "beit")
 # Swin: patch embedding + patch merging; built for a fixed size unless strict_img_size=False.
 SWIN_FAMILIES = ("swin", "swinv2")
+# Families whose constructor gets model.drop_path_rate (so timm's own default, 0.1 for Swin,
+# does not decide it); by name prefix, as stored runs were built.
+DROP_PATH_FAMILIES = VIT_FAMILIES + SWIN_FAMILIES + ("resnet", "resnetv2", "convnext")
 GLSD_CONVNET = "glsd_convnet"
 
 

@@ -132,10 +132,11 @@ def takes_one_size(backbone, size: int, stride: Optional[int]) -> bool:
 def check_grids(cfg: Config) -> tuple[dict[str, tuple[int, int]], Optional[int]]:
     """Grid per crop size; ConfigError listing every size that is off-stride, too small for
     the backbone, or (with a local loss) below 2x2 cells."""
-    from glsd.models.backbone import meta_backbone, probe_grid
+    from glsd.models.backbone import check_grid_is_output, meta_backbone, probe_grid
 
     m = cfg.model
     backbone = meta_backbone(m, cfg.crops.global_size)
+    check_grid_is_output(backbone.model)
     stride, name = backbone.stride, m.backbone
     problems, grids = [], {}
     for key, size in crop_sizes(cfg).items():

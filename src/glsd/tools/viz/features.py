@@ -20,7 +20,7 @@ FEATURES_FIGSIZE = (12.0, 4.6)  # inches; times dpi gives the PNG size
 def _last_attention(backbone: Backbone):
     """The last block's timm Attention module of a ViT with a class token, else None."""
     blocks = getattr(backbone.model, "blocks", None)
-    if backbone.layout != "tokens" or backbone.num_prefix_tokens == 0 or not blocks:
+    if not backbone.has_class_token or not blocks:  # register tokens alone are not a class token
         return None
     attn = getattr(blocks[-1], "attn", None)
     ok = attn is not None and hasattr(attn, "qkv") and hasattr(attn, "num_heads")
