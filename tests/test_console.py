@@ -216,6 +216,25 @@ def test_tensorboard_drops_the_steps_a_resume_redoes(tmp_path):
     assert -1.0 not in [e.value for e in acc.Scalars("loss")]
 
 
+def test_tensorboard_keeps_what_metrics_keeps_after_a_resume_under_another_batch(tmp_path):
+    """Re-counted in batches of 16, the resumed step (1) is below the checkpoint's (2, in
+    batches of 8): TensorBoard must drop what metrics.jsonl drops (nothing the checkpoint
+    trained), not hide the checkpoint's own steps."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from glsd.train.pretrain import pretrain
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, "train.max_steps=2", "train.epochs=2", "log.tensorboard=true"))
+    pretrain(tiny_config(run, "train.max_steps=null", "train.epochs=2", "train.batch_size=16",
+                         "train.extend=true", "log.tensorboard=true"))
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    logged = sorted(e.step for e in acc.Scalars("loss"))
+    assert logged == sorted(r["step"] for r in read_metrics(run) if "loss" in r)
+    assert logged[:2] == [1, 2]  # the checkpoint's own steps are still shown
+
+
 def test_tensorboard_missing_is_a_config_error(tmp_path, monkeypatch):
     from glsd.config import ConfigError
     from glsd.train.pretrain import pretrain

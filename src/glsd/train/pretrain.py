@@ -140,7 +140,9 @@ def _build_run(cfg: Config, device: torch.device, dinfo: DistInfo,
         make_views=StepViews(cfg), console=console, train_keys=list(subset.keys),
         monitor=CollapseMonitor(cfg.model.out_dim, cfg.log.collapse_patience,
                                 max(sched.warmup_steps, sched.freeze_last_layer_steps)),
-        sinks=metric_sinks(cfg, run.root, dinfo.is_main, state.step if resume is not None else 0))
+        # the checkpoint's own step, as metrics.jsonl drops what was logged after it (under
+        # another global batch state.step is re-counted in the new batches: another unit)
+        sinks=metric_sinks(cfg, run.root, dinfo.is_main, resume["step"] if resume is not None else 0))
     return ctx, state
 
 
