@@ -65,3 +65,42 @@ def test_api_values_read_back_as_given_and_backbones_come_trainable(tmp_path):
     for path in (run.run_dir, Path(run.run_dir) / "export" / "timm"):
         model = glsd.load_backbone(path)
         assert not model.training and all(p.requires_grad for p in model.parameters())
+
+
+def _tiny_run(output_dir, **extra):
+    return glsd.pretrain("cpu-default", output_dir=str(output_dir), data__synthetic_num_images=8,
+                         data__num_workers=0, train__batch_size=8, train__max_steps=1,
+                         train__progress=False, **extra)
+
+
+def test_pretrain_leaves_the_callers_logging_random_state_and_paths_alone(tmp_path, monkeypatch):
+    """A library call: the caller's handler on the "glsd" logger stays open and attached, the
+    logger's level comes back, the caller's seeded generators and deterministic mode are as
+    they were, and output_dir="~/..." is the home folder's."""
+    import logging
+    import random
+
+    import torch
+
+    mine = logging.FileHandler(tmp_path / "mine.log")
+    logger = logging.getLogger("glsd")
+    logger.addHandler(mine)
+    level = logger.level
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    try:
+        draws = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            run = _tiny_run(f"~/run{seed}", train__seed=0, train__deterministic=True)
+            draws.append((torch.rand(3).tolist(), random.random()))
+            assert run.run_dir == tmp_path / "home" / f"run{seed}"
+        assert mine in logger.handlers and mine.stream is not None and logger.level == level
+        assert not torch.are_deterministic_algorithms_enabled()
+        torch.manual_seed(1)
+        random.seed(1)
+        assert draws[0] == (torch.rand(3).tolist(), random.random()) != draws[1]
+    finally:
+        logger.removeHandler(mine)
+        mine.close()
+    assert not list(Path.cwd().glob("~"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 import signal
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from glsd.config import Config, with_absolute_root
+from glsd.config import Config, with_absolute_paths
 from glsd.data.loader import StepViews, build_loader
 from glsd.data.subset import SUBSET_FILE, select_images, write_subset
 from glsd.data.download import open_source_downloading_once
@@ -51,7 +52,26 @@ __all__ = ["pretrain", "NonFiniteLossError", "TrainingInterrupted"]
 
 
 def pretrain(cfg: Config) -> Path:
-    cfg = with_absolute_root(cfg)  # what config.yaml records: the images, from any directory
+    """Train (or resume) the run of ``cfg``; its folder. The caller's random state (torch's CPU
+    generator, Python's) and deterministic-algorithms setting are as they were afterwards."""
+    with caller_random_state_kept():
+        return _locked_run(with_absolute_paths(cfg))
+
+
+@contextlib.contextmanager
+def caller_random_state_kept():
+    python_state = random.getstate()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        with torch.random.fork_rng(devices=[]):  # the run seeds its own (train.seed)
+            yield
+    finally:
+        random.setstate(python_state)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
+def _locked_run(cfg: Config) -> Path:
     dinfo = init_distributed(device_type(cfg.device))
     device = resolve_device(cfg.device)
     if device.type == "cuda":  # one GPU per rank; alone, the one asked for (cuda:1), by index

@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -41,6 +42,8 @@ class RunFolder:
         self.last = self.checkpoints / "last.pt"
         self._locks = 0
         self._named_unreadable: set[str] = set()
+        self._handler: Optional[logging.Handler] = None
+        self._previous_level = logging.NOTSET
 
     # -- start / resume -----------------------------------------------------------------
     def prepare(self, cfg: Config) -> Optional[dict]:
@@ -181,12 +184,19 @@ class RunFolder:
         print(f"glsd: moved the previous files in {self.root} to {dest} ({why})", file=sys.stderr)
 
     def _setup_log(self) -> None:
+        """train.log: this run's records only (a caller's own handlers on the "glsd" logger,
+        and another run's in another thread, are left alone); the logger's level is put back
+        at close."""
+        if self._handler is not None:
+            return
+        self._previous_level = LOG.level
         LOG.setLevel(logging.INFO)
-        if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == (self.root / "train.log").resolve()
-                   for h in LOG.handlers):
-            handler = logging.FileHandler(self.root / "train.log")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            LOG.addHandler(handler)
+        handler = logging.FileHandler(self.root / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        thread = threading.get_ident()
+        handler.addFilter(lambda record: record.thread in (thread, None))  # None: logThreads off
+        LOG.addHandler(handler)
+        self._handler = handler
 
     # -- records ------------------------------------------------------------------------
     def log_metrics(self, record: dict) -> None:
@@ -213,10 +223,11 @@ class RunFolder:
 
     def close(self) -> None:
         """Close train.log and give back this folder's lock (as often as it was taken)."""
-        for h in list(LOG.handlers):
-            if isinstance(h, logging.FileHandler):
-                h.close()
-                LOG.removeHandler(h)
+        if self._handler is not None:
+            LOG.removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+            LOG.setLevel(self._previous_level)
         while self._locks:
             self._locks -= 1
             lock.release(self.root)
