@@ -104,3 +104,12 @@ def test_pretrain_leaves_the_callers_logging_random_state_and_paths_alone(tmp_pa
         logger.removeHandler(mine)
         mine.close()
     assert not list(Path.cwd().glob("~"))
+
+
+def test_array_tuple_and_path_overrides_read_back_as_their_values(tmp_path):
+    np = pytest.importorskip("numpy")
+    cfg = glsd.load_config("cpu-default", crops__global_scale=np.array([0.4, 1.0]),
+                           crops__local_scale=(0.1, 0.3), data__source="auto", data__root=tmp_path,
+                           model__backbone_kwargs={"widths": [8, 8, 16, 16], "pool_after": (1, 3)})
+    assert cfg.crops.global_scale == (0.4, 1.0) and cfg.crops.local_scale == (0.1, 0.3)
+    assert cfg.data.root == str(tmp_path) and cfg.model.backbone_kwargs["pool_after"] == [1, 3]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -65,9 +66,14 @@ def _override_strings(overrides: dict[str, Any]) -> list[str]:
 def _yaml_text(value: Any) -> str:
     """A Python value as YAML that reads back as the same value: JSON, except that a float
     keeps a dot before its exponent (YAML 1.1 reads ``1e-05`` as a string, ``1.0e-05`` as a
-    float) anywhere in a list or mapping. A numpy scalar (from ``np.logspace``) is its Python value."""
-    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy (or torch) scalar
-        value = value.item()
+    float) anywhere in a list or mapping. A numpy scalar (from ``np.logspace``) is its Python
+    value, an array or tensor its list, a path its string, a tuple a list."""
+    if hasattr(value, "tolist") and hasattr(value, "shape"):  # numpy / torch, scalar or array
+        value = value.tolist()
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, tuple):
+        value = list(value)
     if isinstance(value, float) and math.isfinite(value):
         text = repr(value)
         return text.replace("e", ".0e", 1) if "e" in text and "." not in text else text
