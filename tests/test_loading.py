@@ -178,3 +178,16 @@ def test_refusal_of_a_crafted_pickle_has_no_unsafe_hint(tmp_path):
     assert "refusing to load" in msg and "Unsupported global: GLOBAL exec" in msg, msg
     for hint in ("weights_only", "likely succeed", "can still be loaded", "trust", "safe_globals"):
         assert hint not in msg, msg
+
+
+def test_a_weight_file_from_another_version_is_named_as_such(files, tmp_path):
+    from glsd.config import ConfigError
+
+    cfg = to_dict(files["cfg"])
+    cfg["model"]["a_key_of_a_later_version"] = 1
+    net = build_network(files["cfg"])
+    path = tmp_path / "backbone.safetensors"
+    export_backbone(path, net.backbone.model, cfg)
+    with pytest.raises(ConfigError, match=r"backbone.safetensors: the config it records does not fit "
+                                          r"this glsd version .*a_key_of_a_later_version"):
+        load_exported(path)

@@ -60,7 +60,18 @@ def load_exported(path: Union[str, Path]) -> torch.nn.Module:
         raise ConfigError(f"{path} does not exist; it is written at the end of pretraining as "
                           "RUN_DIR/backbone.safetensors")
     state, raw = read_backbone(path)
-    return _backbone_of(from_dict(raw), state, path).eval()
+    return _backbone_of(config_of_file(raw, path), state, path).eval()
+
+
+def config_of_file(raw: dict, path: Path):
+    """The config a weight file records, or an error naming the file: a key this version does
+    not know is a file from another glsd version (or an edited one)."""
+    try:
+        return from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: the config it records does not fit this glsd version ({e}); "
+                          "it was written by another glsd version or edited: load it with the "
+                          "version that wrote it") from None
 
 
 def _backbone_of(cfg, state: dict, source) -> torch.nn.Module:
@@ -237,7 +248,7 @@ def load_export_folder(folder: Union[str, Path]) -> torch.nn.Module:
     raw, weights = export_folder_config(folder), folder / "model.safetensors"
     if not weights.is_file():
         raise ConfigError(f"{folder} is not a glsd export folder (config.json + model.safetensors)")
-    cfg = from_dict(raw)
+    cfg = config_of_file(raw, folder / "config.json")
     state = read_safetensors(weights)[0]  # checked header, dtypes and values (untrusted file)
     return _backbone_of(cfg, state, weights).eval()
 
