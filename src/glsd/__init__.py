@@ -43,8 +43,11 @@ if TYPE_CHECKING:  # names for the annotations only: importing them would load t
     from glsd.config import Config
     from glsd.embedding import EmbedResult
 
+from glsd.errors import CheckpointError, ConfigError, DataError, GlsdError, TrainingInterrupted  # torch-free
+
 __version__ = "0.1.0"
-__all__ = ["RunResult", "embed", "load_backbone", "load_config", "pretrain", "__version__"]
+__all__ = ["RunResult", "embed", "load_backbone", "load_config", "pretrain", "__version__",
+           "GlsdError", "ConfigError", "CheckpointError", "DataError", "TrainingInterrupted"]
 
 
 def _override_strings(overrides: dict[str, Any]) -> list[str]:
