@@ -113,3 +113,32 @@ def test_array_tuple_and_path_overrides_read_back_as_their_values(tmp_path):
                            model__backbone_kwargs={"widths": [8, 8, 16, 16], "pool_after": (1, 3)})
     assert cfg.crops.global_scale == (0.4, 1.0) and cfg.crops.local_scale == (0.1, 0.3)
     assert cfg.data.root == str(tmp_path) and cfg.model.backbone_kwargs["pool_after"] == [1, 3]
+
+
+def test_runs_overlapping_in_threads_give_the_caller_back_its_state_at_the_last_end(tmp_path):
+    """The first run of the process saves the logger level (and random state, deterministic
+    mode), the last restores it: a run ending while another trains must not reset it."""
+    import logging
+    import threading
+
+    from glsd.train.pretrain import caller_state_kept
+
+    logger = logging.getLogger("glsd")
+    before = logger.level
+    outer_done, inner_started = threading.Event(), threading.Event()
+    seen = {}
+
+    def inner():
+        with caller_state_kept():
+            logger.setLevel(logging.INFO)  # what a run does
+            inner_started.set()
+            outer_done.wait(10)
+            seen["during"] = logger.level  # the other run has ended meanwhile
+
+    t = threading.Thread(target=inner)
+    with caller_state_kept():
+        t.start()
+        inner_started.wait(10)
+    outer_done.set()
+    t.join(10)
+    assert seen["during"] == logging.INFO and logger.level == before

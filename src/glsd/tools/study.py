@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=N
     model leaves the device mostly idle, so concurrent cells multiply throughput. On a
     2-core CPU keep 1.
     """
-    out = Path(out)
+    out = Path(os.path.abspath(os.path.expanduser(out)))  # as pretrain expands each cell's output_dir
     out.mkdir(parents=True, exist_ok=True)
     base = load_config(config, overrides)
     evals = list(evals or base.study.evals)

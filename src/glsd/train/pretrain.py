@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,23 +53,50 @@ __all__ = ["pretrain", "NonFiniteLossError", "TrainingInterrupted"]
 
 
 def pretrain(cfg: Config) -> Path:
-    """Train (or resume) the run of ``cfg``; its folder. The caller's random state (torch's CPU
-    generator, Python's) and deterministic-algorithms setting are as they were afterwards."""
-    with caller_random_state_kept():
+    """Train (or resume) the run of ``cfg``; its folder. The process-wide state a run sets (the
+    random generators it seeds, deterministic algorithms, the "glsd" logger's level, the
+    current GPU) is the caller's again once the last run of the process has ended."""
+    with caller_state_kept():
         return _locked_run(with_absolute_paths(cfg))
 
 
+_RUNS = {"active": 0, "saved": None}  # runs may overlap in threads: the first saves, the last restores
+_RUNS_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
-def caller_random_state_kept():
-    python_state = random.getstate()
-    deterministic = (torch.are_deterministic_algorithms_enabled(),
-                     torch.is_deterministic_algorithms_warn_only_enabled())
+def caller_state_kept():
+    with _RUNS_LOCK:
+        if _RUNS["active"] == 0:
+            _RUNS["saved"] = _process_state()
+        _RUNS["active"] += 1
     try:
-        with torch.random.fork_rng(devices=[]):  # the run seeds its own (train.seed)
-            yield
+        yield
     finally:
-        random.setstate(python_state)
-        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        with _RUNS_LOCK:
+            _RUNS["active"] -= 1
+            if _RUNS["active"] == 0:
+                _restore_process_state(_RUNS.pop("saved"))
+
+
+def _process_state() -> dict:
+    cuda = torch.cuda.is_initialized()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if cuda else None,
+            "cuda_device": torch.cuda.current_device() if cuda else None,
+            "deterministic": (torch.are_deterministic_algorithms_enabled(),
+                              torch.is_deterministic_algorithms_warn_only_enabled()),
+            "log_level": LOG.level}
+
+
+def _restore_process_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_device(state["cuda_device"])
+    torch.use_deterministic_algorithms(state["deterministic"][0], warn_only=state["deterministic"][1])
+    LOG.setLevel(state["log_level"])
 
 
 def _locked_run(cfg: Config) -> Path:

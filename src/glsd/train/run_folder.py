@@ -43,7 +43,6 @@ class RunFolder:
         self._locks = 0
         self._named_unreadable: set[str] = set()
         self._handler: Optional[logging.Handler] = None
-        self._previous_level = logging.NOTSET
 
     # -- start / resume -----------------------------------------------------------------
     def prepare(self, cfg: Config) -> Optional[dict]:
@@ -185,12 +184,12 @@ class RunFolder:
 
     def _setup_log(self) -> None:
         """train.log: this run's records only (a caller's own handlers on the "glsd" logger,
-        and another run's in another thread, are left alone); the logger's level is put back
-        at close."""
+        and another run's in another thread, are left alone); the logger's level is the
+        caller's again when the process's last run ends (train.pretrain)."""
         if self._handler is not None:
             return
-        self._previous_level = LOG.level
-        LOG.setLevel(logging.INFO)
+        if LOG.level == logging.NOTSET or LOG.level > logging.INFO:
+            LOG.setLevel(logging.INFO)
         handler = logging.FileHandler(self.root / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         thread = threading.get_ident()
@@ -227,7 +226,6 @@ class RunFolder:
             LOG.removeHandler(self._handler)
             self._handler.close()
             self._handler = None
-            LOG.setLevel(self._previous_level)
         while self._locks:
             self._locks -= 1
             lock.release(self.root)
