@@ -121,7 +121,7 @@ def test_runs_overlapping_in_threads_give_the_caller_back_its_state_at_the_last_
     import logging
     import threading
 
-    from glsd.train.pretrain import caller_state_kept
+    from glsd.train.process_state import caller_state_kept
 
     logger = logging.getLogger("glsd")
     before = logger.level

@@ -351,15 +351,17 @@ def same_root(root: str) -> str:
     return os.path.realpath(os.path.expanduser(root)) if root else root
 
 
-def with_absolute_paths(cfg: Config) -> Config:
-    """``data.root`` and ``output_dir`` made absolute (links kept, ``~`` expanded): a run
-    folder's ``config.yaml`` then names the same images from any working directory, and
-    ``output_dir="~/runs/x"`` is not a folder named ``~`` in the current one."""
-    def absolute(path: str) -> str:
-        return os.path.abspath(os.path.expanduser(path)) if path else path
+def absolute_path(path: str) -> str:
+    """``path`` absolute, ``~`` expanded, links kept; "" stays ""."""
+    return os.path.abspath(os.path.expanduser(path)) if path else path
 
-    return dataclasses.replace(cfg, output_dir=absolute(cfg.output_dir),
-                               data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root)))
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """``data.root`` and ``output_dir`` made absolute: a run folder's ``config.yaml`` then names
+    the same images from any working directory, and ``output_dir="~/runs/x"`` is not a folder
+    named ``~`` in the current one."""
+    return dataclasses.replace(cfg, output_dir=absolute_path(cfg.output_dir),
+                               data=dataclasses.replace(cfg.data, root=absolute_path(cfg.data.root)))
 
 
 def identity(cfg: Config) -> dict:

@@ -20,8 +20,6 @@ JUNK_FOLDERS = ("__MACOSX", "@eaDir", "#recycle", "$RECYCLE.BIN", "System Volume
 # Sub-folder names that mark an ImageNet-style split layout (root/<split>/<class>/*).
 SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing", "eval",
                "evaluation", "unlabeled")
-
-
 TORCHVISION_SOURCES = ("cifar10", "cifar100", "stl10", "fashion_mnist")
 
 # The rule data.source=auto applies to a folder; stated in its messages and the start summary.
@@ -108,10 +106,11 @@ def _base_and_its_parents(base: Path) -> set[str]:
 
 def _links_above(dirpath: str, name: str, above: set[str]) -> bool:
     path = os.path.join(dirpath, name)
-    if not os.path.islink(path) or os.path.realpath(path) not in above:
+    target = os.path.realpath(path) if os.path.islink(path) else None
+    if target not in above:
         return False
     logging.getLogger("glsd").warning("skipping the linked folder %s: it leads to %s, the image folder "
-                                      "itself or a folder above it", path, os.path.realpath(path))
+                                      "itself or a folder above it", path, target)
     return True
 
 

@@ -117,15 +117,15 @@ def cap_test(test: ImageSource, cfg: Config) -> ImageSource:
 def check_split_pair(train: ImageSource, test: ImageSource, train_split: str, test_split: str,
                      hint: str = "", purpose: str = "k-NN and linear evaluation") -> None:
     """Labelled, held-out, with the same classes: else a ConfigError naming the fix."""
+    need = "need" if " and " in purpose else "needs"
     for src in (train, test):
         if not src.classes or any(y < 0 for y in src.labels):
-            raise ConfigError(f"{src.name} is unlabeled; {purpose} need{'s' if ' and ' not in purpose else ''} labels "
+            raise ConfigError(f"{src.name} is unlabeled; {purpose} {need} labels "
                               f"(an image folder with class sub-folders, or a dataset){why_flat(src)}{hint}"
                               "; without labels, `glsd eval dense RUN_DIR` scores the local features")
     if test.identity == train.identity and test_split != train_split:  # no split folders there
         raise ConfigError(f"{train.name} has no {test_split!r} split folder beside {train_split!r} "
-                          f"ones, so both read the same images; {purpose} need"
-                          f"{'s' if ' and ' not in purpose else ''} held-out labelled images: put "
+                          f"ones, so both read the same images; {purpose} {need} held-out labelled images: put "
                           f"them in {train_split}/ and {test_split}/ sub-folders, or set "
                           f"eval.test_split to the held-out folder's name (e.g. 'val'){hint}")
     if test.identity == train.identity:  # resolved: ./pets and $PWD/pets are the same images

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import time
 import warnings
@@ -26,7 +25,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from glsd.config import EVALUATIONS, Config, ConfigError, to_dict
+from glsd.config import EVALUATIONS, Config, ConfigError, same_root, to_dict
 from glsd.errors import GlsdError
 from glsd.data.subset import SUBSET_FILE, read_subset
 from glsd.data.layout import is_split_name
@@ -248,7 +247,7 @@ def _pretraining_identity(cfg: Config, test: ImageSource) -> Optional[str]:
     folders gives the same images for both), when they may be ``test``'s; None when they
     cannot be opened here (evaluating on another set is how a run whose data stayed elsewhere
     is scored). Never downloads, and lists the run's folder only when ``test`` lies in it."""
-    root = os.path.realpath(os.path.expanduser(cfg.data.root)) if cfg.data.root else ""
+    root = same_root(cfg.data.root)
     if test.location and not (root and test.location.startswith(root)):
         return None  # files elsewhere: not the pretraining images, whatever they hold
     try:

@@ -96,10 +96,9 @@ class Backbone(nn.Module):
         self.layout = declared_layout(model)
         self.stride = declared_stride(model)
         self.has_class_token = self.layout == "tokens" and has_class_token(model)
-        has_cls = self.has_class_token
         if global_feature == "auto":
-            global_feature = "cls" if has_cls else "pooled"
-        if global_feature == "cls" and not has_cls:
+            global_feature = "cls" if self.has_class_token else "pooled"
+        if global_feature == "cls" and not self.has_class_token:
             raise ConfigError("model.global_feature=cls needs a ViT with a class token; this "
                               "backbone has none: set model.global_feature=pooled (or auto)")
         self.global_feature = global_feature

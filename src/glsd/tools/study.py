@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
-import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from glsd.config import Config, config_hash, diff_keys, from_dict, load_config, same_root, to_dict
+from glsd.config import Config, absolute_path, config_hash, diff_keys, from_dict, load_config, same_root, to_dict
 from glsd.data.subset import SUBSET_FILE
 from glsd.data.sources import open_source
 from glsd.errors import ConfigError, GlsdError, RunFolderBusy
@@ -63,7 +62,7 @@ def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=N
     model leaves the device mostly idle, so concurrent cells multiply throughput. On a
     2-core CPU keep 1.
     """
-    out = Path(os.path.abspath(os.path.expanduser(out)))  # as pretrain expands each cell's output_dir
+    out = Path(absolute_path(str(out)))  # as pretrain expands each cell's output_dir
     out.mkdir(parents=True, exist_ok=True)
     base = load_config(config, overrides)
     evals = list(evals or base.study.evals)

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import random
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from glsd.train.objective import GlobalLocalObjective, LossTerms
 from glsd.train.optim import (apply_schedule, build_optimisation, clip_gradients, drop_prototype_grads,
                               ema_update)
 from glsd.train.preflight import preflight
+from glsd.train.process_state import caller_state_kept
 from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.tensorboard import metric_sinks, require_sinks
 from glsd.train.resume import TrainState, require_one_checkpoint, restore
@@ -58,45 +57,6 @@ def pretrain(cfg: Config) -> Path:
     current GPU) is the caller's again once the last run of the process has ended."""
     with caller_state_kept():
         return _locked_run(with_absolute_paths(cfg))
-
-
-_RUNS = {"active": 0, "saved": None}  # runs may overlap in threads: the first saves, the last restores
-_RUNS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def caller_state_kept():
-    with _RUNS_LOCK:
-        if _RUNS["active"] == 0:
-            _RUNS["saved"] = _process_state()
-        _RUNS["active"] += 1
-    try:
-        yield
-    finally:
-        with _RUNS_LOCK:
-            _RUNS["active"] -= 1
-            if _RUNS["active"] == 0:
-                _restore_process_state(_RUNS.pop("saved"))
-
-
-def _process_state() -> dict:
-    cuda = torch.cuda.is_initialized()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if cuda else None,
-            "cuda_device": torch.cuda.current_device() if cuda else None,
-            "deterministic": (torch.are_deterministic_algorithms_enabled(),
-                              torch.is_deterministic_algorithms_warn_only_enabled()),
-            "log_level": LOG.level}
-
-
-def _restore_process_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
-        torch.cuda.set_device(state["cuda_device"])
-    torch.use_deterministic_algorithms(state["deterministic"][0], warn_only=state["deterministic"][1])
-    LOG.setLevel(state["log_level"])
 
 
 def _locked_run(cfg: Config) -> Path:
