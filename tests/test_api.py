@@ -142,3 +142,31 @@ def test_runs_overlapping_in_threads_give_the_caller_back_its_state_at_the_last_
     outer_done.set()
     t.join(10)
     assert seen["during"] == logging.INFO and logger.level == before
+
+
+def test_a_script_without_the_main_guard_is_told_so_under_spawn(tmp_path):
+    """macOS / Windows start loader workers by spawn, which imports the user's script again:
+    its top-level glsd.pretrain(...) must not start a second run in the worker. The worker's
+    call is refused naming the guard, and the parent's error points at it too."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import multiprocessing, glsd\n"
+        "multiprocessing.set_start_method('spawn', force=True)\n"
+        f"glsd.pretrain('cpu-default', output_dir={str(tmp_path / 'run')!r}, data__synthetic_num_images=8,\n"
+        "              data__num_workers=1, train__batch_size=8, train__max_steps=1, train__progress=False)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=subprocess_env(), cwd=tmp_path, timeout=300)
+    assert done.returncode != 0
+    assert "while a worker process was importing your script" in done.stderr
+    assert 'if __name__ == "__main__":' in done.stderr
+    assert "is in use by process" not in done.stderr  # not the lock's misleading message
+
+
+def test_the_api_refuses_a_call_made_while_a_spawned_worker_imports(monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
+    with pytest.raises(glsd.GlsdError, match="__main__"):
+        glsd.pretrain("cpu-default")
+    with pytest.raises(glsd.GlsdError, match="__main__"):
+        glsd.embed("runs/none", "synthetic")

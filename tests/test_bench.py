@@ -372,3 +372,11 @@ def test_sweep_table_rows_bold_the_best_and_skip_missing_metrics():
                    {**rec, "matching": "hybrid", "knn_top1": 45.5},
                    {**rec, "matching": "geometric", "status": "failed"}])
     assert lines[2:] == ["| 0.05 | 0 | k-NN top-1 (%) | 30.00 | 40.00 | - | - | - | **45.50** |"]
+
+
+def test_the_environment_record_reads_where_os_has_no_load_average(monkeypatch):
+    """Windows has no os.getloadavg: the bench must still run (an empty load record)."""
+    from glsd.tools.bench.common import load_avg
+
+    monkeypatch.delattr("os.getloadavg")
+    assert load_avg() == []

@@ -28,3 +28,14 @@ def test_auto_on_cpu_is_bf16_where_supported_else_fp32(monkeypatch, bf16, expect
     # A CUDA probe must not decide a CPU run's precision (fp16 on CPU is no fallback).
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: not bf16)
     assert resolve_precision("auto", CPU) is expected
+
+
+@pytest.mark.parametrize("name", ["mps", "xpu", "banana"])
+def test_devices_other_than_cpu_and_cuda_are_refused_by_name(name):
+    """The config refuses them by its choices; the Python API's device= comes through here."""
+    from glsd.config import ConfigError
+    from glsd.utils.device import device_type
+
+    with pytest.raises(ConfigError, match="cpu or cuda"):
+        device_type(name)
+    assert device_type("cpu") == "cpu"

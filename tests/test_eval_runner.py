@@ -9,7 +9,8 @@ import torch
 from glsd.config import ConfigError, dump_yaml, load_config, to_dict
 from glsd.data.sources import balanced_subset, open_source
 from glsd.eval.features import load_backbone
-from glsd.eval.runner import clear_cache, online_knn, run_eval
+from glsd.eval.online import online_knn
+from glsd.eval.runner import clear_cache, run_eval
 from glsd.models.heads import build_network
 from glsd.train.checkpoint import export_backbone, save_checkpoint
 

@@ -317,3 +317,35 @@ def test_large_finite_half_precision_weights_are_not_called_non_finite():
              "count": torch.arange(3)}
     assert torch.isinf(torch._foreach_norm([big])[0])  # the overflow this guards against
     assert nonfinite_tensors({"w": state}) == ["w.broken"]
+
+
+class _FakeWinapi:
+    """``_winapi`` as Windows has it, over a table of pids: alive, exited, or another user's."""
+    WAIT_TIMEOUT = 0x102
+
+    def __init__(self, processes):
+        self.processes, self.closed = processes, 0
+
+    def OpenProcess(self, access, inherit, pid):  # noqa: N802 - Windows' names
+        state = self.processes.get(pid)
+        if state is None:
+            raise OSError(22, "The parameter is incorrect", None, 87)
+        if state == "denied":
+            raise PermissionError(13, "Access is denied")  # Windows maps error 5 to EACCES
+        return pid
+
+    def WaitForSingleObject(self, handle, ms):  # noqa: N802
+        return self.WAIT_TIMEOUT if self.processes[handle] == "running" else 0
+
+    def CloseHandle(self, handle):  # noqa: N802
+        self.closed += 1
+
+
+def test_the_lock_probes_a_windows_process_without_signalling_it(monkeypatch):
+    """os.kill(pid, 0) on Windows sends CTRL_C_EVENT (or terminates): never used there."""
+    fake = _FakeWinapi({10: "running", 11: "exited", 12: "denied"})
+    monkeypatch.setitem(sys.modules, "_winapi", fake)
+    monkeypatch.setattr(lock.os, "kill", lambda *a: pytest.fail("os.kill used as a probe"))
+    monkeypatch.setattr(lock, "_WINDOWS", True)
+    assert [lock._alive(pid) for pid in (10, 11, 12, 13)] == [True, False, True, False]
+    assert fake.closed == 2  # every opened handle is closed

@@ -245,7 +245,8 @@ def test_the_imagenet_preset_checks_its_online_knn_on_val(tmp_path):
     """ImageNet's layout is train/ + val/: the paper preset's online k-NN (every 10 epochs)
     reads val, and a folder without it is refused naming eval.test_split, not data.split
     (which would pretrain on the held-out images)."""
-    from glsd.eval.runner import check_online_knn, clear_cache
+    from glsd.eval.online import check_online_knn
+    from glsd.eval.runner import clear_cache
 
     for split in ("train", "val"):
         for c in ("n01", "n02"):

@@ -50,6 +50,18 @@ __all__ = ["RunResult", "embed", "load_backbone", "load_config", "pretrain", "__
            "GlsdError", "ConfigError", "CheckpointError", "DataError", "TrainingInterrupted"]
 
 
+def _refuse_in_spawned_import(call: str) -> None:
+    """A loader worker started by spawn (macOS, Windows) imports the caller's script again: a
+    top-level ``glsd.pretrain(...)`` there would start a second run in the worker (it would
+    find the run folder locked, and the worker would die with a misleading message)."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise GlsdError(f"glsd.{call}() was called while a worker process was importing your script "
+                        "(on macOS and Windows, loader workers start by importing it again). Put "
+                        "the calls under `if __name__ == \"__main__\":`, or set data.num_workers=0")
+
+
 def _override_strings(overrides: dict[str, Any]) -> list[str]:
     """``{"train__epochs": 1, "data.root": Path("x")}`` -> ``["train.epochs=1", 'data.root="x"']``.
 
@@ -130,29 +142,16 @@ def pretrain(preset_or_yaml: Union[str, "Config"], **overrides: Any) -> RunResul
     from glsd.config import Config, apply_overrides
     from glsd.export import EXPORT_DIR
     from glsd.train.pretrain import pretrain as _pretrain
+    from glsd.train.run_folder import last_logged_step
 
+    _refuse_in_spawned_import("pretrain")
     if isinstance(preset_or_yaml, Config):
         cfg = apply_overrides(preset_or_yaml, _override_strings(overrides))
     else:
         cfg = load_config(preset_or_yaml, **overrides)
     run_dir = Path(_pretrain(cfg))
-    return RunResult(run_dir, _last_step(run_dir), run_dir / "backbone.safetensors",
+    return RunResult(run_dir, last_logged_step(run_dir), run_dir / "backbone.safetensors",
                      run_dir / EXPORT_DIR, cfg)
-
-
-def _last_step(run_dir: Path) -> Optional[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    step = None
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "loss" in record:
-            step = record["step"]
-    return step
 
 
 def embed(source: Union[str, Path], data: Union[str, Path], out: Union[str, Path, None] = None, *,
@@ -182,6 +181,7 @@ def embed(source: Union[str, Path], data: Union[str, Path], out: Union[str, Path
     """
     from glsd.embedding import embed as _embed
 
+    _refuse_in_spawned_import("embed")
     # A Path is a folder or file, even one named like a dataset (./sample, ./cifar10).
     spec = str(data) if not isinstance(data, Path) or data.is_absolute() else f"./{data}"
     return _embed(source, spec, out, local=local, device=device, batch_size=batch_size,

@@ -99,11 +99,11 @@ class ModelConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     head_layers: int = 3
+    # The local head runs on every cell of every view: its width sets the cost of the local
+    # loss (see the benchmark's local_head rows).
     local_out_dim: Optional[int] = None  # None: same as out_dim
     local_hidden_dim: Optional[int] = None  # None: same as hidden_dim
     local_bottleneck_dim: Optional[int] = None  # None: same as bottleneck_dim
-    # The local head runs on every cell of every view: its width sets the cost of the local
-    # loss (see the benchmark's local_head rows).
     channels_last: bool = False  # conv backbones: NHWC kernels (faster on CPU with bf16)
     norm_last_layer: bool = False
     drop_path_rate: float = 0.1
@@ -365,7 +365,7 @@ def with_absolute_paths(cfg: Config) -> Config:
 
 
 def identity(cfg: Config) -> dict:
-    """The part of the config a checkpoint is bound to (model, data, loss, crops)."""
+    """The part of the config a checkpoint is bound to (model, data, loss, crops, train.seed)."""
     d = to_dict(cfg)
     ident = {k: d[k] for k in Config.IDENTITY_SECTIONS}
     # Workers, error policy, read limits and where views are made do not change what is learned.

@@ -77,7 +77,12 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 class NonFiniteError(GlsdError, RuntimeError):
-    """A training step produced a non-finite loss, gradient or weight; nothing of it was saved."""
+    """A training step produced a non-finite loss, gradient or weight; nothing of it was saved.
+    ``cause`` ("loss", "gradients" or "weights") decides the advice."""
+
+    def __init__(self, message: str, cause: str = "loss"):
+        super().__init__(message)
+        self.cause = cause
 
 
 class TrainingInterrupted(BaseException):

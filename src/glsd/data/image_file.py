@@ -68,8 +68,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def open_regular(path: Path):
     """A binary file object for ``path``, refusing anything but a regular file: a FIFO, device
     or socket named like an image would block a reader forever. O_NONBLOCK makes opening a
-    FIFO return at once, and fstat of the opened descriptor leaves no race."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    FIFO return at once, and fstat of the opened descriptor leaves no race. (Windows has
+    neither FIFOs nor O_NONBLOCK, and needs O_BINARY: its os.open is text mode otherwise.)"""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -77,7 +78,7 @@ def open_regular(path: Path):
                     else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder"
                     if stat.S_ISDIR(mode) else "not a regular file")
             raise DataError(f"{path} is {kind}, not an image file")
-        if hasattr(os, "set_blocking"):
+        if hasattr(os, "O_NONBLOCK"):  # on Windows set_blocking takes pipes only
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

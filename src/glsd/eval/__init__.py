@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-_HOMES = {"KINDS": "runner", "online_knn": "runner", "run_eval": "runner",
+_HOMES = {"KINDS": "runner", "online_knn": "online", "run_eval": "runner",
           "dense_correspondence": "dense", "run_dense": "dense",
           "eval_transform": "features", "extract_features": "features", "load_backbone": "features",
           "knn_classify": "knn", "linear_probe": "linear"}

@@ -84,7 +84,7 @@ def eval_sources(cfg: Config, base: Path, train_data: Optional[str] = None, test
                      hint=other_hint if train_data is not None else "; or evaluate on another "
                      "labelled set: --train-data X --test-data Y", purpose=purpose)
     train = train_subset(full, subset, cfg)
-    record = {**_data_record(cfg), "train_data": train_data, "test_data": test_data,
+    record = {**data_record(cfg), "train_data": train_data, "test_data": test_data,
               "train_source": full.name, "test_source": test.name,
               "train_split": train_split, "test_split": cfg.eval.test_split,
               "subset_file": str(base / SUBSET_FILE) if subset else None,
@@ -150,7 +150,7 @@ def why_flat(src: ImageSource) -> str:
             f"of its {why}: move them into class folders, or add data.source=imagefolder")
 
 
-def _data_record(cfg: Config) -> dict:
+def data_record(cfg: Config) -> dict:
     d = cfg.data
     return {"source": d.source, "root": d.root, "data_fraction": d.fraction,
             "data_num_images": d.num_images, "train_fraction": cfg.eval.train_fraction}

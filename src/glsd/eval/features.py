@@ -64,20 +64,26 @@ def load_backbone(path: Union[str, Path], which: Optional[str] = "teacher", rand
     which = cfg.eval.model if which is None else which
     if which not in MODELS:
         raise ConfigError(f"which={which!r}: use one of {', '.join(MODELS)}")
-    # Eval mode ignores stochastic depth anyway; building without it keeps the module lean.
-    model_cfg = dataclasses.replace(cfg.model, drop_path_rate=0.0)
+    backbone = frozen_backbone(cfg)
     if random_init:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)
-            backbone = build_backbone(model_cfg, cfg.crops.global_size)
         info.update(model="random-init", checkpoint=None, step=None, epoch=None)
     else:
-        backbone = build_backbone(model_cfg, cfg.crops.global_size)
         state, meta = loader(which)
         _load_weights(backbone, state, meta["checkpoint"], cfg)
         info.update(model=which, **meta)
-    backbone.eval().requires_grad_(False)
     return backbone, cfg, info
+
+
+def frozen_backbone(cfg: Config) -> Backbone:
+    """The backbone ``cfg`` describes, in eval mode without gradients, its random weights
+    seeded by ``train.seed`` (the random-init floor is the same network every time) without
+    touching the caller's random state."""
+    # Eval mode ignores stochastic depth anyway; building without it keeps the module lean.
+    model_cfg = dataclasses.replace(cfg.model, drop_path_rate=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        backbone = build_backbone(model_cfg, cfg.crops.global_size)
+    return backbone.eval().requires_grad_(False)
 
 
 def _load_weights(backbone: Backbone, state: dict, source: str, cfg: Config) -> None:

@@ -1,4 +1,5 @@
-"""Evaluation entry points: ``run_eval`` (k-NN, linear probe, dense, seg) and ``online_knn``.
+"""Evaluation entry point: ``run_eval`` (k-NN, linear probe, dense, seg); online k-NN is in
+:mod:`glsd.eval.online`.
 
 Evaluation data follow the run: the labelled train split restricted to exactly the images of
 ``RUN_DIR/subset.json`` (the pretraining images; the whole train split when there is no such
@@ -27,15 +28,14 @@ import torch
 
 from glsd.config import EVALUATIONS, Config, ConfigError, same_root, to_dict
 from glsd.errors import GlsdError
-from glsd.data.subset import SUBSET_FILE, read_subset
 from glsd.data.layout import is_split_name
 from glsd.data.sources import ImageSource
 from glsd.eval.data_spec import data_config
-from glsd.eval.eval_data import (SOURCES, _data_record, cap_test, check_split_pair,  # noqa: F401 - re-exported
-                                 eval_sources, open_cached, open_test_split, train_subset)
+from glsd.eval.eval_data import SOURCES, data_record, eval_sources, open_cached, open_test_split
 from glsd.eval.dense import run_dense
 from glsd.eval.features import Device, extract_features, load_backbone, resolve_feature
 from glsd.eval.knn import knn_classify
+from glsd.eval.online import clear_online_cache
 from glsd.eval.locate import snapshot_name
 from glsd.eval.linear import linear_probe
 from glsd.eval.seg import run_seg
@@ -48,12 +48,11 @@ from glsd.utils.io import atomic_write
 KINDS = EVALUATIONS
 KNN_KS = (10, 20, 100, 200)
 
-_ONLINE: dict = {}
 
 
 def clear_cache() -> None:
     SOURCES.clear()
-    _ONLINE.clear()
+    clear_online_cache()
 
 
 def eval_device(device: Device, cfg: Config) -> torch.device:
@@ -89,7 +88,7 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
             module docstring); dense reads only ``test_data``.
         progress: progress bars of feature extraction when stderr is a terminal.
     Returns:
-        The record also written to ``<run>/eval/<kind>[-student|-random-init][-on-<data>][-<setting>].json`` (by
+        The record also written to ``<run>/eval/<kind>[-student|-random-init][-epochNNNN][-on-<data>][-<setting>].json`` (by
         rank 0 under torch.distributed; every rank must call it, extraction is shared).
     """
     if kind not in KINDS:
@@ -234,7 +233,7 @@ def _dense(backbone: Backbone, cfg: Config, dev: torch.device, test_data: Option
                       "they are not held out; --test-data names held-out images")
     t0 = time.perf_counter()
     results = run_dense(backbone, test, cfg, dev)
-    body = {**_data_record(cfg), "test_data": test_data, "test_source": test.name,
+    body = {**data_record(cfg), "test_data": test_data, "test_source": test.name,
             "test_split": cfg.eval.test_split,
             "n_train": None, "n_test": results["n_images"], "feature": "local",
             "dense_num_images": cfg.eval.dense_num_images, "dense_seed": cfg.eval.dense_seed,
@@ -267,63 +266,6 @@ def _seg(backbone: Backbone, cfg: Config, dev: torch.device, base: Path,
     settings = {"seg_tiles": list(e.seg_tiles), "seg_num_train": e.seg_num_train,
                 "seg_num_test": e.seg_num_test, "seg_steps": e.seg_steps, "seg_seed": e.seg_seed}
     return {**data, "feature": "local", **settings, "results": results}, {"eval_s": time.perf_counter() - t0}
-
-
-# ----------------------------------------------------------------------------------------
-# Online k-NN (called by the training loop)
-
-def online_knn(backbone: Backbone, cfg: Config, device: Device,
-               train_keys: Union[Sequence[str], str, Path, None]) -> dict:
-    """Top-1 k-NN accuracy at ``eval.k``, ``eval.temperature`` during pretraining.
-
-    Args:
-        backbone: the backbone to probe (e.g. the teacher's); its train/eval mode is kept.
-        train_keys: keys of the train-split source used for pretraining, or the run folder
-            (its subset.json is read; without one, the whole train split), or None (the whole
-            train split). ``eval.train_fraction`` applies on top.
-    Sources are opened once per process and reused. Under torch.distributed every rank must
-    call it: extraction is split over ranks and all-gathered, every rank gets the result.
-
-    Returns:
-        ``{"top1", "top5", "k" (effective), "temperature", "n_train", "n_test", "seconds"}``.
-    """
-    start = time.perf_counter()
-    if isinstance(train_keys, (str, Path)):
-        subset = read_subset(Path(train_keys) / SUBSET_FILE)
-        train_keys = subset["keys"] if subset else None
-    train, test = _online_sources(cfg, train_keys)
-    n_cls = len(train.classes)
-    train_f, train_y = extract_features(backbone, train, cfg, device, cfg.eval.features)
-    test_f, test_y = extract_features(backbone, test, cfg, device, cfg.eval.features)
-    res = knn_classify(train_f, train_y, test_f, test_y, n_cls, (cfg.eval.k,), cfg.eval.temperature)
-    top = res["per_k"][str(cfg.eval.k)]
-    return {"top1": top["top1"], "top5": top["top5"], "k": top["k_effective"],
-            "temperature": cfg.eval.temperature, "n_train": res["n_train"], "n_test": res["n_test"],
-            "seconds": time.perf_counter() - start}
-
-
-def _online_sources(cfg: Config, train_keys: Optional[Sequence[str]]) -> tuple[ImageSource, ImageSource]:
-    key = (None if train_keys is None else tuple(train_keys), cfg.data.split, cfg.eval.test_split, cfg.eval.train_fraction,
-           cfg.eval.max_test_images, cfg.data.subset_seed, json.dumps(dataclasses.asdict(cfg.data), sort_keys=True))
-    if _ONLINE.get("key") != key:
-        try:
-            full = open_cached(cfg, cfg.data.split)
-            test = open_test_split(cfg, cfg.eval.test_split)
-            check_split_pair(full, test, cfg.data.split, cfg.eval.test_split)
-            test = cap_test(test, cfg)  # the images `glsd eval knn` scores on, so the numbers agree
-        except ConfigError as e:
-            raise ConfigError(f"online k-NN (eval.every_epochs={cfg.eval.every_epochs}): {e}; "
-                              "or turn it off with eval.every_epochs=0") from None
-        subset = None if train_keys is None else {"keys": list(train_keys), "source": full.name}
-        _ONLINE.update(key=key, sources=(train_subset(full, subset, cfg), test))
-    return _ONLINE["sources"]
-
-
-def check_online_knn(cfg: Config) -> None:
-    """The labelled, held-out splits online k-NN needs (``eval.every_epochs``): checked before
-    the first step, not at the end of the first epoch."""
-    if cfg.eval.every_epochs:
-        _online_sources(cfg, None)
 
 
 def headline(record: dict) -> str:

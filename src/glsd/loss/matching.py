@@ -28,7 +28,8 @@ class Matches:
 
 def geometric_match(student_centers: torch.Tensor, teacher_centers: torch.Tensor,
                     threshold_sq: Optional[torch.Tensor]) -> tuple[Matches, torch.Tensor]:
-    """Nearest teacher cell in original-image coordinates.
+    """Nearest teacher cell in original-image coordinates, from the whole distance table: the
+    reference :func:`nearest_cell_match` (what training and the pictures use) is tested against.
 
     Args:
         student_centers: ``(..., Ns, 2)`` cell centres (y, x) of the student view.

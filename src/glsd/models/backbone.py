@@ -2,8 +2,9 @@
 
 Every timm model (and glsd's conv net) declares how to read it: ``forward_intermediates``
 returns the last stage as an NCHW map whatever the family (ViT tokens are reshaped by timm,
-prefix tokens split off; Swin's NHWC maps are permuted), ``num_prefix_tokens`` says whether a
-class token exists, and ``feature_info[-1]["reduction"]`` is the total stride from image to
+prefix tokens split off; Swin's NHWC maps are permuted), :func:`has_class_token` reads whether a
+class token exists (register tokens are prefix tokens too, so ``num_prefix_tokens`` only says
+how many to strip), and ``feature_info[-1]["reduction"]`` is the total stride from image to
 grid. Nothing here guesses a layout from shapes.
 """
 from __future__ import annotations

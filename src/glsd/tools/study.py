@@ -1,7 +1,7 @@
 """The low-data study: pretrain + evaluate every (fraction, matching, seed) cell, then report.
 
 Each cell lives in its own run folder under the study folder, so the study resumes for free:
-a cell whose evaluation JSON exists is skipped, an interrupted one resumes from its
+a cell whose ``cell.json`` says done is skipped, an interrupted one resumes from its
 checkpoint, a failed one is recorded and the others go on.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from glsd.data.sources import open_source
 from glsd.errors import ConfigError, GlsdError, RunFolderBusy
 from glsd.train import lock
 from glsd.train.checkpoint import read_json_record
+from glsd.train.run_folder import read_metrics_records
 from glsd.tools.study_plot import plot_report
 from glsd.tools.study_report import report_markdown
 from glsd.utils.io import atomic_write_json, atomic_write_text
@@ -263,8 +264,7 @@ def changed_settings(recorded: Optional[dict], cfg: Config, sections: Sequence[s
 
 
 def cell_record(cfg: Config, cell: Cell, run_dir: Path, results: dict, wall: float) -> dict:
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = [m for m in metrics if "loss" in m][-1]
+    last = [m for m in read_metrics_records(run_dir / "metrics.jsonl") if "loss" in m][-1]
     subset = json.loads((run_dir / SUBSET_FILE).read_text())
     knn = results.get("knn", {}).get("results", {})
     record = {

@@ -83,12 +83,12 @@ def loss_error(step: int, values: Mapping[str, float], elsewhere: bool) -> NonFi
 
 def grad_error(step: int, norm: float) -> NonFiniteError:
     return NonFiniteError(f"non-finite gradients at step {step} (total norm {_fmt(norm)}) with a "
-                          "finite loss; the step was not applied.")
+                          "finite loss; the step was not applied.", cause="gradients")
 
 
 def weights_error(step: int, bad: list[str], total: int) -> NonFiniteError:
     return NonFiniteError(f"non-finite weights after step {step}: {len(bad)} of {total} tensors "
-                          f"(e.g. {', '.join(bad[:3])}); they were not written.")
+                          f"(e.g. {', '.join(bad[:3])}); they were not written.", cause="weights")
 
 
 def kept_note(last_path, checkpoint_step: Optional[int]) -> str:

@@ -26,9 +26,12 @@ from glsd.errors import NotWritable, RunFolderBusy
 LOCK_NAME = ".glsd.lock"
 _held: dict[Path, int] = {}  # lock path -> depth, in this process
 _created_dirs: set[Path] = set()  # folders this process created only to lock them
+_WINDOWS = os.name == "nt"
 
 
 def _alive(pid: int) -> bool:
+    if _WINDOWS:  # os.kill(pid, 0) there sends CTRL_C_EVENT, or terminates the process
+        return _alive_on_windows(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -36,6 +39,22 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _alive_on_windows(pid: int) -> bool:
+    import _winapi
+
+    synchronize = 0x00100000
+    try:
+        handle = _winapi.OpenProcess(synchronize, False, pid)
+    except PermissionError:  # ERROR_ACCESS_DENIED: another user's process, which exists
+        return True
+    except OSError:  # ERROR_INVALID_PARAMETER: no such process
+        return False
+    try:  # a handle also opens on a process that has exited but is still referenced
+        return _winapi.WaitForSingleObject(handle, 0) == _winapi.WAIT_TIMEOUT
+    finally:
+        _winapi.CloseHandle(handle)
 
 
 def _start_time(pid: int) -> Optional[str]:

@@ -82,7 +82,7 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
                      "the run uses them all")
     notes += image_size_notes(cfg, source)
     notes += check_resume_schedule(cfg, Path(cfg.output_dir), derived)
-    from glsd.eval.runner import check_online_knn  # training's one use of evaluation
+    from glsd.eval.online import check_online_knn  # the splits the training loop will score on
 
     check_online_knn(cfg)
     return cfg, Plan(grids, stride, n, steps_per_epoch, cfg.train.epochs * steps_per_epoch, notes)

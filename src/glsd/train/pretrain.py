@@ -311,7 +311,7 @@ def checked_step(ctx: Context, state: TrainState, batch, want_stats: bool) -> Lo
         return train_step(ctx, batch, state.step, want_stats)
     except NonFiniteError as e:  # nothing of this step was applied or written
         raise NonFiniteError(f"{e} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
-                             f"{nonfinite_advice(ctx, e)}") from None
+                             f"{nonfinite_advice(ctx, e)}", cause=e.cause) from None
     except RuntimeError as e:
         if not is_out_of_memory(e):
             raise
@@ -362,7 +362,7 @@ def end_of_epoch(ctx: Context, state: TrainState) -> None:
     checkpoint(ctx, state, keep=bool(every) and state.epoch % every == 0)
     k_every = ctx.cfg.eval.every_epochs
     if k_every and state.epoch % k_every == 0:
-        from glsd.eval.runner import online_knn
+        from glsd.eval.online import online_knn
 
         # The checkpoint above holds the RNG state that a resume restores; the evaluation's
         # loaders draw seeds from it, so they draw from a fork, or a resumed run would diverge.

@@ -118,14 +118,9 @@ class RunFolder:
         path = self.root / "metrics.jsonl"
         if not path.is_file():
             return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:  # a line cut by the kill
-                continue
-        atomic_write_text(path, "".join(f"{line}\n" for line in kept))  # a kill now keeps the old one
+        kept = [r for r in read_metrics_records(path) if r.get("step", 0) <= step]
+        # a kill now keeps the old file
+        atomic_write_text(path, "".join(f"{json.dumps(r)}\n" for r in kept))
 
     def _is_same_unsaved_start(self, cfg: Config) -> bool:
         names = {p.name for p in self.root.iterdir()}
@@ -229,6 +224,12 @@ class RunFolder:
         while self._locks:
             self._locks -= 1
             lock.release(self.root)
+
+
+def last_logged_step(run_dir: Path) -> Optional[int]:
+    """The step of the last training record in ``run_dir``'s metrics.jsonl (None: none yet)."""
+    steps = [r["step"] for r in read_metrics_records(run_dir / "metrics.jsonl") if "loss" in r]
+    return steps[-1] if steps else None
 
 
 def read_metrics_records(path: Path) -> list[dict]:

@@ -63,7 +63,7 @@ def checkpoint(ctx: "Context", state: TrainState, keep: bool = False) -> None:
     if bad:
         error = finite.weights_error(state.step, bad, sum(len(v) for v in states.values()))
         raise NonFiniteError(f"{error} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
-                             f"{nonfinite_advice(ctx, error)}")
+                             f"{nonfinite_advice(ctx, error)}", cause=error.cause)
     per_rank = gather_objects({"rng": rng_state(), "skipped_images": state.skipped_images})
     written_by_rank0(ctx, lambda: _write_checkpoint(ctx, state, states, per_rank, keep),
                      "rank 0 could not write the checkpoint (its message says why); every rank stops")
@@ -103,6 +103,5 @@ def export_teacher(ctx: "Context") -> None:
 
 def nonfinite_advice(ctx: "Context", error: NonFiniteError) -> str:
     """What to change after a non-finite loss or weights, from the run's settings."""
-    cause = "weights" if "weights" in str(error) else "loss"
-    return finite.advice(cause, float(ctx.sched.lr.max()), ctx.cfg.train.clip_grad,
+    return finite.advice(error.cause, float(ctx.sched.lr.max()), ctx.cfg.train.clip_grad,
                          ctx.amp_dtype is not None)

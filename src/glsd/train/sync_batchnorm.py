@@ -7,7 +7,7 @@ CPU :class:`GroupBatchNorm` takes the place of every BatchNorm layer: per channe
 the sum of squares and the count of the local batch go through one differentiable
 all-reduce (:class:`_AllReduceSum`: the sum in forward, the sum of the ranks' gradients in
 backward, as ``torch.distributed.nn.functional.all_reduce``, which is deprecated), in float64 so that ``E[x^2] - E[x]^2`` keeps the precision of torch's two-pass
-variance. On CUDA torch's SyncBatchNorm is used as before.
+variance. On CUDA torch's own SyncBatchNorm does the same with NCCL's fused kernels.
 """
 from __future__ import annotations
 

@@ -10,13 +10,19 @@ from glsd.config import ConfigError
 
 
 def device_type(name: Union[str, torch.device]) -> str:
-    """"cuda" or "cpu" (or another torch device type) for a ``device`` setting, touching no
-    device: under torchrun it picks the process group's backend before each rank is given
-    its GPU, and asking for the current device then would start every rank on GPU 0."""
+    """"cuda" or "cpu" for a ``device`` setting, touching no device: under torchrun it picks
+    the process group's backend before each rank is given its GPU, and asking for the current
+    device then would start every rank on GPU 0."""
     name = str(name)
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    kind = torch.device(name).type
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):  # the config refuses these too; the Python API's device= here
+        raise ConfigError(f"device={name!r}: glsd runs on cpu or cuda (or auto). Apple GPUs (mps) "
+                          "are not supported: a Mac trains on its CPU, device=cpu")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
     return kind

@@ -90,7 +90,7 @@ def cpu_model() -> str:
 def load_avg() -> list[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
+    except (OSError, AttributeError):  # Windows has no getloadavg
         return []
 
 

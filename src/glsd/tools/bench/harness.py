@@ -1,6 +1,6 @@
 """The real training step on a fixed batch, built by pretraining's own builders.
 
-:func:`build_harness` calls :func:`glsd.train.pretrain.build_networks` and
+:func:`build_harness` calls :func:`glsd.models.heads.build_networks` and
 :func:`glsd.train.optim.build_optimisation` (what ``glsd pretrain`` runs), then times
 :func:`glsd.train.pretrain.train_step`. The matching is timed on its own: a forward pre-hook on
 the objective keeps the first step's inputs, and :meth:`GlobalLocalObjective.match` is then run
@@ -95,7 +95,8 @@ def build_harness(name: str, cfg: Config, device: torch.device, batch, *, fused_
     from glsd.data.loader import StepViews
     from glsd.utils.distributed import DistInfo
     from glsd.train.optim import build_optimisation, param_groups
-    from glsd.train.pretrain import Context, build_networks
+    from glsd.models.heads import build_networks
+    from glsd.train.pretrain import Context
     from glsd.train.schedules import Schedules
 
     torch.manual_seed(cfg.train.seed)

@@ -1,6 +1,7 @@
 """k-NN section: throughput and peak memory of :func:`glsd.eval.knn.knn_classify`."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +20,16 @@ def _rss_kib(field: str) -> Optional[int]:
     return None
 
 
+def _max_rss_kib() -> Optional[float]:
+    """Peak resident memory of this process in KiB (bytes on macOS), None on Windows."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform == "darwin" else float(peak)
+
+
 def _reset_peak_rss() -> bool:
     """Reset VmHWM (Linux >= 4.0: writing 5 to clear_refs)."""
     try:
@@ -29,8 +40,6 @@ def _reset_peak_rss() -> bool:
 
 
 def bench_knn(device: torch.device, quick: bool) -> dict:
-    import resource
-
     from glsd.eval.knn import SIM_BUDGET, auto_chunk, knn_classify
 
     n_train, n_test, dim, classes = (4000, 1000, 128, 10) if quick else (50000, 10000, 128, 10)
@@ -46,16 +55,18 @@ def bench_knn(device: torch.device, quick: bool) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     reset = _reset_peak_rss()
     rss0 = _rss_kib("VmRSS")
-    maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    maxrss0 = _max_rss_kib()
     times = time_calls(run, reps=1 if quick else 2, warmup=0, device=device)
     hwm = _rss_kib("VmHWM")
-    maxrss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    maxrss1 = _max_rss_kib()
     if reset and hwm is not None and rss0 is not None:
         # The reset sets VmHWM to the RSS of that instant, which can sit a page or two below the
         # VmRSS read just after it: a run that reuses freed memory then reads slightly negative.
         peak_mib, method = max(hwm - rss0, 0) / 1024, "VmHWM after clear_refs reset - VmRSS before"
-    else:
+    elif maxrss0 is not None:
         peak_mib, method = (maxrss1 - maxrss0) / 1024, "ru_maxrss delta (0 if an earlier peak was higher)"
+    else:
+        peak_mib, method = None, "not measured (no /proc, no resource module)"
     secs = median(times)
     chunk = auto_chunk(n_train, n_test)
     out = {"n_train": n_train, "n_test": n_test, "dim": dim, "num_classes": classes,

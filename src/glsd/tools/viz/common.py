@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from glsd.config import Config, load_config
-from glsd.eval.features import load_backbone
-from glsd.models.backbone import Backbone, build_backbone
+from glsd.eval.features import frozen_backbone, load_backbone
+from glsd.models.backbone import Backbone
 
 PathLike = Union[str, Path]
 DPI = 100
@@ -92,12 +92,7 @@ def picture_backbone(run_dir: Optional[PathLike], config: Optional[str], overrid
     if not config:
         raise VizError("give a run folder, or --config PRESET_OR_YAML for a random-init backbone")
     cfg = load_config(config, overrides)
-    cfg.model.drop_path_rate = 0.0  # eval mode ignores it; keeps the module lean
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)
-        backbone = build_backbone(cfg.model, cfg.crops.global_size)
-    backbone.eval().requires_grad_(False)
-    return backbone, cfg, f"{cfg.preset or config} (random init)"
+    return frozen_backbone(cfg), cfg, f"{cfg.preset or config} (random init)"
 
 
 def normalize(cfg: Config, view: Image.Image) -> torch.Tensor:

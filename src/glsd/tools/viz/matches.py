@@ -16,7 +16,7 @@ from glsd.config import Config
 from glsd.data.geometry import cell_centers
 from glsd.data.view_params import sample_seed
 from glsd.data.views import crops_of_image
-from glsd.loss.matching import geometric_match, match_threshold_sq, similarity_match
+from glsd.loss.matching import match_threshold_sq, nearest_cell_match, similarity_match
 from glsd.models.backbone import Backbone
 from glsd.tools.viz.common import (DPI, PathLike, VizError, figure, normalize, picture_backbone,
                                    read_image, save)
@@ -73,8 +73,7 @@ def match_views(backbone: Backbone, cfg: Config, teacher: View, student: View) -
     s_feat = backbone(normalize(cfg, student.image)).local_feat[0]  # (gh_s, gw_s, D)
     t_grid, s_grid = tuple(t_feat.shape[:2]), tuple(s_feat.shape[:2])
     thr = match_threshold_sq(student.geometry, s_grid, teacher.geometry, t_grid, cfg.loss.match_threshold)
-    geo, _ = geometric_match(cell_centers(student.geometry, s_grid),
-                             cell_centers(teacher.geometry, t_grid), thr)
+    geo, _ = nearest_cell_match(cell_centers(student.geometry, s_grid), teacher.geometry, t_grid, thr)
     sim = similarity_match(s_feat.flatten(0, 1), t_feat.flatten(0, 1))
     return ViewMatches(t_grid, s_grid, geo.index, geo.valid, sim.index)
 
