@@ -16,7 +16,7 @@ from glsd.config import ConfigError, load_config
 from glsd.errors import CheckpointError, NonFiniteError, RunFolderBusy
 from glsd.train import lock
 from glsd.train.checkpoint import load_checkpoint
-from glsd.train.finite import nonfinite_tensors
+from glsd.weights import nonfinite_tensors
 from glsd.train.objective import GlobalLocalObjective, LossTerms
 from glsd.train.pretrain import pretrain
 
@@ -74,6 +74,8 @@ def test_nonfinite_gradients_are_never_applied_or_saved(tmp_path, monkeypatch, c
     msg = str(err.value)
     assert "non-finite gradients at step 3" in msg and "not applied" in msg, msg
     assert "(step 2, finite weights) is kept" in msg and "train.lr" in msg
+    # a rerun as it is would replay the same batches: both ways on are named
+    assert "train.extend=true" in msg and "train.resume=false" in msg, msg
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
     assert _all_finite(run)
 
@@ -349,3 +351,85 @@ def test_the_lock_probes_a_windows_process_without_signalling_it(monkeypatch):
     monkeypatch.setattr(lock, "_WINDOWS", True)
     assert [lock._alive(pid) for pid in (10, 11, 12, 13)] == [True, False, True, False]
     assert fake.closed == 2  # every opened handle is closed
+
+
+def test_a_diverged_run_is_told_its_weights_have_grown(tmp_path):
+    """A learning rate of 1e30 blows the weights up to 1e28 while the loss stays finite for a
+    step or two: the kept checkpoint is finite but ruined, so the message says to start over
+    rather than promising that a rerun resumes well."""
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError) as err:
+        pretrain(tiny_config(run, "train.checkpoint_every_steps=1", "train.max_steps=8",
+                             "train.lr=1e30", "train.warmup_steps=0"))
+    msg = str(err.value)
+    assert "weights have grown" in msg and "train.resume=false" in msg, msg
+    assert "now 1e+30" in msg and "once scaled by the global batch" in msg, msg
+
+
+def _tiny_run(path, *extra):
+    pretrain(tiny_config(path, "train.max_steps=2", *extra))
+    return path
+
+
+def test_resume_without_config_yaml_still_refuses_a_changed_schedule(tmp_path):
+    """A checkpoint copied into a new folder, without its config.yaml: its own config
+    decides what changed (the copy used to resume under any schedule, saying nothing)."""
+    run = _tiny_run(tmp_path / "run")
+    moved = tmp_path / "moved"
+    (moved / "checkpoints").mkdir(parents=True)
+    (moved / "checkpoints" / "last.pt").write_bytes((run / "checkpoints" / "last.pt").read_bytes())
+    with pytest.raises(ConfigError, match=r"another schedule .*train\.lr"):
+        pretrain(tiny_config(moved, "train.max_steps=3", "train.lr=0.5"))
+
+
+def test_the_kept_epoch_checkpoint_is_written_before_last_pt(tmp_path, monkeypatch):
+    """A kill while the epoch file is written must leave the previous last.pt, so that the
+    resume redoes the epoch's end and writes that file again."""
+    import glsd.train.saving as saving
+
+    order, real = [], saving.save_checkpoint
+    monkeypatch.setattr(saving, "save_checkpoint", lambda path, payload: (order.append(Path(path).name),
+                                                                          real(path, payload)))
+    pretrain(tiny_config(tmp_path / "run", "train.epochs=2", "train.max_steps=8", "train.checkpoint_every_epochs=1",
+                         "train.checkpoint_every_steps=0"))
+    kept = [i for i, name in enumerate(order) if name.startswith("epoch")]
+    assert kept and all(order[i + 1] == "last.pt" for i in kept), order
+
+
+def test_a_garbage_checkpoint_is_called_corrupt_with_the_ways_on(tmp_path):
+    run = _tiny_run(tmp_path / "run")
+    (run / "checkpoints" / "last.pt").write_bytes(b"<html>not a checkpoint</html>" * 10)
+    with pytest.raises(CheckpointError) as err:
+        pretrain(tiny_config(run, "train.max_steps=3"))
+    msg = str(err.value)
+    assert "not a torch checkpoint" in msg and "could run code" not in msg, msg
+    assert "train.resume=false" in msg, msg
+    with pytest.raises(CheckpointError, match="backbone.safetensors instead"):
+        from glsd.eval.runner import run_eval
+        run_eval("knn", run)
+
+
+def test_eval_refuses_a_checkpoint_of_another_config_laid_into_a_run(tmp_path):
+    """Same architecture, other images: the record would mix one run's config with another's
+    weights. Resume refuses it; so does evaluation, naming the keys."""
+    from glsd.eval.runner import run_eval
+
+    mine = _tiny_run(tmp_path / "mine")
+    other = _tiny_run(tmp_path / "other", "data.synthetic_num_images=40")
+    (mine / "checkpoints" / "last.pt").write_bytes((other / "checkpoints" / "last.pt").read_bytes())
+    with pytest.raises(ConfigError, match=r"belongs to another run.*data\.synthetic_num_images"):
+        run_eval("dense", mine)
+
+
+def test_eval_of_a_run_that_has_not_finished_says_so(tmp_path):
+    from glsd.eval.runner import headline, run_eval
+
+    run = _tiny_run(tmp_path / "run")
+    last = run / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last)
+    assert ckpt["planned_steps"] == 2  # train.max_steps: where the run stops
+    assert run_eval("dense", run)["run_finished"] is True
+    torch.save({**ckpt, "planned_steps": 8}, last)  # as a run still training would have it
+    record = run_eval("dense", run)
+    assert record["run_finished"] is False
+    assert "step 2 of 8: not the run's final model" in headline(record)

@@ -22,7 +22,8 @@ from glsd.models.backbone import create_model
 from glsd.errors import DataError, DiskFull
 from glsd.train.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from glsd.train.objective import GlobalLocalObjective, LossTerms
-from glsd.train.pretrain import NonFiniteLossError, pretrain
+from glsd.errors import NonFiniteError
+from glsd.train.pretrain import pretrain
 from glsd.train.run_folder import RunFolder
 
 from helpers_tiny import (cli, last_step, load_last, read_metrics, start_pretrain, state_dicts_equal,
@@ -428,7 +429,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GlobalLocalObjective, "forward", forward)
     run = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError) as err:
+    with pytest.raises(NonFiniteError) as err:
         pretrain(tiny_config(run, "train.checkpoint_every_steps=1", "train.max_steps=6"))
     msg = str(err.value)
     assert "step 3" in msg and "loss_global=" in msg and "loss_local=nan" in msg

@@ -113,9 +113,26 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return state, meta
 
 
-def nonfinite(state: Mapping[str, torch.Tensor]) -> list[str]:
-    from glsd.train.finite import nonfinite_tensors
+def nonfinite_tensors(states: Mapping[str, Mapping[str, torch.Tensor]]) -> list[str]:
+    """``"section.key"`` of every floating tensor holding a NaN or inf, e.g. over
+    ``{"student": student.state_dict(), "teacher": ...}``. One fused norm per section; the tensors
+    it flags are then read one by one, because a norm also overflows from finite values (an
+    fp16 tensor's past 65,504), which names nothing."""
+    bad = []
+    for section, state in states.items():
+        names = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
+        if not names:
+            continue
+        norms = torch._foreach_norm([state[k].detach() for k in names])
+        finite = torch.isfinite(torch.stack([n.float() for n in norms]))
+        if bool(finite.all()):
+            continue
+        bad += [f"{section}.{k}" for k, ok in zip(names, finite.tolist())
+                if not ok and not bool(torch.isfinite(state[k].detach()).all())]
+    return bad
 
+
+def nonfinite(state: Mapping[str, torch.Tensor]) -> list[str]:
     return [k.split(".", 1)[1] for k in nonfinite_tensors({"w": state})]
 
 

@@ -14,9 +14,9 @@ SUBSET_FILE = "subset.json"
 
 
 def select_images(cfg: Config, run_dir: Optional[Path],
-                  source: Optional[ImageSource] = None) -> tuple[ImageSource, ImageSource]:
-    """(full train source, pretraining subset). A recorded subset in the run folder wins, so
-    reruns and evaluation use exactly the same images."""
+                  source: Optional[ImageSource] = None) -> ImageSource:
+    """The pretraining subset of ``source`` (default: the one ``cfg.data`` names). A recorded
+    subset in the run folder wins, so reruns and evaluation use exactly the same images."""
     source = open_source(cfg.data) if source is None else source
     record = run_dir / SUBSET_FILE if run_dir is not None else None
     recorded = read_subset(record) if record is not None else None
@@ -24,7 +24,7 @@ def select_images(cfg: Config, run_dir: Optional[Path],
         keys = recorded["keys"]
     else:
         keys = balanced_subset(source, cfg.data.fraction, cfg.data.num_images, cfg.data.subset_seed)
-    return source, source.subset(keys)
+    return source.subset(keys)
 
 
 def read_subset(path: Path) -> Optional[dict]:

@@ -44,6 +44,7 @@ from glsd.data.view_params import ViewParams, blur_sigma_range, seeded_crops, vi
 
 
 def _filter(x: torch.Tensor, interpolation: str) -> torch.Tensor:
+    """The resampling kernel at distances ``x`` (any shape, in input pixels), elementwise."""
     x = x.abs()
     if interpolation == "bilinear":
         return (1.0 - x).clamp_(min=0.0)
@@ -99,7 +100,7 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, s
 
 
 # ----------------------------------------------------------------------------------------
-# Photometric operations on float images in [0, 1], one factor per row ``(N,)``
+# Photometric operations on float images ``(N, 3, H, W)`` in [0, 1], one factor per row ``(N,)``
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
@@ -222,6 +223,8 @@ class ViewMaker:
         return views
 
     def _photometric(self, x: torch.Tensor, plan: dict, counts: dict, size: int) -> torch.Tensor:
+        """``x`` ``(N, 3, S, S)`` in [0, 1] -> the same after colour jitter (its four stages in
+        each row's drawn order), grayscale, blur and solarisation, as ``plan`` drew them."""
         for stage in range(4):
             rows = plan[f"stage{stage}"]
             if not rows.numel():

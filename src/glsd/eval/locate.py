@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from glsd.config import ConfigError
+from glsd.config import ConfigError, diff_keys, from_dict, identity
+from glsd.errors import CheckpointError
 from glsd.config_files import parse_yaml
 from glsd.export import export_folder_config
 from glsd.train.checkpoint import load_checkpoint, read_backbone_config
@@ -53,7 +54,13 @@ def _locate_run(run_dir: Path):
 
     def ckpt() -> dict:  # read once, and only when needed
         if "c" not in cache:
-            cache["c"] = load_checkpoint(ckpt_path)
+            try:
+                cache["c"] = load_checkpoint(ckpt_path)
+            except CheckpointError as e:
+                if not st_path.is_file():
+                    raise
+                raise CheckpointError(f"{e}. The run's exported teacher is intact: evaluate "
+                                      f"{st_path} instead") from None
         return cache["c"]
 
     if cfg_path.is_file():
@@ -86,11 +93,18 @@ def _same_run(raw: dict, ckpt: dict, ckpt_path: Path, cfg_path: Path) -> None:
         return
     mine, theirs = raw.get("model", {}), saved.get("model", {})
     keys = [k for k in ("backbone", "backbone_kwargs", "patch_size") if k in theirs and mine.get(k, theirs[k]) != theirs[k]]
+    fix = "; evaluate that checkpoint's own run folder (or the .pt file alone), or put this run's last.pt back"
     if keys:
         raise ConfigError(f"{ckpt_path} belongs to another run: it holds "
                           + ", ".join(f"model.{k}={theirs[k]!r}" for k in keys) + f" while {cfg_path} says "
-                          + ", ".join(f"model.{k}={mine.get(k)!r}" for k in keys)
-                          + "; evaluate that checkpoint's own run folder, or put this run's last.pt back")
+                          + ", ".join(f"model.{k}={mine.get(k)!r}" for k in keys) + fix)
+    try:  # the same architecture trained under another config: the record would mix two runs
+        diffs = diff_keys(identity(from_dict(saved)), identity(from_dict(raw)))
+    except ConfigError:  # a config of another glsd version: the architecture check above is all
+        return
+    if diffs:
+        raise ConfigError(f"{ckpt_path} belongs to another run: its config differs from {cfg_path} "
+                          f"in {'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}" + fix)
 
 
 def _locate_checkpoint(path: Path):
@@ -145,7 +159,9 @@ def _from_checkpoint(ckpt: dict, path: Path, which: str) -> tuple[dict, dict]:
     state = backbone_state(ckpt[which])
     if not state:
         raise ConfigError(f"checkpoint {path}: '{which}' holds no 'backbone.model.*' weights")
-    return state, {"checkpoint": str(path), "step": ckpt.get("step"), "epoch": ckpt.get("epoch")}
+    planned = ckpt.get("planned_steps")  # absent in checkpoints of older versions
+    return state, {"checkpoint": str(path), "step": ckpt.get("step"), "epoch": ckpt.get("epoch"),
+                   "planned_steps": planned if isinstance(planned, int) else None}
 
 
 def _from_safetensors(path: Path) -> tuple[dict, dict]:

@@ -184,9 +184,12 @@ def data_slug(train_data: Optional[str], test_data: Optional[str], labelled_trai
 
 
 def _model_record(cfg: Config, info: dict) -> dict:
+    step, planned = info.get("step"), info.get("planned_steps")
     return {"model": info["model"], "checkpoint": info.get("checkpoint"), "path": info["path"],
-            "step": info.get("step"), "epoch": info.get("epoch"), "backbone": cfg.model.backbone,
-            "image_size": cfg.eval.image_size or cfg.crops.global_size}
+            "step": step, "epoch": info.get("epoch"), "planned_steps": planned,
+            # a checkpoint of a run still training, or stopped early: not the final model
+            "run_finished": None if step is None or planned is None else step >= planned,
+            "backbone": cfg.model.backbone, "image_size": cfg.eval.image_size or cfg.crops.global_size}
 
 
 def _classify(kind: str, backbone: Backbone, cfg: Config, dev: torch.device, base: Path,
@@ -272,6 +275,8 @@ def headline(record: dict) -> str:
     """One line for the console, e.g. ``k-NN top-1 47.3 % (k=20, 2,500 train / 10,000 test)``."""
     res, n_train, n_test = record["results"], record.get("n_train"), record.get("n_test")
     model = "" if record.get("model") == "teacher" else f" [{record.get('model')}]"
+    if record.get("run_finished") is False:
+        model += f" [step {record['step']:,} of {record['planned_steps']:,}: not the run's final model]"
     if record["kind"] == "dense":
         within, chance = res.get("within_one"), res.get("chance_within_one")
         show = (lambda v: "n/a" if v is None else f"{100 * v:.1f} %")

@@ -218,7 +218,7 @@ def with_step_budget(cfg: Config, source=None) -> Config:
         return cfg
     from glsd.data.subset import select_images
 
-    n_images = len(select_images(cfg, None, source)[1])
+    n_images = len(select_images(cfg, None, source))
     steps_per_epoch = max(1, n_images // cfg.train.batch_size)
     epochs = max(1, round(cfg.study.steps / steps_per_epoch))
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save
 
 from glsd.errors import CheckpointError, DiskFull, GlsdError  # noqa: F401 - importable from here
-from glsd.utils.io import TMP_MARK, atomic_write, atomic_write_text
+from glsd.utils.io import TMP_MARK, atomic_write
 
 FORMAT = "glsd-checkpoint-v1"
 
@@ -54,6 +54,16 @@ def safe_message(e: BaseException) -> str:
     return " ".join(keep)[:300] or type(e).__name__
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (or, before torch 1.6, a pickle of protocol >= 2)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint without executing anything it may contain; its structure is checked
     (a dict of the glsd format whose ``student`` / ``teacher`` map names to tensors)."""
@@ -63,6 +73,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not _looks_like_torch_file(path):  # garbage, an HTML page: not an attack, a bad file
+            raise CheckpointError(f"checkpoint {path} is not a torch checkpoint (corrupt, or another "
+                                  "kind of file saved under its name)") from None
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and "
                               f"plain containers, which could run code when unpickled "
                               f"({safe_message(e)})") from None
@@ -83,6 +96,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(ckpt.get("step", 0), int) or not isinstance(ckpt.get("config", {}), dict):
         raise CheckpointError(f"checkpoint {path} is corrupt: bad 'step' or 'config' entry")
     return ckpt
+
+
+def checkpoint_config(path: Path) -> Optional[dict]:
+    """The config saved in a checkpoint, reading little of it (the file is memory-mapped, its
+    tensors are not read); None when it cannot be read (loading it later says why)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any failure: the full load names it
+        return None
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    return config if isinstance(config, dict) else None
 
 
 def export_backbone(path: Path, model: torch.nn.Module, config: dict) -> None:
@@ -110,11 +134,6 @@ def read_backbone(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
     state, meta = read_safetensors(path)
     return state, metadata_config(meta, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """A small text file (a JSON record, a report) written whole or not at all."""
-    atomic_write_text(Path(path), text)
 
 
 def read_json_record(path: Path):

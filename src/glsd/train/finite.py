@@ -46,28 +46,20 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     return total_norm(p.grad for p in params if p.grad is not None)
 
 
-def nonfinite_tensors(states: Mapping[str, Mapping[str, torch.Tensor]]) -> list[str]:
-    """``"section.key"`` of every floating tensor holding a NaN or inf, e.g. over
-    ``{"student": student.state_dict(), "teacher": ...}``. One fused norm per section; the tensors
-    it flags are then read one by one, because a norm also overflows from finite values (an
-    fp16 tensor's past 65,504), which names nothing."""
-    bad = []
-    for section, state in states.items():
-        names = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
-        if not names:
-            continue
-        norms = torch._foreach_norm([state[k].detach() for k in names])
-        finite = torch.isfinite(torch.stack([n.float() for n in norms]))
-        if bool(finite.all()):
-            continue
-        bad += [f"{section}.{k}" for k, ok in zip(names, finite.tolist())
-                if not ok and not bool(torch.isfinite(state[k].detach()).all())]
-    return bad
+GROWN_WEIGHT = 1e3  # far beyond what an initialised and normed network's weights reach
 
 
-def advice(cause: str, lr: float, clip_grad: Optional[float], mixed_precision: bool) -> str:
+def largest_weight(params: Iterable[torch.Tensor]) -> float:
+    """The largest finite |w| (a non-finite weight is told by its own check)."""
+    norms = torch._foreach_norm([p.detach() for p in params], float("inf"))
+    values = torch.stack([n.float() for n in norms])
+    finite_values = values[torch.isfinite(values)]
+    return float(finite_values.max()) if finite_values.numel() else 0.0
+
+
+def advice(cause: str, lr: float, peak_lr: float, clip_grad: Optional[float], mixed_precision: bool) -> str:
     """What to change, for the cause found ("loss", "gradients" or "weights")."""
-    hints = [f"a lower train.lr (the peak is now {lr:g})"]
+    hints = [f"a lower train.lr (now {lr:g}, a peak of {peak_lr:g} once scaled by the global batch / 256)"]
     if mixed_precision:  # overflow in 16 bits: first suspect for a loss or gradient, not weights
         hints.insert(0 if cause != "weights" else 1, "train.precision=fp32")
     if cause != "weights" and not clip_grad:

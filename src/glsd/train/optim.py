@@ -1,6 +1,7 @@
 """The optimisation rule of a training step: parameter groups (DINO's weight-decay rule),
 gradient clipping (per parameter tensor as DINO, or one global norm), AdamW and the grad
-scaler, synchronised BatchNorm under a process group, and the EMA teacher update."""
+scaler, synchronised BatchNorm under a process group, the objective (the losses and their
+centres, moved to the device with the networks), and the EMA teacher update."""
 from __future__ import annotations
 
 from dataclasses import dataclass

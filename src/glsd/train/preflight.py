@@ -28,7 +28,8 @@ from glsd.data.subset import SUBSET_FILE, read_subset
 from glsd.data.sources import ImageSource, Unreadable, balanced_subset
 from glsd.errors import DataError
 from glsd.models.families import is_vit
-from glsd.train.schedules import peak_lr, warmup_steps
+from glsd.train.checkpoint import checkpoint_config
+from glsd.train.schedules import freeze_last_layer_steps, peak_lr, teacher_temp_warmup_steps, warmup_steps
 
 # The train keys that define the per-step schedules of a run (lr, wd, momentum, warm-ups);
 # max_steps only stops early and is free to change.
@@ -273,13 +274,12 @@ def short_run_notes(cfg: Config, steps_per_epoch: int) -> list[str]:
     total = t.epochs * steps_per_epoch
     stop = min(total, t.max_steps) if t.max_steps else total
     notes = []
-    freeze = (t.freeze_last_layer_steps if t.freeze_last_layer_steps is not None
-              else int(t.freeze_last_layer_epochs * steps_per_epoch))
+    freeze = freeze_last_layer_steps(cfg, steps_per_epoch)
     if stop and freeze >= stop:
         notes.append(f"the prototypes are frozen for {freeze} steps, the whole run ({stop}): they "
                      "never train; lower train.freeze_last_layer_epochs or set "
                      "train.freeze_last_layer_steps")
-    temp_warmup = int(lo.warmup_teacher_temp_epochs * steps_per_epoch)
+    temp_warmup = teacher_temp_warmup_steps(cfg, steps_per_epoch)
     squeezed = min(temp_warmup, total)  # the schedule fits a longer warm-up into the run
     if stop and lo.warmup_teacher_temp != lo.teacher_temp:
         if stop < squeezed:
@@ -299,18 +299,27 @@ def short_run_notes(cfg: Config, steps_per_epoch: int) -> list[str]:
     return notes
 
 
+def _recorded_config(path: Path) -> Optional[dict]:
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
 def check_resume_schedule(cfg: Config, run_dir: Path, derived: tuple = ()) -> list[str]:
     """A resume under changed schedule keys continues only with train.extend=true. The run
-    folder's config.yaml is the config its checkpoint was trained under (written at start)."""
-    last, recorded = run_dir / "checkpoints" / "last.pt", run_dir / "config.yaml"
-    if not (cfg.train.resume and last.is_file() and recorded.is_file()):
+    folder's config.yaml is the config its checkpoint was trained under (written at start);
+    without a readable one (a checkpoint copied elsewhere), the checkpoint's own."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not (cfg.train.resume and last.is_file()):
         return []
+    raw = _recorded_config(run_dir / "config.yaml") or checkpoint_config(last)
     try:
-        raw = yaml.safe_load(recorded.read_text()) or {}
-        if diff_keys(identity(from_dict(raw)), identity(cfg)):
+        if raw is None or diff_keys(identity(from_dict(raw)), identity(cfg)):
             return []  # another run altogether: the run folder refuses it, naming those keys
-    except (yaml.YAMLError, ConfigError):
-        return []  # an unreadable record: the checkpoint's own config check still runs
+    except ConfigError:
+        return []  # a config of another version: the checkpoint's own config check still runs
     old = {**BEFORE_KEYS, **raw.get("train", {})}
     new = dataclasses.asdict(cfg.train)
     fixed = [f"train.{k}={str(old[k]).lower()}" for k in FIXED_KEYS if old[k] != new[k]]

@@ -41,14 +41,13 @@ from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.tensorboard import metric_sinks, require_sinks
 from glsd.train.resume import TrainState, require_one_checkpoint, restore
 from glsd.train.rng import seed_everything
-from glsd.train.saving import checkpoint, export_teacher, log_metrics, nonfinite_advice
+from glsd.train.saving import checkpoint, export_teacher, log_metrics, nonfinite_told
 from glsd.train.schedules import Schedules
 from glsd.train.signals import StopRequested
 from glsd.utils.device import device_type, resolve_device
 
 
-NonFiniteLossError = NonFiniteError  # the name before glsd.errors
-__all__ = ["pretrain", "NonFiniteLossError", "TrainingInterrupted"]
+__all__ = ["pretrain", "TrainingInterrupted"]
 
 
 def pretrain(cfg: Config) -> Path:
@@ -121,7 +120,7 @@ def _build_run(cfg: Config, device: torch.device, dinfo: DistInfo,
         resume, failure = None, e
     require_one_checkpoint(resume, failure)
     barrier()  # rank 0 may have archived an old run (and its subset.json): read after that
-    _, subset = select_images(cfg, run.root, source)
+    subset = select_images(cfg, run.root, source)
     if dinfo.is_main:
         write_subset(run.root / SUBSET_FILE, subset, cfg.data.split)
     # One batch type: the views come made by the workers or are made on the device
@@ -187,11 +186,16 @@ class Context:
     sinks: list = dataclasses.field(default_factory=list)  # metric writers besides metrics.jsonl
     applying: bool = False  # from a step's weight update until the state counts it (not a state to save)
 
+    @property
+    def planned_steps(self) -> int:
+        """Where the run stops: the schedule's end, or ``train.max_steps`` before it."""
+        return min(self.sched.total_steps, self.cfg.train.max_steps or self.sched.total_steps)
+
 
 def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
     """Returns True when the schedule (or train.max_steps) completed, False on a signal."""
     cfg, t = ctx.cfg, ctx.cfg.train
-    max_steps = min(ctx.sched.total_steps, t.max_steps or ctx.sched.total_steps)
+    max_steps = ctx.planned_steps
     console = ctx.console or Console(is_main=False)
     console.begin(state.step, max_steps)
     _close_finished_epoch(ctx, state)  # a run stopped right after an epoch's last step
@@ -262,6 +266,22 @@ def _no_image(ctx: Context, batch) -> bool:
 
 
 def train_step(ctx: Context, batch, step: int, want_stats: bool = True) -> LossTerms:
+    """One optimisation step (``step`` counts from 0), the data flow in order:
+
+    1. views: the batch's ``Vg`` global then ``Vl`` local crops, each ``(B, 3, S, S)``, and
+       their crop records ``(V, B, 5)`` (where each came from in the original image);
+    2. the teacher (no gradient) on the global views and the student on every view, under
+       autocast: per group of views of one size, view-level logits ``(V, B, K)`` and cell
+       logits ``(V, B, gh*gw, K_local)``;
+    3. the objective: global loss, matching and local loss (fp32), at this step's teacher
+       temperature; collapse indicators first when ``want_stats`` (the centre they read is the
+       one the targets were made with);
+    4. backward, gradient clipping and the non-finite guard, the frozen prototypes of the
+       first steps, AdamW at this step's learning rate and weight decay, then the EMA teacher.
+
+    Returns the loss terms (``loss_value`` on the host; ``diagnostics`` when ``want_stats``).
+    Raises NonFiniteError before anything of a non-finite step is applied.
+    """
     cfg, sched = ctx.cfg, ctx.sched
     n_global = cfg.crops.num_global
     views, geometry = ctx.make_views(batch, ctx.device)
@@ -310,8 +330,7 @@ def checked_step(ctx: Context, state: TrainState, batch, want_stats: bool) -> Lo
     try:
         return train_step(ctx, batch, state.step, want_stats)
     except NonFiniteError as e:  # nothing of this step was applied or written
-        raise NonFiniteError(f"{e} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
-                             f"{nonfinite_advice(ctx, e)}", cause=e.cause) from None
+        raise nonfinite_told(ctx, state, e) from None
     except RuntimeError as e:
         if not is_out_of_memory(e):
             raise

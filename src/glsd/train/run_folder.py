@@ -21,7 +21,7 @@ from glsd.config import Config, ConfigError, diff_keys, dump_yaml, from_dict, id
 from glsd.errors import CheckpointError, GlsdError
 from glsd.train import lock
 from glsd.train.checkpoint import load_checkpoint, sweep_temp_files
-from glsd.train.finite import nonfinite_tensors
+from glsd.weights import nonfinite_tensors
 from glsd.utils.io import atomic_write_text, raise_if_disk_full
 
 RESUME_KEYS = ("student", "teacher", "objective", "optimizer", "scaler", "step", "epoch",
@@ -89,7 +89,13 @@ class RunFolder:
         return ckpt
 
     def _check_resumable(self, cfg: Config) -> dict:
-        ckpt = load_checkpoint(self.last)
+        try:
+            ckpt = load_checkpoint(self.last)
+        except CheckpointError as e:
+            earlier = sorted(self.checkpoints.glob("epoch*.pt"))
+            copy = f", or copy {earlier[-1].name} over last.pt to resume from there" if earlier else ""
+            raise CheckpointError(f"{e}. To go on: start fresh with train.resume=false (the old run "
+                                  f"is moved aside, not deleted){copy}") from None
         missing = [k for k in RESUME_KEYS if k not in ckpt]
         if missing or not isinstance(ckpt.get("config"), dict):
             raise CheckpointError(f"{self.last} cannot be resumed: it lacks {', '.join(missing) or 'config'}. "

@@ -14,6 +14,7 @@ from glsd.export import write_run_exports
 from glsd.train import finite
 from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
 from glsd.train.resume import TrainState
+from glsd.weights import nonfinite_tensors
 from glsd.train.rng import rng_state
 from glsd.utils.distributed import gather_objects, max_over_ranks
 
@@ -59,11 +60,10 @@ def checkpoint(ctx: "Context", state: TrainState, keep: bool = False) -> None:
     # so a resume gives each rank its own drop-path and augmentation streams back.
     states = {"student": ctx.student.state_dict(), "teacher": ctx.teacher.state_dict(),
               "objective": ctx.objective.state_dict()}
-    bad = finite.nonfinite_tensors(states)  # identical on every rank: all stop together
+    bad = nonfinite_tensors(states)  # identical on every rank: all stop together
     if bad:
         error = finite.weights_error(state.step, bad, sum(len(v) for v in states.values()))
-        raise NonFiniteError(f"{error} {finite.kept_note(ctx.run.last, state.checkpoint_step)} "
-                             f"{nonfinite_advice(ctx, error)}", cause=error.cause)
+        raise nonfinite_told(ctx, state, error)
     per_rank = gather_objects({"rng": rng_state(), "skipped_images": state.skipped_images})
     written_by_rank0(ctx, lambda: _write_checkpoint(ctx, state, states, per_rank, keep),
                      "rank 0 could not write the checkpoint (its message says why); every rank stops")
@@ -76,6 +76,7 @@ def _write_checkpoint(ctx: "Context", state: TrainState, states: dict, per_rank:
         **states,  # student, teacher, objective (both centres)
         "optimizer": ctx.optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
         "step": state.step, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+        "planned_steps": ctx.planned_steps,  # where this run stops: evaluation says if it has
         "samples_in_epoch": state.step_in_epoch * ctx.sampler.global_batch,
         "global_batch": ctx.sampler.global_batch,
         "order_rule": ctx.sampler.order_rule,
@@ -84,9 +85,11 @@ def _write_checkpoint(ctx: "Context", state: TrainState, states: dict, per_rank:
         "rng_per_rank": [p["rng"] for p in per_rank],
         "skipped_per_rank": [p["skipped_images"] for p in per_rank],
     }
-    save_checkpoint(ctx.run.last, payload)
+    # The kept copy first: a kill while it is written leaves the previous last.pt, and the
+    # resume redoes this epoch's end, writing it again (last.pt first would lose it for good).
     if keep:
         save_checkpoint(ctx.run.checkpoints / f"epoch{state.epoch:04d}.pt", payload)
+    save_checkpoint(ctx.run.last, payload)
 
 
 def export_teacher(ctx: "Context") -> None:
@@ -101,7 +104,17 @@ def export_teacher(ctx: "Context") -> None:
                                  f"is trained and checkpointed: `glsd export {ctx.run.root}` writes it")
 
 
-def nonfinite_advice(ctx: "Context", error: NonFiniteError) -> str:
-    """What to change after a non-finite loss or weights, from the run's settings."""
-    return finite.advice(error.cause, float(ctx.sched.lr.max()), ctx.cfg.train.clip_grad,
-                         ctx.amp_dtype is not None)
+def nonfinite_told(ctx: "Context", state: TrainState, error: NonFiniteError) -> NonFiniteError:
+    """``error`` with what the run kept, how a rerun continues and what to change."""
+    kept = finite.kept_note(ctx.run.last, state.checkpoint_step)
+    if state.checkpoint_step is not None:
+        largest = finite.largest_weight(ctx.student.parameters())
+        grown = (f" (the student's weights have grown to |w| = {largest:.3g}: the run had probably "
+                 "diverged before its checkpoint)" if largest > finite.GROWN_WEIGHT else "")
+        kept = (f"The checkpoint {ctx.run.last} (step {state.checkpoint_step}, finite weights) is kept. "
+                "A rerun as it is resumes from it and replays the same batches: continue from it "
+                "under a lower train.lr with train.extend=true, or start over with "
+                f"train.resume=false{grown}.")
+    how = finite.advice(error.cause, ctx.cfg.train.lr, float(ctx.sched.lr.max()), ctx.cfg.train.clip_grad,
+                        ctx.amp_dtype is not None)
+    return NonFiniteError(f"{error} {kept} {how}", cause=error.cause)

@@ -31,6 +31,17 @@ def warmup_steps(cfg, steps_per_epoch: int) -> int:
     return t.warmup_steps if t.warmup_steps is not None else int(t.warmup_epochs * steps_per_epoch)
 
 
+def freeze_last_layer_steps(cfg, steps_per_epoch: int) -> int:
+    """Steps the prototypes (the heads' last layers) stay frozen: the step count when given."""
+    t = cfg.train
+    return (t.freeze_last_layer_steps if t.freeze_last_layer_steps is not None
+            else int(t.freeze_last_layer_epochs * steps_per_epoch))
+
+
+def teacher_temp_warmup_steps(cfg, steps_per_epoch: int) -> int:
+    return int(cfg.loss.warmup_teacher_temp_epochs * steps_per_epoch)
+
+
 def peak_lr(cfg, global_batch: int) -> float:
     """The learning rate after the warm-up: ``train.lr`` scaled by the global batch / 256."""
     return cfg.train.lr * global_batch / 256.0
@@ -47,8 +58,7 @@ class Schedules:
         self.wd = cosine(t.weight_decay, t.weight_decay_end, total)
         self.momentum = cosine(t.momentum_teacher, t.momentum_teacher_end, total)
         self.teacher_temp = teacher_temperature(lo.warmup_teacher_temp, lo.teacher_temp,
-                                                int(lo.warmup_teacher_temp_epochs * steps_per_epoch), total)
-        self.freeze_last_layer_steps = (t.freeze_last_layer_steps if t.freeze_last_layer_steps is not None
-                                        else int(t.freeze_last_layer_epochs * steps_per_epoch))
+                                                teacher_temp_warmup_steps(cfg, steps_per_epoch), total)
+        self.freeze_last_layer_steps = freeze_last_layer_steps(cfg, steps_per_epoch)
         self.total_steps = total
         self.warmup_steps = min(warmup, total)

@@ -61,7 +61,7 @@ def bench_data(cfg: Config, device: torch.device, quick: bool, step_images_per_s
     for name, c in sources.items():
         if c.data.source == "synthetic" and c.data.synthetic_num_images < need:
             c = apply_overrides(c, [f"data.synthetic_num_images={need}"])
-        _, subset = select_images(c, None)
+        subset = select_images(c, None)
         workers = max(1, c.data.num_workers)
         # Views made in the workers: decode, then one batched pass per batch.
         bloader = build_loader(apply_overrides(c, ["data.augment_on=cpu"]), subset, 0, 1, pin_memory=False)[0]

@@ -148,5 +148,5 @@ def first_batch(cfg: Config):
     from glsd.data.subset import select_images
 
     one = apply_overrides(cfg, ["data.num_workers=0", "data.augment_on=cpu"])
-    _, subset = select_images(one, None)
+    subset = select_images(one, None)
     return next(iter(build_loader(one, subset, 0, 1, pin_memory=False)[0]))
