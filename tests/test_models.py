@@ -314,7 +314,11 @@ def test_families_that_never_had_drop_path_keep_timms_default():
 
 @pytest.mark.parametrize("name", ["vit", "swin"])
 def test_zero_drop_path_rate_means_none(name):
-    student = build_network(make_cfg(name, extra=["model.drop_path_rate=0"]))
+    # two blocks: timm's rates rise from 0 at the first block, so one block never drops
+    deeper = {"vit": ["model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2}"], "swin": []}[name]
+    # the key reaches the model: a rate gives DropPath modules, 0 none that drop anything
+    assert any(p > 0 for p in _drop_probs(build_network(make_cfg(name, extra=[*deeper, "model.drop_path_rate=0.2"]))))
+    student = build_network(make_cfg(name, extra=[*deeper, "model.drop_path_rate=0"]))
     assert all(p == 0 for p in _drop_probs(student)), _drop_probs(student)
 
 
@@ -362,14 +366,23 @@ def test_gradients_reach_every_student_parameter(name, matching):
     # The training objective (pairing, geometry rows, weights) gives the loss built by hand.
     terms = GlobalLocalObjective.from_config(cfg)(s_groups, [t_out], torch.cat(geoms), 0.04)
     torch.testing.assert_close(terms.loss, loss, rtol=1e-5, atol=1e-6)
-    loss.backward()
-    missing = [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
+    # The objective's own loss trains the student as the hand-built one does, every parameter
+    # (a local term detached in one mode would give its local head no gradient here).
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    by_hand = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)
+    trained = torch.autograd.grad(terms.loss, [p for _, p in named], allow_unused=True)
+    missing = [n for (n, _), g in zip(named, trained) if g is None]
     assert not missing, missing
-    bad = [n for n, p in student.named_parameters() if p.requires_grad and not torch.isfinite(p.grad).all()]
+    bad = [n for (n, _), g in zip(named, trained) if not torch.isfinite(g).all()]
     assert not bad, bad
+    for (n, _), g, ref in zip(named, trained, by_hand):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6, msg=n)
     if matching != "none":
-        assert any(p.grad.abs().sum() > 0 for p in student.local_head.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
+        local_head = [g for (n, _), g in zip(named, trained) if n.startswith("local_head.")]
+        assert local_head and all(g.abs().sum() > 0 for g in local_head)
+    # The teacher is no leaf of the graph: its outputs carry no history, its weights want none.
+    assert t_out.local_feat.grad_fn is None and t_out.global_logits.grad_fn is None
+    assert not any(p.requires_grad for p in teacher.parameters())
 
 
 # ---------------------------------------------------------------------------------------
@@ -436,3 +449,18 @@ def test_parameters_no_output_uses_are_frozen_and_nothing_else_moves(extra, unus
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
     assert set(unused) <= set(frozen)
+
+
+@pytest.mark.parametrize("preset", ["cpu-default", "cifar10-lowdata-cpu", "cifar10-vit-tiny"])
+def test_the_presets_local_head_has_the_widths_they_name(preset):
+    """local_hidden_dim / local_bottleneck_dim / local_out_dim reach the local head, each in its
+    place (two swapped widths would still fit together and train): MLP in -> hidden -> hidden
+    -> bottleneck, then the prototypes."""
+    m = load_config(preset, ["data.source=synthetic"]).model
+    net = build_network(load_config(preset, ["data.source=synthetic"]))
+    linears = [(layer.in_features, layer.out_features) for layer in net.local_head.mlp
+               if isinstance(layer, torch.nn.Linear)]
+    hidden, bottleneck = m.local_hidden_dim or m.hidden_dim, m.local_bottleneck_dim or m.bottleneck_dim
+    embed = net.backbone.embed_dim
+    assert linears == [(embed, hidden), (hidden, hidden), (hidden, bottleneck)]
+    assert tuple(net.local_head.last_layer.weight.shape) == (m.local_out_dim or m.out_dim, bottleneck)

@@ -147,24 +147,27 @@ def test_prototypes_stay_frozen_for_their_steps(tmp_path, monkeypatch, frozen_st
         assert mlp_moved  # the rest of the head trains meanwhile
 
 
-def test_channels_last_trains_the_same_numbers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision, rel", [("fp32", 1e-5), ("bf16", 2e-2)])
+def test_channels_last_trains_the_same_numbers(tmp_path, monkeypatch, precision, rel):
     """model.channels_last only changes the memory layout of the conv net's activations (a
-    run may resume with it switched: it is not part of the run's identity), not the result."""
+    run may resume with it switched: it is not part of the run's identity), not the result;
+    also under bf16 (the CPU presets' precision), whose BatchNorm kernels differ by layout."""
     runs = {}
     seen = _capture_ctx(monkeypatch)
     for layout in ("true", "false"):
         run = tmp_path / layout
         pretrain(tiny_config(run, "train.max_steps=2", "train.freeze_last_layer_steps=0",
-                             f"model.channels_last={layout}", "loss.matching=geometric"))
+                             f"model.channels_last={layout}", "loss.matching=geometric",
+                             f"train.precision={precision}"))
         runs[layout] = load_checkpoint(run / "checkpoints" / "last.pt")
         convs = [p for p in seen["ctx"].student.parameters() if p.ndim == 4 and p.shape[-1] > 1]
         assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == (layout == "true")
                              for p in convs)  # the setting reached the weights
     a, b = runs["true"], runs["false"]
     assert [r["loss"] for r in read_metrics(tmp_path / "true")] == pytest.approx(
-        [r["loss"] for r in read_metrics(tmp_path / "false")], rel=1e-5)
+        [r["loss"] for r in read_metrics(tmp_path / "false")], rel=rel)
     for key, value in a["student"].items():
-        torch.testing.assert_close(value, b["student"][key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(value, b["student"][key], rtol=10 * rel, atol=rel, msg=key)
 
 
 def test_the_study_recipe_resumes_exactly(tmp_path):

@@ -1,5 +1,6 @@
 """Resuming where the run was: under another global batch (world size), after an online
 evaluation, and from a run whose precision used no loss scaling."""
+import math
 import shutil
 
 import torch
@@ -62,26 +63,22 @@ def test_online_knn_does_not_move_the_random_state_a_resume_restores(tmp_path):
     assert state_dicts_equal(a["teacher"], b["teacher"]) == []
 
 
-def test_a_bf16_run_resumes_under_fp16_with_a_fresh_loss_scaler(tmp_path, monkeypatch):
+def test_a_bf16_run_resumes_under_fp16_with_a_fresh_loss_scaler(tmp_path):
     """bf16 and fp32 runs save an empty GradScaler state; fp16 (e.g. `precision=auto` on an
-    older GPU) enables one. The resume starts a fresh scaler, not a "corrupt checkpoint"."""
+    older GPU; CPU autocast has it too) enables one. The resume starts a fresh scaler, not a
+    "corrupt checkpoint", and the fp16 steps train (finite loss, the scaler's state saved)."""
     run = tmp_path / "run"
     pretrain(tiny_config(run, "train.max_steps=2", "train.precision=bf16"))
     assert load_last(run)["scaler"] == {} and load_last(run)["config"]["train"]["precision"] == "bf16"
-    real = torch.amp.GradScaler
-
-    def enabled_scaler(*args, **kwargs):  # fp16 scaling is CUDA-only: enable it on the CPU
-        return real("cpu", enabled=True)
-
-    monkeypatch.setattr(torch.amp, "GradScaler", enabled_scaler)
-    pretrain(tiny_config(run, "train.max_steps=3", "train.precision=bf16"))
-    assert load_last(run)["step"] == 3 and load_last(run)["scaler"] != {}  # the fresh scaler's state
+    pretrain(tiny_config(run, "train.max_steps=4", "train.precision=fp16"))
+    ckpt = load_last(run)
+    assert ckpt["step"] == 4 and ckpt["scaler"].get("scale", 0) > 0  # the fresh scaler's state
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(run) if "loss" in r)
 
 
 def test_ranks_resumed_under_another_world_size_draw_their_own_streams():
     """Rank 0 continues rank 0's recorded state; every other rank gets a stream of its own
     (one shared state would give every rank the same drop-path masks)."""
-    import torch
     from glsd.train.rng import restore_rank_rng, rng_state
     torch.manual_seed(0)
     ckpt = {"rng": rng_state(), "rng_per_rank": [rng_state()], "skipped_per_rank": [3],
