@@ -199,7 +199,7 @@ def _loader_views(tmp_path, path, *extra):
     cfg = tiny_config(tmp_path / f"run-{path}", f"data.augment_on={path}", *extra)
     from glsd.data.subset import select_images
 
-    _, subset = select_images(cfg, None)
+    subset = select_images(cfg, None)
     loader, _ = build_loader(cfg, subset, 0, 1, pin_memory=False)
     batch = next(iter(loader))
     views, geometry = StepViews(cfg)(batch, torch.device("cpu"))
