@@ -36,6 +36,12 @@ CASE_IDS = [f"{b}-{w}" + "".join(f"-{o.split('=')[1]}" for o in extra) for b, w,
 # DistributedDataParallel, which would otherwise wait for its gradient and fail at step 2.
 CASES.append(("vit", "device", ("model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2, global_pool: avg}",)))
 CASE_IDS.append("vit-device-unused-fc_norm")
+# Stochastic depth (the ViT and Swin presets): each rank draws its own masks, the weights stay
+# one model. Not comparable with one process of twice the batch (other masks, by design).
+CASES.append(("vit", "device", ("model.backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2}",
+                                "model.drop_path_rate=0.3")))
+CASE_IDS.append("vit-device-drop_path")
+SAME_AS_ONE_PROCESS = [name for name in CASE_IDS if not name.endswith("drop_path")]
 
 
 def case_config(out_dir, case, batch_size):
@@ -63,6 +69,8 @@ def install_recorders(setattr_) -> dict:
         rec["indices"].append(batch.indices.clone())
         if step == 0:  # the views as the step sees them, wherever they are made
             rec["views"] = [v.clone() for v in ctx.make_views(batch, ctx.device)[0]]
+        if step == 0:  # the random state this step's drop-path masks come from
+            rec["rng_0"] = torch.random.get_rng_state()
         terms = real_step(ctx, batch, step, want_stats)
         rec["local_loss"].append(terms.loss.item())
         if step == 0:
@@ -141,6 +149,8 @@ def one_rank(tmp_path_factory):
     out_dir, recs = tmp_path_factory.mktemp("single"), {}
     before = torch.are_deterministic_algorithms_enabled()
     for case, name in zip(CASES, CASE_IDS):
+        if name not in SAME_AS_ONE_PROCESS:
+            continue
         mp_ = pytest.MonkeyPatch()
         try:
             recs[name] = install_recorders(mp_.setattr)
@@ -199,7 +209,19 @@ def test_ranks_agree_on_loss_and_teacher(two_ranks, case):
         assert diff == [], f"{key} differs between ranks: {diff[:5]}"
 
 
-@pytest.mark.parametrize("case", CASE_IDS)
+def test_ranks_draw_their_own_drop_path_masks_and_stay_one_model(two_ranks):
+    """The ranks' random streams differ (one shared stream would drop the same blocks of every
+    rank's samples), and DistributedDataParallel keeps their weights equal regardless
+    (test_ranks_agree_on_loss_and_teacher checks that for this case too)."""
+    _, ranks = two_ranks
+    r0, r1 = (r["vit-device-drop_path"] for r in ranks)
+    assert not torch.equal(r0["rng_0"], r1["rng_0"])
+    assert _max_diff(r0["student_0"], r0["student_end"]) > 1e-4  # it trained
+    diff = [k for k in r0["student_end"] if not torch.equal(r0["student_end"][k], r1["student_end"][k])]
+    assert diff == []
+
+
+@pytest.mark.parametrize("case", SAME_AS_ONE_PROCESS)
 def test_two_processes_match_one_process_of_twice_the_batch(two_ranks, one_rank, case):
     _, ranks = two_ranks
     r0, r1 = (r[case] for r in ranks)
