@@ -142,6 +142,7 @@ def pretrain(preset_or_yaml: Union[str, "Config"], **overrides: Any) -> RunResul
     from glsd.config import Config, apply_overrides
     from glsd.export import EXPORT_DIR
     from glsd.train.pretrain import pretrain as _pretrain
+    from glsd.run_layout import BACKBONE_FILE
     from glsd.train.run_folder import last_logged_step
 
     _refuse_in_spawned_import("pretrain")
@@ -150,7 +151,7 @@ def pretrain(preset_or_yaml: Union[str, "Config"], **overrides: Any) -> RunResul
     else:
         cfg = load_config(preset_or_yaml, **overrides)
     run_dir = Path(_pretrain(cfg))
-    return RunResult(run_dir, last_logged_step(run_dir), run_dir / "backbone.safetensors",
+    return RunResult(run_dir, last_logged_step(run_dir), run_dir / BACKBONE_FILE,
                      run_dir / EXPORT_DIR, cfg)
 
 

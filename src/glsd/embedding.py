@@ -35,6 +35,7 @@ from glsd.data.sources import open_source
 from glsd.eval.data_spec import data_config
 from glsd.eval.features import iter_features, load_backbone, resolve_feature
 from glsd.eval.runner import eval_device
+from glsd.run_layout import BACKBONE_FILE, CHECKPOINT_DIR
 from glsd.utils.io import atomic_write, check_writable
 
 SUFFIXES = (".safetensors", ".npy")
@@ -134,7 +135,7 @@ def check_outputs(out: Path, source: Union[str, Path]) -> None:
     embedded, not a CSV of someone else's (a labels file beside the images)."""
     src, target = Path(source).resolve(), out.resolve()
     # a run folder's model files: its exported backbone, its checkpoints and export folders
-    model_files = [src] if not src.is_dir() else [src / "backbone.safetensors", src / "checkpoints",
+    model_files = [src] if not src.is_dir() else [src / BACKBONE_FILE, src / CHECKPOINT_DIR,
                                                   src / "export"]
     if any(target == m or m in target.parents for m in model_files):
         raise ConfigError(f"--out {out} would replace the model being embedded (or its run's "

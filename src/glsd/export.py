@@ -37,6 +37,7 @@ from glsd.config import ConfigError, from_dict
 from glsd.errors import CheckpointError
 from glsd.models.backbone import create_model, declared_layout, has_class_token
 from glsd.models.families import GLSD_CONVNET
+from glsd.run_layout import BACKBONE_FILE
 from glsd.train.checkpoint import read_backbone
 from glsd.utils.io import check_writable
 from glsd.weights import load_checked_weights, read_safetensors
@@ -237,8 +238,8 @@ def check_export_target(out: Path) -> None:
 def write_run_exports(run_dir: Union[str, Path], model: torch.nn.Module, cfg) -> Path:
     """End of pretraining: the export folder beside ``backbone.safetensors``, and both 0644."""
     run_dir = Path(run_dir)
-    if (run_dir / "backbone.safetensors").is_file():
-        os.chmod(run_dir / "backbone.safetensors", FILE_MODE)
+    if (run_dir / BACKBONE_FILE).is_file():
+        os.chmod(run_dir / BACKBONE_FILE, FILE_MODE)
     return write_timm_export(run_dir / EXPORT_DIR, model, cfg)
 
 

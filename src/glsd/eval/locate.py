@@ -10,12 +10,12 @@ from glsd.config import ConfigError, diff_keys, from_dict, identity
 from glsd.errors import CheckpointError
 from glsd.config_files import parse_yaml
 from glsd.export import export_folder_config
+from glsd.run_layout import BACKBONE_FILE, LAST_CHECKPOINT
 from glsd.train.checkpoint import load_checkpoint, read_backbone_config
 from glsd.train.lock import run_of
 from glsd.weights import read_safetensors
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
-BACKBONE_FILE = "backbone.safetensors"
+CHECKPOINT = LAST_CHECKPOINT
 EXPORT_WEIGHTS = "model.safetensors"  # beside config.json in a `glsd export` folder
 
 

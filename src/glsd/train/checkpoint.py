@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save
 
 from glsd.errors import CheckpointError, DiskFull, GlsdError  # noqa: F401 - importable from here
+from glsd.run_layout import CHECKPOINT_DIR
 from glsd.utils.io import TMP_MARK, atomic_write
 
 FORMAT = "glsd-checkpoint-v1"
@@ -29,7 +30,7 @@ def sweep_temp_files(root: Path) -> list[Path]:
     the folder's lock held, when no writer of this run is live."""
     removed = []
     root = Path(root)  # not eval/: an evaluation may be writing there, under its own lock
-    for p in [*root.glob(f".*{TMP_MARK}*"), *(root / "checkpoints").glob(f".*{TMP_MARK}*")]:
+    for p in [*root.glob(f".*{TMP_MARK}*"), *(root / CHECKPOINT_DIR).glob(f".*{TMP_MARK}*")]:
         if p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)
             removed.append(p)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from glsd.errors import NotWritable, RunFolderBusy
+from glsd.run_layout import CHECKPOINT_DIR
 
 LOCK_NAME = ".glsd.lock"
 _held: dict[Path, int] = {}  # lock path -> depth, in this process
@@ -198,7 +199,7 @@ def run_of(path) -> Path:
     folder or a file in it (when that run has its config.yaml); else the file's folder."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    if folder.name == "checkpoints" and folder != path:
+    if folder.name == CHECKPOINT_DIR and folder != path:
         return folder.parent
     if folder.parent.name == "export" and (folder.parent.parent / "config.yaml").is_file():
         return folder.parent.parent

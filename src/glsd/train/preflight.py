@@ -28,6 +28,7 @@ from glsd.data.subset import SUBSET_FILE, read_subset
 from glsd.data.sources import ImageSource, Unreadable, balanced_subset
 from glsd.errors import DataError
 from glsd.models.families import is_vit
+from glsd.run_layout import LAST_CHECKPOINT
 from glsd.train.checkpoint import checkpoint_config
 from glsd.train.schedules import freeze_last_layer_steps, peak_lr, teacher_temp_warmup_steps, warmup_steps
 
@@ -186,7 +187,7 @@ def planned_images(cfg: Config, source: ImageSource) -> int:
     """How many images the run pretrains on: a resumed run's recorded subset (images added
     to the folder since do not join it), else the subset drawn now."""
     run = Path(cfg.output_dir)  # resumed only from a checkpoint: else the folder is moved aside
-    resumes = cfg.train.resume and (run / "checkpoints" / "last.pt").is_file()
+    resumes = cfg.train.resume and (run / LAST_CHECKPOINT).is_file()
     recorded = read_subset(run / SUBSET_FILE) if resumes else None
     if recorded is not None:
         return len(recorded["keys"])
@@ -311,7 +312,7 @@ def check_resume_schedule(cfg: Config, run_dir: Path, derived: tuple = ()) -> li
     """A resume under changed schedule keys continues only with train.extend=true. The run
     folder's config.yaml is the config its checkpoint was trained under (written at start);
     without a readable one (a checkpoint copied elsewhere), the checkpoint's own."""
-    last = run_dir / "checkpoints" / "last.pt"
+    last = run_dir / LAST_CHECKPOINT
     if not (cfg.train.resume and last.is_file()):
         return []
     raw = _recorded_config(run_dir / "config.yaml") or checkpoint_config(last)

@@ -26,6 +26,7 @@ from glsd.data.workers import is_worker_death, worker_died
 from glsd.models.families import GLSD_CONVNET
 from glsd.models.heads import GLSDNet, build_networks
 from glsd.errors import DataError, NonFiniteError, TrainingInterrupted, is_out_of_memory
+from glsd.run_layout import BACKBONE_FILE
 from glsd.train import finite
 from glsd.train.finite import out_of_memory
 from glsd.train.collapse import CollapseMonitor, collapse_indicators
@@ -156,7 +157,7 @@ def _build_run(cfg: Config, device: torch.device, dinfo: DistInfo,
 def _finish_run(ctx: "Context", state: TrainState) -> None:
     """The teacher backbone exported (rank 0) and the end summary."""
     export_teacher(ctx)
-    export = ctx.run.root / "backbone.safetensors" if ctx.dinfo.is_main else None
+    export = ctx.run.root / BACKBONE_FILE if ctx.dinfo.is_main else None
     skipped = int(sum_over_ranks(state.skipped_images, ctx.device))
     ctx.console.end(state.step, ctx.sampler.global_batch, skipped, str(export) if export else None,
                     timm_loads_it=ctx.cfg.model.backbone != GLSD_CONVNET)

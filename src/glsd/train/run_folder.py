@@ -19,6 +19,7 @@ import yaml
 
 from glsd.config import Config, ConfigError, diff_keys, dump_yaml, from_dict, identity
 from glsd.errors import CheckpointError, GlsdError
+from glsd.run_layout import BACKBONE_FILE, CHECKPOINT_DIR, LAST_CHECKPOINT
 from glsd.train import lock
 from glsd.train.checkpoint import load_checkpoint, sweep_temp_files
 from glsd.weights import nonfinite_tensors
@@ -27,7 +28,7 @@ from glsd.utils.io import atomic_write_text, raise_if_disk_full
 RESUME_KEYS = ("student", "teacher", "objective", "optimizer", "scaler", "step", "epoch",
                "samples_in_epoch", "rng")
 # What a start that never wrote a checkpoint leaves; a restart of the same config clears it.
-START_FILES = {"config.yaml", "metrics.jsonl", "train.log", "subset.json", "checkpoints",
+START_FILES = {"config.yaml", "metrics.jsonl", "train.log", "subset.json", CHECKPOINT_DIR,
                "failed.txt", lock.LOCK_NAME}
 FAILED_FILE = "failed.txt"
 
@@ -38,8 +39,8 @@ class RunFolder:
     def __init__(self, root: str | Path, is_main: bool = True):
         self.root = Path(root)
         self.is_main = is_main
-        self.checkpoints = self.root / "checkpoints"
-        self.last = self.checkpoints / "last.pt"
+        self.checkpoints = self.root / CHECKPOINT_DIR
+        self.last = self.root / LAST_CHECKPOINT
         self._locks = 0
         self._named_unreadable: set[str] = set()
         self._handler: Optional[logging.Handler] = None
@@ -130,7 +131,7 @@ class RunFolder:
 
     def _is_same_unsaved_start(self, cfg: Config) -> bool:
         names = {p.name for p in self.root.iterdir()}
-        if not names <= START_FILES or (self.root / "backbone.safetensors").exists():
+        if not names <= START_FILES or (self.root / BACKBONE_FILE).exists():
             return False
         if any(not p.name.startswith(".") for p in self.checkpoints.glob("*")):
             return False
@@ -161,7 +162,7 @@ class RunFolder:
         rerunning the command must not quietly start it over. (One killed before its first
         checkpoint saved nothing: it is moved aside, saying so.)"""
         kept = sorted(self.checkpoints.glob("epoch*.pt"))
-        if not kept and not (self.root / "backbone.safetensors").exists():
+        if not kept and not (self.root / BACKBONE_FILE).exists():
             return
         steps = [r.get("step", 0) for r in read_metrics_records(self.root / "metrics.jsonl")]
         hint = (f" To resume from its last kept checkpoint, copy {kept[-1].name} to "

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from glsd.config import to_dict
 from glsd.errors import NonFiniteError, RankFailed
 from glsd.export import write_run_exports
+from glsd.run_layout import BACKBONE_FILE
 from glsd.train import finite
 from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
 from glsd.train.resume import TrainState
@@ -96,7 +97,7 @@ def export_teacher(ctx: "Context") -> None:
     """The teacher backbone: ``backbone.safetensors`` and ``export/timm/`` (collective)."""
     def write() -> None:
         model = ctx.teacher.backbone.model
-        export_backbone(ctx.run.root / "backbone.safetensors", model, to_dict(ctx.cfg))
+        export_backbone(ctx.run.root / BACKBONE_FILE, model, to_dict(ctx.cfg))
         write_run_exports(ctx.run.root, model, ctx.cfg)  # + export/timm/, files 0644
         sweep_temp_files(ctx.run.root)
 
