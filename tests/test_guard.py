@@ -382,18 +382,29 @@ def test_resume_without_config_yaml_still_refuses_a_changed_schedule(tmp_path):
         pretrain(tiny_config(moved, "train.max_steps=3", "train.lr=0.5"))
 
 
-def test_the_kept_epoch_checkpoint_is_written_before_last_pt(tmp_path, monkeypatch):
-    """A kill while the epoch file is written must leave the previous last.pt, so that the
-    resume redoes the epoch's end and writes that file again."""
+def test_a_kill_before_the_kept_epoch_copy_is_written_is_repaired_by_the_resume(tmp_path, monkeypatch):
+    """last.pt of an epoch's end is written, then the kill comes before epochNNNN.pt: the
+    resume (from that last.pt, past the epoch's end) writes the kept copy it holds."""
     import glsd.train.saving as saving
 
-    order, real = [], saving.save_checkpoint
-    monkeypatch.setattr(saving, "save_checkpoint", lambda path, payload: (order.append(Path(path).name),
-                                                                          real(path, payload)))
-    pretrain(tiny_config(tmp_path / "run", "train.epochs=2", "train.max_steps=8", "train.checkpoint_every_epochs=1",
-                         "train.checkpoint_every_steps=0"))
-    kept = [i for i, name in enumerate(order) if name.startswith("epoch")]
-    assert kept and all(order[i + 1] == "last.pt" for i in kept), order
+    real = saving.save_checkpoint
+
+    def killed_at_the_kept_copy(path, payload):
+        if Path(path).name == "epoch0001.pt":
+            raise KeyboardInterrupt("killed")  # nothing below the trainer catches it
+        return real(path, payload)
+
+    run = tmp_path / "run"
+    cfg = ("train.epochs=2", "train.max_steps=8", "train.checkpoint_every_epochs=1", "train.checkpoint_every_steps=0")
+    monkeypatch.setattr(saving, "save_checkpoint", killed_at_the_kept_copy)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_config(run, *cfg))
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["last.pt"]
+    at_epoch_end = (run / "checkpoints" / "last.pt").read_bytes()
+    monkeypatch.setattr(saving, "save_checkpoint", real)
+    pretrain(tiny_config(run, *cfg))
+    assert (run / "checkpoints" / "epoch0001.pt").read_bytes() == at_epoch_end
+    assert load_checkpoint(run / "checkpoints" / "epoch0002.pt")["step"] == 8
 
 
 def test_a_garbage_checkpoint_is_called_corrupt_with_the_ways_on(tmp_path):
@@ -433,3 +444,20 @@ def test_eval_of_a_run_that_has_not_finished_says_so(tmp_path):
     record = run_eval("dense", run)
     assert record["run_finished"] is False
     assert "step 2 of 8: not the run's final model" in headline(record)
+
+
+def test_eval_accepts_a_run_whose_config_names_where_its_data_moved(tmp_path):
+    """config.yaml edited to the data's new place: the same run, not another one; other images
+    (a data key that chooses them) are another run."""
+    from glsd.config import to_dict
+    from glsd.eval.locate import _same_run
+
+    def raw(*extra):
+        return to_dict(load_config("cpu-default", ["data.source=auto", *extra]))
+
+    ckpt, cfg_file = tmp_path / "last.pt", tmp_path / "config.yaml"
+    cfg_file.write_text("written")
+    trained = {"config": raw("data.root=/old/photos")}
+    _same_run(raw("data.root=/new/photos"), trained, ckpt, cfg_file)  # no refusal
+    with pytest.raises(ConfigError, match="belongs to another run.*data.num_images"):
+        _same_run(raw("data.root=/new/photos", "data.num_images=50"), trained, ckpt, cfg_file)

@@ -77,7 +77,7 @@ def worker_died(error: BaseException, saved: str) -> WorkerDied:
     """The one message for a dead worker; ``saved`` says what the run kept."""
     spawned = ("; from a Python script on macOS or Windows, also check that it calls glsd under "
                "`if __name__ == \"__main__\":` (workers import it again)"
-               if multiprocessing.get_start_method(allow_none=True) == "spawn" else "")
+               if multiprocessing.get_start_method(allow_none=True) in ("spawn", "forkserver") else "")
     return WorkerDied(f"a data loader worker died ({str(error).splitlines()[0]}); {saved.rstrip('.')}. If it "
                      "happens again: out of memory (lower data.num_workers or train.batch_size) "
                      "or a decoder crash on one file (data.num_workers=0 shows the error where "

@@ -99,9 +99,12 @@ def _same_run(raw: dict, ckpt: dict, ckpt_path: Path, cfg_path: Path) -> None:
                           + ", ".join(f"model.{k}={theirs[k]!r}" for k in keys) + f" while {cfg_path} says "
                           + ", ".join(f"model.{k}={mine.get(k)!r}" for k in keys) + fix)
     try:  # the same architecture trained under another config: the record would mix two runs
-        diffs = diff_keys(identity(from_dict(saved)), identity(from_dict(raw)))
+        ours, its = identity(from_dict(raw)), identity(from_dict(saved))
     except ConfigError:  # a config of another glsd version: the architecture check above is all
         return
+    for ident in (ours, its):  # data moved (config.yaml edited to its new place): the same run
+        ident["data"].pop("root", None)
+    diffs = diff_keys(its, ours)
     if diffs:
         raise ConfigError(f"{ckpt_path} belongs to another run: its config differs from {cfg_path} "
                           f"in {'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}" + fix)

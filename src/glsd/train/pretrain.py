@@ -42,7 +42,7 @@ from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.tensorboard import metric_sinks, require_sinks
 from glsd.train.resume import TrainState, require_one_checkpoint, restore
 from glsd.train.rng import seed_everything
-from glsd.train.saving import checkpoint, export_teacher, log_metrics, nonfinite_told
+from glsd.train.saving import checkpoint, export_teacher, log_metrics, nonfinite_told, restore_kept_copy
 from glsd.train.schedules import Schedules
 from glsd.train.signals import StopRequested
 from glsd.utils.device import device_type, resolve_device
@@ -199,6 +199,7 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
     max_steps = ctx.planned_steps
     console = ctx.console or Console(is_main=False)
     console.begin(state.step, max_steps)
+    restore_kept_copy(ctx, state)  # a kill between last.pt and its epoch's kept copy
     _close_finished_epoch(ctx, state)  # a run stopped right after an epoch's last step
     while state.step < max_steps:
         ctx.sampler.set_epoch(state.epoch, state.step_in_epoch * ctx.sampler.global_batch)

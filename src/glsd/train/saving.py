@@ -6,6 +6,7 @@ in the next collective until the process group's timeout.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from glsd.config import to_dict
@@ -14,6 +15,7 @@ from glsd.export import write_run_exports
 from glsd.run_layout import BACKBONE_FILE
 from glsd.train import finite
 from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
+from glsd.utils.io import atomic_write
 from glsd.train.resume import TrainState
 from glsd.weights import nonfinite_tensors
 from glsd.train.rng import rng_state
@@ -86,11 +88,26 @@ def _write_checkpoint(ctx: "Context", state: TrainState, states: dict, per_rank:
         "rng_per_rank": [p["rng"] for p in per_rank],
         "skipped_per_rank": [p["skipped_images"] for p in per_rank],
     }
-    # The kept copy first: a kill while it is written leaves the previous last.pt, and the
-    # resume redoes this epoch's end, writing it again (last.pt first would lose it for good).
-    if keep:
-        save_checkpoint(ctx.run.checkpoints / f"epoch{state.epoch:04d}.pt", payload)
     save_checkpoint(ctx.run.last, payload)
+    if keep:  # a kill before this is written: the resume copies last.pt here (restore_kept_copy)
+        save_checkpoint(kept_copy(ctx, state.epoch), payload)
+
+
+def kept_copy(ctx: "Context", epoch: int) -> Path:
+    return ctx.run.checkpoints / f"epoch{epoch:04d}.pt"
+
+
+def restore_kept_copy(ctx: "Context", state: TrainState) -> None:
+    """A resume from the checkpoint of an epoch's end whose kept copy (``epochNNNN.pt``) a kill
+    prevented: last.pt holds exactly that state, so it is copied there (rank 0)."""
+    every = ctx.cfg.train.checkpoint_every_epochs
+    due = (every and state.epoch > 0 and state.step_in_epoch == 0 and state.epoch % every == 0
+           and state.checkpoint_step == state.step)
+    if not (due and ctx.dinfo.is_main and ctx.run.last.is_file()):
+        return
+    target = kept_copy(ctx, state.epoch)
+    if not target.is_file():
+        atomic_write(target, lambda f: f.write(ctx.run.last.read_bytes()))
 
 
 def export_teacher(ctx: "Context") -> None:
@@ -110,8 +127,8 @@ def nonfinite_told(ctx: "Context", state: TrainState, error: NonFiniteError) -> 
     kept = finite.kept_note(ctx.run.last, state.checkpoint_step)
     if state.checkpoint_step is not None:
         largest = finite.largest_weight(ctx.student.parameters())
-        grown = (f" (the student's weights have grown to |w| = {largest:.3g}: the run had probably "
-                 "diverged before its checkpoint)" if largest > finite.GROWN_WEIGHT else "")
+        grown = (f" (the student's weights have grown to |w| = {largest:.3g}: the run diverged "
+                 "before the loss did, maybe before its checkpoint)" if largest > finite.GROWN_WEIGHT else "")
         kept = (f"The checkpoint {ctx.run.last} (step {state.checkpoint_step}, finite weights) is kept. "
                 "A rerun as it is resumes from it and replays the same batches: continue from it "
                 "under a lower train.lr with train.extend=true, or start over with "
