@@ -9,7 +9,7 @@ import torch
 
 from glsd.config import Config, apply_overrides, load_config
 from glsd.tools.bench.common import cpu_model, median, ratio, time_calls
-from glsd.tools.bench.harness import build_harness, count_step_flops
+from glsd.tools.bench.harness import build_harness, count_step_flops, run_interleaved
 from glsd.tools.bench.step import matmul_peak
 
 PAPER_PRESET = "imagenet-swin-t"
@@ -61,11 +61,8 @@ def bench_device_step(preset: Optional[str], overrides: Sequence[str], device: t
         except torch.cuda.OutOfMemoryError as e:  # record it, keep the other modes
             results[mode] = {"error": f"out of memory: {e}"[:500]}
             torch.cuda.empty_cache()
-    for r in range(reps):  # the order rotates: no arm always follows the same one
-        for k in range(len(harnesses)):
-            harnesses[(r + k) % len(harnesses)].step()
+    run_interleaved(harnesses, warmup=0, reps=max(1, reps))  # warmed up above, arm by arm
     for h in harnesses:
-        h.time_match(max(1, reps))
         s = h.summary()
         if device.type == "cuda":
             # the process's peak with every arm built and stepped in turn: not one arm's
