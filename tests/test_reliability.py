@@ -936,3 +936,17 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir("/")
     pretrain(tiny_config(run, "data.source=folder", f"data.root={tmp_path / 'photos'}", "train.max_steps=2"))
     assert load_last(run)["step"] == 2  # resumed: the same images, named absolutely
+
+
+def test_a_step_interval_is_not_cut_short_by_tiny_epochs(tmp_path, monkeypatch):
+    """Epochs of 4 steps with last.pt every 8 steps: saved at 8 and at the end (12), not at
+    every epoch's end (a 1 % subset has 7-step epochs: the whole state every few seconds)."""
+    saved = []
+    import glsd.train.saving as saving_mod
+
+    real = saving_mod.save_checkpoint
+    monkeypatch.setattr(saving_mod, "save_checkpoint",
+                        lambda path, payload: (saved.append((Path(path).name, payload["step"])), real(path, payload)))
+    pretrain(tiny_config(tmp_path / "run", "train.max_steps=null", "train.epochs=3",
+                         "train.checkpoint_every_steps=8", "train.checkpoint_every_epochs=0"))
+    assert saved == [("last.pt", 8), ("last.pt", 12)]

@@ -169,7 +169,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every_epochs: int = 10  # keep a numbered copy every N epochs (0: only last.pt)
-    checkpoint_every_steps: int = 0  # also refresh last.pt every N steps (long epochs)
+    checkpoint_every_steps: int = 0  # refresh last.pt every N steps, across epochs (0: each epoch's end)
     resume: bool = True
     # Resume under changed schedule keys (train.epochs, batch_size, lr, ...): continue the
     # checkpoint under the new schedule. Without it such a resume is refused.

@@ -379,14 +379,20 @@ def log_step(ctx: Context, state: TrainState, terms: LossTerms, steps_per_sec: f
 
 
 def end_of_epoch(ctx: Context, state: TrainState) -> None:
-    every = ctx.cfg.train.checkpoint_every_epochs
-    checkpoint(ctx, state, keep=bool(every) and state.epoch % every == 0)
+    every, every_steps = ctx.cfg.train.checkpoint_every_epochs, ctx.cfg.train.checkpoint_every_steps
+    keep = bool(every) and state.epoch % every == 0
+    # With a step interval, last.pt follows it across epoch ends: epochs of a few steps (a small
+    # subset) would otherwise write the whole state every few seconds (a resume is exact from
+    # any step, so the epoch's end has nothing of its own to save).
+    since = state.step - (state.checkpoint_step or 0)
+    if keep or not every_steps or since >= every_steps:
+        checkpoint(ctx, state, keep=keep)
     k_every = ctx.cfg.eval.every_epochs
     if k_every and state.epoch % k_every == 0:
         from glsd.eval.online import online_knn
 
-        # The checkpoint above holds the RNG state that a resume restores; the evaluation's
-        # loaders draw seeds from it, so they draw from a fork, or a resumed run would diverge.
+        # A resume restores the RNG state its checkpoint holds; the evaluation's loaders draw
+        # seeds from the RNG, so they draw from a fork, or a resumed run would diverge.
         with torch.random.fork_rng(devices=[]):
             # the keys in memory, not the run folder's subset.json: a rank on a node that
             # does not share output_dir would read none there and score the whole split
