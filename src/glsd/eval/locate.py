@@ -15,7 +15,6 @@ from glsd.train.checkpoint import load_checkpoint, read_backbone_config
 from glsd.train.lock import run_of
 from glsd.weights import read_safetensors
 
-CHECKPOINT = LAST_CHECKPOINT
 EXPORT_WEIGHTS = "model.safetensors"  # beside config.json in a `glsd export` folder
 
 
@@ -26,7 +25,7 @@ def snapshot_name(checkpoint) -> str:
     if checkpoint is None:
         return ""
     path = Path(checkpoint)
-    if path.parent.name == CHECKPOINT.parent.name and path.name != CHECKPOINT.name:
+    if path.parent.name == LAST_CHECKPOINT.parent.name and path.name != LAST_CHECKPOINT.name:
         return path.stem
     if path.parent.parent.name == "export" and path.parent.name != "timm":  # its export folder
         return path.parent.name
@@ -49,7 +48,7 @@ def locate(path: Path):
 
 
 def _locate_run(run_dir: Path):
-    ckpt_path, st_path, cfg_path = run_dir / CHECKPOINT, run_dir / BACKBONE_FILE, run_dir / "config.yaml"
+    ckpt_path, st_path, cfg_path = run_dir / LAST_CHECKPOINT, run_dir / BACKBONE_FILE, run_dir / "config.yaml"
     cache: dict = {}
 
     def ckpt() -> dict:  # read once, and only when needed
@@ -70,7 +69,7 @@ def _locate_run(run_dir: Path):
     elif st_path.is_file():
         raw = _safetensors_config(st_path)
     else:
-        raise ConfigError(f"{run_dir} is not a run folder: it has no config.yaml, {CHECKPOINT} "
+        raise ConfigError(f"{run_dir} is not a run folder: it has no config.yaml, {LAST_CHECKPOINT} "
                           f"or {BACKBONE_FILE}")
 
     def weights(which: str):
@@ -79,7 +78,7 @@ def _locate_run(run_dir: Path):
             return _from_checkpoint(ckpt(), ckpt_path, which)
         if which == "teacher" and st_path.is_file():
             return _from_safetensors(st_path)
-        raise ConfigError(f"no weights for the {which} in {run_dir}: {CHECKPOINT} is missing"
+        raise ConfigError(f"no weights for the {which} in {run_dir}: {LAST_CHECKPOINT} is missing"
                           + ("" if which == "student" else f" and so is {BACKBONE_FILE}")
                           + "; has training saved a checkpoint yet? (random_init needs none)")
 
@@ -125,7 +124,7 @@ def _locate_safetensors(path: Path):
     def weights(which: str):
         if which != "teacher":
             raise ConfigError(f"{path} holds only the teacher backbone; evaluate the run folder "
-                              f"(its {CHECKPOINT}) for the {which}")
+                              f"(its {LAST_CHECKPOINT}) for the {which}")
         return _from_safetensors(path)
 
     # results go to the run an export folder (RUN/export/timm) belongs to

@@ -49,7 +49,6 @@ KINDS = EVALUATIONS
 KNN_KS = (10, 20, 100, 200)
 
 
-
 def clear_cache() -> None:
     SOURCES.clear()
     clear_online_cache()

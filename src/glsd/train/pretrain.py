@@ -30,9 +30,9 @@ from glsd.run_layout import BACKBONE_FILE
 from glsd.train import finite
 from glsd.train.finite import out_of_memory
 from glsd.train.collapse import CollapseMonitor, collapse_indicators
-from glsd.train.console import Console, fmt, start_summary
-from glsd.utils.distributed import (DistInfo, all_reduce_mean, barrier, cleanup,
-                                    init_distributed, max_over_ranks, sum_over_ranks)
+from glsd.train.console import Console, start_summary
+from glsd.utils.distributed import (DistInfo, barrier, cleanup, init_distributed, max_over_ranks,
+                                    sum_over_ranks)
 from glsd.train.objective import GlobalLocalObjective, LossTerms
 from glsd.train.optim import (apply_schedule, build_optimisation, clip_gradients, drop_prototype_grads,
                               ema_update)
@@ -42,7 +42,8 @@ from glsd.train.run_folder import LOG, RunFolder
 from glsd.train.tensorboard import metric_sinks, require_sinks
 from glsd.train.resume import TrainState, require_one_checkpoint, restore
 from glsd.train.rng import seed_everything
-from glsd.train.saving import checkpoint, export_teacher, log_metrics, nonfinite_told, restore_kept_copy
+from glsd.train.saving import (checkpoint, end_of_epoch, export_teacher, log_step, nonfinite_told,
+                               restore_kept_copy)
 from glsd.train.schedules import Schedules
 from glsd.train.signals import StopRequested
 from glsd.utils.device import device_type, resolve_device
@@ -354,51 +355,3 @@ def _save_for_a_dead_worker(ctx: Context, state: TrainState) -> str:
         return f"no checkpoint written (it came during a weight update). {kept}"
     checkpoint(ctx, state)
     return f"checkpoint written at step {state.step}: rerun the command to resume"
-
-
-def log_step(ctx: Context, state: TrainState, terms: LossTerms, steps_per_sec: float) -> None:
-    sched, step = ctx.sched, state.step - 1
-    values = terms.as_floats()
-    if ctx.dinfo.enabled:  # the global batch's values (mean over ranks), the same on every rank
-        mean = all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=ctx.device))
-        values = dict(zip(values, mean.tolist()))
-    record = {"step": state.step, "epoch": state.epoch + state.step_in_epoch / ctx.sampler.steps_per_epoch,
-              **values,
-              "lr": float(sched.lr[step]), "wd": float(sched.wd[step]),
-              "momentum": float(sched.momentum[step]), "teacher_temp": float(sched.teacher_temp[step]),
-              "images_per_sec": steps_per_sec * ctx.sampler.global_batch,
-              "skipped_images": int(sum_over_ranks(state.skipped_images, ctx.device))}
-    log_metrics(ctx, record)
-    for sink in ctx.sinks:
-        sink.write(record)
-    if ctx.console is not None:
-        ctx.console.log(record)
-        warning = ctx.monitor.update(record) if ctx.monitor is not None else None
-        if warning:
-            ctx.console.warn(warning)
-
-
-def end_of_epoch(ctx: Context, state: TrainState) -> None:
-    every, every_steps = ctx.cfg.train.checkpoint_every_epochs, ctx.cfg.train.checkpoint_every_steps
-    keep = bool(every) and state.epoch % every == 0
-    # With a step interval, last.pt follows it across epoch ends: epochs of a few steps (a small
-    # subset) would otherwise write the whole state every few seconds (a resume is exact from
-    # any step, so the epoch's end has nothing of its own to save).
-    since = state.step - (state.checkpoint_step or 0)
-    if keep or not every_steps or since >= every_steps:
-        checkpoint(ctx, state, keep=keep)
-    k_every = ctx.cfg.eval.every_epochs
-    if k_every and state.epoch % k_every == 0:
-        from glsd.eval.online import online_knn
-
-        # A resume restores the RNG state its checkpoint holds; the evaluation's loaders draw
-        # seeds from the RNG, so they draw from a fork, or a resumed run would diverge.
-        with torch.random.fork_rng(devices=[]):
-            # the keys in memory, not the run folder's subset.json: a rank on a node that
-            # does not share output_dir would read none there and score the whole split
-            result = online_knn(ctx.teacher.backbone, ctx.cfg, ctx.device, ctx.train_keys)
-        log_metrics(ctx, {"step": state.step, "epoch": state.epoch,
-                             **{f"knn_{k}": v for k, v in result.items()}})
-        if ctx.console is not None:
-            ctx.console.lines([f"epoch {state.epoch} online k-NN: "
-                               + ", ".join(f"{k} {fmt(v)}" for k, v in result.items())])

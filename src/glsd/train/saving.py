@@ -1,4 +1,5 @@
-"""What a run writes while it trains: checkpoints, metrics records and the final export.
+"""What a run writes while it trains: checkpoints, metrics records (each logging step's, each
+epoch's end with its online k-NN) and the final export.
 
 Under torchrun rank 0 writes alone; every write here is collective, so that when rank 0's
 fails (a full disk, mostly) every rank stops with it, instead of the others waiting for rank 0
@@ -6,8 +7,11 @@ in the next collective until the process group's timeout.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
 
 from glsd.config import to_dict
 from glsd.errors import NonFiniteError, RankFailed
@@ -15,13 +19,15 @@ from glsd.export import write_run_exports
 from glsd.run_layout import BACKBONE_FILE
 from glsd.train import finite
 from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
-from glsd.utils.io import atomic_write
+from glsd.train.console import fmt
 from glsd.train.resume import TrainState
-from glsd.weights import nonfinite_tensors
 from glsd.train.rng import rng_state
-from glsd.utils.distributed import gather_objects, max_over_ranks
+from glsd.weights import nonfinite_tensors
+from glsd.utils.io import atomic_write
+from glsd.utils.distributed import all_reduce_mean, gather_objects, max_over_ranks, sum_over_ranks
 
 if TYPE_CHECKING:
+    from glsd.train.objective import LossTerms
     from glsd.train.pretrain import Context
 
 
@@ -107,7 +113,8 @@ def restore_kept_copy(ctx: "Context", state: TrainState) -> None:
         return
     target = kept_copy(ctx, state.epoch)
     if not target.is_file():
-        atomic_write(target, lambda f: f.write(ctx.run.last.read_bytes()))
+        with open(ctx.run.last, "rb") as source:  # streamed: a checkpoint may be gigabytes
+            atomic_write(target, lambda f: shutil.copyfileobj(source, f))
 
 
 def export_teacher(ctx: "Context") -> None:
@@ -136,3 +143,53 @@ def nonfinite_told(ctx: "Context", state: TrainState, error: NonFiniteError) -> 
     how = finite.advice(error.cause, ctx.cfg.train.lr, float(ctx.sched.lr.max()), ctx.cfg.train.clip_grad,
                         ctx.amp_dtype is not None)
     return NonFiniteError(f"{error} {kept} {how}", cause=error.cause)
+
+
+def log_step(ctx: "Context", state: TrainState, terms: "LossTerms", steps_per_sec: float) -> None:
+    """The metrics record of a logging step (the global batch's values under torchrun): to
+    metrics.jsonl, the other sinks and the console, with the collapse monitor's warning."""
+    sched, step = ctx.sched, state.step - 1
+    values = terms.as_floats()
+    if ctx.dinfo.enabled:  # the global batch's values (mean over ranks), the same on every rank
+        mean = all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=ctx.device))
+        values = dict(zip(values, mean.tolist()))
+    record = {"step": state.step, "epoch": state.epoch + state.step_in_epoch / ctx.sampler.steps_per_epoch,
+              **values,
+              "lr": float(sched.lr[step]), "wd": float(sched.wd[step]),
+              "momentum": float(sched.momentum[step]), "teacher_temp": float(sched.teacher_temp[step]),
+              "images_per_sec": steps_per_sec * ctx.sampler.global_batch,
+              "skipped_images": int(sum_over_ranks(state.skipped_images, ctx.device))}
+    log_metrics(ctx, record)
+    for sink in ctx.sinks:
+        sink.write(record)
+    if ctx.console is not None:
+        ctx.console.log(record)
+        warning = ctx.monitor.update(record) if ctx.monitor is not None else None
+        if warning:
+            ctx.console.warn(warning)
+
+
+def end_of_epoch(ctx: "Context", state: TrainState) -> None:
+    """An epoch's end: its checkpoint (and kept copy), then its online k-NN."""
+    every, every_steps = ctx.cfg.train.checkpoint_every_epochs, ctx.cfg.train.checkpoint_every_steps
+    keep = bool(every) and state.epoch % every == 0
+    # With a step interval, last.pt follows it across epoch ends (the loop leaves an epoch's
+    # last step to this): epochs of a few steps (a small subset) would otherwise write the
+    # whole state every few seconds, and a resume is exact from any step.
+    if keep or not every_steps or state.step % every_steps == 0:
+        checkpoint(ctx, state, keep=keep)
+    k_every = ctx.cfg.eval.every_epochs
+    if k_every and state.epoch % k_every == 0:
+        from glsd.eval.online import online_knn
+
+        # A resume restores the RNG state its checkpoint holds; the evaluation's loaders draw
+        # seeds from the RNG, so they draw from a fork, or a resumed run would diverge.
+        with torch.random.fork_rng(devices=[]):
+            # the keys in memory, not the run folder's subset.json: a rank on a node that
+            # does not share output_dir would read none there and score the whole split
+            result = online_knn(ctx.teacher.backbone, ctx.cfg, ctx.device, ctx.train_keys)
+        log_metrics(ctx, {"step": state.step, "epoch": state.epoch,
+                             **{f"knn_{k}": v for k, v in result.items()}})
+        if ctx.console is not None:
+            ctx.console.lines([f"epoch {state.epoch} online k-NN: "
+                               + ", ".join(f"{k} {fmt(v)}" for k, v in result.items())])
