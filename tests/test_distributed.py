@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 import glsd.train.pretrain as pretrain_mod
+from glsd.eval.knn import knn_classify
 from glsd.loss.dino import Center
 from glsd.train.rng import rank_state
 from glsd.train.run_folder import RunFolder
@@ -54,6 +55,18 @@ def case_config(out_dir, case, batch_size):
 def _center_logits(rank: int) -> torch.Tensor:
     """Rank r's teacher outputs: 3 + 2r rows (ranks may hold different counts)."""
     return torch.randn(3 + 2 * rank, CENTER_DIM, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def _knn_data():
+    """A k-NN bank of 40 rows, 4 noisy class clusters, 16 queries; rank 0's shard (3 rows) is
+    smaller than the largest k, so its neighbour list is padded."""
+    g = torch.Generator().manual_seed(7)
+    centers, bank_y, query_y = torch.randn(4, 6, generator=g), torch.arange(40) % 4, torch.arange(16) % 4
+    bank = centers[bank_y] + torch.randn(40, 6, generator=g)
+    return bank, bank_y, centers[query_y] + torch.randn(16, 6, generator=g), query_y
+
+
+KNN_ARGS = dict(num_classes=4, ks=(1, 5, 20, 40), temperature=0.07, chunk_size=5)
 
 
 def _clone_state(module) -> dict:
@@ -112,6 +125,9 @@ def _worker(rank: int, world: int, ports: list, out_dir: str) -> None:
     center.center.fill_(0.5)
     center.update(_center_logits(rank))
     out["center"] = center.center.clone()
+    bank, bank_y, queries, query_y = _knn_data()
+    shard = slice(0, 3) if rank == 0 else slice(3, None)
+    out["knn"] = knn_classify(bank[shard], bank_y[shard], queries, query_y, **KNN_ARGS, sharded=True)
 
     real = pretrain_mod.train_step, pretrain_mod.train_loop, RunFolder.log_metrics
     for k, (case, name) in enumerate(zip(CASES, CASE_IDS)):
@@ -187,6 +203,15 @@ def test_center_is_the_mean_over_ranks(two_ranks):
     alone.center.fill_(0.5)
     alone.update(_center_logits(1))
     assert not torch.allclose(alone.center, expected)
+
+
+def test_knn_of_a_sharded_bank_equals_the_whole_bank(two_ranks):
+    """Each rank keeps its shard of the bank; the merged neighbours give the whole bank's k-NN."""
+    bank, bank_y, queries, query_y = _knn_data()
+    whole = knn_classify(bank, bank_y, queries, query_y, **KNN_ARGS)
+    assert len({r["top1"] for r in whole["per_k"].values()}) == 3  # the ks disagree: a real check
+    for rec in two_ranks[1]:
+        assert rec["knn"] == whole
 
 
 @pytest.mark.parametrize("case", CASE_IDS)

@@ -234,11 +234,13 @@ def iter_features(backbone: Backbone, source: ImageSource, cfg: Config, device: 
 
 @torch.no_grad()
 def extract_features(backbone: Backbone, source: ImageSource, cfg: Config, device: Device,
-                     feature: str = "auto", progress: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     feature: str = "auto", progress: Optional[str] = None,
+                     gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Global features of every image of ``source``, in source order (see :func:`iter_features`).
 
     Under an initialised process group each rank extracts a contiguous shard and the shards
-    are all-gathered, so every rank returns the full result (call it on all ranks).
+    are all-gathered, so every rank returns the full result (call it on all ranks); with
+    ``gather=False`` each rank returns its own shard (a k-NN bank: ``knn_classify(sharded=True)``).
     Unreadable images are skipped (``data.on_error=skip``) with a warning.
 
     Returns:
@@ -258,7 +260,7 @@ def extract_features(backbone: Backbone, source: ImageSource, cfg: Config, devic
     dim = getattr(backbone, "module", backbone).embed_dim
     feats_t = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
-    if world > 1:
+    if world > 1 and gather:
         feats_t, labels_t = gather_uneven(feats_t, labels_t)
     if skipped:
         named = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")

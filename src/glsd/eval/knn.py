@@ -4,7 +4,9 @@ Features are L2-normalised; each test image takes the k training images of highe
 similarity, and each neighbour votes for its class with weight ``exp(sim / T)``. The top
 ``max(k)`` neighbours are found once per test chunk and every k reads a prefix of them, so
 all k cost one similarity pass. Test rows are processed in chunks so memory stays bounded
-by ``chunk_size * n_train`` similarities (not ``n_test * n_train``).
+by ``chunk_size * n_train`` similarities (not ``n_test * n_train``). Under a process group the
+bank may stay sharded: each rank finds its shard's nearest neighbours and only those are
+gathered (``max(k)`` per test image and rank), never the bank itself.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from glsd.config import ConfigError
+from glsd.utils.distributed import all_gather_cat, max_over_ranks, rank_world, sum_over_ranks
 
 # Similarities held at once (float32): 2**26 of them is 256 MiB, whatever n_train is.
 SIM_BUDGET = 2 ** 26
@@ -24,18 +27,25 @@ def auto_chunk(n_train: int, n_test: int) -> int:
     return max(1, min(n_test, SIM_BUDGET // max(n_train, 1)))
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
-    if labels.numel() and int(labels.min()) < 0:
+def check_labels(labels: torch.Tensor, num_classes: int, what: str, over_ranks: bool = False) -> None:
+    """Labels in ``[0, num_classes)``; ``over_ranks``: every rank's labels (each rank calls it,
+    so that all raise together rather than one rank leaving the others waiting)."""
+    lowest = int(labels.min()) if labels.numel() else 0
+    highest = int(labels.max()) if labels.numel() else 0
+    if over_ranks:
+        lowest, highest = -int(max_over_ranks(-lowest)), int(max_over_ranks(highest))
+    if lowest < 0:
         raise ConfigError(f"{what} has unlabeled images (label -1); k-NN and linear probes need "
                           "a labelled source (an image folder with class sub-folders, a dataset)")
-    if labels.numel() and int(labels.max()) >= num_classes:
-        raise ValueError(f"{what} has label {int(labels.max())} >= num_classes={num_classes}")
+    if highest >= num_classes:
+        raise ValueError(f"{what} has label {highest} >= num_classes={num_classes}")
 
 
 @torch.no_grad()
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, num_classes: int, ks: Sequence[int] = (10, 20, 100, 200),
-                 temperature: float = 0.07, chunk_size: Optional[int] = None) -> dict:
+                 temperature: float = 0.07, chunk_size: Optional[int] = None,
+                 sharded: bool = False) -> dict:
     """Weighted k-NN top-1 / top-5 accuracy (in %) for every k in one pass.
 
     Args:
@@ -44,6 +54,9 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         ks: neighbour counts; a k above Nt is clamped to Nt (reported as ``k_effective``).
         temperature: T in the vote weight ``exp(sim / T)``.
         chunk_size: test rows per chunk (None: :func:`auto_chunk`); results do not depend on it.
+        sharded: train_feats / train_labels are this rank's shard of the bank (every rank of
+            the process group calls it, with the same test set): the neighbours are merged over
+            the ranks and every rank returns the result of the whole bank.
     Returns:
         ``{"temperature", "num_classes", "n_train", "n_test", "per_k": {str(k): {"k",
         "k_effective", "top1", "top5"}}}``. Top-1 is the arg-max of the votes (ties: lowest
@@ -52,11 +65,14 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         even when fewer than 5 classes were voted for.
     """
     n_train, n_test = train_feats.shape[0], test_feats.shape[0]
+    sharded = sharded and rank_world()[1] > 1
+    if sharded:
+        n_train = int(sum_over_ranks(n_train))
     if n_train == 0 or n_test == 0:
         raise ConfigError(f"k-NN needs training and test images (got {n_train} and {n_test})")
     if not ks or min(ks) < 1:
         raise ValueError(f"ks={tuple(ks)} must be positive neighbour counts")
-    check_labels(train_labels, num_classes, "the k-NN training set")
+    check_labels(train_labels, num_classes, "the k-NN training set", over_ranks=sharded)
     check_labels(test_labels, num_classes, "the k-NN test set")
     device = train_feats.device
     train = F.normalize(train_feats.float(), dim=1)
@@ -68,7 +84,7 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     for start in range(0, n_test, chunk):
         query = F.normalize(test_feats[start:start + chunk].to(device).float(), dim=1)
         y = test_labels[start:start + chunk].to(device).long()
-        h1, h5 = _chunk_hits(query, y, train, train_y, num_classes, effective, temperature)
+        h1, h5 = _chunk_hits(query, y, train, train_y, num_classes, effective, temperature, sharded)
         hits1 += h1
         hits5 += h5
     per_k = {str(k): {"k": int(k), "k_effective": e, "top1": 100.0 * int(a) / n_test,
@@ -79,15 +95,15 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 
 
 def _chunk_hits(query: torch.Tensor, y: torch.Tensor, train: torch.Tensor, train_y: torch.Tensor,
-                num_classes: int, ks: list[int], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                num_classes: int, ks: list[int], temperature: float,
+                sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-1 / top-5 hit counts ``(len(ks),)`` of one chunk of normalised queries ``(c, D)``."""
-    sim = query @ train.T  # (c, Nt)
-    top_sim, top_idx = sim.topk(max(ks), dim=1)  # (c, kmax), sorted: every k is a prefix
-    del sim
+    top_sim, neighbour_y = _nearest(query, train, train_y, max(ks))  # (c, kmax), sorted
+    if sharded:
+        top_sim, neighbour_y = _merge_over_ranks(top_sim, neighbour_y, max(ks))
     # Subtracting each row's best similarity rescales that row's votes by one constant, so
     # predictions are unchanged, but exp cannot overflow for small T.
-    weights = ((top_sim - top_sim[:, :1]) / temperature).exp()  # (c, kmax)
-    neighbour_y = train_y[top_idx]  # (c, kmax)
+    weights = ((top_sim - top_sim[:, :1]) / temperature).exp()  # (c, kmax); 0 for padding
     hits1, hits5 = [], []
     for k in ks:
         votes = torch.zeros(query.shape[0], num_classes, device=query.device, dtype=weights.dtype)
@@ -97,3 +113,25 @@ def _chunk_hits(query: torch.Tensor, y: torch.Tensor, train: torch.Tensor, train
         hits1.append((votes.argmax(dim=1) == y).sum())
         hits5.append(((rank < 5) & (own[:, 0] > 0)).sum())
     return torch.stack(hits1), torch.stack(hits5)
+
+
+def _nearest(query: torch.Tensor, train: torch.Tensor, train_y: torch.Tensor,
+             k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most similar rows of ``train`` per query, sorted: similarities and labels
+    ``(c, k)``. A bank of fewer than k rows is padded with similarity -inf (vote weight 0)."""
+    top_sim, top_idx = (query @ train.T).topk(min(k, train.shape[0]), dim=1)
+    missing = k - top_sim.shape[1]
+    if missing:
+        top_sim = torch.cat([top_sim, top_sim.new_full((query.shape[0], missing), float("-inf"))], 1)
+        top_idx = torch.cat([top_idx, top_idx.new_zeros(query.shape[0], missing)], 1)
+    return top_sim, train_y[top_idx]
+
+
+def _merge_over_ranks(top_sim: torch.Tensor, labels: torch.Tensor,
+                      k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's ``(c, k)`` nearest neighbours -> the k nearest of all, sorted."""
+    world = rank_world()[1]
+    sims = all_gather_cat(top_sim[None]).permute(1, 0, 2).reshape(top_sim.shape[0], world * k)
+    ys = all_gather_cat(labels[None]).permute(1, 0, 2).reshape(labels.shape[0], world * k)
+    best, pick = sims.topk(k, dim=1)
+    return best, ys.gather(1, pick)

@@ -33,7 +33,7 @@ def online_knn(backbone: Backbone, cfg: Config, device: Device,
             (its subset.json is read; without one, the whole train split), or None (the whole
             train split). ``eval.train_fraction`` applies on top.
     Sources are opened once per process and reused. Under torch.distributed every rank must
-    call it: extraction is split over ranks and all-gathered, every rank gets the result.
+    call it: extraction is split over ranks, the bank stays sharded, every rank gets the result.
 
     Returns:
         ``{"top1", "top5", "k" (effective), "temperature", "n_train", "n_test", "seconds"}``.
@@ -44,9 +44,11 @@ def online_knn(backbone: Backbone, cfg: Config, device: Device,
         train_keys = subset["keys"] if subset else None
     train, test = _online_sources(cfg, train_keys)
     n_cls = len(train.classes)
-    train_f, train_y = extract_features(backbone, train, cfg, device, cfg.eval.features)
+    # The bank stays sharded over the ranks: gathering it would hold all of it on every rank.
+    train_f, train_y = extract_features(backbone, train, cfg, device, cfg.eval.features, gather=False)
     test_f, test_y = extract_features(backbone, test, cfg, device, cfg.eval.features)
-    res = knn_classify(train_f, train_y, test_f, test_y, n_cls, (cfg.eval.k,), cfg.eval.temperature)
+    res = knn_classify(train_f, train_y, test_f, test_y, n_cls, (cfg.eval.k,), cfg.eval.temperature,
+                       sharded=True)
     top = res["per_k"][str(cfg.eval.k)]
     return {"top1": top["top1"], "top5": top["top5"], "k": top["k_effective"],
             "temperature": cfg.eval.temperature, "n_train": res["n_train"], "n_test": res["n_test"],

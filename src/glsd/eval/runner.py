@@ -197,7 +197,8 @@ def _classify(kind: str, backbone: Backbone, cfg: Config, dev: torch.device, bas
     train, test, data = eval_sources(cfg, base, *other)
     feature = resolve_feature(backbone, cfg.eval.features)
     t0 = time.perf_counter()
-    train_f, train_y = extract_features(backbone, train, cfg, dev, feature,
+    # A k-NN bank stays sharded over the ranks (knn_classify merges their neighbours).
+    train_f, train_y = extract_features(backbone, train, cfg, dev, feature, gather=kind != "knn",
                                         progress="train features" if progress else None)
     test_f, test_y = extract_features(backbone, test, cfg, dev, feature,
                                       progress="test features" if progress else None)
@@ -205,7 +206,8 @@ def _classify(kind: str, backbone: Backbone, cfg: Config, dev: torch.device, bas
     n_cls = data["num_classes"]
     if kind == "knn":
         ks = tuple(sorted(set(KNN_KS) | {cfg.eval.k}))
-        results = knn_classify(train_f, train_y, test_f, test_y, n_cls, ks, cfg.eval.temperature)
+        results = knn_classify(train_f, train_y, test_f, test_y, n_cls, ks, cfg.eval.temperature,
+                               sharded=True)
         headline = results["per_k"][str(cfg.eval.k)]
         results = {"top1": headline["top1"], "top5": headline["top5"], **results}
         settings = {"k": cfg.eval.k, "k_effective": headline["k_effective"], "ks": list(ks),
@@ -216,7 +218,8 @@ def _classify(kind: str, backbone: Backbone, cfg: Config, dev: torch.device, bas
         settings = {"linear_epochs": cfg.eval.linear_epochs, "linear_lr": cfg.eval.linear_lr,
                     "linear_batch_size": cfg.eval.linear_batch_size}
     # Extraction may skip unreadable files: report what was actually evaluated.
-    data.update(n_train=int(train_y.numel()), n_test=int(test_y.numel()))
+    n_train = results["n_train"] if kind == "knn" else int(train_y.numel())
+    data.update(n_train=n_train, n_test=int(test_y.numel()))
     body = {**data, "feature": feature, **settings, "results": results}
     return body, {"features_s": t1 - t0, "eval_s": time.perf_counter() - t1}
 
