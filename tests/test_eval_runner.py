@@ -199,3 +199,19 @@ def test_a_gpu_run_is_evaluated_where_there_is_no_gpu(monkeypatch):
     assert eval_device("auto", gpu_run) == torch.device("cpu")
     with pytest.raises(ConfigError, match="no CUDA device is visible"):
         eval_device("cuda", gpu_run)  # asked for by name: refused, not moved
+
+
+def test_a_run_with_online_knn_lists_its_training_split_once(tmp_path, monkeypatch):
+    """The pretraining images and online k-NN's bank are one listing (a million-file folder
+    costs seconds per listing, on every rank)."""
+    import glsd.data.sources as sources
+    from helpers_tiny import tiny_config
+    from glsd.train.pretrain import pretrain
+
+    clear_cache()
+    opened, real = [], sources._open_source
+    monkeypatch.setattr(sources, "_open_source", lambda cfg, split: opened.append(split) or real(cfg, split))
+    pretrain(tiny_config(tmp_path / "run", "train.max_steps=4", "eval.every_epochs=1",
+                         "train.epochs=1", "eval.test_split=test"))
+    assert sorted(opened) == ["test", "train"]
+    assert any("knn_top1" in line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())

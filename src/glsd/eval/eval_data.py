@@ -21,13 +21,23 @@ SOURCES: dict[tuple[str, str], ImageSource] = {}  # (data settings, split) -> so
 def open_cached(cfg: Union[Config, DataConfig], split: str) -> ImageSource:
     """``open_source(cfg.data, split)``, opened once per process (datasets load into memory)."""
     data_cfg = cfg.data if isinstance(cfg, Config) else cfg
-    data = dataclasses.asdict(data_cfg)
-    for k in ("num_workers", "on_error", "split"):
-        data.pop(k)  # they do not change which images a split holds
-    key = (json.dumps(data, sort_keys=True), split)
+    key = _cache_key(data_cfg, split)
     if key not in SOURCES:
         SOURCES[key] = open_source(data_cfg, split)
     return SOURCES[key]
+
+
+def remember_source(data_cfg: DataConfig, source: ImageSource) -> None:
+    """Cache ``open_source(data_cfg)`` opened elsewhere (the pretraining images), replacing an
+    older listing: a folder of a million files is listed once per run, not once per reader."""
+    SOURCES[_cache_key(data_cfg, data_cfg.split)] = source
+
+
+def _cache_key(data_cfg: DataConfig, split: str) -> tuple[str, str]:
+    data = dataclasses.asdict(data_cfg)
+    for k in ("num_workers", "on_error", "split"):
+        data.pop(k)  # they do not change which images a split holds
+    return json.dumps(data, sort_keys=True), split
 
 
 def open_test_split(cfg: Union[Config, DataConfig], split: str) -> ImageSource:

@@ -11,7 +11,8 @@ from typing import Optional, Sequence, Union
 from glsd.config import Config, ConfigError
 from glsd.data.sources import ImageSource
 from glsd.data.subset import SUBSET_FILE, read_subset
-from glsd.eval.eval_data import cap_test, check_split_pair, open_cached, open_test_split, train_subset
+from glsd.eval.eval_data import (cap_test, check_split_pair, open_cached, open_test_split, remember_source,
+                                 train_subset)
 from glsd.eval.features import Device, extract_features
 from glsd.eval.knn import knn_classify
 from glsd.models.backbone import Backbone
@@ -72,8 +73,12 @@ def _online_sources(cfg: Config, train_keys: Optional[Sequence[str]]) -> tuple[I
     return _ONLINE["sources"]
 
 
-def check_online_knn(cfg: Config) -> None:
+def check_online_knn(cfg: Config, train_source: Optional[ImageSource] = None) -> None:
     """The labelled, held-out splits online k-NN needs (``eval.every_epochs``): checked before
-    the first step, not at the end of the first epoch."""
+    the first step, not at the end of the first epoch. ``train_source``: the pretraining
+    images as the run opened them (``open_source(cfg.data)``), reused rather than listed again."""
     if cfg.eval.every_epochs:
+        if train_source is not None:
+            remember_source(cfg.data, train_source)
+            clear_online_cache()  # sources made from an older listing
         _online_sources(cfg, None)

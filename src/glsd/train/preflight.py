@@ -86,7 +86,7 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
     notes += check_resume_schedule(cfg, Path(cfg.output_dir), derived)
     from glsd.eval.online import check_online_knn  # the splits the training loop will score on
 
-    check_online_knn(cfg)
+    check_online_knn(cfg, source)
     return cfg, Plan(grids, stride, n, steps_per_epoch, cfg.train.epochs * steps_per_epoch, notes)
 
 
