@@ -133,6 +133,9 @@ def _plain_timm(folder):
     import timm
 
     cfg = json.load(open(f"{folder}/config.json"))
+    # The ViT registry tags say custom_load=True (their .npz loader): timm 1.0.26-1.0.30 (the
+    # declared floor and after) read the file with it unless the exported config turns it off.
+    assert cfg["pretrained_cfg"]["custom_load"] is False
     model = timm.create_model(cfg["architecture"], pretrained=True,
                               pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file=f"{folder}/model.safetensors"),
                               **cfg["model_args"]).eval()
@@ -164,7 +167,7 @@ def test_timm_folder_gives_the_same_features_and_preprocessing(vit_preset_run):
                         "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
                         "crop_pct": 1.0, "crop_mode": "center"}
     assert tuple(data_cfg["mean"]) == cfg.crops.mean and tuple(data_cfg["std"]) == cfg.crops.std
-    img = synthetic_image(0, 48, 4)[0].resize((48, 40), Image.BICUBIC)  # not square: the resize rule counts
+    img = synthetic_image(0, 48, 4)[0].resize((48, 40), Image.Resampling.BICUBIC)  # not square: the resize rule counts
     x_timm = timm.data.create_transform(**data_cfg)(img)
     x_glsd = eval_transform(cfg)(img)
     assert torch.allclose(x_timm, x_glsd, atol=1e-6)

@@ -295,7 +295,7 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_keeping_its_full_size(tmp_path
     assert full.size == (1200, 900) and ORIGINAL_SIZE not in full.info
     assert reduced.size == (300, 225) and reduced.info[ORIGINAL_SIZE] == (1200, 900)  # 1/4 scale
     # the same picture: the full decode shrunk to that size differs by a few levels at most
-    shrunk = np.asarray(full.resize(reduced.size, Image.BICUBIC, reducing_gap=3.0), dtype=np.float64)
+    shrunk = np.asarray(full.resize(reduced.size, Image.Resampling.BICUBIC, reducing_gap=3.0), dtype=np.float64)
     assert np.abs(shrunk - np.asarray(reduced, dtype=np.float64)).mean() < 3.0
     # both sides kept >= the size asked; a small or a PNG image is read as it is
     assert read_image_file(path, min_size=400).size == (600, 450)
@@ -332,7 +332,7 @@ def test_a_reduced_decode_of_sides_the_scale_does_not_divide_spans_the_whole_pho
     full = np.asarray(read_image_file(path), dtype=np.float64)
     reduced = read_image_file(path, min_size=160)
     assert reduced.info[ORIGINAL_SIZE] == (full.shape[1], full.shape[0])
-    small = np.asarray(Image.fromarray(full.astype(np.uint8)).resize(reduced.size, Image.BICUBIC,
+    small = np.asarray(Image.fromarray(full.astype(np.uint8)).resize(reduced.size, Image.Resampling.BICUBIC,
                                                                       reducing_gap=3.0), dtype=np.float64)
     # The gradient channels say where each pixel came from: a frame stretched over its padding
     # shifts the far border by most of a reduced pixel (about 1 grey level there; 0.24 when exact).

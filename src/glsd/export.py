@@ -113,7 +113,10 @@ def timm_config(cfg, num_features: int) -> dict:
     size = cfg.eval.image_size or c.global_size
     pretrained_cfg = {"input_size": [3, size, size], "interpolation": c.interpolation,
                       "crop_pct": 1.0, "crop_mode": "center", "mean": list(c.mean), "std": list(c.std),
-                      "num_classes": 0}
+                      "num_classes": 0,
+                      # a registry tag's custom_load (the ViTs' .npz loader) would otherwise
+                      # read model.safetensors as a JAX file on timm < 1.0.31
+                      "custom_load": False}
     if args.get("dynamic_img_size") or args.get("strict_img_size") is False:
         pretrained_cfg["fixed_input_size"] = False
     feature = m.global_feature

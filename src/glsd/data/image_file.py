@@ -123,7 +123,7 @@ def decode_image(f, min_size: int = 0) -> Image.Image:
             # which side / scale are picture: resample the picture alone onto the whole frame,
             # so that the frame spans the original image exactly (crop geometry stays exact).
             box = drafted[1]
-            out = img.resize((max(1, round(box[2])), max(1, round(box[3]))), Image.BICUBIC, box=box)
+            out = img.resize((max(1, round(box[2])), max(1, round(box[3]))), Image.Resampling.BICUBIC, box=box)
         out = to_rgb(upright(out))
     if reduced != full:
         out.info[ORIGINAL_SIZE] = full[::-1] if turn in TRANSPOSING else full
