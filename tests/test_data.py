@@ -140,6 +140,18 @@ def test_split_folders_without_classes_point_at_the_split_not_the_root(tmp_path)
         open_source(DataConfig(root=str(tmp_path), source="imagefolder"))
 
 
+def test_imagenets_flat_val_split_says_to_sort_it_into_class_folders(tmp_path):
+    """ImageNet as distributed: train/<wnid>/, val/ flat. Evaluating on val/ must not only
+    offer to read it unlabelled (which pretraining would take as "use val as training data")."""
+    (tmp_path / "train" / "n01440764").mkdir(parents=True)
+    (tmp_path / "val").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "n01440764" / "a.JPEG")
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG")
+    with pytest.raises(ConfigError, match=r"split 'val' .* no labels: .* sort them into .*val/<class>/ .*"
+                                          r"LOC_val_solution\.csv"):
+        open_source(DataConfig(root=str(tmp_path), source="imagefolder"), "val")
+
+
 def test_split_folders_named_otherwise_are_not_read_as_classes(tmp_path):
     # A Kaggle-style download: Training/ and Testing/, each with the class folders.
     _folder_tree(tmp_path / "Training")

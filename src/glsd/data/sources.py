@@ -138,8 +138,14 @@ def imagefolder_source(root: Path, split: str) -> ImageSource:
     if not classes:
         # Point at the split's own folder: data.source=folder on the root would read every
         # split, the test images included.
-        raise ConfigError(f"{base} has no class sub-folders; for unlabelled images there use "
-                          f"data.source=folder data.root={base} (rule of data.source=auto: {FOLDER_RULE})")
+        unlabelled = f"data.source=folder data.root={base} (rule of data.source=auto: {FOLDER_RULE})"
+        if base != root:  # e.g. ImageNet's val/ as distributed: 50,000 images in one folder
+            raise ConfigError(f"split {split!r} ({base}) has no class sub-folders, so its images "
+                              f"have no labels: for k-NN / linear evaluation sort them into "
+                              f"{base}/<class>/ with the training split's class names (ImageNet's "
+                              f"val/: from LOC_val_solution.csv or the devkit's ground truth); to "
+                              f"read them as unlabelled images use {unlabelled}")
+        raise ConfigError(f"{base} has no class sub-folders; for unlabelled images there use {unlabelled}")
     keys, labels = [], []
     for label, cls in enumerate(classes):
         found = walk_images(base / cls)
