@@ -7,7 +7,6 @@ in the next collective until the process group's timeout.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -23,7 +22,7 @@ from glsd.train.console import fmt
 from glsd.train.resume import TrainState
 from glsd.train.rng import rng_state
 from glsd.weights import nonfinite_tensors
-from glsd.utils.io import atomic_write
+from glsd.utils.io import link_or_copy
 from glsd.utils.distributed import all_reduce_mean, gather_objects, max_over_ranks, sum_over_ranks
 
 if TYPE_CHECKING:
@@ -96,7 +95,7 @@ def _write_checkpoint(ctx: "Context", state: TrainState, states: dict, per_rank:
     }
     save_checkpoint(ctx.run.last, payload)
     if keep:  # a kill before this is written: the resume copies last.pt here (restore_kept_copy)
-        save_checkpoint(kept_copy(ctx, state.epoch), payload)
+        link_or_copy(ctx.run.last, kept_copy(ctx, state.epoch))
 
 
 def kept_copy(ctx: "Context", epoch: int) -> Path:
@@ -113,8 +112,7 @@ def restore_kept_copy(ctx: "Context", state: TrainState) -> None:
         return
     target = kept_copy(ctx, state.epoch)
     if not target.is_file():
-        with open(ctx.run.last, "rb") as source:  # streamed: a checkpoint may be gigabytes
-            atomic_write(target, lambda f: shutil.copyfileobj(source, f))
+        link_or_copy(ctx.run.last, target)
 
 
 def export_teacher(ctx: "Context") -> None:

@@ -49,6 +49,25 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     fsync_dir(path.parent)
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` becomes a copy of ``source``, atomically: a hard link where the filesystem
+    has them (no bytes written: a kept checkpoint of gigabytes costs nothing), else a streamed
+    copy. Only for a ``source`` that is replaced by :func:`atomic_write` and never written in
+    place, so the link keeps the bytes it was made from."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}{TMP_MARK}link-{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        with open(source, "rb") as original:  # streamed: a checkpoint may be gigabytes
+            atomic_write(target, lambda f: shutil.copyfileobj(original, f))
+        return
+    fsync_dir(target.parent)
+
+
 def raise_if_disk_full(e: BaseException, path: Path, kept: Optional[str] = None) -> None:
     """A DiskFull naming ``path`` and what is ``kept`` (default: the previous ``path``, which an
     atomic write leaves as it was) when ``e`` comes from a full disk; else nothing."""
