@@ -387,21 +387,21 @@ def test_a_kill_before_the_kept_epoch_copy_is_written_is_repaired_by_the_resume(
     resume (from that last.pt, past the epoch's end) writes the kept copy it holds."""
     import glsd.train.saving as saving
 
-    real = saving.save_checkpoint
+    real = saving.link_or_copy
 
-    def killed_at_the_kept_copy(path, payload):
-        if Path(path).name == "epoch0001.pt":
+    def killed_at_the_kept_copy(source, target):
+        if Path(target).name == "epoch0001.pt":
             raise KeyboardInterrupt("killed")  # nothing below the trainer catches it
-        return real(path, payload)
+        return real(source, target)
 
     run = tmp_path / "run"
     cfg = ("train.epochs=2", "train.max_steps=8", "train.checkpoint_every_epochs=1", "train.checkpoint_every_steps=0")
-    monkeypatch.setattr(saving, "save_checkpoint", killed_at_the_kept_copy)
+    monkeypatch.setattr(saving, "link_or_copy", killed_at_the_kept_copy)
     with pytest.raises(KeyboardInterrupt):
         pretrain(tiny_config(run, *cfg))
     assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["last.pt"]
     at_epoch_end = (run / "checkpoints" / "last.pt").read_bytes()
-    monkeypatch.setattr(saving, "save_checkpoint", real)
+    monkeypatch.setattr(saving, "link_or_copy", real)
     pretrain(tiny_config(run, *cfg))
     assert (run / "checkpoints" / "epoch0001.pt").read_bytes() == at_epoch_end
     assert load_checkpoint(run / "checkpoints" / "epoch0002.pt")["step"] == 8

@@ -4,6 +4,7 @@
 read with ``weights_only=True`` (:func:`glsd.train.checkpoint.load_checkpoint`)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from glsd.config import ConfigError, diff_keys, from_dict, identity
@@ -32,6 +33,11 @@ def snapshot_name(checkpoint) -> str:
     return ""
 
 
+# Evaluation maps a checkpoint rather than read it all. Not on Windows, where a mapped file
+# cannot be replaced: a run still training there could not save its next last.pt.
+MAP_CHECKPOINTS = os.name != "nt"
+
+
 def locate(path: Path):
     """(raw config dict, weights loader ``which -> (state, meta)``, info) for any input path."""
     if path.is_dir():
@@ -54,7 +60,7 @@ def _locate_run(run_dir: Path):
     def ckpt() -> dict:  # read once, and only when needed
         if "c" not in cache:
             try:
-                cache["c"] = load_checkpoint(ckpt_path)
+                cache["c"] = load_checkpoint(ckpt_path, mmap=MAP_CHECKPOINTS)
             except CheckpointError as e:
                 if not st_path.is_file():
                     raise
@@ -110,7 +116,7 @@ def _same_run(raw: dict, ckpt: dict, ckpt_path: Path, cfg_path: Path) -> None:
 
 
 def _locate_checkpoint(path: Path):
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, mmap=MAP_CHECKPOINTS)
 
     def weights(which: str):
         return _from_checkpoint(ckpt, path, which)

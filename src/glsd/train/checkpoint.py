@@ -65,14 +65,16 @@ def _looks_like_torch_file(path: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint without executing anything it may contain; its structure is checked
-    (a dict of the glsd format whose ``student`` / ``teacher`` map names to tensors)."""
+    (a dict of the glsd format whose ``student`` / ``teacher`` map names to tensors).
+    ``mmap``: tensors are read from the file when used (an evaluation reads the teacher's
+    backbone, not the whole training state; processes on one host share the pages)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if not _looks_like_torch_file(path):  # garbage, an HTML page: not an attack, a bad file
             raise CheckpointError(f"checkpoint {path} is not a torch checkpoint (corrupt, or another "
