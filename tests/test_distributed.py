@@ -283,13 +283,14 @@ def test_two_processes_match_one_process_of_twice_the_batch(two_ranks, one_rank,
 # Events seen by one rank only must stop every rank at the same step (no deadlock)
 
 def _one_rank_events(rank: int, world: int, ports: list, out_dir: str) -> dict:
-    """Pretrain three times more: rank 1 alone gets a SIGTERM, then rank 1 alone a NaN loss,
-    then rank 0 alone a full disk when it writes the checkpoint of step 3."""
+    """Pretrain three times more: rank 1 alone gets a SIGTERM (and skips a file), then rank 1
+    alone a NaN loss, then rank 0 alone a full disk when it writes the checkpoint of step 3."""
     import datetime
     import signal
 
     import torch.distributed as dist
 
+    from glsd.data.sources import Unreadable
     from glsd.train.objective import GlobalLocalObjective, LossTerms
 
     import glsd.train.saving as saving_mod
@@ -304,6 +305,8 @@ def _one_rank_events(rank: int, world: int, ports: list, out_dir: str) -> dict:
         calls = []
 
         def train_step(ctx, batch, step, want_stats=True):
+            if scenario == "sigterm" and rank == 1 and step == 0:  # a file only rank 1 skipped
+                ctx.run.name_unreadable([Unreadable("cat/broken.jpg", "cannot identify image file")])
             if scenario == "sigterm" and rank == 1 and step == 1:
                 os.kill(os.getpid(), signal.SIGTERM)  # this rank only, during step 2
             return real_step(ctx, batch, step, want_stats)
@@ -349,6 +352,8 @@ def test_one_rank_signal_nan_or_full_disk_stops_all_ranks(two_ranks):
     ckpt = torch.load(out_dir / "sigterm" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 2
     assert not (out_dir / "sigterm" / "backbone.safetensors").exists()
+    # A file skipped on rank 1 is named in rank 0's train.log (the only log).
+    assert "skipped unreadable image 'cat/broken.jpg': cannot identify" in (out_dir / "sigterm" / "train.log").read_text()
     # It holds each rank's own random state, so a resume gives each rank its stream back.
     own = [rank_state(ckpt, r, 2)[0]["torch"] for r in range(2)]
     assert len(ckpt["rng_per_rank"]) == 2 and not torch.equal(own[0], own[1])

@@ -43,6 +43,7 @@ class RunFolder:
         self.last = self.root / LAST_CHECKPOINT
         self._locks = 0
         self._named_unreadable: set[str] = set()
+        self.unnamed: list = []  # another rank's skipped files, not yet named by rank 0
         self._handler: Optional[logging.Handler] = None
 
     # -- start / resume -----------------------------------------------------------------
@@ -214,13 +215,16 @@ class RunFolder:
 
     def name_unreadable(self, unreadable) -> None:
         """Each file a batch skipped (data.on_error=skip), named once in train.log: by the
-        trainer, since a loader worker started by spawn (macOS) has no log of its own."""
-        if not self.is_main:  # only the main process has the log (a rank's own are not named)
-            return
+        trainer, since a loader worker started by spawn (macOS) has no log of its own. Only
+        rank 0 has the log: another rank keeps its files in ``unnamed`` until a log step
+        hands them over (:func:`glsd.train.saving.log_step`)."""
         for item in unreadable:
             if item.key not in self._named_unreadable:
                 self._named_unreadable.add(item.key)
-                LOG.warning("skipped unreadable image %r: %s", item.key, item.reason)
+                if self.is_main:
+                    LOG.warning("skipped unreadable image %r: %s", item.key, item.reason)
+                else:
+                    self.unnamed.append(item)
 
     def close(self) -> None:
         """Close train.log and give back this folder's lock (as often as it was taken)."""

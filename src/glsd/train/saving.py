@@ -151,6 +151,9 @@ def log_step(ctx: "Context", state: TrainState, terms: "LossTerms", steps_per_se
     if ctx.dinfo.enabled:  # the global batch's values (mean over ranks), the same on every rank
         mean = all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=ctx.device))
         values = dict(zip(values, mean.tolist()))
+        unnamed, ctx.run.unnamed = ctx.run.unnamed, []
+        for files in gather_objects(unnamed)[1:]:  # the other ranks' skipped files, to train.log
+            ctx.run.name_unreadable(files)
     record = {"step": state.step, "epoch": state.epoch + state.step_in_epoch / ctx.sampler.steps_per_epoch,
               **values,
               "lr": float(sched.lr[step]), "wd": float(sched.wd[step]),
