@@ -2,6 +2,7 @@
 import io
 import zipfile
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -265,3 +266,32 @@ def test_an_unknown_epoch_order_rule_is_refused(tmp_path):
     save_checkpoint(last, ckpt)
     with pytest.raises(CheckpointError, match="epoch order rule 7"):
         pretrain(tiny_config(tmp_path / "run", "train.max_steps=2"))
+
+
+def test_packed_strings_give_back_every_key_exactly():
+    from glsd.data.packed import PackedStrings
+
+    keys = ["cat/a.jpg", "", "chien/été.png", "bad/\udcff\udcfe.jpg", "x" * 300]  # a non-UTF-8 name
+    packed = PackedStrings(keys)
+    assert len(packed) == 5 and [packed[i] for i in range(5)] == keys
+    assert packed[-1] == keys[-1] and packed[np.int64(2)] == keys[2]
+    with pytest.raises(IndexError):
+        packed[5]
+    assert len(PackedStrings([])) == 0
+
+
+def test_the_training_dataset_holds_no_python_object_per_image(tmp_path):
+    """A forked loader worker reading a list[str] copies its pages (reference counts); the
+    dataset keeps keys and labels packed, and the source it reads through without its lists."""
+    import pickle
+
+    from glsd.data.multicrop import DecodeToSquare, MultiCropDataset
+
+    _folder_tree(tmp_path / "data")
+    source = open_source(DataConfig(root=str(tmp_path / "data")))
+    dataset = MultiCropDataset(source, DecodeToSquare(16))
+    assert dataset.source.keys == [] and dataset.source.labels == [] and len(dataset) == len(source) > 1
+    for i in range(len(source)):
+        assert dataset[i][2] == source.labels[i] and dataset[(3, 7, i)][3:] == (i, 3, 7)
+    state = pickle.dumps(dataset)  # what a spawned worker receives
+    assert not any(key.encode() in state.replace(dataset.keys._buffer, b"") for key in source.keys)

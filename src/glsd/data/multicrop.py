@@ -9,7 +9,7 @@ the parameters on and the training process makes the same views on its device.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import numpy as np
@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from glsd.config import CropConfig
 from glsd.data.image_file import ORIGINAL_SIZE
+from glsd.data.packed import PackedStrings
 from glsd.data.sources import ImageSource, Unreadable
 from glsd.data.view_params import ViewParams, draw_view_params, geometry, training_seed
 from glsd.data.views import ViewMaker
@@ -59,20 +60,25 @@ class MultiCropDataset(Dataset):
 
     def __init__(self, source: ImageSource, decode: DecodeToSquare, on_error: str = "skip",
                  jpeg_draft: bool = True):
-        self.source, self.decode, self.on_error = source, decode, on_error
+        # The workers hold the keys and labels packed (glsd.data.packed), the source without
+        # its lists: nothing per image is copied into a forked worker, or pickled into a
+        # spawned one.
+        self.keys, self.labels = PackedStrings(source.keys), np.asarray(source.labels, dtype=np.int64)
+        self.source = replace(source, keys=[], labels=[])
+        self.decode, self.on_error = decode, on_error
         self.min_size = decode.size if jpeg_draft else 0  # data.jpeg_draft
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.keys)
 
     def __getitem__(self, key):
         """``key``: a dataset index, or ``(epoch, position, index)`` as the sampler yields."""
         epoch, position, i = key if isinstance(key, tuple) else (0, key, key)
-        img = self.source.load_or_why(self.source.keys[i], self.on_error, self.min_size)
+        img = self.source.load_or_why(self.keys[i], self.on_error, self.min_size)
         if isinstance(img, Unreadable):
             return img
         image, hw = self.decode(img)
-        return image, hw, self.source.labels[i], i, epoch, position
+        return image, hw, int(self.labels[i]), i, epoch, position
 
 
 @dataclass
