@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -282,6 +283,50 @@ def test_stale_lock_is_taken_over_and_foreign_host_refused(tmp_path, capsys):
     with pytest.raises(RunFolderBusy, match=r"host elsewhere.*delete"):
         pretrain(tiny_config(run, "train.max_steps=3"))
     (run / lock.LOCK_NAME).unlink()
+
+
+def test_another_hosts_lock_is_taken_over_once_its_heartbeat_stopped(tmp_path, capsys, monkeypatch):
+    """A job requeued on another node after its node died: the dead node's lock, unrefreshed
+    past the lease, is taken over; one refreshed within it, or of a glsd without a heartbeat,
+    is refused. The suspended owner learns it before it writes again."""
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / lock.LOCK_NAME
+    other = {"pid": 1, "host": "node-7", "what": "pretrain", "command": "glsd pretrain", "heartbeat_s": 60.0}
+    path.write_text(json.dumps(other))  # refreshed just now
+    with pytest.raises(RunFolderBusy, match=r"host node-7.*refreshed [0-9] s ago, .*taken over 900 s after its last refresh"):
+        lock.acquire(run)
+    old = time.time() - lock.LEASE_S - 60
+    os.utime(path, (old, old))
+    path.write_text(json.dumps({k: v for k, v in other.items() if k != "heartbeat_s"}))  # older glsd
+    os.utime(path, (old, old))
+    with pytest.raises(RunFolderBusy, match="host node-7"):
+        lock.acquire(run)
+    path.write_text(json.dumps(other))
+    os.utime(path, (old, old))
+    pretrain(tiny_config(run, "train.max_steps=1"))
+    assert "process 1 on host node-7 has not refreshed it for over 900 s" in capsys.readouterr().err
+    assert load_last(run)["step"] == 1 and sorted(p.name for p in run.iterdir() if p.name.startswith(".glsd")) == []
+    # This process holds the lock and is "suspended": another host takes it over.
+    lock.acquire(run, "pretrain")
+    path.write_text(json.dumps(other))
+    with pytest.raises(RunFolderBusy, match="taken over by process 1 on host node-7.*stops without writing"):
+        lock.check_owned(run)
+    assert not lock.holds(run) and json.loads(path.read_text()) == other  # the new owner's, kept
+
+
+def test_the_heartbeat_refreshes_every_held_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(lock, "_heartbeat", None)
+    path = lock.acquire(tmp_path / "run")
+    try:
+        os.utime(path, (1, 1))
+        deadline = time.monotonic() + 10
+        while path.stat().st_mtime < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert path.stat().st_mtime > time.time() - 60
+    finally:
+        lock.release(tmp_path / "run")
 
 
 def test_two_processes_finding_one_stale_lock_do_not_both_take_it(tmp_path):

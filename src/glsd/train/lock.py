@@ -3,10 +3,14 @@
 Two processes writing one run folder interleave metrics and overwrite each other's
 checkpoints, so pretraining, evaluation writes and study cells take this lock first. The
 file is created with O_EXCL (atomic on local and NFS v3+ file systems). A lock whose owner is
-gone (same host, dead pid) is stale and taken over; a lock of another host cannot be checked
-and is refused, naming the host and pid so the user can remove it. The lock is re-entrant
-within one process (a study cell locks its folder, then pretrains in it). Under torchrun only
-rank 0 takes it; the other ranks share it.
+gone (same host, dead pid) is stale and taken over. A lock of another host cannot be checked
+that way (a job requeued on another node after its node died): its owner refreshes the file's
+time every HEARTBEAT_S, and a lock left unrefreshed for LEASE_S, by the clock of the file
+system that holds it, is taken over; a lock without a heartbeat (an older glsd) is refused,
+naming the host and pid so the user can remove it. An owner whose lock was taken over (it was
+suspended past the lease) learns it before it writes again (:func:`check_owned`). The lock is
+re-entrant within one process (a study cell locks its folder, then pretrains in it). Under
+torchrun only rank 0 takes it; the other ranks share it.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,6 +33,9 @@ LOCK_NAME = ".glsd.lock"
 _held: dict[Path, int] = {}  # lock path -> depth, in this process
 _created_dirs: set[Path] = set()  # folders this process created only to lock them
 _WINDOWS = os.name == "nt"
+HEARTBEAT_S = 60.0  # an owner refreshes its lock file's time this often
+LEASE_S = 900.0  # another host's lock unrefreshed this long is taken over (15 missed beats)
+_heartbeat: Optional[threading.Thread] = None
 
 
 def _alive(pid: int) -> bool:
@@ -83,12 +91,57 @@ def _stale(path: Path, info: Optional[dict]) -> bool:
         except FileNotFoundError:
             return True
     if info.get("host") != socket.gethostname():
-        return False
+        return "heartbeat_s" in info and _unrefreshed_for(path) > LEASE_S
     pid = info.get("pid")
     if not isinstance(pid, int) or not _alive(pid):
         return True
     started = info.get("pid_start")
     return started is not None and _start_time(pid) not in (None, started)  # pid reused
+
+
+def _unrefreshed_for(path: Path) -> float:
+    """Seconds since ``path`` was last refreshed, by its file system's clock: a file created
+    beside it now gives that clock's time (another host's clock may be set otherwise)."""
+    probe = path.with_name(f"{path.name}.now-{os.getpid()}")
+    try:
+        probe.write_bytes(b"")
+        now = probe.stat().st_mtime
+        probe.unlink()
+        return now - path.stat().st_mtime
+    except OSError:  # cannot tell: not stale
+        return 0.0
+
+
+def _refresh_held_locks() -> None:
+    """The heartbeat (a daemon thread): every HEARTBEAT_S, the time of each lock this
+    process holds is set to now."""
+    while True:
+        time.sleep(HEARTBEAT_S)
+        for path in list(_held):
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+
+def _start_heartbeat() -> None:
+    global _heartbeat
+    if _heartbeat is None or not _heartbeat.is_alive():
+        _heartbeat = threading.Thread(target=_refresh_held_locks, name="glsd-lock-heartbeat", daemon=True)
+        _heartbeat.start()
+
+
+def check_owned(folder: Path) -> None:
+    """Raise RunFolderBusy if the lock this process took on ``folder`` is now another
+    process's (taken over while this one was suspended past the lease): it must not write."""
+    path = Path(folder).resolve() / LOCK_NAME
+    if path not in _held:
+        return
+    info = _read(path)
+    if info is not None and (info.get("pid"), info.get("host")) != (os.getpid(), socket.gethostname()):
+        del _held[path]
+        raise RunFolderBusy(f"{folder} was taken over by process {info.get('pid')} on host "
+                            f"{info.get('host')} ({info.get('command', '?')}) while this process did "
+                            f"not refresh its lock for {LEASE_S:.0f} s (suspended?); this process "
+                            "stops without writing there: the other one goes on with the run")
 
 
 def acquire(folder: Path, what: str = "glsd") -> Path:
@@ -121,7 +174,8 @@ def acquire(folder: Path, what: str = "glsd") -> Path:
 def _create(folder: Path, path: Path, what: str) -> Path:
     record = json.dumps({"pid": os.getpid(), "pid_start": _start_time(os.getpid()),
                          "host": socket.gethostname(), "what": what,
-                         "command": " ".join(sys.argv)[:500], "started": time.time()})
+                         "command": " ".join(sys.argv)[:500], "started": time.time(),
+                         "heartbeat_s": HEARTBEAT_S})
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -134,6 +188,7 @@ def _create(folder: Path, path: Path, what: str) -> Path:
         with os.fdopen(fd, "w") as f:
             f.write(record)
         _held[path] = 1
+        _start_heartbeat()
         return path
     raise RunFolderBusy(_busy_message(folder, path, _read(path)))
 
@@ -152,8 +207,12 @@ def _take_over(path: Path, info: Optional[dict]) -> None:
             os.link(aside, path)  # back in place, unless a third process holds path now
         aside.unlink(missing_ok=True)
         return
-    who = f"pid {info.get('pid')}" if info else "an unreadable lock"
-    print(f"glsd: taking over the stale lock {path} ({who} is gone)", file=sys.stderr)
+    if info and info.get("host") != socket.gethostname():
+        who = (f"process {info.get('pid')} on host {info.get('host')} has not refreshed it for "
+               f"over {LEASE_S:.0f} s: gone, or suspended (it will stop before writing again)")
+    else:
+        who = f"pid {info.get('pid')} is gone" if info else "an unreadable lock"
+    print(f"glsd: taking over the stale lock {path} ({who})", file=sys.stderr)
     aside.unlink(missing_ok=True)
 
 
@@ -163,8 +222,12 @@ def _busy_message(folder: Path, path: Path, info: Optional[dict]) -> str:
     else:
         owner = f"process {info.get('pid')} on host {info.get('host')} ({info.get('what')}: " \
                 f"{info.get('command', '?')})"
+    lease = ""
+    if info and "heartbeat_s" in info and info.get("host") != socket.gethostname():
+        lease = (f"; it was refreshed {_unrefreshed_for(path):.0f} s ago, and a lock another host "
+                 f"refreshes is taken over {LEASE_S:.0f} s after its last refresh")
     return (f"{folder} is in use by {owner}. Wait for it to finish, or use another folder; "
-            f"if that process is gone (another host's lock cannot be checked), delete {path}.")
+            f"if that process is gone (another host's lock cannot be checked), delete {path}{lease}.")
 
 
 def release(folder: Path) -> None:

@@ -204,6 +204,7 @@ class RunFolder:
     def log_metrics(self, record: dict) -> None:
         if not self.is_main:
             return
+        lock.check_owned(self.root)  # taken over while this process was suspended: no write
         path = self.root / "metrics.jsonl"
         try:
             with open(path, "a") as f:

@@ -16,14 +16,14 @@ from glsd.config import to_dict
 from glsd.errors import NonFiniteError, RankFailed
 from glsd.export import write_run_exports
 from glsd.run_layout import BACKBONE_FILE
-from glsd.train import finite
+from glsd.train import finite, lock
 from glsd.train.checkpoint import export_backbone, save_checkpoint, sweep_temp_files
 from glsd.train.console import fmt
 from glsd.train.resume import TrainState
 from glsd.train.rng import rng_state
-from glsd.weights import nonfinite_tensors
-from glsd.utils.io import link_or_copy
 from glsd.utils.distributed import all_reduce_mean, gather_objects, max_over_ranks, sum_over_ranks
+from glsd.utils.io import link_or_copy
+from glsd.weights import nonfinite_tensors
 
 if TYPE_CHECKING:
     from glsd.train.objective import LossTerms
@@ -93,6 +93,7 @@ def _write_checkpoint(ctx: "Context", state: TrainState, states: dict, per_rank:
         "rng_per_rank": [p["rng"] for p in per_rank],
         "skipped_per_rank": [p["skipped_images"] for p in per_rank],
     }
+    lock.check_owned(ctx.run.root)  # taken over while this process was suspended: no write
     save_checkpoint(ctx.run.last, payload)
     if keep:  # a kill before this is written: the resume copies last.pt here (restore_kept_copy)
         link_or_copy(ctx.run.last, kept_copy(ctx, state.epoch))
