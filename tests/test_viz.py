@@ -89,8 +89,8 @@ def test_plot_runs_overlaid(vit_run, tmp_path):
     other = tmp_path / "other"  # a second run with online k-NN records
     other.mkdir()
     (other / "config.yaml").write_text("data: {num_images: 400}\nloss: {matching: similarity}\n")
-    records = [{"step": s, "loss": 5.0 - s, "loss_global": 3.0, "loss_local": 2.0, "geo_valid_frac": 0.9,
-                "sim_geo_agree": 0.1 * s, "sim_dist_cells": 2.0} for s in (1, 2, 3)]
+    records = [{"step": s, "epoch": s / 3, "loss": 5.0 - s, "loss_global": 3.0, "loss_local": 2.0,
+                "geo_valid_frac": 0.9, "sim_geo_agree": 0.1 * s, "sim_dist_cells": 2.0} for s in (1, 2, 3)]
     records.append({"step": 3, "epoch": 1, "knn_top1": 31.5})
     (other / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + '\n{"step": 4, "lo')
     out = tmp_path / "plot.png"
@@ -101,6 +101,10 @@ def test_plot_runs_overlaid(vit_run, tmp_path):
     assert viz.run_label("r", {"data": {"fraction": 0.05}, "loss": {"matching": "geometric"}}) \
         == "r: geometric, 5% of data"
     assert viz.curves._curve(viz.read_run(other)[0], "knn_top1") == ([3], [31.5])
+    # by epoch: runs of other batch sizes, or resumed under another world size, line up
+    assert viz.curves._curve(viz.read_run(other)[0], "loss", "epoch") == ([1 / 3, 2 / 3, 1.0], [4.0, 3.0, 2.0])
+    assert cli(["plot", str(vit_run), str(other), "--x", "epoch", "--out", str(out)]) == 0
+    assert_picture(out, viz.PLOT_FIGSIZE)
 
 
 def test_plot_rejects_a_folder_without_metrics(tmp_path, capsys):

@@ -156,6 +156,9 @@ def _add_pictures(sub) -> None:
     p = sub.add_parser("plot", help="picture: training curves of several runs overlaid")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--x", choices=("step", "epoch"), default="step",
+                   help="x axis: epoch compares runs of other batch sizes (or a run resumed under "
+                        "another world size, whose steps count batches of another size)")
     p.set_defaults(func=commands.cmd_picture)
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -146,7 +146,7 @@ def cmd_picture(args) -> int:
             out = viz.show_features(args.run_dir, args.image, args.out, args.overrides,
                                     random_init=args.random_init)
         else:
-            out = viz.plot_runs(args.run_dirs, args.out)
+            out = viz.plot_runs(args.run_dirs, args.out, x=args.x)
     except (viz.VizError, viz.MatplotlibMissing) as e:
         print(f"glsd: {e}", file=sys.stderr)
         return 2

@@ -36,9 +36,12 @@ def run_label(run_dir: PathLike, raw: dict) -> str:
     return f"{Path(run_dir).name}: {loss.get('matching', '?')}, {amount}"
 
 
-def _curve(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of the records that hold ``key`` (online k-NN records are separate)."""
-    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+X_AXES = ("step", "epoch")
+
+
+def _curve(records: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    """(x, values) of the records that hold ``key`` (online k-NN records are separate)."""
+    pts = [(r[x], r[key]) for r in records if isinstance(r.get(key), (int, float)) and x in r]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -47,11 +50,14 @@ LINESTYLES = {"none": ":", "similarity": "--", "geometric": "-", "soft_geometric
               "hybrid": (0, (5, 1))}
 
 
-def plot_runs(run_dirs: Sequence[PathLike], out: PathLike, dpi: int = DPI) -> Path:
-    """Write the curves (``PLOT_FIGSIZE * dpi`` pixels) of PLOT_METRICS against the step,
-    one colour per run, the legend in the last panel."""
+def plot_runs(run_dirs: Sequence[PathLike], out: PathLike, dpi: int = DPI, x: str = "step") -> Path:
+    """Write the curves (``PLOT_FIGSIZE * dpi`` pixels) of PLOT_METRICS against ``x`` (the
+    step, or the epoch: runs of other batch sizes, or one resumed under another world size,
+    whose steps count batches of another size), one colour per run, the legend in the last panel."""
     if not run_dirs:
         raise VizError("give at least one run folder")
+    if x not in X_AXES:
+        raise VizError(f"x={x!r}: plot against one of {', '.join(X_AXES)}")
     runs = []
     for d in run_dirs:
         records, raw = read_run(d)
@@ -64,7 +70,7 @@ def plot_runs(run_dirs: Sequence[PathLike], out: PathLike, dpi: int = DPI) -> Pa
     for ax, key in zip(axes, PLOT_METRICS):
         drawn = 0
         for (label, records, matching), color in zip(runs, colors):
-            steps, values = _curve(records, key)
+            steps, values = _curve(records, key, x)
             if steps:
                 ax.plot(steps, values, color=color, ls=LINESTYLES.get(matching, "-"),
                         marker="o" if len(steps) < 20 else None, ms=3, lw=1.3, label=label)
@@ -76,7 +82,7 @@ def plot_runs(run_dirs: Sequence[PathLike], out: PathLike, dpi: int = DPI) -> Pa
             ax.set_xticks([])
             ax.set_yticks([])
         ax.set_title(key, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_xlabel(x, fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     legend_ax = axes[len(PLOT_METRICS)]
