@@ -128,6 +128,8 @@ def _worker(rank: int, world: int, ports: list, out_dir: str) -> None:
     bank, bank_y, queries, query_y = _knn_data()
     shard = slice(0, 3) if rank == 0 else slice(3, None)
     out["knn"] = knn_classify(bank[shard], bank_y[shard], queries, query_y, **KNN_ARGS, sharded=True)
+    shard = slice(0, 0) if rank == 0 else slice(None)  # fewer images than ranks, or all unreadable
+    out["knn_empty_shard"] = knn_classify(bank[shard], bank_y[shard], queries, query_y, **KNN_ARGS, sharded=True)
 
     real = pretrain_mod.train_step, pretrain_mod.train_loop, RunFolder.log_metrics
     for k, (case, name) in enumerate(zip(CASES, CASE_IDS)):
@@ -211,7 +213,7 @@ def test_knn_of_a_sharded_bank_equals_the_whole_bank(two_ranks):
     whole = knn_classify(bank, bank_y, queries, query_y, **KNN_ARGS)
     assert len({r["top1"] for r in whole["per_k"].values()}) == 3  # the ks disagree: a real check
     for rec in two_ranks[1]:
-        assert rec["knn"] == whole
+        assert rec["knn"] == rec["knn_empty_shard"] == whole
 
 
 @pytest.mark.parametrize("case", CASE_IDS)
@@ -367,6 +369,22 @@ def test_one_rank_signal_nan_or_full_disk_stops_all_ranks(two_ranks):
     assert r0["diskfull"].startswith("DiskFull: disk full while writing"), r0["diskfull"]
     assert r1["diskfull"].startswith("RankFailed: rank 0 could not write the checkpoint"), r1["diskfull"]
     assert torch.load(out_dir / "nan" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_collectives_of_host_values_go_to_the_gpu_under_nccl(monkeypatch):
+    """NCCL moves only CUDA tensors: a count or flag made on the host (k-NN's bank size, its
+    label check) is all-reduced from the current GPU, or every rank raises."""
+    import torch.distributed as dist
+
+    from glsd.utils import distributed
+
+    monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed._collective_device(None) == torch.device("cuda", 3)
+    assert distributed._collective_device("cpu") == torch.device("cuda", 3)
+    assert distributed._collective_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    assert distributed._collective_device(None) == torch.device("cpu")
 
 
 def test_the_backend_is_chosen_without_touching_a_gpu(monkeypatch):

@@ -226,6 +226,16 @@ def test_a_kept_copy_is_a_copy_where_the_filesystem_has_no_hard_links(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch0001.pt", "last.pt"]
 
 
+def test_linking_a_kept_copy_twice_leaves_no_temp_file(tmp_path):
+    """A rename onto another name of the same file does nothing: the temp name must go."""
+    from glsd.utils.io import atomic_write_text, link_or_copy
+
+    atomic_write_text(tmp_path / "last.pt", "state")
+    link_or_copy(tmp_path / "last.pt", tmp_path / "epoch0001.pt")
+    link_or_copy(tmp_path / "last.pt", tmp_path / "epoch0001.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch0001.pt", "last.pt"]
+
+
 def test_ranks_that_find_different_checkpoints_are_refused(monkeypatch):
     """Nodes without a shared output_dir: one rank resumes step 5, another starts fresh."""
     import glsd.train.resume as resume_mod

@@ -55,8 +55,9 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         temperature: T in the vote weight ``exp(sim / T)``.
         chunk_size: test rows per chunk (None: :func:`auto_chunk`); results do not depend on it.
         sharded: train_feats / train_labels are this rank's shard of the bank (every rank of
-            the process group calls it, with the same test set): the neighbours are merged over
-            the ranks and every rank returns the result of the whole bank.
+            the process group calls it, with the same test set; a shard may be empty): the
+            neighbours are merged over the ranks and every rank returns the result of the whole
+            bank (up to the order of neighbours of exactly equal similarity).
     Returns:
         ``{"temperature", "num_classes", "n_train", "n_test", "per_k": {str(k): {"k",
         "k_effective", "top1", "top5"}}}``. Top-1 is the arg-max of the votes (ties: lowest
@@ -78,7 +79,9 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     train = F.normalize(train_feats.float(), dim=1)
     train_y = train_labels.to(device).long()
     effective = [min(int(k), n_train) for k in ks]
-    chunk = chunk_size or auto_chunk(n_train, n_test)
+    # Sharded, each chunk also gathers every rank's (chunk, max k) neighbours: bounded too.
+    gathered = rank_world()[1] * max(effective) if sharded else 0
+    chunk = chunk_size or auto_chunk(max(n_train, gathered), n_test)
     hits1 = torch.zeros(len(ks), dtype=torch.long, device=device)
     hits5 = torch.zeros(len(ks), dtype=torch.long, device=device)
     for start in range(0, n_test, chunk):
@@ -119,12 +122,13 @@ def _nearest(query: torch.Tensor, train: torch.Tensor, train_y: torch.Tensor,
              k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most similar rows of ``train`` per query, sorted: similarities and labels
     ``(c, k)``. A bank of fewer than k rows is padded with similarity -inf (vote weight 0)."""
-    top_sim, top_idx = (query @ train.T).topk(min(k, train.shape[0]), dim=1)
-    missing = k - top_sim.shape[1]
-    if missing:
-        top_sim = torch.cat([top_sim, top_sim.new_full((query.shape[0], missing), float("-inf"))], 1)
-        top_idx = torch.cat([top_idx, top_idx.new_zeros(query.shape[0], missing)], 1)
-    return top_sim, train_y[top_idx]
+    found = min(k, train.shape[0])  # 0: an empty shard (fewer images than ranks, or all unreadable)
+    top_sim, top_idx = (query @ train.T).topk(found, dim=1)
+    labels = train_y[top_idx]
+    if found < k:
+        top_sim = torch.cat([top_sim, top_sim.new_full((query.shape[0], k - found), float("-inf"))], 1)
+        labels = torch.cat([labels, labels.new_zeros(query.shape[0], k - found)], 1)
+    return top_sim, labels
 
 
 def _merge_over_ranks(top_sim: torch.Tensor, labels: torch.Tensor,

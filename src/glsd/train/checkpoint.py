@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -74,7 +75,8 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        # mmap reads only torch's zip format; any other file gets the unmapped load's diagnosis
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if not _looks_like_torch_file(path):  # garbage, an HTML page: not an attack, a bad file
             raise CheckpointError(f"checkpoint {path} is not a torch checkpoint (corrupt, or another "

@@ -61,6 +61,21 @@ def log_metrics(ctx: "Context", record: dict) -> None:
                         "rank 0 could not write metrics.jsonl (its message says why); every rank stops")
 
 
+def take_unnamed(ctx: "Context") -> list:
+    """This rank's skipped files that train.log has not named yet (rank 0 names its own)."""
+    unnamed, ctx.run.unnamed = ctx.run.unnamed, []
+    return unnamed
+
+
+def name_unreadable_of_ranks(ctx: "Context", per_rank: list) -> None:
+    """Rank 0 names the other ranks' skipped files (gathered at a log step or a checkpoint,
+    the last of which every stop writes)."""
+    if not ctx.dinfo.is_main:
+        return
+    for files in per_rank[1:]:
+        ctx.run.name_unreadable(files)
+
+
 def checkpoint(ctx: "Context", state: TrainState, keep: bool = False) -> None:
     """``last.pt`` (and ``epochNNNN.pt`` with ``keep``) of the state now; refused for
     non-finite weights. ``state.checkpoint_step`` moves only once it is written."""
@@ -72,7 +87,9 @@ def checkpoint(ctx: "Context", state: TrainState, keep: bool = False) -> None:
     if bad:
         error = finite.weights_error(state.step, bad, sum(len(v) for v in states.values()))
         raise nonfinite_told(ctx, state, error)
-    per_rank = gather_objects({"rng": rng_state(), "skipped_images": state.skipped_images})
+    per_rank = gather_objects({"rng": rng_state(), "skipped_images": state.skipped_images,
+                               "unnamed": take_unnamed(ctx)})
+    name_unreadable_of_ranks(ctx, [p["unnamed"] for p in per_rank])
     written_by_rank0(ctx, lambda: _write_checkpoint(ctx, state, states, per_rank, keep),
                      "rank 0 could not write the checkpoint (its message says why); every rank stops")
     state.checkpoint_step = state.step
@@ -152,9 +169,7 @@ def log_step(ctx: "Context", state: TrainState, terms: "LossTerms", steps_per_se
     if ctx.dinfo.enabled:  # the global batch's values (mean over ranks), the same on every rank
         mean = all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=ctx.device))
         values = dict(zip(values, mean.tolist()))
-        unnamed, ctx.run.unnamed = ctx.run.unnamed, []
-        for files in gather_objects(unnamed)[1:]:  # the other ranks' skipped files, to train.log
-            ctx.run.name_unreadable(files)
+        name_unreadable_of_ranks(ctx, gather_objects(take_unnamed(ctx)))
     record = {"step": state.step, "epoch": state.epoch + state.step_in_epoch / ctx.sampler.steps_per_epoch,
               **values,
               "lr": float(sched.lr[step]), "wd": float(sched.wd[step]),

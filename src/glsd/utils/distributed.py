@@ -57,14 +57,21 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def _collective_device(device) -> torch.device:
+    """Where a collective's tensor must live: NCCL moves only CUDA tensors (e.g. an evaluation
+    on the CPU, or a host scalar, under a GPU job's group)."""
+    device = torch.device(device if device is not None else "cpu")
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped tensors of all ranks (rank order); identity alone."""
     if not (dist.is_available() and dist.is_initialized()):
         return tensor
     home = tensor.device
-    if dist.get_backend() == "nccl" and home.type != "cuda":
-        # NCCL moves only CUDA tensors: e.g. an evaluation on the CPU under a GPU job's group
-        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    tensor = tensor.to(_collective_device(home))
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts).to(home)
@@ -80,7 +87,7 @@ def max_over_ranks(value: float, device=None) -> float:
     value itself alone. Lets all ranks take the same decision (stop on a signal, a NaN)."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([float(value)], device=device)
+    t = torch.tensor([float(value)], device=_collective_device(device))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
@@ -99,6 +106,6 @@ def sum_over_ranks(value: float, device=None) -> float:
     """The sum of ``value`` over all ranks (every rank must call it); the value itself alone."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device(device))
     dist.all_reduce(t)
     return t.item()

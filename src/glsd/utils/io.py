@@ -57,9 +57,12 @@ def link_or_copy(source: Path, target: Path) -> None:
     target = Path(target)
     tmp = target.with_name(f".{target.name}{TMP_MARK}link-{os.getpid()}")
     try:
+        if os.name == "nt":  # a reader holding either name open would block replacing the other
+            raise OSError("no hard links for checkpoints on Windows")
         tmp.unlink(missing_ok=True)
         os.link(source, tmp)
         os.replace(tmp, target)
+        tmp.unlink(missing_ok=True)  # a rename onto a link of the same file leaves both names
     except OSError:
         tmp.unlink(missing_ok=True)
         with open(source, "rb") as original:  # streamed: a checkpoint may be gigabytes
