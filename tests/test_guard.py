@@ -432,7 +432,7 @@ def test_a_kill_before_the_kept_epoch_copy_is_written_is_repaired_by_the_resume(
     resume (from that last.pt, past the epoch's end) writes the kept copy it holds."""
     import glsd.train.saving as saving
 
-    real = saving.link_or_copy
+    real = saving.atomic_copy
 
     def killed_at_the_kept_copy(source, target):
         if Path(target).name == "epoch0001.pt":
@@ -441,12 +441,12 @@ def test_a_kill_before_the_kept_epoch_copy_is_written_is_repaired_by_the_resume(
 
     run = tmp_path / "run"
     cfg = ("train.epochs=2", "train.max_steps=8", "train.checkpoint_every_epochs=1", "train.checkpoint_every_steps=0")
-    monkeypatch.setattr(saving, "link_or_copy", killed_at_the_kept_copy)
+    monkeypatch.setattr(saving, "atomic_copy", killed_at_the_kept_copy)
     with pytest.raises(KeyboardInterrupt):
         pretrain(tiny_config(run, *cfg))
     assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["last.pt"]
     at_epoch_end = (run / "checkpoints" / "last.pt").read_bytes()
-    monkeypatch.setattr(saving, "link_or_copy", real)
+    monkeypatch.setattr(saving, "atomic_copy", real)
     pretrain(tiny_config(run, *cfg))
     assert (run / "checkpoints" / "epoch0001.pt").read_bytes() == at_epoch_end
     assert load_checkpoint(run / "checkpoints" / "epoch0002.pt")["step"] == 8

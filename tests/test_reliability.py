@@ -192,8 +192,8 @@ def test_a_stop_on_the_last_step_of_an_epoch_closes_the_epoch_on_resume(tmp_path
 def test_each_position_is_checkpointed_once(tmp_path, monkeypatch):
     """2 epochs of 4 steps, last.pt refreshed every 2 steps: saved at steps 2, 4 (the epoch's
     end, not also by the every-2-steps rule), 6 and 8 (the end of the run, not again after the
-    loop). Each save is a full write and fsync; the kept epoch0001.pt / epoch0002.pt are links
-    to last.pt as it was at their step, which later saves (atomic renames) leave alone."""
+    loop). Each save is a full write and fsync; the kept epoch0001.pt / epoch0002.pt are copies
+    of last.pt's bytes at their step (not a second serialisation)."""
     saved = []
     import glsd.train.saving as saving_mod
 
@@ -209,31 +209,19 @@ def test_each_position_is_checkpointed_once(tmp_path, monkeypatch):
     assert saved == [("last.pt", 2), ("last.pt", 4), ("last.pt", 6), ("last.pt", 8)]
     folder = tmp_path / "run" / "checkpoints"
     assert [load_checkpoint(folder / f"epoch000{e}.pt")["step"] for e in (1, 2)] == [4, 8]
-    assert (folder / "epoch0002.pt").samefile(folder / "last.pt")
+    assert (folder / "epoch0002.pt").read_bytes() == (folder / "last.pt").read_bytes()
 
 
-def test_a_kept_copy_is_a_copy_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
-    from glsd.utils.io import atomic_write_text, link_or_copy
+def test_a_kept_copy_is_its_own_file(tmp_path):
+    """Not a hard link: a roll-back by `cp epoch0001.pt last.pt` (an in-place write) must not
+    rewrite another kept copy that shares last.pt's bytes."""
+    from glsd.utils.io import atomic_copy, atomic_write_text
 
-    def no_links(*args):
-        raise OSError(1, "Operation not permitted")
-
-    atomic_write_text(tmp_path / "last.pt", "state at step 4")
-    monkeypatch.setattr(os, "link", no_links)
-    link_or_copy(tmp_path / "last.pt", tmp_path / "epoch0001.pt")
     atomic_write_text(tmp_path / "last.pt", "state at step 8")
-    assert (tmp_path / "epoch0001.pt").read_text() == "state at step 4"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch0001.pt", "last.pt"]
-
-
-def test_linking_a_kept_copy_twice_leaves_no_temp_file(tmp_path):
-    """A rename onto another name of the same file does nothing: the temp name must go."""
-    from glsd.utils.io import atomic_write_text, link_or_copy
-
-    atomic_write_text(tmp_path / "last.pt", "state")
-    link_or_copy(tmp_path / "last.pt", tmp_path / "epoch0001.pt")
-    link_or_copy(tmp_path / "last.pt", tmp_path / "epoch0001.pt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch0001.pt", "last.pt"]
+    atomic_copy(tmp_path / "last.pt", tmp_path / "epoch0002.pt")
+    (tmp_path / "last.pt").write_text("state at step 4")  # in place, as cp does
+    assert (tmp_path / "epoch0002.pt").read_text() == "state at step 8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch0002.pt", "last.pt"]
 
 
 def test_ranks_that_find_different_checkpoints_are_refused(monkeypatch):

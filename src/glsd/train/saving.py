@@ -22,7 +22,7 @@ from glsd.train.console import fmt
 from glsd.train.resume import TrainState
 from glsd.train.rng import rng_state
 from glsd.utils.distributed import all_reduce_mean, gather_objects, max_over_ranks, sum_over_ranks
-from glsd.utils.io import link_or_copy
+from glsd.utils.io import atomic_copy
 from glsd.weights import nonfinite_tensors
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def _write_checkpoint(ctx: "Context", state: TrainState, states: dict, per_rank:
     lock.check_owned(ctx.run.root)  # taken over while this process was suspended: no write
     save_checkpoint(ctx.run.last, payload)
     if keep:  # a kill before this is written: the resume copies last.pt here (restore_kept_copy)
-        link_or_copy(ctx.run.last, kept_copy(ctx, state.epoch))
+        atomic_copy(ctx.run.last, kept_copy(ctx, state.epoch))
 
 
 def kept_copy(ctx: "Context", epoch: int) -> Path:
@@ -130,7 +130,7 @@ def restore_kept_copy(ctx: "Context", state: TrainState) -> None:
         return
     target = kept_copy(ctx, state.epoch)
     if not target.is_file():
-        link_or_copy(ctx.run.last, target)
+        atomic_copy(ctx.run.last, target)
 
 
 def export_teacher(ctx: "Context") -> None:

@@ -49,26 +49,12 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     fsync_dir(path.parent)
 
 
-def link_or_copy(source: Path, target: Path) -> None:
-    """``target`` becomes a copy of ``source``, atomically: a hard link where the filesystem
-    has them (no bytes written: a kept checkpoint of gigabytes costs nothing), else a streamed
-    copy. Only for a ``source`` that is replaced by :func:`atomic_write` and never written in
-    place, so the link keeps the bytes it was made from."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}{TMP_MARK}link-{os.getpid()}")
-    try:
-        if os.name == "nt":  # a reader holding either name open would block replacing the other
-            raise OSError("no hard links for checkpoints on Windows")
-        tmp.unlink(missing_ok=True)
-        os.link(source, tmp)
-        os.replace(tmp, target)
-        tmp.unlink(missing_ok=True)  # a rename onto a link of the same file leaves both names
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        with open(source, "rb") as original:  # streamed: a checkpoint may be gigabytes
-            atomic_write(target, lambda f: shutil.copyfileobj(original, f))
-        return
-    fsync_dir(target.parent)
+def atomic_copy(source: Path, target: Path) -> None:
+    """``target`` becomes a copy of ``source``'s bytes, atomically (streamed: a checkpoint may
+    be gigabytes). Not a hard link: anyone who writes the source in place (``cp epoch.pt
+    last.pt`` to roll back, a script's ``torch.save``) would rewrite the copy too."""
+    with open(source, "rb") as original:
+        atomic_write(target, lambda f: shutil.copyfileobj(original, f, 4 * 2**20))
 
 
 def raise_if_disk_full(e: BaseException, path: Path, kept: Optional[str] = None) -> None:
