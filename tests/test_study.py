@@ -74,7 +74,31 @@ def test_micro_grid_end_to_end_and_resume(tmp_path):
     assert "f0.25-geometric-s0" in (out / "report.md").read_text()
 
 
-def test_failed_cell_is_reported_and_others_go_on(tmp_path, monkeypatch):
+def test_a_folder_the_evaluations_cannot_use_is_refused_before_any_cell_trains(tmp_path):
+    """Class folders but no held-out split: k-NN has nothing to score on. Said before the
+    first cell, naming --evals (not glsd eval's --train-data), and no study folder is left."""
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (40, 40), (20 * i, 0, 0)).save(tmp_path / "photos" / c / f"{i}.png")
+    out = tmp_path / "study"
+    overrides = [*TINY, "data.source=auto", f"data.root={tmp_path / 'photos'}"]
+    with pytest.raises(ConfigError, match=r"no 'test' split folder.*--evals") as err:
+        run_study(None, out, overrides, fractions=[1.0], matchings=["none"], seeds=[0], evals=["knn"], device="cpu")
+    assert "--train-data" not in str(err.value) and not out.exists()
+
+
+def test_a_value_given_twice_is_one_cell():
+    from glsd.config import load_config
+    from glsd.tools.study import study_cells
+
+    cells = study_cells(load_config(None, TINY), fractions=[1.0, 1.0], matchings=["none", "none"], seeds=[0, 0])
+    assert [c.name for c in cells] == ["f1-none-s0"]
+
+
+def test_failed_cell_is_reported_and_others_go_on(tmp_path, monkeypatch, capsys):
     import glsd.train.pretrain as pretrain_module
 
     real = pretrain_module.pretrain
@@ -91,6 +115,9 @@ def test_failed_cell_is_reported_and_others_go_on(tmp_path, monkeypatch):
     status = {r["name"]: r["status"] for r in result["records"]}
     assert status == {"f0.5-none-s0": "failed", "f1-none-s0": "done"}
     assert "simulated crash" in (out / "report.md").read_text()
+    console = capsys.readouterr().out  # each cell's result, and the time the rest will take
+    assert "[study] f0.5-none-s0: failed (RuntimeError: simulated crash); 1 cell left, about 1 min" in console
+    assert re.search(r"\[study\] f1-none-s0: done: k-NN [0-9.]+ \(floor [0-9.]+\)\n", console), console
 
 
 def test_a_cell_the_preflight_refuses_stops_the_study_before_any_trains(tmp_path):
@@ -129,6 +156,21 @@ def test_summary_and_verdict_maths():
     with_steps = [dict(r, steps=3003 if r["fraction"] == 0.1 else 2964) for r in records]
     with_steps.append(dict(_rec(0.2, "none", 0, 40.0), steps=2964))
     assert "Optimisation steps per cell: 0.1: 3,003; 0.2: 2,964." in report_markdown(with_steps)
+
+
+def test_equal_arms_tie_and_arms_under_their_floor_are_flagged():
+    """One seed, two arms of the same value: a tie, not a lead of +0.00. An evaluation whose
+    arms end under the random-init floor says so."""
+    records = [_rec(0.1, "none", 0, 96.67), _rec(0.1, "geometric", 0, 96.67), _rec(0.1, "similarity", 0, 90.0)]
+    text = verdict(summarize(records)[0.1])
+    assert text.startswith("**none** and **geometric** tie at 96.67") or \
+        text.startswith("**geometric** and **none** tie at 96.67"), text
+    assert "+0.00" not in text and "+6.67 over similarity" in text
+    with_seg = [dict(r, seg_accuracy=v, seg_floor_accuracy=0.772)
+                for r, v in zip(records, (0.727, 0.730, 0.80))]
+    report = report_markdown(with_seg)
+    assert "**Below the random-init floor** (0.772): none, geometric;" in report
+    assert "Below the random-init floor" not in report.split("## Labelled dense probe")[0]
 
 
 def test_cell_overrides_pair_the_arms():

@@ -70,12 +70,13 @@ def train_subset(full: ImageSource, subset: Optional[dict], cfg: Config) -> Imag
 
 
 def eval_sources(cfg: Config, base: Path, train_data: Optional[str] = None, test_data: Optional[str] = None,
-                 overrides: Sequence[str] = (), purpose: str = "k-NN and linear evaluation"
-                 ) -> tuple[ImageSource, ImageSource, dict]:
+                 overrides: Sequence[str] = (), purpose: str = "k-NN and linear evaluation",
+                 other_set_hint: bool = True) -> tuple[ImageSource, ImageSource, dict]:
     """(labelled train source, test source, record of what they are) for k-NN / linear.
 
     ``train_data`` / ``test_data``: another labelled set (module docstring); ``overrides``
-    gives their ``data.*`` keys.
+    gives their ``data.*`` keys. ``other_set_hint``: errors name ``glsd eval``'s
+    ``--train-data`` / ``--test-data`` (not for callers without those flags).
     """
     if train_data is not None:
         train_cfg, subset = data_config(train_data, cfg.data, overrides), None
@@ -90,9 +91,11 @@ def eval_sources(cfg: Config, base: Path, train_data: Optional[str] = None, test
                                 opener=open_test_split), cfg)
     other_hint = ("; or give the held-out images with --test-data Y (or, as --train-data, the "
                   "folder that holds both train/ and test/)" if test_data is None else "")
-    check_split_pair(full, test, train_split, cfg.eval.test_split,
-                     hint=other_hint if train_data is not None else "; or evaluate on another "
-                     "labelled set: --train-data X --test-data Y", purpose=purpose)
+    if not other_set_hint:
+        other_hint = ""
+    elif train_data is None:
+        other_hint = "; or evaluate on another labelled set: --train-data X --test-data Y"
+    check_split_pair(full, test, train_split, cfg.eval.test_split, hint=other_hint, purpose=purpose)
     train = train_subset(full, subset, cfg)
     record = {**data_record(cfg), "train_data": train_data, "test_data": test_data,
               "train_source": full.name, "test_source": test.name,

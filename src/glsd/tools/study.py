@@ -49,9 +49,11 @@ class Cell:
 
 
 def study_cells(cfg: Config, fractions=None, matchings=None, seeds=None) -> list[Cell]:
+    """The grid in order (fractions, then seeds, then arms); a value given twice counts once."""
     s = cfg.study
-    return [Cell(f, m, seed) for f in (fractions or s.fractions)
-            for seed in (seeds or s.seeds) for m in (matchings or s.matchings)]
+    once = lambda values: list(dict.fromkeys(values))  # noqa: E731 - first occurrence, order kept
+    return [Cell(f, m, seed) for f in once(fractions or s.fractions)
+            for seed in once(seeds or s.seeds) for m in once(matchings or s.matchings)]
 
 
 def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=None,
@@ -64,12 +66,13 @@ def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=N
     2-core CPU keep 1.
     """
     out = Path(absolute_path(str(out)))  # as pretrain expands each cell's output_dir
-    out.mkdir(parents=True, exist_ok=True)
     base = load_config(config, overrides)
-    evals = list(evals or base.study.evals)
+    evals = list(dict.fromkeys(evals or base.study.evals))
     cells = study_cells(base, fractions, matchings, seeds)
     if not report_only:
         check_cells(config, overrides, cells, out)
+        check_evaluations(base, evals, out)
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused study leaves no folder
     if report_only:
         records = [collected_record(out, cell) for cell in cells]
     else:
@@ -114,6 +117,23 @@ def check_cells(config, overrides, cells: list[Cell], out: Path) -> None:
             raise ConfigError(f"study cell {cell.name}: {e}") from None
 
 
+def check_evaluations(cfg: Config, evals: list[str], out: Path) -> None:
+    """The images each evaluation of ``evals`` reads (labelled train and held-out test images
+    for k-NN, linear and seg; a test split for dense), before any cell trains: a folder they
+    cannot use is refused now, not after every cell has trained."""
+    from glsd.eval.eval_data import eval_sources, open_test_split
+
+    try:
+        labelled = [k for k in evals if k in ("knn", "linear", "seg")]
+        if labelled:
+            eval_sources(cfg, out, purpose=f"the study's evaluations ({', '.join(labelled)})",
+                         other_set_hint=False)
+        if "dense" in evals:
+            open_test_split(cfg, cfg.eval.test_split)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; or leave those out with --evals (e.g. --evals dense)") from None
+
+
 def collected_record(out: Path, cell: Cell, status: str = "not run") -> dict:
     record = read_json_record(out / cell.name / "cell.json")  # torn or invalid: not done
     if record is not None and record.get("status") == "done":
@@ -123,12 +143,37 @@ def collected_record(out: Path, cell: Cell, status: str = "not run") -> dict:
 
 
 def run_cells_in_order(config, overrides, cells, out, evals, device) -> list[dict]:
-    records = []
+    records, spent, ran = [], 0.0, 0
     for i, cell in enumerate(cells):
         print(f"[study] cell {i + 1}/{len(cells)}: {cell.name}", flush=True)
+        start = time.time()
+        done_before = collected_record(out, cell)["status"] == "done"
         records.append(run_cell(config, overrides, cell, out, evals, device))
         write_outputs(out, records)
+        if not done_before:  # a cell finished earlier costs nothing: not in the estimate
+            spent, ran = spent + time.time() - start, ran + 1
+        left = len(cells) - i - 1
+        print(f"[study] {cell.name}: {cell_summary(records[-1])}"
+              + (f"; {left} cell{'s' if left > 1 else ''} left, about {format_duration(spent / ran * left)}"
+                 if ran and left else ""), flush=True)
     return records
+
+
+def cell_summary(record: dict) -> str:
+    """One line of a cell's results (or its failure) for the console."""
+    if record.get("status") != "done":
+        return f"{record.get('status')}" + (f" ({record['error']})" if record.get("error") else "")
+    parts = [f"k-NN {record['knn_top1']:.2f} (floor {record['knn_floor_top1']:.2f})"
+             if record.get("knn_top1") is not None and record.get("knn_floor_top1") is not None else None]
+    parts += [f"{name} {record[key]:.{digits}f}" for key, name, digits in (
+        ("linear_top1", "linear", 2), ("dense_within_one", "dense", 3), ("seg_accuracy", "seg", 3))
+        if record.get(key) is not None]
+    return "done: " + ", ".join(p for p in parts if p)
+
+
+def format_duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
 
 
 def run_cells_in_parallel(config, overrides, cells, out, evals, device, jobs) -> list[dict]:

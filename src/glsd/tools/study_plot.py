@@ -162,8 +162,9 @@ def plot_report(records: list[dict], path: Path) -> None:
     for i, metric in enumerate(metrics):
         _panel(fig.add_subplot(grid[i // ncols, i % ncols]), records, metric, colors)
     data = settings(records, "data")
-    fig.suptitle(f"Low-data study{f' on {data}' if data else ''}: mean ± seed std per arm",
-                 fontsize=10)
+    seeds = {r["seed"] for r in records if r.get("status") == "done"}
+    spread = "mean ± seed std per arm" if len(seeds) > 1 else "one seed per arm (no spread)"
+    fig.suptitle(f"Low-data study{f' on {data}' if data else ''}: {spread}", fontsize=10)
     _verdict_panel(fig.add_subplot(grid[nrows - 1, ncols - free:] if fits else grid[nrows, :]), records)
     fig.tight_layout()
     fig.savefig(path)

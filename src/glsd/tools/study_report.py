@@ -78,8 +78,11 @@ def verdict(row: dict, digits: int = 2) -> str:
     best = ranked[0]
     if len(ranked) < 2:
         return f"only {best} has finished cells: no comparison yet"
-    parts = [f"**{best}** leads"]
-    for other in ranked[1:]:
+    top = round(ranking_mean(row, best), digits)
+    tied = [m for m in ranked if round(ranking_mean(row, m), digits) == top]
+    parts = [f"**{best}** leads" if len(tied) == 1
+             else " and ".join(f"**{m}**" for m in tied) + f" tie at {top:.{digits}f}"]
+    for other in ranked[len(tied):]:
         p = paired_margin(row, best, other)
         if p is None:
             continue
@@ -239,9 +242,20 @@ def other_evaluations(records: list[dict], matchings: list[str]) -> list[str]:
         lines.append("")
         for frac in sorted(table):
             claims = "; ".join(paper_claims(table[frac], digits))
-            lines += verdict_lines(frac, table[frac], f"{verdict(table[frac], digits)}."
+            below = (below_floor(table[frac], floor_of(done, floor_key, frac), digits)
+                     if with_floor else "")
+            lines += verdict_lines(frac, table[frac], f"{verdict(table[frac], digits)}.{below}"
                                    + (f" Paper: {claims}." if claims else ""), digits)
     return lines
+
+
+def below_floor(row: dict, floor: float, digits: int) -> str:
+    """" Below the random-init floor (...): arms." for arms that end under it, else ""."""
+    under = [m for m in row if row[m]["mean"] < floor]
+    if not under:
+        return ""
+    return (f" **Below the random-init floor** ({floor:.{digits}f}): {', '.join(under)}; the "
+            "training made these features worse than untrained ones for this evaluation.")
 
 
 def settings(records: list[dict], key: str) -> str:
