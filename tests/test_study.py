@@ -399,6 +399,10 @@ def test_a_rerun_under_other_settings_refuses_the_folders_cells(tmp_path):
     floor = json.loads((out / "floor-f1-s0.json").read_text())
     with pytest.raises(ConfigError, match=r"under other settings \(eval.k: 5 -> 7\)"):
         run_study(None, out, [*TINY, "eval.k=7"], **grid)
+    # ... before any other cell trains, wherever the finished cell stands in the grid
+    with pytest.raises(ConfigError, match=r"f1-none-s0 holds this cell made under other settings"):
+        run_study(None, out, [*TINY, "eval.k=7"], **{**grid, "fractions": [0.5, 1.0]})
+    assert not (out / "f0.5-none-s0").exists()
     # The floor of another model is made again (no cell reuses the old one).
     (out / "f1-none-s0").rename(tmp_path / "old-cell")
     no_device = [o for o in TINY if not o.startswith("device=")]  # the flag alone says cpu

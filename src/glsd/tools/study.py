@@ -115,6 +115,24 @@ def check_cells(config, overrides, cells: list[Cell], out: Path) -> None:
             preflight(with_step_budget(cfg, sources[key]), sources[key])
         except ConfigError as e:
             raise ConfigError(f"study cell {cell.name}: {e}") from None
+        check_finished_cell(cfg, out / cell.name)
+
+
+# The settings a finished cell's results depend on, besides the schedule (checked by preflight).
+RESULT_SECTIONS = ("data", "crops", "model", "loss", "eval")
+
+
+def check_finished_cell(cfg: Config, run_dir: Path) -> None:
+    """A cell finished under other settings in this --out is refused before any cell trains:
+    reusing its record would mix two studies in one report."""
+    record = read_json_record(run_dir / "cell.json")
+    if record is None or record.get("status") != "done":
+        return
+    changed = changed_settings(read_run_config(run_dir), cfg, RESULT_SECTIONS)
+    if changed:
+        raise ConfigError(f"{run_dir} holds this cell made under other settings "
+                          f"({'; '.join(changed[:4])}); use another --out, or delete that "
+                          "folder to redo the cell")
 
 
 def check_evaluations(cfg: Config, evals: list[str], out: Path) -> None:
@@ -223,11 +241,7 @@ def _run_locked_cell(cfg: Config, cell: Cell, out: Path, evals: list[str], devic
     if record_path.exists():
         record = read_json_record(record_path)
         if record is not None and record.get("status") == "done":
-            changed = changed_settings(read_run_config(run_dir), cfg, ("data", "crops", "model", "loss", "eval"))
-            if changed:
-                raise ConfigError(f"{run_dir} holds this cell made under other settings "
-                                  f"({'; '.join(changed[:4])}); use another --out, or delete that "
-                                  "folder to redo the cell")
+            check_finished_cell(cfg, run_dir)  # checked before the study too; the folder may have changed
             return record
         print(f"[study] {cell.name}: {record_path} is torn or invalid; redoing the cell", flush=True)
         record_path.unlink()
