@@ -90,6 +90,16 @@ def test_a_folder_the_evaluations_cannot_use_is_refused_before_any_cell_trains(t
     assert "--train-data" not in str(err.value) and not out.exists()
 
 
+def test_a_fraction_with_fewer_images_than_classes_is_noted(tmp_path, capsys):
+    from glsd.tools.study import check_cells
+
+    cells = [Cell(0.1, "none", 0), Cell(0.1, "geometric", 0), Cell(1.0, "none", 0)]
+    check_cells(None, [*TINY, "train.batch_size=2"], cells, tmp_path / "s")
+    notes = [l for l in capsys.readouterr().out.splitlines() if "[study] note" in l]
+    assert notes == ["[study] note: fraction 0.1 pretrains on 3 images of 4 classes: its k-NN and "
+                     "probes score against a bank that misses classes"]
+
+
 def test_a_value_given_twice_is_one_cell():
     from glsd.config import load_config
     from glsd.tools.study import study_cells

@@ -98,7 +98,7 @@ def check_cells(config, overrides, cells: list[Cell], out: Path) -> None:
     """Every cell's config and its training preflight (data, grids, batch against subset
     size), before the first cell trains: a bad value in one cell (``--fractions 0.05 5``) or a
     missing ``data.root`` is refused now, not once per cell after hours of the others."""
-    from glsd.train.preflight import preflight
+    from glsd.train.preflight import planned_images, preflight
 
     configs = []
     for cell in cells:
@@ -106,7 +106,7 @@ def check_cells(config, overrides, cells: list[Cell], out: Path) -> None:
             configs.append(load_config(config, [*overrides, *cell.overrides(out)]))
         except ConfigError as e:
             raise ConfigError(f"study cell {cell.name}: {e}") from None
-    sources = {}  # cells differ in subset, not in data: open (or download) each source once
+    sources, warned = {}, set()  # cells differ in subset, not in data: open each source once
     for cell, cfg in zip(cells, configs):
         key = (cfg.data.source, cfg.data.root, cfg.data.split, cfg.data.download)
         if key not in sources:
@@ -116,6 +116,11 @@ def check_cells(config, overrides, cells: list[Cell], out: Path) -> None:
         except ConfigError as e:
             raise ConfigError(f"study cell {cell.name}: {e}") from None
         check_finished_cell(cfg, out / cell.name)
+        n, classes = planned_images(cfg, sources[key]), len(sources[key].classes)
+        if n < classes and cell.fraction not in warned:
+            warned.add(cell.fraction)
+            print(f"[study] note: fraction {cell.fraction:g} pretrains on {n} images of {classes} "
+                  "classes: its k-NN and probes score against a bank that misses classes", flush=True)
 
 
 # The settings a finished cell's results depend on, besides the schedule (checked by preflight).
