@@ -315,6 +315,35 @@ def test_another_hosts_lock_is_taken_over_once_its_heartbeat_stopped(tmp_path, c
     assert not lock.holds(run) and json.loads(path.read_text()) == other  # the new owner's, kept
 
 
+def test_a_lock_taken_over_is_left_to_its_new_owner(tmp_path, monkeypatch):
+    """The old owner neither keeps it alive (heartbeat) nor writes failed.txt into the folder;
+    a lock whose age cannot be told (nothing can be written beside it) never expires; a clock
+    probe left by a kill is not run content."""
+    from glsd.train.run_folder import RunFolder
+
+    run = tmp_path / "run"
+    folder = RunFolder(run)
+    folder.prepare(tiny_config(run))
+    other = {"pid": 1, "host": "node-7", "what": "pretrain", "command": "glsd pretrain", "heartbeat_s": 60.0}
+    path = run / lock.LOCK_NAME
+    path.write_text(json.dumps(other))
+    os.utime(path, (1000, 1000))
+    monkeypatch.setattr(lock, "HEARTBEAT_S", 0.01)
+    monkeypatch.setattr(lock, "_heartbeat", None)
+    lock._start_heartbeat()
+    time.sleep(0.3)
+    assert path.stat().st_mtime == 1000  # not refreshed by the process it was taken from
+    with pytest.raises(RunFolderBusy):
+        folder.log_metrics({"step": 1})
+    folder.mark_failed(RunFolderBusy("taken over"))
+    assert not (run / "failed.txt").exists()
+    monkeypatch.setattr(lock, "_unrefreshed_for", lambda p: None)
+    assert not lock._stale(path, other)
+    folder.close()  # its log handler; the lock is no longer its own to release
+    assert json.loads(path.read_text()) == other
+    assert lock.is_lock_file(f"{lock.LOCK_NAME}.now-node-7-12") and not lock.is_lock_file("config.yaml")
+
+
 def test_the_heartbeat_refreshes_every_held_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(lock, "HEARTBEAT_S", 0.05)
     monkeypatch.setattr(lock, "_heartbeat", None)

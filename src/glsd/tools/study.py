@@ -141,20 +141,17 @@ def check_finished_cell(cfg: Config, run_dir: Path) -> None:
 
 
 def check_evaluations(cfg: Config, evals: list[str], out: Path) -> None:
-    """The images each evaluation of ``evals`` reads (labelled train and held-out test images
-    for k-NN, linear and seg; a test split for dense), before any cell trains: a folder they
-    cannot use is refused now, not after every cell has trained."""
-    from glsd.eval.eval_data import eval_sources, open_test_split
+    """The images the evaluations read, before any cell trains: labelled train images and a
+    held-out labelled test split (every cell scores the k-NN floor; k-NN, linear and seg need
+    them too; dense reads the test split). A folder they cannot use is refused now, not after
+    every cell has trained."""
+    from glsd.eval.eval_data import eval_sources
 
     try:
-        labelled = [k for k in evals if k in ("knn", "linear", "seg")]
-        if labelled:
-            eval_sources(cfg, out, purpose=f"the study's evaluations ({', '.join(labelled)})",
-                         other_set_hint=False)
-        if "dense" in evals:
-            open_test_split(cfg, cfg.eval.test_split)
+        eval_sources(cfg, out, purpose=f"the study's k-NN floor and evaluations ({', '.join(evals)})",
+                     other_set_hint=False)
     except ConfigError as e:
-        raise ConfigError(f"{e}; or leave those out with --evals (e.g. --evals dense)") from None
+        raise ConfigError(f"{e}; the study compares arms on labelled, held-out images") from None
 
 
 def collected_record(out: Path, cell: Cell, status: str = "not run") -> dict:
@@ -173,9 +170,9 @@ def run_cells_in_order(config, overrides, cells, out, evals, device) -> list[dic
         done_before = collected_record(out, cell)["status"] == "done"
         records.append(run_cell(config, overrides, cell, out, evals, device))
         write_outputs(out, records)
-        if not done_before:  # a cell finished earlier costs nothing: not in the estimate
+        if not done_before and records[-1].get("status") == "done":  # trained here, whole
             spent, ran = spent + time.time() - start, ran + 1
-        left = len(cells) - i - 1
+        left = sum(collected_record(out, c)["status"] != "done" for c in cells[i + 1:])
         print(f"[study] {cell.name}: {cell_summary(records[-1])}"
               + (f"; {left} cell{'s' if left > 1 else ''} left, about {format_duration(spent / ran * left)}"
                  if ran and left else ""), flush=True)

@@ -78,8 +78,8 @@ def verdict(row: dict, digits: int = 2) -> str:
     best = ranked[0]
     if len(ranked) < 2:
         return f"only {best} has finished cells: no comparison yet"
-    top = round(ranking_mean(row, best), digits)
-    tied = [m for m in ranked if round(ranking_mean(row, m), digits) == top]
+    top = ranking_mean(row, best)
+    tied = [m for m in ranked if round(top - ranking_mean(row, m), digits) == 0]  # as printed
     parts = [f"**{best}** leads" if len(tied) == 1
              else " and ".join(f"**{m}**" for m in tied) + f" tie at {top:.{digits}f}"]
     for other in ranked[len(tied):]:

@@ -8,7 +8,7 @@ that way (a job requeued on another node after its node died): its owner refresh
 time every HEARTBEAT_S, and a lock left unrefreshed for LEASE_S, by the clock of the file
 system that holds it, is taken over; a lock without a heartbeat (an older glsd) is refused,
 naming the host and pid so the user can remove it. An owner whose lock was taken over (it was
-suspended past the lease) learns it before it writes again (:func:`check_owned`). The lock is
+suspended past the lease) stops before its next checkpoint or metrics line (:func:`check_owned`). The lock is
 re-entrant within one process (a study cell locks its folder, then pretrains in it). Under
 torchrun only rank 0 takes it; the other ranks share it.
 """
@@ -36,6 +36,12 @@ _WINDOWS = os.name == "nt"
 HEARTBEAT_S = 60.0  # an owner refreshes its lock file's time this often
 LEASE_S = 900.0  # another host's lock unrefreshed this long is taken over (15 missed beats)
 _heartbeat: Optional[threading.Thread] = None
+
+
+def is_lock_file(name: str) -> bool:
+    """The lock file, or a companion a lock check writes for a moment (a clock probe, a stale
+    lock moved aside): not the run's content."""
+    return name == LOCK_NAME or name.startswith((f"{LOCK_NAME}.now-", f"{LOCK_NAME}.stale-"))
 
 
 def _alive(pid: int) -> bool:
@@ -91,7 +97,8 @@ def _stale(path: Path, info: Optional[dict]) -> bool:
         except FileNotFoundError:
             return True
     if info.get("host") != socket.gethostname():
-        return "heartbeat_s" in info and _unrefreshed_for(path) > LEASE_S
+        age = _unrefreshed_for(path) if "heartbeat_s" in info else None
+        return age is not None and age > LEASE_S
     pid = info.get("pid")
     if not isinstance(pid, int) or not _alive(pid):
         return True
@@ -99,17 +106,20 @@ def _stale(path: Path, info: Optional[dict]) -> bool:
     return started is not None and _start_time(pid) not in (None, started)  # pid reused
 
 
-def _unrefreshed_for(path: Path) -> float:
+def _unrefreshed_for(path: Path) -> Optional[float]:
     """Seconds since ``path`` was last refreshed, by its file system's clock: a file created
-    beside it now gives that clock's time (another host's clock may be set otherwise)."""
-    probe = path.with_name(f"{path.name}.now-{os.getpid()}")
+    beside it now gives that clock's time (another host's clock may be set otherwise); None
+    when that cannot be told (the probe cannot be written): the lock then never expires."""
+    probe = path.with_name(f"{path.name}.now-{socket.gethostname()}-{os.getpid()}")
     try:
         probe.write_bytes(b"")
         now = probe.stat().st_mtime
-        probe.unlink()
         return now - path.stat().st_mtime
-    except OSError:  # cannot tell: not stale
-        return 0.0
+    except OSError:
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def _refresh_held_locks() -> None:
@@ -118,8 +128,10 @@ def _refresh_held_locks() -> None:
     while True:
         time.sleep(HEARTBEAT_S)
         for path in list(_held):
-            with contextlib.suppress(OSError):
-                os.utime(path)
+            info = _read(path)  # a lock taken over is the new owner's: not kept alive from here
+            if info is not None and (info.get("pid"), info.get("host")) == (os.getpid(), socket.gethostname()):
+                with contextlib.suppress(OSError):
+                    os.utime(path)
 
 
 def _start_heartbeat() -> None:
@@ -197,7 +209,7 @@ def _take_over(path: Path, info: Optional[dict]) -> None:
     """Remove the stale lock ``info`` was read from, and nothing else: two processes may find
     it stale at once, and the slower one must not delete the lock the faster one just took.
     The file is moved aside (atomic) and checked; a fresh lock moved by mistake is put back."""
-    aside = path.with_name(f"{path.name}.stale-{os.getpid()}")
+    aside = path.with_name(f"{path.name}.stale-{socket.gethostname()}-{os.getpid()}")
     try:
         os.rename(path, aside)
     except FileNotFoundError:  # another process removed it first
@@ -224,8 +236,10 @@ def _busy_message(folder: Path, path: Path, info: Optional[dict]) -> str:
                 f"{info.get('command', '?')})"
     lease = ""
     if info and "heartbeat_s" in info and info.get("host") != socket.gethostname():
-        lease = (f"; it was refreshed {_unrefreshed_for(path):.0f} s ago, and a lock another host "
-                 f"refreshes is taken over {LEASE_S:.0f} s after its last refresh")
+        age = _unrefreshed_for(path)
+        lease = ((f"; it was refreshed {age:.0f} s ago, and " if age is not None else "; ")
+                 + f"a lock another host refreshes is taken over {LEASE_S:.0f} s after its last refresh"
+                 + ("" if age is not None else f" (its age cannot be told: nothing can be written in {folder})"))
     return (f"{folder} is in use by {owner}. Wait for it to finish, or use another folder; "
             f"if that process is gone (another host's lock cannot be checked), delete {path}{lease}.")
 

@@ -81,7 +81,7 @@ class RunFolder:
                 self._archive("train.resume=false" if not cfg.train.resume else
                               "it holds no checkpoint to resume")
         elif self.is_main and self.root.is_dir() and any(
-                p.name != lock.LOCK_NAME for p in self.root.iterdir()):
+                not lock.is_lock_file(p.name) for p in self.root.iterdir()):
             raise ConfigError(f"output_dir {self.root} is not empty and holds no glsd run; "
                               "pick a new output_dir")
         if self.is_main:
@@ -131,7 +131,7 @@ class RunFolder:
         atomic_write_text(path, "".join(f"{json.dumps(r)}\n" for r in kept))
 
     def _is_same_unsaved_start(self, cfg: Config) -> bool:
-        names = {p.name for p in self.root.iterdir()}
+        names = {p.name for p in self.root.iterdir() if not lock.is_lock_file(p.name)}
         if not names <= START_FILES or (self.root / BACKBONE_FILE).exists():
             return False
         if any(not p.name.startswith(".") for p in self.checkpoints.glob("*")):
@@ -152,8 +152,8 @@ class RunFolder:
 
     def mark_failed(self, error: BaseException) -> None:
         """A run that fails before its first checkpoint says so in its folder."""
-        if self._locks and self.root.is_dir() and not self.last.exists() and \
-                (self.root / "config.yaml").exists():
+        owns = self._locks and lock.holds(self.root)  # not a lock taken over while suspended
+        if owns and self.root.is_dir() and not self.last.exists() and (self.root / "config.yaml").exists():
             (self.root / FAILED_FILE).write_text(
                 f"this run failed before its first checkpoint: {type(error).__name__}: {error}\n"
                 "Rerunning the same command starts it afresh (these files are replaced).\n")
