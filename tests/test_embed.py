@@ -224,3 +224,17 @@ def test_a_class_token_feature_owns_its_memory_not_the_batch_of_tokens():
         for feature in ("cls", "auto"):
             g = embed_batch(backbone, torch.randn(3, 3, 32, 32), feature)
             assert g.shape == (3, 32) and g.untyped_storage().nbytes() == g.numel() * 4
+
+
+def test_the_index_names_a_file_whose_name_is_not_utf8(tmp_path):
+    """A name's bytes held as surrogates (os.fsdecode) are written as those bytes: the index
+    names the file on disk, and nothing fails after the features are written."""
+    import torch
+
+    from glsd.embedding import EmbedResult, write_embeddings
+
+    key = "b\udcff\udcfename.jpg"  # os.fsdecode(b"b\xff\xfename.jpg")
+    result = EmbedResult(torch.zeros(2, 3), torch.tensor([0, -1]), ["a.jpg", key], ["cat"])
+    files = write_embeddings(result, tmp_path / "e.npy", {})
+    index = files[-1].read_bytes()
+    assert b"1,b\xff\xfename.jpg,," in index and b"0,a.jpg,0,cat" in index

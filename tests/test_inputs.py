@@ -232,6 +232,8 @@ def test_a_torn_cell_file_is_redone_and_the_grid_goes_on(tmp_path, monkeypatch):
     "data.num_workers=-1", "model.out_dim=0", "crops.global_size=0", "loss.center_momentum=2",
     "eval.k=0", "train.max_steps=0", "loss.warmup_teacher_temp=0", "eval.temperature=0",
     "crops.flip_p=1.5", "model.drop_path_rate=1", "train.min_lr=-1", "train.batch_size=0",
+    "train.batch_size=" + "9" * 400, "train.seed=" + "1" + "0" * 22, "data.subset_seed=-1",
+    "data.synthetic_num_images=99999999999999999999",
 ])
 def test_every_numeric_key_is_range_checked(override):
     key = override.split("=")[0]
@@ -250,6 +252,45 @@ def test_yaml_syntax_errors_and_top_level_lists_name_file_and_line(tmp_path):
         load_config(str(listed))
     with pytest.raises(ConfigError, match="override 'train.lr=\\[1': the value is not valid YAML"):
         load_config(None, ["train.lr=[1"])
+
+
+def test_configs_that_expand_or_nest_without_bound_are_refused_in_one_line(tmp_path):
+    """A few hundred bytes of YAML aliases (or a pickle's shared lists in a checkpoint's
+    config) that expand to billions of values, a value containing itself, brackets nested
+    5,000 deep, a 5,000-digit integer: each a ConfigError, at once, not a hang or a traceback."""
+    from glsd.config import from_dict
+
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+                      + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh"))
+                      + "model:\n  backbone_kwargs: {x: *h}\n")
+    with pytest.raises(ConfigError, match="expands to more than 100,000 values"):
+        load_config(str(laughs))
+    selfref = tmp_path / "self.yaml"
+    selfref.write_text("model: &r {backbone_kwargs: {me: *r}}\n")
+    with pytest.raises(ConfigError, match="contains itself"):
+        load_config(str(selfref))
+    for bad in ("[" * 5000, "9" * 5000):
+        with pytest.raises(ConfigError, match="override 'train.lr=.*the value is not valid YAML"):
+            load_config(None, ["train.lr=" + bad])
+    shared = [1] * 10
+    for _ in range(7):
+        shared = [shared] * 10  # 10**8 values, a few objects: what a pickle can hold
+    with pytest.raises(ConfigError, match="the config cannot be read: it expands"):
+        from_dict({"model": {"backbone_kwargs": {"x": shared}}})
+
+
+def test_a_folder_tree_deeper_than_python_walks_is_a_config_error(tmp_path, monkeypatch):
+    import glsd.data.layout as layout
+
+    def too_deep(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+        yield  # a generator, as os.walk
+
+    (tmp_path / "deep").mkdir()
+    monkeypatch.setattr(layout.os, "walk", too_deep)
+    with pytest.raises(ConfigError, match="nests folders deeper than Python can walk"):
+        layout.walk_images(tmp_path / "deep")
 
 
 # ----------------------------------------------------------------------------------------

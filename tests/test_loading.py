@@ -191,3 +191,11 @@ def test_a_weight_file_from_another_version_is_named_as_such(files, tmp_path):
     with pytest.raises(ConfigError, match=r"backbone.safetensors: the config it records does not fit "
                                           r"this glsd version .*a_key_of_a_later_version"):
         load_exported(path)
+
+
+def test_config_metadata_nested_beyond_any_config_is_a_checkpoint_error():
+    from glsd.errors import CheckpointError
+    from glsd.weights import metadata_config
+
+    with pytest.raises(CheckpointError, match="nested beyond any config"):
+        metadata_config({"config": "[" * 100_000}, "x.safetensors")

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence, Union
 
 
-from glsd.errors import ConfigError  # noqa: F401 - glsd.config.ConfigError is the same class
-from glsd.config_files import (dump_yaml_text, merge_overrides, parse_overrides, parse_yaml,  # noqa: F401 - re-exported
-                               preset_names, read_yaml)
+from glsd.errors import ConfigError, short  # noqa: F401 - glsd.config.ConfigError is the same class
+from glsd.config_files import (ConfigShapeError, check_shape, dump_yaml_text,  # noqa: F401 - re-exported
+                               merge_overrides, parse_overrides, parse_yaml, preset_names, read_yaml)
 from glsd.config_types import coerce, reading
 
 
@@ -295,7 +295,12 @@ def _drop_retired(raw: dict, prefix: str) -> dict:
 
 def from_dict(raw: dict, cls: type = Config, prefix: str = "") -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {short(raw)}")
+    if not prefix:  # the whole config, maybe from a checkpoint or a file's metadata: bounded first
+        try:
+            check_shape(raw)
+        except ConfigShapeError as e:
+            raise ConfigError(f"the config cannot be read: {e.problem}") from None
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     raw = _drop_retired(raw, prefix)
@@ -391,6 +396,6 @@ def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
         if isinstance(va, dict) and isinstance(vb, dict):
             keys += diff_keys(va, vb, f"{prefix}{k}.")
         elif va != vb:
-            keys.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+            keys.append(f"{prefix}{k}: {short(va)} -> {short(vb)}")
     return keys
 

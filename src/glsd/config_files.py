@@ -45,8 +45,43 @@ for _cls in (_Loader, _Dumper):
                                list("-+0123456789"))
 
 
+class ConfigShapeError(yaml.YAMLError):
+    """A document that parses but cannot be a config: too big once its aliases are expanded,
+    containing itself, or beyond Python's limits (nesting, integer digits)."""
+
+    def __init__(self, problem: str):
+        super().__init__(problem)
+        self.problem = problem
+
+
+MAX_CONFIG_VALUES = 100_000  # a config holds a few hundred values
+
+
 def load_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except (ValueError, RecursionError, OverflowError) as e:  # deep brackets, 5,000-digit ints
+        raise ConfigShapeError(f"{type(e).__name__}: {str(e)[:200]}") from None
+    check_shape(data)
+    return data
+
+
+def check_shape(data) -> None:
+    """Refuse a structure of more than MAX_CONFIG_VALUES values, counting each appearance of a
+    shared one (YAML aliases, a pickle's shared objects: a few bytes that expand to billions
+    for whoever walks them), or one that contains itself."""
+    count, stack = 0, [(data, frozenset())]
+    while stack:
+        item, inside = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigShapeError(f"it expands to more than {MAX_CONFIG_VALUES:,} values (aliases of "
+                                   "anchors?); a config holds a few hundred")
+        if isinstance(item, (list, tuple, dict)):
+            if id(item) in inside:
+                raise ConfigShapeError("a value contains itself (an alias inside its own anchor)")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, inside | {id(item)}) for child in children)
 
 
 def dump_yaml_text(data) -> str:

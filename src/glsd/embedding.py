@@ -151,7 +151,11 @@ def check_outputs(out: Path, source: Union[str, Path]) -> None:
 
 
 def write_embeddings(result: EmbedResult, out: Path, meta: dict) -> list[Path]:
-    """Write the features (by suffix) and the CSV index atomically, mode 0644."""
+    """Write the features (by suffix) and the CSV index atomically, mode 0644. The index is
+    made first: nothing is written unless both can be."""
+    # A file name that is not UTF-8 (its bytes held as surrogates) is written as its own bytes,
+    # so the CSV names the file on disk.
+    index = index_csv(result).encode("utf-8", "surrogateescape")
     files = [out]
     if out.suffix == ".safetensors":
         from safetensors.torch import save
@@ -172,7 +176,7 @@ def write_embeddings(result: EmbedResult, out: Path, meta: dict) -> list[Path]:
         elif local.exists():  # an earlier --local run's: its rows are not these
             local.unlink()
     files.append(out.with_suffix(".csv"))
-    _write(files[-1], lambda f: f.write(index_csv(result).encode()))
+    _write(files[-1], lambda f: f.write(index))
     return files
 
 

@@ -94,3 +94,13 @@ class TrainingInterrupted(BaseException):
     def __init__(self, message: str, signal: int = 2):
         super().__init__(message)
         self.signal = int(signal)
+
+
+def short(value: object, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters for a message (reprlib: a huge value is never
+    rendered whole)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 8, 8, 3
+    return r.repr(value)[:limit]

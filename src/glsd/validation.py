@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from glsd.config import EVALUATIONS, MATCHINGS
-from glsd.errors import ConfigError
+from glsd.errors import ConfigError, short
 from glsd.models.families import is_vit, patch_from_name
 
 INF = math.inf
@@ -17,7 +17,7 @@ INF = math.inf
 RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.num_workers": (0, 256, False, False),
     "data.read_timeout_s": (0, INF, False, True),
-    "data.synthetic_num_images": (1, INF, False, True),
+    "data.synthetic_num_images": (1, 10**7, False, False),  # made in memory: a demo, not a dataset
     "data.synthetic_image_size": (8, 4096, False, False),
     "data.synthetic_num_classes": (1, 8, False, False),
     "crops.global_size": (1, 4096, False, False),
@@ -67,6 +67,8 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "eval.linear_batch_size": (1, INF, False, True),
     "eval.dense_num_images": (1, INF, False, True),
     "study.steps": (1, INF, False, True),
+    "train.seed": (0, 2**62, False, False),
+    "data.subset_seed": (0, 2**62, False, False),
 }
 TUPLE_RANGES = {"crops.ratio": (0, INF, True, True), "crops.blur_p": (0, 1, False, False),
                 "crops.blur_radius": (0, INF, False, True), "crops.std": (0, INF, True, True),
@@ -77,13 +79,18 @@ def _interval(lo, hi, lo_open, hi_open) -> str:
     return f"{'(' if lo_open else '['}{lo:g}, {'inf' if hi == INF else f'{hi:g}'}{')' if hi_open else ']'}"
 
 
+MAX_INT = 2**62  # no count, size or seed goes near it; beyond, torch and numpy overflow
+
+
 def _check(key: str, value: Any, spec) -> None:
     lo, hi, lo_open, hi_open = spec
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (abs(value) <= MAX_INT if isinstance(value, int) else math.isfinite(value))
     ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
-        raise ConfigError(f"{key}={value!r} is out of range: it must be a finite number in "
-                          f"{_interval(*spec)}")
+        shown = short(value, 40)
+        raise ConfigError(f"{key}={shown} is out of range: it must be a finite number in "
+                          f"{_interval(*spec)}" + (", at most 2**62" if isinstance(value, int) else ""))
 
 
 def _get(cfg, key: str) -> Any:
@@ -120,6 +127,7 @@ DENIED_KWARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_
                  "pretrained_strict", "cache_dir", "file", "url", "hf_hub_id", "state_dict",
                  "weights", "load", "path")
 MAX_KWARG_INT = 2**16  # a width or depth beyond this is a typo, and would exhaust memory
+MAX_KWARG_VALUES = 10_000  # more values than any architecture takes
 
 
 def _denied(key: str) -> bool:
@@ -139,9 +147,27 @@ def check_backbone_kwargs(kwargs: Any, key: str = "model.backbone_kwargs") -> No
     """Refuse constructor arguments that load files or weights (``checkpoint_path``,
     ``pretrained``, ``pretrained_cfg*``, ``*_path`` ...), path-like strings and absurd sizes."""
     if not isinstance(kwargs, dict):
-        raise ConfigError(f"{key} must be a mapping, got {kwargs!r}")
+        raise ConfigError(f"{key} must be a mapping, got {short(kwargs)}")
+    if _count_values(kwargs, MAX_KWARG_VALUES) > MAX_KWARG_VALUES:
+        # YAML aliases or a pickle's shared objects: a few bytes that expand to billions
+        raise ConfigError(f"{key} holds more than {MAX_KWARG_VALUES:,} values; it takes architecture "
+                          "values (widths, depths, flags), not data")
     for name, value in kwargs.items():
         _check_kwarg(f"{key}.{name}", str(name), value)
+
+
+def _count_values(value: Any, limit: int) -> int:
+    """Values in a nested structure of lists and mappings, counting stops past ``limit``
+    (a shared list counts each time it appears, as it would be walked)."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return count
 
 
 def _check_kwarg(full: str, name: str, value: Any, depth: int = 0) -> None:

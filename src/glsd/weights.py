@@ -144,6 +144,8 @@ def metadata_config(meta: Mapping[str, str], path) -> dict:
         raw = json.loads(meta["config"])
     except ValueError as e:
         raise _fail(path, f"its config metadata is not JSON ({e})") from None
+    except RecursionError:
+        raise _fail(path, "its config metadata is nested beyond any config") from None
     if not isinstance(raw, dict):
         raise _fail(path, "its config metadata is not a mapping")
     return raw

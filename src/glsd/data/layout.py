@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -88,14 +89,18 @@ def walk_images(base: Path) -> list[str]:
         raise ConfigError(f"cannot read the folder {error.filename}: {error.strerror or error}; "
                           "check its permissions") from None
 
-    for dirpath, dirnames, files in os.walk(base, onerror=refuse, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not hidden(d) and not _links_above(dirpath, d, above))
-        keys += [str(Path(dirpath, f).relative_to(base)) for f in files if is_image(f) and not hidden(f)]
+    try:
+        for dirpath, dirnames, files in os.walk(base, onerror=refuse, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames[:] = []
+                continue
+            seen.add(real)
+            dirnames[:] = sorted(d for d in dirnames if not hidden(d) and not _links_above(dirpath, d, above))
+            keys += [str(Path(dirpath, f).relative_to(base)) for f in files if is_image(f) and not hidden(f)]
+    except RecursionError:  # os.walk recurses (Python < 3.12)
+        raise ConfigError(f"{base} nests folders deeper than Python can walk (about "
+                          f"{sys.getrecursionlimit()} levels); move the images into a shallower tree") from None
     return sorted(keys)
 
 

@@ -71,9 +71,11 @@ class ImageSource:
                 return self.read(key)
         except Exception as e:  # noqa: BLE001 - any decoder error means the same: a bad file
             if on_error == "fail":
-                raise DataError(f"cannot read image {key!r} from {self.name}: {e}. "
+                why = "out of memory" if isinstance(e, MemoryError) else (str(e) or type(e).__name__)
+                raise DataError(f"cannot read image {key!r} from {self.name}: {why}. "
                                 "Fix or remove it, or set data.on_error=skip") from None
-            return Unreadable(key, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            why = "out of memory" if isinstance(e, MemoryError) else (str(e) or type(e).__name__)
+            return Unreadable(key, why.splitlines()[0])
 
     def subset(self, keys: list[str]) -> "ImageSource":
         index = {k: i for i, k in enumerate(self.keys)}
