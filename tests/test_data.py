@@ -295,3 +295,18 @@ def test_the_training_dataset_holds_no_python_object_per_image(tmp_path):
         assert dataset[i][2] == source.labels[i] and dataset[(3, 7, i)][3:] == (i, 3, 7)
     state = pickle.dumps(dataset)  # what a spawned worker receives
     assert not any(key.encode() in state.replace(dataset.keys._buffer, b"") for key in source.keys)
+
+
+def test_a_zip_with_a_name_twice_counts_it_once_and_says_so(tmp_path, caplog):
+    import warnings
+
+    path = tmp_path / "dup.zip"
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    with zipfile.ZipFile(path, "w") as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+        for name in ("a/0.png", "a/1.png", "b/0.png", "a/1.png"):
+            zf.writestr(name, buf.getvalue())
+    src = open_source(DataConfig(root=str(path)))
+    assert src.keys == ["a/0.png", "a/1.png", "b/0.png"] and src.labels == [0, 0, 1]
+    assert "holds 1 image names twice or more; each is read from its last copy" in caplog.text

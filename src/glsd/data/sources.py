@@ -6,6 +6,7 @@ chosen subset can be written to the run folder and reused by evaluation.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import zipfile
@@ -217,7 +218,11 @@ def zip_source(path: Path, split: str) -> ImageSource:
         raise ConfigError(f"zip {path} has members with '..' or absolute paths (e.g. {unsafe[0]!r}); "
                           "they would escape its class folders. Rebuild the zip with relative names")
     members = [n for n in every if not any(hidden(part) for part in n.split("/"))]
-    names = [n for n in members if is_image(n)]
+    names = list(dict.fromkeys(n for n in members if is_image(n)))
+    repeated = sum(map(is_image, members)) - len(names)
+    if repeated:  # a zip appended to: each name reads its last member, and counts once
+        logging.getLogger("glsd").warning("zip %s holds %d image names twice or more; each is read "
+                                          "from its last copy", path, repeated)
     if not names:
         raise no_images_error(f"zip {path}", members)
     # A zip of a folder (Finder, Explorer: mydata/<class>/*) holds the layout one level down.
