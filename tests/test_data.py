@@ -189,6 +189,20 @@ def test_a_link_to_a_folder_above_the_root_is_skipped_and_named(tmp_path, caplog
     assert "skipping the linked folder" in caplog.text and "a/up" in caplog.text
 
 
+def test_a_link_from_one_class_into_another_is_skipped_and_named(tmp_path, caplog):
+    """cat/more -> ../dog would list dog's images twice, once labelled cat; a link to a folder
+    outside the classes is still followed."""
+    _folder_tree(tmp_path / "data", classes=("cat", "dog"), per_class=2)
+    _folder_tree(tmp_path / "extra", classes=("x",), per_class=1)
+    (tmp_path / "data" / "cat" / "more").symlink_to(tmp_path / "data" / "dog")
+    (tmp_path / "data" / "dog" / "outside").symlink_to(tmp_path / "extra" / "x")
+    with caplog.at_level("WARNING", logger="glsd"):
+        src = open_source(DataConfig(root=str(tmp_path / "data")))
+    assert src.keys == ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png", "dog/outside/0.png"]
+    assert src.labels == [0, 0, 1, 1, 1]
+    assert "cat/more" in caplog.text and "another class's folder" in caplog.text
+
+
 def test_balanced_subset_keeps_class_proportions_and_is_seeded():
     src = open_source(DataConfig(source="synthetic", synthetic_num_images=100, synthetic_num_classes=4))
     keys = balanced_subset(src, fraction=0.2, seed=3)

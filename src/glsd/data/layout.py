@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from glsd.config import ConfigError
 
@@ -77,13 +77,16 @@ def list_folder(path: Path) -> list[Path]:
         raise ConfigError(f"cannot list {path}: {e.strerror or e}; check its permissions") from None
 
 
-def walk_images(base: Path) -> list[str]:
+def walk_images(base: Path, elsewhere: Sequence[str] = ()) -> list[str]:
     """Image paths under ``base`` relative to it, sorted, skipping hidden files and folders.
     Linked sub-folders are followed (each real folder once, so a link loop ends), except a link
     to ``base`` itself or a folder above it: it would pull in the images beside ``base`` (a
-    link to ``..`` or to the home folder), never what was meant; it is skipped, and named."""
+    link to ``..`` or to the home folder), never what was meant; it is skipped, and named. So
+    is a link into one of the folders ``elsewhere`` (real paths; the other classes: its images
+    would be listed twice, under two labels)."""
     keys, seen = [], set()
     above = _base_and_its_parents(base)
+    others = [p for p in elsewhere if p != os.path.realpath(base)]
 
     def refuse(error: OSError):
         raise ConfigError(f"cannot read the folder {error.filename}: {error.strerror or error}; "
@@ -96,7 +99,7 @@ def walk_images(base: Path) -> list[str]:
                 dirnames[:] = []
                 continue
             seen.add(real)
-            dirnames[:] = sorted(d for d in dirnames if not hidden(d) and not _links_above(dirpath, d, above))
+            dirnames[:] = sorted(d for d in dirnames if not hidden(d) and not _links_out(dirpath, d, above, others))
             keys += [str(Path(dirpath, f).relative_to(base)) for f in files if is_image(f) and not hidden(f)]
     except RecursionError:  # os.walk recurses (Python < 3.12)
         raise ConfigError(f"{base} nests folders deeper than Python can walk (about "
@@ -109,13 +112,19 @@ def _base_and_its_parents(base: Path) -> set[str]:
     return {str(real), *map(str, real.parents)}
 
 
-def _links_above(dirpath: str, name: str, above: set[str]) -> bool:
+def _links_out(dirpath: str, name: str, above: set[str], others: Sequence[str]) -> bool:
+    """A linked folder leading to the image folder, a folder above it, or into another class."""
     path = os.path.join(dirpath, name)
     target = os.path.realpath(path) if os.path.islink(path) else None
-    if target not in above:
+    if target is None:
         return False
-    logging.getLogger("glsd").warning("skipping the linked folder %s: it leads to %s, the image folder "
-                                      "itself or a folder above it", path, target)
+    if target in above:
+        where = "the image folder itself or a folder above it"
+    elif any(target == o or target.startswith(o + os.sep) for o in others):
+        where = "another class's folder (its images would be listed twice, under two labels)"
+    else:
+        return False
+    logging.getLogger("glsd").warning("skipping the linked folder %s: it leads to %s, %s", path, target, where)
     return True
 
 

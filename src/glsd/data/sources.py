@@ -150,8 +150,9 @@ def imagefolder_source(root: Path, split: str) -> ImageSource:
                               f"read them as unlabelled images use {unlabelled}")
         raise ConfigError(f"{base} has no class sub-folders; for unlabelled images there use {unlabelled}")
     keys, labels = [], []
+    class_folders = [os.path.realpath(base / c) for c in classes]  # a link into another is skipped
     for label, cls in enumerate(classes):
-        found = walk_images(base / cls)
+        found = walk_images(base / cls, elsewhere=class_folders)
         keys += [str(Path(cls, k)) for k in found]
         labels += [label] * len(found)
     if not keys:
