@@ -214,8 +214,24 @@ def _check_view_recipe(c) -> None:
         raise ConfigError(f"crops.solarize_threshold={c.solarize_threshold} must be in [0, 256] (uint8 levels)")
 
 
+def check_integer_sizes(cfg, prefix: str = "") -> None:
+    """No integer setting (or one in a list: study.seeds) beyond 2**62, ranged or not: torch
+    and numpy overflow on it, far from where it was given."""
+    import dataclasses
+
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_integer_sizes(value, f"{key}.")
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
+                raise ConfigError(f"{key}={short(v, 40)} is out of range: integers are at most 2**62")
+
+
 def check_config(cfg) -> None:
     """Every check of a resolved config (called by ``glsd.config.validate``)."""
+    check_integer_sizes(cfg)
     check_ranges(cfg)
     check_backbone_kwargs(cfg.model.backbone_kwargs)
     d, c, m, l, t = cfg.data, cfg.crops, cfg.model, cfg.loss, cfg.train
