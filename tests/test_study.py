@@ -187,6 +187,12 @@ def test_equal_arms_tie_and_arms_under_their_floor_are_flagged():
     assert "Below the random-init floor" not in report.split("## Labelled dense probe")[0]
 
 
+def test_the_report_says_when_a_bank_had_fewer_images_than_k():
+    records = [dict(_rec(f, "none", 0, 40.0), knn_k=20, knn_temperature=0.07, knn_k_effective=e)
+               for f, e in ((0.02, 2), (1.0, 20))]
+    assert "k=20 (2 at fraction 0.02: fewer training images), T=0.07" in report_markdown(records)
+
+
 def test_cell_overrides_pair_the_arms():
     a, b = Cell(0.1, "none", 3), Cell(0.1, "geometric", 3)
     seeds = [[o for o in c.overrides(Path("/x")) if "seed" in o] for c in (a, b)]

@@ -340,6 +340,8 @@ def cell_record(cfg: Config, cell: Cell, run_dir: Path, results: dict, wall: flo
         "run_dir": str(run_dir),
         # What the report states about the cells, read from the run (not assumed).
         "data": data_label(cfg), "knn_k": results.get("knn", {}).get("k", cfg.eval.k),
+        # fewer training images than k: every image votes (the report says so)
+        "knn_k_effective": results.get("knn", {}).get("k_effective"),
         "knn_temperature": results.get("knn", {}).get("temperature", cfg.eval.temperature),
     }
     if "knn" in results:  # what it evaluated, for the report to state

@@ -268,6 +268,10 @@ def settings(records: list[dict], key: str) -> str:
 def _stated(records: list[dict]) -> tuple[str, str]:
     """("Data: ... . ", "k=.., T=.., ") as the cells recorded them (empty when they did not)."""
     data, k, temp = (settings(records, key) for key in ("data", "knn_k", "knn_temperature"))
+    fewer = sorted({(r["fraction"], r["knn_k_effective"]) for r in records if r.get("status") == "done"
+                    and r.get("knn_k_effective") is not None and r["knn_k_effective"] != r.get("knn_k")})
+    if k and fewer:  # a bank smaller than k: all of it votes
+        k += " (" + ", ".join(f"{e} at fraction {f:g}" for f, e in fewer) + ": fewer training images)"
     return (f"Data: {data}. " if data else ""), (f"k={k}, T={temp}, " if k and temp else "")
 
 
