@@ -40,8 +40,11 @@ case "$part" in
     tail -5 "$OUT/study.log"
     ;;
   limit)
-    # budgets for about 6 minutes (the defaults take about 8); the JSON is rewritten per part
-    timeout 420 "$PY" benchmarks/gpu_limit.py --out "$OUT/gpu-limit.json" \
+    # budgets for about 6 minutes (the defaults take about 8); the JSON is rewritten per part.
+    # Batch 256 of the paper step needs ~125 GiB: only on a card with more than 100 GiB.
+    mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+    batches=64,128; [ "${mem_mib:-0}" -gt 100000 ] && batches=64,128,256
+    timeout 420 "$PY" benchmarks/gpu_limit.py --out "$OUT/gpu-limit.json" --batches "${BATCHES:-$batches}" \
       ${LIMIT_ARGS:---budget-step 150 --budget-timm 50 --budget-compile 150 --compile-timeout 120} \
       > "$OUT/gpu-limit.log" 2>&1
     echo "gpu_limit exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu-limit.log"
@@ -50,7 +53,7 @@ case "$part" in
     timeout 150 "$PY" benchmarks/photo_data.py "${zip_arg[@]}" --out "$OUT/photo-data-cuda.json" \
       > "$OUT/photo-data.log" 2>&1
     echo "photo_data exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/photo-data.log"
-    tail -3 "$OUT/gpu-limit.log" "$OUT/photo-data.log"
+    tail -n 3 "$OUT/gpu-limit.log" "$OUT/photo-data.log"
     ;;
   head)
     : "${GLSD_DATA:?set GLSD_DATA to the CIFAR-10 JPEG zip}"
