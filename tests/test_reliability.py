@@ -406,6 +406,20 @@ def test_out_of_memory_elsewhere_is_one_line(monkeypatch, capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_a_mapped_resume_reads_the_same_checkpoint(tmp_path):
+    """A resume onto a GPU maps last.pt (ranks on a host share the pages): the same state."""
+    cfg = tiny_config(tmp_path / "run", "train.max_steps=2")
+    pretrain(cfg)
+    folder = RunFolder(Path(cfg.output_dir))
+    try:
+        mapped = folder.prepare(tiny_config(tmp_path / "run", "train.max_steps=4"), map_checkpoint=True)
+    finally:
+        folder.close()
+    whole = load_last(tmp_path / "run")
+    assert mapped["step"] == 2 and state_dicts_equal(mapped["student"], whole["student"]) == []
+    assert torch.equal(mapped["rng"]["torch"], whole["rng"]["torch"])
+
+
 def test_run_folder_is_never_overwritten_silently(tmp_path):
     cfg = tiny_config(tmp_path / "run", "train.resume=false")
     root = Path(cfg.output_dir)

@@ -4,7 +4,6 @@
 read with ``weights_only=True`` (:func:`glsd.train.checkpoint.load_checkpoint`)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from glsd.config import ConfigError, diff_keys, from_dict, identity
@@ -12,7 +11,7 @@ from glsd.errors import CheckpointError
 from glsd.config_files import parse_yaml
 from glsd.export import export_folder_config
 from glsd.run_layout import BACKBONE_FILE, LAST_CHECKPOINT
-from glsd.train.checkpoint import load_checkpoint, read_backbone_config
+from glsd.train.checkpoint import MAP_CHECKPOINTS, load_checkpoint, read_backbone_config
 from glsd.train.lock import run_of
 from glsd.weights import read_safetensors
 
@@ -31,11 +30,6 @@ def snapshot_name(checkpoint) -> str:
     if path.parent.parent.name == "export" and path.parent.name != "timm":  # its export folder
         return path.parent.name
     return ""
-
-
-# Evaluation maps a checkpoint rather than read it all. Not on Windows, where a mapped file
-# cannot be replaced: a run still training there could not save its next last.pt.
-MAP_CHECKPOINTS = os.name != "nt"
 
 
 def locate(path: Path):

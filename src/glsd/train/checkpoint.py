@@ -10,6 +10,7 @@ checkpoint, never a torn one; a full disk is a :class:`DiskFull` error that says
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import zipfile
@@ -64,6 +65,13 @@ def _looks_like_torch_file(path: Path) -> bool:
     except OSError:
         return False
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+# Evaluation and a resume onto a GPU map a checkpoint rather than read it all (ranks on one
+# host share the pages). Not on Windows, where a mapped last.pt could not be replaced by the
+# next save of a run; not for a resume on the CPU, whose optimizer state would keep the old
+# file mapped (and its disk space held) for the whole run.
+MAP_CHECKPOINTS = os.name != "nt"
 
 
 def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:

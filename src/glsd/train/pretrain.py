@@ -28,6 +28,7 @@ from glsd.models.heads import GLSDNet, build_networks
 from glsd.errors import DataError, NonFiniteError, TrainingInterrupted, is_out_of_memory
 from glsd.run_layout import BACKBONE_FILE
 from glsd.train import finite
+from glsd.train.checkpoint import MAP_CHECKPOINTS
 from glsd.train.finite import out_of_memory
 from glsd.train.collapse import CollapseMonitor, collapse_indicators
 from glsd.train.console import Console, start_summary
@@ -117,7 +118,8 @@ def _build_run(cfg: Config, device: torch.device, dinfo: DistInfo,
     require_sinks(cfg)
     student, teacher = build_networks(cfg, device, initial_weights=not (cfg.train.resume and run.last.is_file()))
     try:
-        resume, failure = run.prepare(cfg), None
+        # mapped onto a GPU: every tensor is copied to the device, none keeps the file mapped
+        resume, failure = run.prepare(cfg, map_checkpoint=MAP_CHECKPOINTS and device.type == "cuda"), None
     except Exception as e:  # noqa: BLE001 - on rank 0 alone (it alone checks and writes the folder)
         resume, failure = None, e
     require_one_checkpoint(resume, failure)

@@ -47,12 +47,13 @@ class RunFolder:
         self._handler: Optional[logging.Handler] = None
 
     # -- start / resume -----------------------------------------------------------------
-    def prepare(self, cfg: Config) -> Optional[dict]:
+    def prepare(self, cfg: Config, map_checkpoint: bool = False) -> Optional[dict]:
         """Lock and create the folder; return the checkpoint to resume from, or None for a
-        fresh run. Under torchrun only rank 0 (is_main) locks and writes."""
+        fresh run. Under torchrun only rank 0 (is_main) locks and writes. ``map_checkpoint``:
+        read it memory-mapped (a resume onto a GPU: glsd.train.checkpoint.MAP_CHECKPOINTS)."""
         self.take_lock()
         try:
-            return self._prepare(cfg)
+            return self._prepare(cfg, map_checkpoint)
         except BaseException:
             self.close()
             raise
@@ -63,13 +64,13 @@ class RunFolder:
             lock.acquire(self.root, "pretrain")
             self._locks += 1
 
-    def _prepare(self, cfg: Config) -> Optional[dict]:
+    def _prepare(self, cfg: Config, map_checkpoint: bool) -> Optional[dict]:
         existing = self.root / "config.yaml"
         ckpt = None
         if self.is_main:
             sweep_temp_files(self.root)  # torn writes of killed runs (the lock says none is live)
         if self.last.is_file() and cfg.train.resume:
-            ckpt = self._check_resumable(cfg)
+            ckpt = self._check_resumable(cfg, map_checkpoint)
             if self.is_main:
                 self._drop_metrics_after(ckpt["step"])
         elif existing.is_file() and self.is_main:
@@ -90,9 +91,9 @@ class RunFolder:
             self._setup_log()
         return ckpt
 
-    def _check_resumable(self, cfg: Config) -> dict:
+    def _check_resumable(self, cfg: Config, map_checkpoint: bool = False) -> dict:
         try:
-            ckpt = load_checkpoint(self.last)
+            ckpt = load_checkpoint(self.last, mmap=map_checkpoint)
         except CheckpointError as e:
             earlier = sorted(self.checkpoints.glob("epoch*.pt"))
             copy = f", or copy {earlier[-1].name} over last.pt to resume from there" if earlier else ""
