@@ -15,7 +15,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence, Union
 
-
 from glsd.errors import ConfigError, short  # noqa: F401 - glsd.config.ConfigError is the same class
 from glsd.config_files import (ConfigShapeError, check_shape, dump_yaml_text,  # noqa: F401 - re-exported
                                merge_overrides, parse_overrides, parse_yaml, preset_names, read_yaml)
