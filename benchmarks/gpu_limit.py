@@ -91,7 +91,10 @@ def count_syncs(fn, device: torch.device) -> dict:
     counts = sync_counts(ev.name for ev in prof.events())
     own = sync_counts(ev.name for ev in empty.events())["events"]
     events = {k: n - own.get(k, 0) for k, n in counts["events"].items() if n - own.get(k, 0) > 0}
-    return {"events": events, "host_syncs": sum(events.values()), "profiler_own": own}
+    # the raw counts stay: if the empty profile recorded a sync the step's did not, it shows
+    below = sorted(k for k, n in own.items() if counts["events"].get(k, 0) < n)
+    return {"events": events, "host_syncs": sum(events.values()), "profiler_own": own,
+            "raw_events": counts["events"], "own_not_in_step": below}
 
 
 def sync_counts(names) -> dict:

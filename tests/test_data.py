@@ -203,6 +203,13 @@ def test_a_link_from_one_class_into_another_is_skipped_and_named(tmp_path, caplo
     assert "cat/more" in caplog.text and "another class's folder" in caplog.text
 
 
+def test_a_class_folder_that_is_a_link_to_another_is_refused(tmp_path):
+    _folder_tree(tmp_path / "data", classes=("cat", "dog"), per_class=1)
+    (tmp_path / "data" / "kitty").symlink_to(tmp_path / "data" / "cat")
+    with pytest.raises(ConfigError, match="class folders cat, kitty of .* are one folder"):
+        open_source(DataConfig(root=str(tmp_path / "data")))
+
+
 def test_balanced_subset_keeps_class_proportions_and_is_seeded():
     src = open_source(DataConfig(source="synthetic", synthetic_num_images=100, synthetic_num_classes=4))
     keys = balanced_subset(src, fraction=0.2, seed=3)

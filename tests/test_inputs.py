@@ -274,6 +274,13 @@ def test_configs_that_expand_or_nest_without_bound_are_refused_in_one_line(tmp_p
     for bad in ("[" * 5000, "9" * 5000):
         with pytest.raises(ConfigError, match="override 'train.lr=.*the value is not valid YAML"):
             load_config(None, ["train.lr=" + bad])
+    from glsd.config import validate
+    with pytest.raises(ConfigError, match="train.seed=<an integer of 16610 bits> is out of range"):
+        validate(from_dict({"train": {"seed": 10 ** 5000}}))  # from a checkpoint: no digit limit
+    sibling = [1, 2]
+    assert load_config(None, []).model.backbone_kwargs is not None
+    from glsd.config_files import check_shape
+    check_shape({"a": [sibling, sibling], "b": [[[[[1]]]]] * 3})  # shared, not containing itself
     shared = [1] * 10
     for _ in range(7):
         shared = [shared] * 10  # 10**8 values, a few objects: what a pickle can hold

@@ -979,3 +979,27 @@ def test_a_step_interval_is_not_cut_short_by_tiny_epochs(tmp_path, monkeypatch):
     pretrain(tiny_config(tmp_path / "run", "train.max_steps=null", "train.epochs=3",
                          "train.checkpoint_every_steps=8", "train.checkpoint_every_epochs=0"))
     assert saved == [("last.pt", 8), ("last.pt", 12)]
+
+
+def test_a_mapped_optimizer_state_keeps_no_step_tensor_of_the_file():
+    """AdamW keeps its loaded ``step`` tensors on the host as they are (its moments go to the
+    parameters' GPU): from a mapped checkpoint they kept the whole file mapped, and its disk
+    space held after the next save, for the rest of a run. They are copied."""
+    import io
+
+    from glsd.train.resume import own_host_tensors
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters(), foreach=True)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    fresh = torch.optim.AdamW(model.parameters(), foreach=True)
+    fresh.load_state_dict(loaded)
+    file_storages = {t.untyped_storage().data_ptr() for s in loaded["state"].values() for t in s.values()}
+    assert any(s["step"].untyped_storage().data_ptr() in file_storages for s in fresh.state.values())
+    own_host_tensors(fresh)
+    assert not any(s["step"].untyped_storage().data_ptr() in file_storages for s in fresh.state.values())
+    assert all(float(s["step"]) == 1.0 for s in fresh.state.values())

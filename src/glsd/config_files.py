@@ -69,10 +69,13 @@ def load_yaml(text: str):
 def check_shape(data) -> None:
     """Refuse a structure of more than MAX_CONFIG_VALUES values, counting each appearance of a
     shared one (YAML aliases, a pickle's shared objects: a few bytes that expand to billions
-    for whoever walks them), or one that contains itself."""
-    count, stack = 0, [(data, frozenset())]
+    for whoever walks them), or one that contains itself. One walk, linear in what it counts."""
+    count, inside, stack = 0, set(), [(False, data)]
     while stack:
-        item, inside = stack.pop()
+        leaving, item = stack.pop()
+        if leaving:  # every child of ``item`` is done
+            inside.discard(id(item))
+            continue
         count += 1
         if count > MAX_CONFIG_VALUES:
             raise ConfigShapeError(f"it expands to more than {MAX_CONFIG_VALUES:,} values (aliases of "
@@ -80,8 +83,9 @@ def check_shape(data) -> None:
         if isinstance(item, (list, tuple, dict)):
             if id(item) in inside:
                 raise ConfigShapeError("a value contains itself (an alias inside its own anchor)")
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, inside | {id(item)}) for child in children)
+            inside.add(id(item))
+            stack.append((True, item))
+            stack.extend((False, child) for child in (item.values() if isinstance(item, dict) else item))
 
 
 def dump_yaml_text(data) -> str:

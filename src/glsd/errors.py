@@ -101,6 +101,8 @@ def short(value: object, limit: int = 200) -> str:
     rendered whole)."""
     import reprlib
 
+    if isinstance(value, int) and value.bit_length() > 256:  # repr() refuses past 4,300 digits
+        return f"<an integer of {value.bit_length()} bits>"
     r = reprlib.Repr()
     r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 8, 8, 3
     return r.repr(value)[:limit]

@@ -184,7 +184,7 @@ def _check_kwarg(full: str, name: str, value: Any, depth: int = 0) -> None:
     if isinstance(value, bool) or value is None:
         return
     if isinstance(value, int) and abs(value) > MAX_KWARG_INT:
-        raise ConfigError(f"{full}={value} is out of range: sizes must be at most {MAX_KWARG_INT}")
+        raise ConfigError(f"{full}={short(value, 40)} is out of range: sizes must be at most {MAX_KWARG_INT}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{full}={value} must be a finite number")
     if isinstance(value, (list, tuple)):

@@ -151,6 +151,10 @@ def imagefolder_source(root: Path, split: str) -> ImageSource:
         raise ConfigError(f"{base} has no class sub-folders; for unlabelled images there use {unlabelled}")
     keys, labels = [], []
     class_folders = [os.path.realpath(base / c) for c in classes]  # a link into another is skipped
+    same = sorted({c for c, r in zip(classes, class_folders) if class_folders.count(r) > 1})
+    if same:  # kitty -> cat: the same images under two labels
+        raise ConfigError(f"class folders {', '.join(same)} of {base} are one folder (linked): their "
+                          "images would be listed under each label. Remove the link, or merge the classes")
     for label, cls in enumerate(classes):
         found = walk_images(base / cls, elsewhere=class_folders)
         keys += [str(Path(cls, k)) for k in found]

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import yaml
 
 from glsd.config import Config, absolute_path, config_hash, diff_keys, from_dict, load_config, same_root, to_dict
+from glsd.config_files import load_yaml
 from glsd.data.subset import SUBSET_FILE
 from glsd.data.sources import open_source
 from glsd.errors import ConfigError, GlsdError, RunFolderBusy
@@ -304,7 +305,7 @@ def read_run_config(run_dir: Path) -> Optional[dict]:
     """The raw config.yaml of a run folder, None when it has none (an archived cell)."""
     path = run_dir / "config.yaml"
     try:
-        return yaml.safe_load(path.read_text()) if path.is_file() else None
+        return load_yaml(path.read_text()) if path.is_file() else None
     except yaml.YAMLError:
         return {"unreadable": True}
 

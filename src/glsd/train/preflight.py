@@ -24,6 +24,7 @@ from typing import Optional
 import yaml
 
 from glsd.config import Config, ConfigError, diff_keys, from_dict, identity
+from glsd.config_files import load_yaml
 from glsd.data.subset import SUBSET_FILE, read_subset
 from glsd.data.sources import ImageSource, Unreadable, balanced_subset
 from glsd.errors import DataError
@@ -302,7 +303,7 @@ def short_run_notes(cfg: Config, steps_per_epoch: int) -> list[str]:
 
 def _recorded_config(path: Path) -> Optional[dict]:
     try:
-        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+        raw = load_yaml(path.read_text()) if path.is_file() else None
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
     return raw if isinstance(raw, dict) else None

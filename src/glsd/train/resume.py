@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from glsd.config import ConfigError
 from glsd.errors import CheckpointError
 from glsd.utils.distributed import gather_objects
@@ -65,6 +67,7 @@ def _restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler
     teacher.load_state_dict(ckpt["teacher"])
     objective.load_state_dict(ckpt["objective"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    own_host_tensors(optimizer)
     if ckpt["scaler"]:  # empty from a run without fp16 loss scaling: a new scaler starts fresh
         scaler.load_state_dict(ckpt["scaler"])
     skipped = restore_rank_rng(ckpt, sampler.rank, sampler.world)
@@ -86,6 +89,16 @@ def _restore(ckpt: dict, student, teacher, objective, optimizer, scaler, sampler
                     ckpt["step"], recorded_global_batch(ckpt), step, sampler.global_batch,
                     ckpt["epoch"], step_in_epoch, sampler.global_batch / recorded_global_batch(ckpt))
     return TrainState(step, ckpt["epoch"], step_in_epoch, skipped, step)
+
+
+def own_host_tensors(optimizer) -> None:
+    """Copy the optimizer state torch keeps on the host as loaded (AdamW's ``step``): from a
+    memory-mapped checkpoint it would keep the whole file mapped, and its disk space held after
+    the next save replaces it, for the rest of the run."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.device.type == "cpu" and value.numel() == 1:
+                state[key] = value.clone()
 
 
 def recorded_global_batch(ckpt: dict) -> int:

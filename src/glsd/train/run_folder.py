@@ -18,6 +18,7 @@ from typing import Optional
 import yaml
 
 from glsd.config import Config, ConfigError, diff_keys, dump_yaml, from_dict, identity
+from glsd.config_files import load_yaml
 from glsd.errors import CheckpointError, GlsdError
 from glsd.run_layout import BACKBONE_FILE, CHECKPOINT_DIR, LAST_CHECKPOINT
 from glsd.train import lock
@@ -138,7 +139,7 @@ class RunFolder:
         if any(not p.name.startswith(".") for p in self.checkpoints.glob("*")):
             return False
         try:
-            old = from_dict(yaml.safe_load((self.root / "config.yaml").read_text()))
+            old = from_dict(load_yaml((self.root / "config.yaml").read_text()))
         except (GlsdError, yaml.YAMLError, OSError):
             return False
         return diff_keys(identity(old), identity(cfg)) == []
