@@ -587,3 +587,19 @@ def test_an_error_with_loader_workers_running_still_exits():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 3, done.stderr
     assert "Traceback" not in done.stderr and "killed by signal" not in done.stderr, done.stderr
+
+
+def test_an_image_over_the_pixel_limit_names_the_key_that_raises_it(tmp_path, monkeypatch):
+    """PIL's decompression-bomb guard refuses it (skipped and named); data.max_image_pixels
+    lets a trusted gigapixel scan through, and PIL's global limit is given back after."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    Image.new("RGB", (200, 200)).save(folder / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40,000 px is then a bomb
+    src = open_source(load_config(None, [f"data.root={folder}", "data.source=folder"]).data)
+    why = src.load_or_why(src.keys[0])
+    assert "more pixels than the decompression-bomb guard allows" in why.reason
+    assert "raise data.max_image_pixels" in why.reason
+    src = open_source(load_config(None, [f"data.root={folder}", "data.source=folder",
+                                         "data.max_image_pixels=100000"]).data)
+    assert src.load(src.keys[0]).size == (200, 200) and Image.MAX_IMAGE_PIXELS == 1000

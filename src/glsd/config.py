@@ -39,6 +39,9 @@ class DataConfig:
     # One image read taking longer than this is a bad file (a hung network mount, a special
     # file): skipped or failed per on_error, naming it. 0: no limit.
     read_timeout_s: float = 120.0
+    # Images of more pixels are refused as decompression bombs (PIL's guard; null: PIL's own
+    # limit, about 179 million). Raise it for trusted gigapixel scans or panoramas.
+    max_image_pixels: Optional[int] = None
     # A JPEG file larger than needed is decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, PIL's
     # draft), both sides still at least the size the pipeline resizes it to: photos of many
     # megapixels decode several times faster. Off: every file decoded at full size.
@@ -373,7 +376,7 @@ def identity(cfg: Config) -> dict:
     d = to_dict(cfg)
     ident = {k: d[k] for k in Config.IDENTITY_SECTIONS}
     # Workers, error policy, read limits and where views are made do not change what is learned.
-    for k in ("num_workers", "on_error", "download", "augment_on", "read_timeout_s"):
+    for k in ("num_workers", "on_error", "download", "augment_on", "read_timeout_s", "max_image_pixels"):
         ident["data"].pop(k, None)
     ident["data"]["root"] = same_root(ident["data"]["root"])
     ident["model"].pop("channels_last", None)  # a memory layout, same numbers

@@ -17,6 +17,7 @@ INF = math.inf
 RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.num_workers": (0, 256, False, False),
     "data.read_timeout_s": (0, INF, False, True),
+    "data.max_image_pixels": (1, INF, False, True),
     "data.synthetic_num_images": (1, 10**7, False, False),  # made in memory: a demo, not a dataset
     "data.synthetic_image_size": (8, 4096, False, False),
     "data.synthetic_num_classes": (1, 8, False, False),

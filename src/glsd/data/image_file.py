@@ -8,7 +8,9 @@ import signal
 import stat
 import threading
 import time
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,6 +21,28 @@ from glsd.errors import DataError
 
 class ReadTimedOut(Exception):
     pass
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: Optional[int]):
+    """PIL's decompression-bomb limit for the block (``data.max_image_pixels``; None: PIL's),
+    given back after: the limit is global to the process, a library must not leave it changed."""
+    if max_pixels is None:
+        yield
+        return
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels // 2  # PIL refuses at 2x
+    try:
+        with warnings.catch_warnings():  # under a limit the user set, PIL's warning at half of it is noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def bomb_reason(e: Exception) -> str:
+    """An image over the pixel limit, said with the key that raises it."""
+    return (f"{str(e).split(',')[0]}: more pixels than the decompression-bomb guard allows; if "
+            "the file is trusted, raise data.max_image_pixels")
 
 
 @contextlib.contextmanager

@@ -17,7 +17,8 @@ from typing import Callable, Optional
 from PIL import Image
 
 from glsd.config import ConfigError, DataConfig
-from glsd.data.image_file import decode_image, read_deadline, read_image_file, to_rgb  # noqa: F401 - to_rgb: its old home
+from glsd.data.image_file import (bomb_reason, decode_image, pixel_limit, read_deadline,  # noqa: F401
+                                   read_image_file, to_rgb)  # to_rgb: re-exported from its old home
 from glsd.data.layout import (FOLDER_RULE, TORCHVISION_SOURCES, all_names, detect_kind,
                                escapes, hidden, is_image, is_split_name, list_folder, no_images_error,
                                walk_images, wrapper_folder)
@@ -40,6 +41,7 @@ class ImageSource:
     classes: list[str]
     read: Callable[[str], Image.Image]
     read_timeout_s: float = 0.0  # 0: no limit (data.read_timeout_s)
+    max_image_pixels: Optional[int] = None  # data.max_image_pixels (None: PIL's limit)
     # (key, min_size) -> the image, a JPEG decoded at reduced scale (image_file.decode_image);
     # None where reading is not decoding a file (torchvision datasets, synthetic images).
     read_reduced: Optional[Callable[[str, int], Image.Image]] = field(default=None, repr=False,
@@ -66,16 +68,16 @@ class ImageSource:
         """:meth:`load`, an unreadable file under ``on_error="skip"`` as :class:`Unreadable`
         (which file, and why), for whoever names it: a loader worker has no log of its own."""
         try:
-            with read_deadline(self.read_timeout_s):
+            with read_deadline(self.read_timeout_s), pixel_limit(self.max_image_pixels):
                 if min_size and self.read_reduced is not None:
                     return self.read_reduced(key, min_size)
                 return self.read(key)
         except Exception as e:  # noqa: BLE001 - any decoder error means the same: a bad file
+            why = ("out of memory" if isinstance(e, MemoryError) else bomb_reason(e)
+                   if isinstance(e, Image.DecompressionBombError) else (str(e) or type(e).__name__))
             if on_error == "fail":
-                why = "out of memory" if isinstance(e, MemoryError) else (str(e) or type(e).__name__)
                 raise DataError(f"cannot read image {key!r} from {self.name}: {why}. "
                                 "Fix or remove it, or set data.on_error=skip") from None
-            why = "out of memory" if isinstance(e, MemoryError) else (str(e) or type(e).__name__)
             return Unreadable(key, why.splitlines()[0])
 
     def subset(self, keys: list[str]) -> "ImageSource":
@@ -97,6 +99,7 @@ def open_source(cfg: DataConfig, split: Optional[str] = None) -> ImageSource:
     """Build the source named by the config; every misuse is a clear error, raised here."""
     source = _open_source(cfg, cfg.split if split is None else split)
     source.read_timeout_s = cfg.read_timeout_s
+    source.max_image_pixels = cfg.max_image_pixels
     return source
 
 
