@@ -186,7 +186,7 @@ def test_mapping_override_replaces_dotted_key_merges(tmp_path):
 
 
 def test_another_seed_or_the_same_folder_written_otherwise_is_judged_as_a_run_is(tmp_path, monkeypatch):
-    from glsd.config import diff_keys, identity
+    from glsd.config_compare import diff_keys, identity
 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "photos").mkdir()

@@ -318,7 +318,8 @@ def test_view_recipe_validation(override):
 
 def test_where_views_are_made_is_not_part_of_a_runs_identity():
     """Switching augment_on changes where, not what: a run may resume under the other."""
-    from glsd.config import identity, load_config
+    from glsd.config import load_config
+    from glsd.config_compare import identity
 
     assert identity(load_config(None, ["data.augment_on=device"])) == identity(load_config(None, []))
     assert identity(load_config(None, ["crops.color_jitter=[0.1, 0.1, 0.1, 0.1]"])) != identity(load_config(None, []))

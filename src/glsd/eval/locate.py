@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from glsd.config import ConfigError, diff_keys, from_dict, identity
+from glsd.config import ConfigError, from_dict
+from glsd.config_compare import diff_keys, identity
 from glsd.errors import CheckpointError
 from glsd.config_files import parse_yaml
 from glsd.export import export_folder_config

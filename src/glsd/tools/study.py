@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 
 import yaml
 
-from glsd.config import Config, absolute_path, config_hash, diff_keys, from_dict, load_config, same_root, to_dict
+from glsd.config import Config, absolute_path, from_dict, load_config, same_root, to_dict
+from glsd.config_compare import config_hash, diff_keys
 from glsd.config_files import load_yaml
 from glsd.data.subset import SUBSET_FILE
 from glsd.data.sources import open_source
@@ -99,7 +100,7 @@ def check_cells(config, overrides, cells: list[Cell], out: Path) -> None:
     """Every cell's config and its training preflight (data, grids, batch against subset
     size), before the first cell trains: a bad value in one cell (``--fractions 0.05 5``) or a
     missing ``data.root`` is refused now, not once per cell after hours of the others."""
-    from glsd.train.preflight import planned_images, preflight
+    from glsd.train.preflight import preflight
 
     configs = []
     for cell in cells:
@@ -113,11 +114,11 @@ def check_cells(config, overrides, cells: list[Cell], out: Path) -> None:
         if key not in sources:
             sources[key] = open_source(cfg.data)
         try:
-            preflight(with_step_budget(cfg, sources[key]), sources[key])
+            _, plan = preflight(with_step_budget(cfg, sources[key]), sources[key])
         except ConfigError as e:
             raise ConfigError(f"study cell {cell.name}: {e}") from None
         check_finished_cell(cfg, out / cell.name)
-        n, classes = planned_images(cfg, sources[key]), len(sources[key].classes)
+        n, classes = plan.num_images, len(sources[key].classes)  # the subset preflight drew
         if n < classes and cell.fraction not in warned:
             warned.add(cell.fraction)
             print(f"[study] note: fraction {cell.fraction:g} pretrains on {n} images of {classes} "

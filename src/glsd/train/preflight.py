@@ -23,7 +23,8 @@ from typing import Optional
 
 import yaml
 
-from glsd.config import Config, ConfigError, diff_keys, from_dict, identity
+from glsd.config import Config, ConfigError, from_dict
+from glsd.config_compare import diff_keys, identity
 from glsd.config_files import load_yaml
 from glsd.data.subset import SUBSET_FILE, read_subset
 from glsd.data.sources import ImageSource, Unreadable, balanced_subset

@@ -17,7 +17,8 @@ from typing import Optional
 
 import yaml
 
-from glsd.config import Config, ConfigError, diff_keys, dump_yaml, from_dict, identity
+from glsd.config import Config, ConfigError, dump_yaml, from_dict
+from glsd.config_compare import diff_keys, identity
 from glsd.config_files import load_yaml
 from glsd.errors import CheckpointError, GlsdError
 from glsd.run_layout import BACKBONE_FILE, CHECKPOINT_DIR, LAST_CHECKPOINT
