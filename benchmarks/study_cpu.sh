@@ -15,6 +15,9 @@
 # goes to its own results folder, e.g.
 #   GLSD_DATA=... GLSD_OVERRIDES="train.momentum_teacher=0.96 train.momentum_teacher_end=0.96" \
 #   GLSD_FRACTIONS=1.0 GLSD_DEST=benchmarks/results/study-sweep-cpu-f1-mom096 benchmarks/study_cpu.sh WORK
+# GLSD_JOBS=2 trains the arms of one (fraction, seed) two at a time, one torch thread each: on this
+# 2-core CPU the training of two 300-step cells took 151 s side by side against 170 s one after
+# the other (benchmarks/study_jobs.py; session15-checks/study-jobs.json).
 # GLSD_MATCHINGS="none" runs some arms only (a new recipe's global-only arm at every fraction
 # first, to check its bar before the other arms; rerun without it for the rest of the grid).
 set -euo pipefail
@@ -61,22 +64,42 @@ archive() {  # the finished cells and the floors out of WORK, each with the comm
   done
 }
 
-run_cell() {  # $1 fraction, $2 matching, $3 seed; a cell finished here or archived is skipped
-  local name; name="f$(python3 -c "print(f'{float($1):g}')")-$2-s$3"
-  [ -e "$WORK/$name/cell.json" ] && return 0  # no torch start-up per finished cell on a resume
-  # the last commit that changed the package: the code the cell runs (a cell resumed from
-  # its checkpoint keeps the commit it started on; the new one is added)
+cell_name() {  # $1 fraction, $2 matching, $3 seed
+  echo "f$(python3 -c "print(f'{float($1):g}')")-$2-s$3"
+}
+
+record_commit() {  # $1 cell: the last commit that changed the package, the code the cell runs
+  # (a cell resumed from its checkpoint keeps the commit it started on; the new one is added)
   local commit
   commit="$(git log -1 --format=%h -- src)$(git diff --quiet HEAD -- src || echo '+uncommitted src changes')"
-  if [ -e "$WORK/.commit-$name" ] && ! grep -q "^$commit" "$WORK/.commit-$name"; then
-    echo "$commit (resumed)" >> "$WORK/.commit-$name"
-  elif [ ! -e "$WORK/.commit-$name" ]; then
-    echo "$commit" > "$WORK/.commit-$name"
+  if [ -e "$WORK/.commit-$1" ] && ! grep -q "^$commit" "$WORK/.commit-$1"; then
+    echo "$commit (resumed)" >> "$WORK/.commit-$1"
+  elif [ ! -e "$WORK/.commit-$1" ]; then
+    echo "$commit" > "$WORK/.commit-$1"
   fi
-  # A failed cell is in the report (its error too); the grid goes on. A signal stops it.
+}
+
+run_cells() {  # $1 fraction, $2 seed, then matchings; cells finished here or archived are skipped.
+  # GLSD_JOBS=N trains N of them at once, the cores split between them (glsd study --jobs).
+  local fraction=$1 seed=$2 matching todo=()
+  shift 2
+  for matching in "$@"; do
+    local name; name=$(cell_name "$fraction" "$matching" "$seed")
+    [ -e "$WORK/$name/cell.json" ] && continue  # no torch start-up per finished cell on a resume
+    record_commit "$name"
+    todo+=("$matching")
+  done
+  [ "${#todo[@]}" -gt 0 ] || return 0
   glsd study "$PRESET" "data.root=$GLSD_DATA" ${OVERRIDES[@]+"${OVERRIDES[@]}"} \
-    --fractions "$1" --matchings "$2" --seeds "$3" --out "$WORK" || { rc=$?; [ "$rc" -ge 128 ] && exit "$rc"; echo "[study_cpu] $name failed (exit $rc); going on" >&2; }
+    --fractions "$fraction" --matchings "${todo[@]}" --seeds "$seed" --out "$WORK" --jobs "${GLSD_JOBS:-1}" &
+  local pid=$! rc=0
+  # cells of one call finish hours apart: each is archived within a minute of its end
+  while kill -0 "$pid" 2>/dev/null; do sleep 30; archive; done
+  wait "$pid" || rc=$?
   archive
+  # A failed cell is in the report (its error too); the grid goes on. A signal stops it.
+  if [ "$rc" -ge 128 ]; then exit "$rc"; fi
+  if [ "$rc" -ne 0 ]; then echo "[study_cpu] f$fraction s$seed (${todo[*]}) failed (exit $rc); going on" >&2; fi
 }
 
 report() {
@@ -93,9 +116,11 @@ read -r -a matchings < <(python3 -c "from glsd.config import load_config; print(
 if [ -n "${GLSD_MATCHINGS:-}" ]; then read -r -a matchings <<< "$GLSD_MATCHINGS"; fi
 for seed in 0 1; do
   for fraction in "${fractions[@]}"; do
-    for matching in "${matchings[@]}"; do
-      run_cell "$fraction" "$matching" "$seed"
-    done
+    if [ "${GLSD_JOBS:-1}" -gt 1 ]; then
+      run_cells "$fraction" "$seed" "${matchings[@]}"
+    else  # one call per cell: each cell archived as soon as it ends
+      for matching in "${matchings[@]}"; do run_cells "$fraction" "$seed" "$matching"; done
+    fi
     report  # after each fraction: the partial grid, ready to commit
   done
 done
@@ -113,9 +138,8 @@ EOF_PLAN
 echo "seed 2 for: ${extra:-nothing (every comparison is beyond the spread)}"
 while read -r fraction arms; do
   [ -n "$fraction" ] || continue
-  for matching in $arms; do
-    run_cell "$fraction" "$matching" 2
-  done
+  # shellcheck disable=SC2086  # the arms are words
+  run_cells "$fraction" 2 $arms
   report
 done <<< "$extra"
 report

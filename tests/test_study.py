@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from glsd.config import ConfigError
+from glsd.tools import study as study_mod
 from glsd.tools.study import Cell, run_study
 from glsd.tools.study_report import report_markdown, summarize, verdict
 
@@ -227,6 +228,18 @@ def test_parallel_cells_give_the_same_records_as_sequential(tmp_path):
     assert not list((tmp_path / "par").glob("*.tmp*"))
 
 
+def test_parallel_cells_split_the_cores(monkeypatch):
+    """--jobs N gives each cell its share of the cores (N cells of every core each oversubscribe
+    the CPU); an OMP_NUM_THREADS the user set is theirs to keep."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(study_mod.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert study_mod.threads_per_job(2) == 8
+    assert study_mod.threads_per_job(3) == 5
+    assert study_mod.threads_per_job(32) == 1  # never zero
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert study_mod.threads_per_job(2) is None
+
+
 def test_report_tabulates_dense_when_run():
     records = [dict(_rec(0.1, m, s, 30.0), dense_within_one=v)
                for m, vals in (("none", (0.70, 0.72)), ("geometric", (0.90, 0.91))) for s, v in enumerate(vals)]
@@ -444,3 +457,33 @@ def test_the_step_budget_gives_every_fraction_whole_epochs_of_about_study_steps(
     assert with_step_budget(load_config(None, [*TINY, "study.steps=13"])).train.epochs == 3  # nearest
     unset = load_config(None, [*TINY, "study.steps=null", "train.epochs=7"])
     assert with_step_budget(unset) is unset
+
+
+def test_a_floor_is_computed_once_by_cells_that_finish_together(tmp_path, monkeypatch):
+    """Cells of one (fraction, seed) under --jobs: the second waits on the first's floor and
+    reads it, instead of computing the same floor beside it."""
+    import threading
+    import time as time_mod
+
+    from glsd.config import load_config
+    from glsd.eval import runner
+
+    calls = []
+
+    def slow_floor(kind, run_dir, random_init, device):
+        calls.append(kind)
+        time_mod.sleep(0.5)  # the other cell asks meanwhile
+        return {"results": {"top1": 12.5}, "config": None}
+
+    monkeypatch.setattr(runner, "run_eval", slow_floor)
+    cfg = load_config(None, TINY)
+    cache = tmp_path / "floor-f1-s0.json"
+    results = []
+    cells = [threading.Thread(target=lambda: results.append(
+        study_mod.knn_floor(cfg, tmp_path, cache, "cpu"))) for _ in range(2)]
+    for cell in cells:
+        cell.start()
+    for cell in cells:
+        cell.join()
+    assert calls == ["knn"]
+    assert [r["results"]["top1"] for r in results] == [12.5, 12.5]

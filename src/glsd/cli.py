@@ -95,7 +95,7 @@ def _add_study_and_bench(sub) -> None:
     p.add_argument("--report-only", action="store_true",
                    help="write results.json / report.md / report.png from the finished cells; train nothing")
     p.add_argument("--jobs", type=int, default=1,
-                   help="cells trained at once, each in its own process (GPU boxes; keep 1 on a small CPU)")
+                   help="cells trained at once, each in its own process with its share of the CPU cores")
     p.set_defaults(func=commands.cmd_study)
 
     p = sub.add_parser("bench", help="measure geometry, data pipeline, step, utilisation and k-NN speed (one JSON object)")

@@ -7,8 +7,8 @@ checkpoint, a failed one is recorded and the others go on.
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -19,17 +19,14 @@ from typing import Optional, Sequence
 import yaml
 
 from glsd.config import Config, absolute_path, from_dict, load_config, same_root, to_dict
-from glsd.config_compare import config_hash, diff_keys
+from glsd.config_compare import diff_keys
 from glsd.config_files import load_yaml
-from glsd.data.subset import SUBSET_FILE
 from glsd.data.sources import open_source
 from glsd.errors import ConfigError, GlsdError, RunFolderBusy
 from glsd.train import lock
 from glsd.train.checkpoint import read_json_record
-from glsd.train.run_folder import read_metrics_records
-from glsd.tools.study_plot import plot_report
-from glsd.tools.study_report import report_markdown
-from glsd.utils.io import atomic_write_json, atomic_write_text
+from glsd.tools.study_records import cell_record, collected_record, write_outputs
+from glsd.utils.io import atomic_write_json, exclusive
 
 
 @dataclass
@@ -63,9 +60,9 @@ def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=N
               report_only: bool = False, jobs: int = 1) -> dict:
     """Run (or, with ``report_only``, only collect) every cell, then write the report.
 
-    ``jobs`` > 1 trains that many cells at once in separate processes: on a GPU box a small
-    model leaves the device mostly idle, so concurrent cells multiply throughput. On a
-    2-core CPU keep 1.
+    ``jobs`` > 1 trains that many cells at once in separate processes, the CPU's cores split
+    between them (:func:`threads_per_job`): on a GPU box a small model leaves the device mostly
+    idle, and on a small CPU one cell's small convolutions do not keep every core busy.
     """
     out = Path(absolute_path(str(out)))  # as pretrain expands each cell's output_dir
     base = load_config(config, overrides)
@@ -156,14 +153,6 @@ def check_evaluations(cfg: Config, evals: list[str], out: Path) -> None:
         raise ConfigError(f"{e}; the study compares arms on labelled, held-out images") from None
 
 
-def collected_record(out: Path, cell: Cell, status: str = "not run") -> dict:
-    record = read_json_record(out / cell.name / "cell.json")  # torn or invalid: not done
-    if record is not None and record.get("status") == "done":
-        return record
-    return {"name": cell.name, "fraction": cell.fraction, "matching": cell.matching,
-            "seed": cell.seed, "status": status}
-
-
 def run_cells_in_order(config, overrides, cells, out, evals, device) -> list[dict]:
     records, spent, ran = [], 0.0, 0
     for i, cell in enumerate(cells):
@@ -198,20 +187,40 @@ def format_duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
 
 
+def threads_per_job(jobs: int) -> Optional[int]:
+    """Torch threads for each of ``jobs`` concurrent cells: the cores this process may use,
+    split between them. Each cell would otherwise take every core, and ``jobs`` of them
+    oversubscribe the CPU. None (torch's default) where the user set OMP_NUM_THREADS."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // jobs)
+
+
+def _use_threads(threads: Optional[int]) -> None:
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
+
+
 def run_cells_in_parallel(config, overrides, cells, out, evals, device, jobs) -> list[dict]:
     """The same cells, ``jobs`` at a time. Spawned (not forked) workers: CUDA cannot be
     re-initialised in a forked child. Records keep the grid's order whatever finishes first."""
     records = [collected_record(out, cell, status="running") for cell in cells]
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    threads = threads_per_job(jobs)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_use_threads,
+                             initargs=(threads,)) as pool:
         futures = {pool.submit(run_cell, config, list(overrides), cell, out, evals, device): i
                    for i, cell in enumerate(cells)}
-        print(f"[study] {len(cells)} cells, {jobs} at a time", flush=True)
+        print(f"[study] {len(cells)} cells, {jobs} at a time"
+              + (f", {threads} torch thread{'s' if threads > 1 else ''} each" if threads else ""),
+              flush=True)
         try:
             for future in as_completed(futures):
                 i = futures[future]
                 records[i] = future.result()
-                print(f"[study] finished {cells[i].name}: {records[i].get('status')}", flush=True)
+                print(f"[study] {cells[i].name}: {cell_summary(records[i])}", flush=True)
                 write_outputs(out, records)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)  # unfinished cells resume next time
@@ -293,12 +302,14 @@ def knn_floor(cfg: Config, run_dir: Path, cache: Path, device: str, kind: str = 
     a cached one made under other model, crop, data or eval settings is made again."""
     from glsd.eval.runner import run_eval
 
-    cached = read_json_record(cache)  # torn or invalid: computed again
-    if cached is not None and not changed_settings(cached.get("config"), cfg, ("data", "crops", "model", "eval")):
-        return cached
-    result = run_eval(kind, run_dir, random_init=True, device=device)
-    # Cells of one (fraction, seed) may compute it at once (--jobs): publish atomically.
-    atomic_write_json(cache, result)
+    # Cells of one (fraction, seed) finish together under --jobs: the second waits for the
+    # first's floor instead of computing the same one beside it.
+    with exclusive(cache.with_name(f".{cache.name}.lock")):
+        cached = read_json_record(cache)  # torn or invalid: computed again
+        if cached is not None and not changed_settings(cached.get("config"), cfg, ("data", "crops", "model", "eval")):
+            return cached
+        result = run_eval(kind, run_dir, random_init=True, device=device)
+        atomic_write_json(cache, result)  # a reader without the lock never sees half a file
     return result
 
 
@@ -324,75 +335,3 @@ def changed_settings(recorded: Optional[dict], cfg: Config, sections: Sequence[s
     for d in (old, new):  # the folder, not how its path was written
         d["data"]["root"] = same_root(d["data"]["root"])
     return diff_keys({k: old[k] for k in sections}, {k: new[k] for k in sections})
-
-
-def cell_record(cfg: Config, cell: Cell, run_dir: Path, results: dict, wall: float) -> dict:
-    last = [m for m in read_metrics_records(run_dir / "metrics.jsonl") if "loss" in m][-1]
-    subset = json.loads((run_dir / SUBSET_FILE).read_text())
-    knn = results.get("knn", {}).get("results", {})
-    record = {
-        "name": cell.name, "status": "done", "config_hash": config_hash(cfg),
-        "fraction": cell.fraction, "n_images": subset["n_images"], "matching": cell.matching,
-        "seed": cell.seed, "epochs": cfg.train.epochs, "steps": last["step"],
-        "images_seen": last["step"] * cfg.train.batch_size, "wall_time_s": round(wall, 1),
-        "knn_top1": knn.get("top1"), "knn_top5": knn.get("top5"),
-        "knn_floor_top1": results["knn_random_init"]["results"]["top1"],
-        "final": {k: last[k] for k in ("loss", "loss_global", "loss_local", "geo_valid_frac",
-                                        "sim_geo_agree", "sim_dist_cells") if k in last},
-        "run_dir": str(run_dir),
-        # What the report states about the cells, read from the run (not assumed).
-        "data": data_label(cfg), "knn_k": results.get("knn", {}).get("k", cfg.eval.k),
-        # fewer training images than k: every image votes (the report says so)
-        "knn_k_effective": results.get("knn", {}).get("k_effective"),
-        "knn_temperature": results.get("knn", {}).get("temperature", cfg.eval.temperature),
-    }
-    if "knn" in results:  # what it evaluated, for the report to state
-        record.update(eval_model=results["knn"].get("model"),
-                      eval_train_fraction=results["knn"].get("train_fraction"),
-                      max_test_images=results["knn"].get("max_test_images"))
-    if "linear" in results:
-        record["linear_top1"] = results["linear"]["results"]["top1"]
-    if "dense" in results:
-        record["dense_within_one"] = results["dense"]["results"]["within_one"]
-        record["dense_floor_within_one"] = results["dense_random_init"]["results"]["within_one"]
-    if "seg" in results:
-        record["seg_accuracy"] = results["seg"]["results"]["accuracy"]
-        record["seg_miou"] = results["seg"]["results"]["miou"]
-        record["seg_floor_accuracy"] = results["seg_random_init"]["results"]["accuracy"]
-        record["seg_floor_miou"] = results["seg_random_init"]["results"]["miou"]
-    return record
-
-
-def data_label(cfg: Config) -> str:
-    """A short name of the pretraining images for the report: "cifar10-jpg.zip (train)"."""
-    d = cfg.data
-    name = Path(d.root).name if d.source in ("auto", "imagefolder", "folder", "zip") else d.source
-    return f"{name} ({d.split})"
-
-
-def with_other_finished_cells(out: Path, records: list[dict]) -> list[dict]:
-    """The grid's records, then every other finished cell the study folder holds (a seed run
-    for some arms only, an earlier ``--fractions``): the report covers the whole folder,
-    whichever grid the last call named."""
-    named = {r["name"] for r in records}
-    others = []
-    for path in sorted(out.glob("*/cell.json")):
-        if path.parent.name in named:
-            continue
-        record = read_json_record(path)  # torn or invalid: left out
-        if record is not None and record.get("status") == "done":
-            others.append(record)
-    return records + others
-
-
-def write_outputs(out: Path, records: list[dict]) -> list[dict]:
-    """results.json, report.md and report.png of the study folder; returns the records written."""
-    records = with_other_finished_cells(out, records)
-    atomic_write_json(out / "results.json", records)
-    atomic_write_text(out / "report.md", report_markdown(records))
-    if any(r.get("status") == "done" for r in records):
-        try:  # every record: the picture states which cells are not run yet
-            plot_report(records, out / "report.png")
-        except ImportError:
-            print("[study] matplotlib missing: no report.png (pip install glsd[viz])")
-    return records

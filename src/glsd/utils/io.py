@@ -2,6 +2,7 @@
 torn one (checkpoints, subset.json, evaluation and study records)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -100,3 +101,20 @@ def check_writable(folder: Path, what: str) -> None:
                else "fix its permissions, free space, or choose another place")
         raise NotWritable(e.errno, f"cannot write {what} in {folder} ({e.strerror or e}); nothing "
                           f"was computed: {fix}") from None
+
+
+@contextlib.contextmanager
+def exclusive(path: Path):
+    """Hold an advisory lock on ``path`` (waiting for it) where the OS has flock; elsewhere
+    hold nothing: concurrent cells then compute the same floor twice, both right."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
