@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The fraction sweep on this project's 2-core CPU: cifar10-lowdata-cpu's grid (1/5/20/100% x five
 # arms x two seeds, k-NN + dense + seg), about 15 minutes a cell on a quiet machine, so about 10
-# hours in all: more than one working session. So it runs one cell per `glsd study` call and,
-# after each, archives what the report needs (each finished cell's record and metrics, the
-# random-init floors) into benchmarks/results/study-sweep-cpu/cells/, which is committed. On a
+# hours in all: more than one working session. So it runs one cell per `glsd study` call (with
+# GLSD_JOBS, one call per seed) and archives what the report needs as each cell ends (each
+# finished cell's record and metrics, the random-init floors) into
+# benchmarks/results/study-sweep-cpu/cells/, which is committed. On a
 # new machine the archive is laid back into WORK first: finished cells are skipped, and a cell
 # stopped on this machine resumes from its checkpoint (every 500 steps). Each archived cell
 # names in commit.txt the last commit that changed src/ when it started: the code it ran
@@ -15,9 +16,11 @@
 # goes to its own results folder, e.g.
 #   GLSD_DATA=... GLSD_OVERRIDES="train.momentum_teacher=0.96 train.momentum_teacher_end=0.96" \
 #   GLSD_FRACTIONS=1.0 GLSD_DEST=benchmarks/results/study-sweep-cpu-f1-mom096 benchmarks/study_cpu.sh WORK
-# GLSD_JOBS=2 trains the arms of one (fraction, seed) two at a time, one torch thread each: on this
-# 2-core CPU the training of two 300-step cells took 151 s side by side against 170 s one after
-# the other (benchmarks/study_jobs.py; session15-checks/study-jobs.json).
+# GLSD_JOBS=2 trains the cells of one seed two at a time, one torch thread each: on this 2-core
+# CPU the training of two 300-step cells took 151 s side by side against 170 s one after the
+# other, in one run (benchmarks/study_jobs.py; session15-checks/study-jobs.json). One thread
+# instead of two changes the order of floating-point sums: such a cell's numbers differ from a
+# two-thread run's as on another machine.
 # GLSD_MATCHINGS="none" runs some arms only (a new recipe's global-only arm at every fraction
 # first, to check its bar before the other arms; rerun without it for the rest of the grid).
 set -euo pipefail
@@ -54,13 +57,14 @@ archive() {  # the finished cells and the floors out of WORK, each with the comm
     local cell; cell=$(basename "$dir")
     [ -e "$ARCHIVE/$cell/cell.json" ] && continue  # archived already, with its commit
     mkdir -p "$ARCHIVE/$cell"
-    cp "$f" "$dir"/metrics.jsonl "$ARCHIVE/$cell"/
+    cp "$dir"/metrics.jsonl "$ARCHIVE/$cell"/
     cp "$dir"/eval/*.json "$ARCHIVE/$cell"/ 2>/dev/null || true
     if [ -e "$WORK/.commit-$cell" ]; then  # written when the cell started
       cp "$WORK/.commit-$cell" "$ARCHIVE/$cell/commit.txt"
     else
       echo "not recorded (finished before this script wrote commits)" > "$ARCHIVE/$cell/commit.txt"
     fi
+    cp "$f" "$ARCHIVE/$cell"/  # last: it marks the cell archived, so a copy cut short is redone
   done
 }
 
@@ -79,27 +83,35 @@ record_commit() {  # $1 cell: the last commit that changed the package, the code
   fi
 }
 
-run_cells() {  # $1 fraction, $2 seed, then matchings; cells finished here or archived are skipped.
-  # GLSD_JOBS=N trains N of them at once, the cores split between them (glsd study --jobs).
-  local fraction=$1 seed=$2 matching todo=()
+run_cells() {  # $1 seed, $2 fractions (words), then matchings: their cells not finished here
+  # or in the archive, in one `glsd study` call. GLSD_JOBS=N trains N at once, the cores split
+  # between them (glsd study --jobs).
+  local seed=$1 fractions_=$2 fraction matching todo_f=() todo_m=()
   shift 2
-  for matching in "$@"; do
-    local name; name=$(cell_name "$fraction" "$matching" "$seed")
-    [ -e "$WORK/$name/cell.json" ] && continue  # no torch start-up per finished cell on a resume
-    record_commit "$name"
-    todo+=("$matching")
+  for fraction in $fractions_; do
+    for matching in "$@"; do
+      local name; name=$(cell_name "$fraction" "$matching" "$seed")
+      [ -e "$WORK/$name/cell.json" ] && continue  # no torch start-up per finished cell on a resume
+      record_commit "$name"
+      [[ " ${todo_f[*]} " == *" $fraction "* ]] || todo_f+=("$fraction")
+      [[ " ${todo_m[*]} " == *" $matching "* ]] || todo_m+=("$matching")
+    done
   done
-  [ "${#todo[@]}" -gt 0 ] || return 0
-  glsd study "$PRESET" "data.root=$GLSD_DATA" ${OVERRIDES[@]+"${OVERRIDES[@]}"} \
-    --fractions "$fraction" --matchings "${todo[@]}" --seeds "$seed" --out "$WORK" --jobs "${GLSD_JOBS:-1}" &
-  local pid=$! rc=0
-  # cells of one call finish hours apart: each is archived within a minute of its end
-  while kill -0 "$pid" 2>/dev/null; do sleep 30; archive; done
-  wait "$pid" || rc=$?
+  [ "${#todo_f[@]}" -gt 0 ] || return 0
+  # Cells of one call finish hours apart: a loop beside the study archives each within a minute
+  # of its end. The study stays in the foreground, so Ctrl-C and signals reach it.
+  ( while sleep 30; do archive; done ) &
+  local archiver=$! rc=0
+  trap 'kill "$archiver" 2>/dev/null' EXIT
+  glsd study "$PRESET" "data.root=$GLSD_DATA" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --fractions "${todo_f[@]}" \
+    --matchings "${todo_m[@]}" --seeds "$seed" --out "$WORK" --jobs "${GLSD_JOBS:-1}" || rc=$?
+  kill "$archiver" 2>/dev/null || true
+  wait "$archiver" 2>/dev/null || true
+  trap - EXIT
   archive
   # A failed cell is in the report (its error too); the grid goes on. A signal stops it.
   if [ "$rc" -ge 128 ]; then exit "$rc"; fi
-  if [ "$rc" -ne 0 ]; then echo "[study_cpu] f$fraction s$seed (${todo[*]}) failed (exit $rc); going on" >&2; fi
+  if [ "$rc" -ne 0 ]; then echo "[study_cpu] seed $seed (${todo_f[*]} x ${todo_m[*]}) failed (exit $rc); going on" >&2; fi
 }
 
 report() {
@@ -115,12 +127,15 @@ if [ -n "${GLSD_FRACTIONS:-}" ]; then read -r -a fractions <<< "$GLSD_FRACTIONS"
 read -r -a matchings < <(python3 -c "from glsd.config import load_config; print(*load_config('$PRESET').study.matchings)")
 if [ -n "${GLSD_MATCHINGS:-}" ]; then read -r -a matchings <<< "$GLSD_MATCHINGS"; fi
 for seed in 0 1; do
+  if [ "${GLSD_JOBS:-1}" -gt 1 ]; then  # one call a seed: only its last cell trains alone
+    run_cells "$seed" "${fractions[*]}" "${matchings[@]}"
+    report
+    continue
+  fi
   for fraction in "${fractions[@]}"; do
-    if [ "${GLSD_JOBS:-1}" -gt 1 ]; then
-      run_cells "$fraction" "$seed" "${matchings[@]}"
-    else  # one call per cell: each cell archived as soon as it ends
-      for matching in "${matchings[@]}"; do run_cells "$fraction" "$seed" "$matching"; done
-    fi
+    for matching in "${matchings[@]}"; do
+      run_cells "$seed" "$fraction" "$matching"  # each cell archived as soon as it ends
+    done
     report  # after each fraction: the partial grid, ready to commit
   done
 done
@@ -139,7 +154,7 @@ echo "seed 2 for: ${extra:-nothing (every comparison is beyond the spread)}"
 while read -r fraction arms; do
   [ -n "$fraction" ] || continue
   # shellcheck disable=SC2086  # the arms are words
-  run_cells "$fraction" 2 $arms
+  run_cells 2 "$fraction" $arms
   report
 done <<< "$extra"
 report

@@ -487,3 +487,42 @@ def test_a_floor_is_computed_once_by_cells_that_finish_together(tmp_path, monkey
         cell.join()
     assert calls == ["knn"]
     assert [r["results"]["top1"] for r in results] == [12.5, 12.5]
+
+
+def test_jobs_are_the_cells_left_to_train(tmp_path, monkeypatch):
+    """--jobs 4 with two cells to train runs two at a time (their threads split by two, not
+    four); with one cell it runs in order, with every core."""
+    seen = []
+
+    def parallel(config, overrides, cells, out, evals, device, jobs):
+        seen.append(("parallel", jobs))
+        return [study_mod.collected_record(out, c) for c in cells]
+
+    def in_order(config, overrides, cells, out, evals, device):
+        seen.append(("in order", 1))
+        return [study_mod.collected_record(out, c) for c in cells]
+
+    monkeypatch.setattr(study_mod, "run_cells_in_parallel", parallel)
+    monkeypatch.setattr(study_mod, "run_cells_in_order", in_order)
+    grid = dict(fractions=[1.0], seeds=[0], evals=["knn"], device="cpu", jobs=4)
+    run_study(None, tmp_path / "two", TINY, matchings=["none", "geometric"], **grid)
+    run_study(None, tmp_path / "one", TINY, matchings=["none"], **grid)
+    assert seen == [("parallel", 2), ("in order", 1)]
+
+
+def test_a_file_system_without_locks_computes_unlocked(tmp_path, monkeypatch):
+    """flock failing (NFS without lockd, Lustre without -o flock) must not fail the cell: the
+    floor is then computed without the lock, as on Windows."""
+    import errno
+    import fcntl
+
+    from glsd.utils.io import exclusive
+
+    def no_locks(handle, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with exclusive(tmp_path / ".floor.lock"):
+        ran.append(True)
+    assert ran == [True]

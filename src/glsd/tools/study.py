@@ -78,6 +78,8 @@ def run_study(config: str, out: Path, overrides: Sequence[str] = (), fractions=N
         atomic_write_json(out / "study.json", {
             "config": config, "overrides": list(overrides), "evals": evals,
             "cells": [c.name for c in cells]})
+        # the cells left to train, not --jobs, share the cores: 2 cells of --jobs 4 get half each
+        jobs = min(jobs, sum(collected_record(out, c)["status"] != "done" for c in cells))
         if jobs > 1:
             if base.data.download:  # once here, not by every worker at once into one file
                 for split in {base.data.split, base.eval.test_split}:

@@ -105,16 +105,25 @@ def check_writable(folder: Path, what: str) -> None:
 
 @contextlib.contextmanager
 def exclusive(path: Path):
-    """Hold an advisory lock on ``path`` (waiting for it) where the OS has flock; elsewhere
-    hold nothing: concurrent cells then compute the same floor twice, both right."""
+    """Hold an advisory lock on ``path`` (waiting for it) where the OS and the file system
+    lock files; elsewhere (Windows, NFS without lockd, Lustre without ``flock``, some FUSE
+    mounts) hold nothing: callers must stay right unlocked, only slower (e.g. a study's
+    concurrent cells then compute the same floor twice)."""
     try:
         import fcntl
     except ImportError:
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl = None
+    handle = None
+    if fcntl is not None:
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle = open(path, "a")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            if handle is not None:
+                handle.close()
+            handle = None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
