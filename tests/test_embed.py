@@ -212,6 +212,37 @@ def test_embed_replaces_neither_its_model_nor_a_csv_it_did_not_write(backbone_fi
         embed(model, "synthetic", None, overrides=["data.num_images=4"], device="cpu", progress=False)
 
 
+def test_embed_replaces_no_weights_only_its_own_earlier_output(backbone_file, tmp_path):
+    """A checkpoint's run is protected like the run folder; another model's weights, or an
+    array nobody vouches for, are never replaced; an earlier embedding is."""
+    import shutil
+
+    from glsd.config import ConfigError
+    from glsd.embedding import check_outputs
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"weights")
+    shutil.copy(backbone_file, run / "backbone.safetensors")
+    with pytest.raises(ConfigError, match="would replace the model being embedded"):
+        check_outputs(run / "backbone.safetensors", run / "checkpoints" / "last.pt")
+    other = tmp_path / "other" / "backbone.safetensors"
+    other.parent.mkdir()
+    shutil.copy(backbone_file, other)
+    with pytest.raises(ConfigError, match="exists and is not an embedding glsd wrote"):
+        check_outputs(other, run)
+    (tmp_path / "array.npy").write_bytes(b"someone's array")
+    with pytest.raises(ConfigError, match="exists and is not an embedding glsd wrote"):
+        check_outputs(tmp_path / "array.npy", run)
+    check_outputs(run / "features.npy", run)  # a new file inside the run folder is fine
+    for name in ("e.safetensors", "e.npy"):  # an earlier embedding is replaced by the new one
+        embed(backbone_file, "synthetic", tmp_path / name, overrides=["data.synthetic_num_images=4"],
+              device="cpu", progress=False)
+        check_outputs(tmp_path / name, backbone_file)
+        embed(backbone_file, "synthetic", tmp_path / name, overrides=["data.synthetic_num_images=4"],
+              device="cpu", progress=False)
+
+
 def test_a_class_token_feature_owns_its_memory_not_the_batch_of_tokens():
     """A CLS feature kept per batch must not be a view into the (B, 1 + N, D) tokens."""
     from glsd.eval.features import embed as embed_batch

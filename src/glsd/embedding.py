@@ -132,15 +132,14 @@ def _joined(parts: list, empty: torch.Tensor) -> torch.Tensor:
 
 def check_outputs(out: Path, source: Union[str, Path]) -> None:
     """``out`` and its ``<stem>.csv`` replace nothing but an earlier embedding: not the model
-    embedded, not a CSV of someone else's (a labels file beside the images)."""
-    src, target = Path(source).resolve(), out.resolve()
-    # a run folder's model files: its exported backbone, its checkpoints and export folders
-    model_files = [src] if not src.is_dir() else [src / BACKBONE_FILE, src / CHECKPOINT_DIR,
-                                                  src / "export"]
-    if any(target == m or m in target.parents for m in model_files):
+    embedded nor its run's, not another model's weights, not a CSV of someone else's (a labels
+    file beside the images)."""
+    target = out.resolve()
+    if any(target == m or m in target.parents for m in model_files(Path(source).resolve())):
         raise ConfigError(f"--out {out} would replace the model being embedded (or its run's "
                           "checkpoints or export); give another file name")
     index = out.with_suffix(".csv")
+    header = None
     if index.is_file():
         with open(index, errors="replace") as f:
             header = f.readline().strip()
@@ -148,6 +147,38 @@ def check_outputs(out: Path, source: Union[str, Path]) -> None:
             raise ConfigError(f"{index} exists and is not a glsd embedding index (its first line is "
                               f"{header[:60]!r}); the index of --out {out.name} would replace it: "
                               "give --out another name")
+    if out.exists() and not is_earlier_embedding(out, header == INDEX_HEADER):
+        raise ConfigError(f"--out {out} exists and is not an embedding glsd wrote (another model's "
+                          "weights, or someone else's array): give another file name, or delete it first")
+
+
+def model_files(src: Path) -> list[Path]:
+    """The files and folders of the model being embedded that --out must not touch: a run
+    folder's exported backbone, checkpoints and exports; for a file inside a run (a checkpoint,
+    the backbone), that run's too."""
+    run = src if src.is_dir() else None
+    if src.parent.name == CHECKPOINT_DIR:
+        run = src.parent.parent
+    elif src.name == BACKBONE_FILE:
+        run = src.parent
+    files = [] if src.is_dir() else [src]
+    if run is not None:
+        files += [run / BACKBONE_FILE, run / CHECKPOINT_DIR, run / "export"]
+    return files
+
+
+def is_earlier_embedding(path: Path, has_glsd_index: bool) -> bool:
+    """A .safetensors glsd embedding says so in its metadata; a .npy carries none, so its
+    glsd index beside it (same stem) vouches for it."""
+    if path.suffix != ".safetensors":
+        return has_glsd_index
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == "glsd-embeddings-v1"
+    except Exception:  # noqa: BLE001 - unreadable: not an embedding glsd wrote
+        return False
 
 
 def write_embeddings(result: EmbedResult, out: Path, meta: dict) -> list[Path]:
