@@ -7,13 +7,11 @@ checkpoint, a failed one is recorded and the others go on.
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import os
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Optional, Sequence
 
 import yaml
@@ -199,34 +197,24 @@ def threads_per_job(jobs: int) -> Optional[int]:
     return max(1, (cores or 1) // jobs)
 
 
-def _use_threads(threads: Optional[int]) -> None:
-    if threads is not None:
-        import torch
-        torch.set_num_threads(threads)
-
-
 def run_cells_in_parallel(config, overrides, cells, out, evals, device, jobs) -> list[dict]:
-    """The same cells, ``jobs`` at a time. Spawned (not forked) workers: CUDA cannot be
-    re-initialised in a forked child. Records keep the grid's order whatever finishes first."""
+    """The same cells, ``jobs`` at a time, each in its own process; a stop signal stops them
+    all (each training cell after its checkpoint) and starts no other. Records keep the grid's
+    order whatever finishes first."""
+    from glsd.utils.process_pool import run_stoppable
+
     records = [collected_record(out, cell, status="running") for cell in cells]
-    ctx = multiprocessing.get_context("spawn")
     threads = threads_per_job(jobs)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_use_threads,
-                             initargs=(threads,)) as pool:
-        futures = {pool.submit(run_cell, config, list(overrides), cell, out, evals, device): i
-                   for i, cell in enumerate(cells)}
-        print(f"[study] {len(cells)} cells, {jobs} at a time"
-              + (f", {threads} torch thread{'s' if threads > 1 else ''} each" if threads else ""),
-              flush=True)
-        try:
-            for future in as_completed(futures):
-                i = futures[future]
-                records[i] = future.result()
-                print(f"[study] {cells[i].name}: {cell_summary(records[i])}", flush=True)
-                write_outputs(out, records)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)  # unfinished cells resume next time
-            raise
+    print(f"[study] {len(cells)} cells, {jobs} at a time"
+          + (f", {threads} torch thread{'s' if threads > 1 else ''} each" if threads else ""), flush=True)
+
+    def finished(i: int, record: dict) -> None:
+        records[i] = record
+        print(f"[study] {cells[i].name}: {cell_summary(record)}", flush=True)
+        write_outputs(out, records)
+
+    run_stoppable(run_cell, [(config, list(overrides), cell, out, evals, device) for cell in cells],
+                  jobs, threads, finished)
     return records
 
 

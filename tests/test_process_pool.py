@@ -1,0 +1,61 @@
+"""run_stoppable: tasks a few at a time in spawned processes, stopped as one by a signal."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from glsd.errors import TrainingInterrupted
+from glsd.utils.process_pool import run_stoppable
+from pool_tasks import mark_then_sleep
+
+
+def test_every_task_runs_and_reports_its_result(tmp_path):
+    results = {}
+    run_stoppable(mark_then_sleep, [(str(tmp_path), i, 0.05) for i in range(4)], jobs=2, threads=1,
+                  on_result=results.__setitem__)
+    assert results == {0: 0, 1: 1, 2: 2, 3: 3}
+
+
+def signal_when_started(marks, count, signum):
+    while len(list(marks.iterdir())) < count:
+        time.sleep(0.05)
+    os.kill(os.getpid(), signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_parent_stops_the_running_tasks_and_starts_no_other(tmp_path, signum):
+    """The parent killed by a scheduler (SIGTERM) or Ctrl-C: its running tasks get SIGTERM and
+    end now, not after their 30 s; the 4 queued tasks never start."""
+    results = {}
+    started = time.monotonic()
+    threading.Thread(target=signal_when_started, args=(tmp_path, 2, signum), daemon=True).start()
+    with pytest.raises(TrainingInterrupted, match="rerun the same command to resume") as stop:
+        run_stoppable(mark_then_sleep, [(str(tmp_path), i, 30.0) for i in range(6)], jobs=2,
+                      threads=1, on_result=results.__setitem__)
+    assert stop.value.signal == signum
+    assert time.monotonic() - started < 25
+    assert results == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["started-0", "started-1"]
+    # the parent's own handlers are back
+    assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN
+
+
+def test_a_task_stopped_on_its_own_stops_the_others(tmp_path):
+    """One worker signalled (a scheduler preempting the job reaches every process, in any
+    order): the others are stopped too rather than left training for hours."""
+    import multiprocessing
+
+    def stop_one_worker():
+        while len(list(tmp_path.iterdir())) < 2:
+            time.sleep(0.05)
+        os.kill(multiprocessing.active_children()[0].pid, signal.SIGTERM)
+
+    started = time.monotonic()
+    threading.Thread(target=stop_one_worker, daemon=True).start()
+    with pytest.raises(TrainingInterrupted):
+        run_stoppable(mark_then_sleep, [(str(tmp_path), i, 30.0) for i in range(6)], jobs=2,
+                      threads=1, on_result=lambda i, r: None)
+    assert time.monotonic() - started < 25
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["started-0", "started-1"]
