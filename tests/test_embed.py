@@ -269,3 +269,15 @@ def test_the_index_names_a_file_whose_name_is_not_utf8(tmp_path):
     files = write_embeddings(result, tmp_path / "e.npy", {})
     index = files[-1].read_bytes()
     assert b"1,b\xff\xfename.jpg,," in index and b"0,a.jpg,0,cat" in index
+
+
+def test_a_size_the_model_cannot_take_is_one_line_before_any_image_is_read(backbone_file):
+    """eval.image_size under a conv net's strides (a pooling error inside the model) or off a
+    ViT's patch grid (timm's assertion) names the key instead of a traceback."""
+    from glsd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="the model cannot take 3 px images .*set eval.image_size"):
+        embed(backbone_file, "synthetic", None, overrides=["eval.image_size=3", "data.synthetic_num_images=4"],
+              device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="eval.image_size=30 is not a multiple of the patch size"):
+        load_config("cifar10-vit-tiny", ["eval.image_size=30"])

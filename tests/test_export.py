@@ -202,6 +202,19 @@ def test_glsd_export_command_rewrites_the_folder(vit_preset_run, tmp_path):
     assert (photos / "README.md").read_text() == "my notes" and not (photos / "config.json").exists()
 
 
+def test_an_export_never_replaces_another_runs_own_export(vit_preset_run, tiny_run):
+    """`glsd export RUN_A --out RUN_B/export/timm` would leave RUN_B's folder holding RUN_A's
+    model (and a later `glsd eval RUN_B/export/timm` scoring the wrong one)."""
+    from helpers_tiny import cli
+
+    _, other = tiny_run
+    theirs = other / "export" / "timm"
+    before = (theirs / "model.safetensors").read_bytes()
+    assert cli(["export", str(vit_preset_run), "--out", str(theirs)]) == 2
+    assert (theirs / "model.safetensors").read_bytes() == before
+    assert cli(["export", str(other)]) == 0  # its own run re-exports there
+
+
 def test_convnet_folder_says_how_to_load_it(tiny_run):
     import json
 

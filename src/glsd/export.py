@@ -29,7 +29,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -217,25 +217,39 @@ def export_run(path: Union[str, Path], out_dir: Union[str, Path, None] = None) -
     snapshot = snapshot_name(info.get("checkpoint"))
     default = Path(info["run_dir"]) / (EXPORT_DIR.parent / snapshot if snapshot else EXPORT_DIR)
     out = Path(out_dir) if out_dir is not None else default
-    check_export_target(out)
+    check_export_target(out, Path(info["run_dir"]))
     return write_timm_export(out, backbone.model, cfg)
 
 
-def check_export_target(out: Path) -> None:
-    """An export replaces an earlier export; it never writes its config.json and README.md
-    among someone's other files, and it finds out that it cannot write there before it writes
-    any file of the export."""
+def check_export_target(out: Path, run_dir: Optional[Path] = None) -> None:
+    """An export replaces an earlier export of the same run; it never writes its config.json
+    and README.md among someone's other files, nor over another run's own export (a folder
+    inside that run), and it finds out that it cannot write there before it writes any file."""
     if out.is_file():
         raise ConfigError(f"{out} is a file; give a folder for the export")
     if out.is_dir() and any(out.iterdir()):
         try:
-            earlier = json.loads((out / "config.json").read_text()).get("glsd", {}).get("format")
+            earlier = json.loads((out / "config.json").read_text()).get("glsd", {})
         except (OSError, ValueError, AttributeError):
-            earlier = None
-        if earlier is None:
+            earlier = {}
+        if not isinstance(earlier, dict) or earlier.get("format") is None:
             raise ConfigError(f"{out} is not empty and holds no glsd export; give a new or empty "
                               "folder to --out (an earlier export there is replaced)")
+        owner = _export_owner(out, earlier)
+        if owner is not None and run_dir is not None and owner != run_dir.resolve():
+            raise ConfigError(f"{out} is the export of another run ({owner}); give another --out, "
+                              "or delete that folder first")
     check_writable(out, "the export")
+
+
+def _export_owner(out: Path, earlier: dict) -> Optional[Path]:
+    """The run whose folder holds the export ``out`` (its recorded output_dir, when ``out``
+    lies inside it), else None: an export elsewhere belongs to no run."""
+    recorded = (earlier.get("config") or {}).get("output_dir") if isinstance(earlier.get("config"), dict) else None
+    if not isinstance(recorded, str):
+        return None
+    owner = Path(recorded).expanduser().resolve()
+    return owner if owner in out.resolve().parents else None
 
 
 def write_run_exports(run_dir: Union[str, Path], model: torch.nn.Module, cfg) -> Path:

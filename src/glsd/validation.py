@@ -258,11 +258,14 @@ def check_config(cfg) -> None:
     _check_view_recipe(c)
     patch = (m.patch_size if is_vit(m.backbone) else None) or patch_from_name(m.backbone)
     if patch is not None:
-        for name, size in (("global_size", c.global_size), ("local_size", c.local_size)):
+        sizes = [("crops.global_size", c.global_size), ("crops.local_size", c.local_size)]
+        if cfg.eval.image_size is not None:
+            sizes.append(("eval.image_size", cfg.eval.image_size))
+        for name, size in sizes:
             if size % patch:
                 lower = size // patch * patch
                 nearest = f"{lower} or {lower + patch}" if lower else f"{patch}"
-                raise ConfigError(f"crops.{name}={size} is not a multiple of the patch size "
+                raise ConfigError(f"{name}={size} is not a multiple of the patch size "
                                   f"(model.patch_size={patch}, {m.backbone}): nearest valid sizes "
                                   f"{nearest}; or another model.patch_size")
     local = l.matching != "none"

@@ -217,6 +217,7 @@ def iter_features(backbone: Backbone, source: ImageSource, cfg: Config, device: 
     was_training = backbone.training
     backbone.eval()
     try:
+        check_input_size(backbone, cfg.eval.image_size or cfg.crops.global_size, device, feature)
         for batch in loader:
             if bar is not None:
                 bar.update(len(batch.indices) + len(batch.bad))
@@ -230,6 +231,21 @@ def iter_features(backbone: Backbone, source: ImageSource, cfg: Config, device: 
         backbone.train(was_training)
         if bar is not None:
             bar.close()
+
+
+@torch.no_grad()
+def check_input_size(backbone: Backbone, size: int, device: torch.device, feature: str) -> None:
+    """One blank image of the evaluation size through the backbone before any image is read:
+    a size the model cannot take (a ViT's size not a multiple of its patch, a size under a conv
+    net's strides) is one line naming the key, not a traceback from inside the model."""
+    try:
+        embed(backbone, torch.zeros(1, 3, size, size, device=device), feature, False)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        if "out of memory" in str(e).lower():
+            raise
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"the model cannot take {size} px images ({detail}); set eval.image_size "
+                          f"to a size it trained on (crops.global_size is one)") from None
 
 
 @torch.no_grad()
