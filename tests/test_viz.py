@@ -72,6 +72,12 @@ def test_show_matches_needs_a_backbone(image_path, tmp_path, capsys):
             *RANDOM_CONVNET]
     assert cli(argv) == 2
     assert "cannot read image" in capsys.readouterr().err
+    # crops the training refuses (off the conv net's stride 4) are refused here too
+    argv = ["show-matches", "--image", str(image_path), "--out", str(tmp_path / "m.png"),
+            *RANDOM_CONVNET, "crops.local_size=18"]
+    assert cli(argv) == 2
+    assert "crops.local_size=18 is not a multiple of" in capsys.readouterr().err
+    assert not (tmp_path / "m.png").exists()
 
 
 def test_show_features_vit_and_convnet(vit_run, image_path, tmp_path):
@@ -110,6 +116,17 @@ def test_plot_runs_overlaid(vit_run, tmp_path):
 def test_plot_rejects_a_folder_without_metrics(tmp_path, capsys):
     assert cli(["plot", str(tmp_path), "--out", str(tmp_path / "p.png")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+    assert cli(["plot", str(tmp_path / "typo"), "--out", str(tmp_path / "p.png")]) == 2
+    assert "typo does not exist: give a run folder" in capsys.readouterr().err
+
+
+def test_plot_takes_a_runs_metrics_file_and_labels_the_current_folder(monkeypatch, tmp_path):
+    run = tmp_path / "run-a"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "epoch": 1, "loss": 2.0}\n')
+    assert viz.read_run(run / "metrics.jsonl")[0] == viz.read_run(run)[0]
+    monkeypatch.chdir(run)
+    assert viz.run_label(".", {}).startswith("run-a: ")
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch, vit_run, tmp_path, capsys):

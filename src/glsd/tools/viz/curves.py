@@ -18,7 +18,11 @@ def read_run(run_dir: PathLike) -> tuple[list[dict], dict]:
     """(metrics records, config dict) of a run folder; a torn last line (a run still
     writing) is skipped."""
     run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.name == "metrics.jsonl":  # the run's log named itself
+        run_dir = run_dir.parent
     metrics, cfg_path = run_dir / "metrics.jsonl", run_dir / "config.yaml"
+    if not run_dir.exists():
+        raise VizError(f"{run_dir} does not exist: give a run folder (the output_dir of a glsd pretrain)")
     if not metrics.is_file():
         raise VizError(f"{run_dir} has no metrics.jsonl: is it a glsd run folder that has logged a step?")
     records = read_metrics_records(metrics)
@@ -33,7 +37,7 @@ def run_label(run_dir: PathLike, raw: dict) -> str:
         amount = f"{data['num_images']} images"
     else:
         amount = f"{100 * float(data.get('fraction', 1.0)):g}% of data"
-    return f"{Path(run_dir).name}: {loss.get('matching', '?')}, {amount}"
+    return f"{Path(run_dir).resolve().name}: {loss.get('matching', '?')}, {amount}"
 
 
 X_AXES = ("step", "epoch")

@@ -179,7 +179,10 @@ def show_matches(image: PathLike, out: PathLike, run_dir: Optional[PathLike] = N
         seed: draws the two crops. student_view: "local" (default when the config has local
             crops) or "global" (a second global crop).
     """
+    from glsd.train.preflight import check_grids
+
     backbone, cfg, label = picture_backbone(run_dir, config, overrides, random_init)
+    check_grids(cfg)  # crops the training would refuse (off its stride: cell centres misplaced)
     img = read_image(image)
     student_view = student_view or ("local" if cfg.crops.num_local > 0 else "global")
     views = sample_views(cfg, img, seed, student_view)
