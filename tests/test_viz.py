@@ -72,6 +72,10 @@ def test_show_matches_needs_a_backbone(image_path, tmp_path, capsys):
             *RANDOM_CONVNET]
     assert cli(argv) == 2
     assert "cannot read image" in capsys.readouterr().err
+    # a run folder and --config: which backbone was meant is not clear; the run's was drawn
+    assert cli(["show-matches", "--image", str(image_path), "--out", str(tmp_path / "m.png"),
+                str(tmp_path), "--config", "cifar10-lowdata-cpu"]) == 2
+    assert "not both" in capsys.readouterr().err
     # crops the training refuses (off the conv net's stride 4) are refused here too
     argv = ["show-matches", "--image", str(image_path), "--out", str(tmp_path / "m.png"),
             *RANDOM_CONVNET, "crops.local_size=18"]

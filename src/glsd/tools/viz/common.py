@@ -85,6 +85,9 @@ def picture_backbone(run_dir: Optional[PathLike], config: Optional[str], overrid
     architecture); without one, ``config`` (a preset or YAML path) gives a random backbone
     seeded by ``train.seed``.
     """
+    if run_dir is not None and config:
+        raise VizError(f"give a run folder ({run_dir}) or --config {config}, not both: the run's own "
+                       "config builds its backbone (change its crops with key=value overrides)")
     if run_dir is not None:
         backbone, cfg, info = load_backbone(run_dir, "teacher", random_init=random_init, overrides=overrides)
         step = f", step {info['step']}" if info.get("step") is not None else ""
