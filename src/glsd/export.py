@@ -147,7 +147,7 @@ def write_timm_export(out_dir: Union[str, Path], model: torch.nn.Module, cfg) ->
     for name, payload in (("model.safetensors", weights), ("config.json", text)):
         atomic_write(out_dir / name, lambda f, p=payload: f.write(p))
         os.chmod(out_dir / name, FILE_MODE)
-    (out_dir / "README.md").write_text(_folder_readme(config, out_dir, declared_layout(model)))
+    (out_dir / "README.md").write_text(_folder_readme(config, out_dir.resolve(), declared_layout(model)))
     os.chmod(out_dir / "README.md", FILE_MODE)
     return out_dir
 
