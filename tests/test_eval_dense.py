@@ -147,3 +147,13 @@ def test_unreadable_image_is_skipped_or_a_data_error():
     fail = load_config(None, ["crops.global_size=16", "data.on_error=fail"])
     with pytest.raises(DataError, match="bad.jpg.*data.on_error=skip"):
         _read_pairs(source, [0, 1, 2], fail)
+
+
+def test_dense_refuses_an_evaluation_size_it_would_not_use(tmp_path):
+    """Dense compares crops of crops.global_size: an eval.image_size override would be filed
+    and recorded as a setting it never used."""
+    from glsd.config import ConfigError
+    from glsd.eval.runner import run_eval
+
+    with pytest.raises(ConfigError, match="eval.image_size does not apply to it: give crops.global_size"):
+        run_eval("dense", tmp_path, overrides=["eval.image_size=30"], device="cpu")

@@ -95,6 +95,11 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     if kind == "dense" and train_data is not None:  # it would be filed under X, computed on the run's data
         raise ConfigError("dense correspondence reads only test images (it is label-free, "
                           f"nothing is trained): give the set as --test-data {train_data}")
+    if kind == "dense" and any(o.startswith("eval.image_size=") for o in overrides):
+        # it would be filed and recorded under a size it never used
+        raise ConfigError("dense correspondence compares two crops of crops.global_size px (the "
+                          "views' size in training); eval.image_size does not apply to it: give "
+                          "crops.global_size=S instead")
     start = time.perf_counter()
     path = Path(path)
     run_overrides = [o for o in overrides if not (o.startswith("data.") and (train_data or test_data))]
