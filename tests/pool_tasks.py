@@ -10,3 +10,13 @@ def mark_then_sleep(marks: str, i: int, seconds: float) -> int:
     while time.monotonic() < deadline:
         time.sleep(0.02)
     return i
+
+
+def fail_first(marks: str, i: int, seconds: float) -> int:
+    """Task 0 fails once task 1 has started; the others sleep."""
+    Path(marks, f"started-{i}").touch()
+    if i == 0:
+        while not Path(marks, "started-1").exists():
+            time.sleep(0.02)
+        raise ValueError("a cell's own error")
+    return mark_then_sleep(marks, i, seconds)

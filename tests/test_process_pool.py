@@ -50,7 +50,8 @@ def test_a_task_stopped_on_its_own_stops_the_others(tmp_path):
     def stop_one_worker():
         while len(list(tmp_path.iterdir())) < 2:
             time.sleep(0.05)
-        os.kill(multiprocessing.active_children()[0].pid, signal.SIGTERM)
+        workers = [c for c in multiprocessing.active_children() if c.name.startswith("SpawnProcess")]
+        os.kill(workers[0].pid, signal.SIGTERM)
 
     started = time.monotonic()
     threading.Thread(target=stop_one_worker, daemon=True).start()
@@ -59,3 +60,36 @@ def test_a_task_stopped_on_its_own_stops_the_others(tmp_path):
                       threads=1, on_result=lambda i, r: None)
     assert time.monotonic() - started < 25
     assert sorted(p.name for p in tmp_path.iterdir()) == ["started-0", "started-1"]
+
+
+def test_a_task_error_stops_the_others_before_it_is_raised(tmp_path):
+    """A cell's error outside its own try (a lock it cannot take, a full disk) must not leave
+    the parent waiting hours for the other cells, its signal handlers already gone."""
+    from pool_tasks import fail_first
+
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="a cell's own error"):
+        run_stoppable(fail_first, [(str(tmp_path), i, 30.0) for i in range(4)], jobs=2, threads=1,
+                      on_result=lambda i, r: None)
+    assert time.monotonic() - started < 25
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["started-0", "started-1"]
+
+
+def test_a_stop_during_the_hand_over_is_not_lost(monkeypatch):
+    """A signal that came while the worker still ignored it (the task being handed over) is
+    read from the pool's flag: the task does not start."""
+    from glsd.utils import process_pool
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    flag = threading.Event()
+    flag.set()
+    try:
+        process_pool._worker_start(None, flag)
+        ran = []
+        with pytest.raises(TrainingInterrupted):
+            process_pool._run_task(ran.append, 1)
+        assert ran == []
+    finally:
+        monkeypatch.setattr(process_pool, "_stop_flag", None)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

@@ -129,6 +129,7 @@ def test_plot_takes_a_runs_metrics_file_and_labels_the_current_folder(monkeypatc
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "epoch": 1, "loss": 2.0}\n')
     assert viz.read_run(run / "metrics.jsonl")[0] == viz.read_run(run)[0]
+    assert viz.run_label(run / "metrics.jsonl", {}).startswith("run-a: ")
     monkeypatch.chdir(run)
     assert viz.run_label(".", {}).startswith("run-a: ")
 

@@ -148,8 +148,11 @@ def check_outputs(out: Path, source: Union[str, Path]) -> None:
                               f"{header[:60]!r}); the index of --out {out.name} would replace it: "
                               "give --out another name")
     if out.exists() and not is_earlier_embedding(out, header == INDEX_HEADER):
-        raise ConfigError(f"--out {out} exists and is not an embedding glsd wrote (another model's "
-                          "weights, or someone else's array): give another file name, or delete it first")
+        why = (f"an array glsd wrote has its index {index.name} beside it, and there is none"
+               if out.suffix != ".safetensors"
+               else "its metadata does not say so: another model's weights, or someone else's file")
+        raise ConfigError(f"--out {out} exists and is not an embedding glsd wrote ({why}): give "
+                          "another file name, or delete it first")
 
 
 def model_files(src: Path) -> list[Path]:

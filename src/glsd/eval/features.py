@@ -26,6 +26,7 @@ from torchvision.transforms import InterpolationMode
 
 from glsd.config import Config, ConfigError, apply_overrides
 from glsd.data.sources import ImageSource
+from glsd.errors import is_out_of_memory
 from glsd.data.workers import leave_stop_signals_to_the_trainer, stop_workers_at_exit
 from glsd.models.backbone import Backbone, build_backbone, last_stage
 from glsd.utils.distributed import all_gather_cat, rank_world
@@ -241,7 +242,7 @@ def check_input_size(backbone: Backbone, size: int, device: torch.device, featur
     try:
         embed(backbone, torch.zeros(1, 3, size, size, device=device), feature, False)
     except (RuntimeError, AssertionError, ValueError) as e:
-        if "out of memory" in str(e).lower():
+        if is_out_of_memory(e):
             raise
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise ConfigError(f"the model cannot take {size} px images ({detail}); set eval.image_size "

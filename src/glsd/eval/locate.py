@@ -81,7 +81,7 @@ def _locate_run(run_dir: Path):
             return _from_safetensors(st_path)
         raise ConfigError(f"no weights for the {which} in {run_dir}: {LAST_CHECKPOINT} is missing"
                           + ("" if which == "student" else f" and so is {BACKBONE_FILE}")
-                          + "; has training saved a checkpoint yet? (--random-init needs none)")
+                          + "; has training saved a checkpoint yet? (a random-init evaluation, --random-init, needs none)")
 
     return raw, weights, {"path": str(run_dir), "run_dir": str(run_dir)}
 

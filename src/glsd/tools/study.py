@@ -25,6 +25,7 @@ from glsd.train import lock
 from glsd.train.checkpoint import read_json_record
 from glsd.tools.study_records import cell_record, collected_record, write_outputs
 from glsd.utils.io import atomic_write_json, exclusive
+from glsd.utils.process_pool import raise_if_stopped
 
 
 @dataclass
@@ -252,6 +253,7 @@ def _run_locked_cell(cfg: Config, cell: Cell, out: Path, evals: list[str], devic
     try:
         cfg = with_step_budget(cfg)
         pretrain(cfg)
+        raise_if_stopped()  # a stop during the run's last step or export ends the cell here
         results = {kind: run_eval(kind, run_dir, device=device) for kind in evals}
         results["knn_random_init"] = knn_floor(cfg, run_dir, out / f"floor-f{cell.fraction:g}-s{cell.seed}.json", device)
         for kind in ("dense", "seg"):  # the dense evaluations' floors too, when they ran

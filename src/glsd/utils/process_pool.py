@@ -2,10 +2,10 @@
 
 A signal to the parent (Ctrl-C, a scheduler's SIGTERM, ``kill`` of its pid) reaches every
 running task as SIGTERM, which a training run answers by finishing its step and writing a
-checkpoint; no new task starts after it, and none waits in a queue behind it (tasks are
-handed out one at a time, as workers free up). Without this, the parent dying left its
-workers training their cells for hours, and a worker whose cell was interrupted took the
-next queued cell.
+checkpoint; a second one is sent on as SIGINT, which stops a run at once. No new task starts
+after a stop, and none waits in a queue behind it (tasks are handed out one at a time, as
+workers free up). Without this, the parent dying left its workers training their cells for
+hours, and a worker whose cell was interrupted took the next queued cell.
 """
 from __future__ import annotations
 
@@ -19,15 +19,20 @@ from typing import Callable, Optional, Sequence
 from glsd.errors import TrainingInterrupted
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_stop_flag = None  # in a worker: the pool's stop event, set by the parent before it signals
 
 
 def _stop_here(signum, frame):
+    for sig in _STOP_SIGNALS:  # raise once: a second signal would cut the first one's clean-up
+        signal.signal(sig, signal.SIG_IGN)
     raise TrainingInterrupted(f"stopped by signal {signum} ({signal.Signals(signum).name})", signum)
 
 
-def _worker_start(threads: Optional[int]) -> None:
+def _worker_start(threads: Optional[int], stop_flag) -> None:
     """A worker's set-up: its share of the cores; stop signals ignored while it waits for a
     task (a worker that died of one would break the pool, and the tasks of the others with it)."""
+    global _stop_flag
+    _stop_flag = stop_flag
     if threads is not None:
         import torch
         torch.set_num_threads(threads)
@@ -35,12 +40,23 @@ def _worker_start(threads: Optional[int]) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def raise_if_stopped() -> None:
+    """In a task: stop here if the pool was told to stop (a signal the task's own handler took,
+    e.g. training's, which ends the run normally when it comes after the last step). Outside
+    a pool: nothing."""
+    if _stop_flag is not None and _stop_flag.is_set():
+        raise TrainingInterrupted("stopped: the parent process was told to stop", signal.SIGTERM)
+
+
 def _run_task(task: Callable, *args):
     """The task, with a stop signal that ends it outside training too (an evaluation, a
-    floor); training installs its own handler meanwhile (finish the step, checkpoint, stop)."""
+    floor); training installs its own handler meanwhile (finish the step, checkpoint, stop).
+    A stop that came while the task was being handed over (signals ignored) is read from the
+    pool's flag once the handler is in place."""
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _stop_here)
     try:
+        raise_if_stopped()
         return task(*args)
     finally:
         for sig in _STOP_SIGNALS:
@@ -48,15 +64,19 @@ def _run_task(task: Callable, *args):
 
 
 class _StopForwarder:
-    """In the parent: SIGINT / SIGTERM are recorded and sent on to every worker as SIGTERM
-    (never SIGINT: a worker that got Ctrl-C from the terminal too would read a second SIGINT as
-    "stop at once", without its checkpoint)."""
+    """In the parent: SIGINT / SIGTERM are recorded and sent on to the pool's workers, the
+    first as SIGTERM (never SIGINT: a worker that got Ctrl-C from the terminal too would read a
+    second SIGINT as "stop at once", without its checkpoint), a later one as SIGINT (stop at
+    once, as a second Ctrl-C does)."""
 
-    def __init__(self):
+    def __init__(self, stop_flag):
         self.signal: Optional[int] = None
+        self.stop_flag = stop_flag
         self._previous = {}
+        self._others = set()
 
     def __enter__(self):
+        self._others = {p.pid for p in multiprocessing.active_children()}  # not the pool's
         for sig in _STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -65,16 +85,18 @@ class _StopForwarder:
         return self
 
     def _handle(self, signum, frame):
+        again = self.signal is not None
         self.signal = self.signal or signum
-        self.stop_workers()
+        self.stop_workers(signal.SIGINT if again else signal.SIGTERM)
 
-    @staticmethod
-    def stop_workers() -> None:
+    def stop_workers(self, signum: int = signal.SIGTERM) -> None:
+        self.stop_flag.set()
         for child in multiprocessing.active_children():
-            try:
-                os.kill(child.pid, signal.SIGTERM)
-            except (OSError, TypeError):  # gone already, or not started
-                pass
+            if child.pid not in self._others:
+                try:
+                    os.kill(child.pid, signum)
+                except (OSError, TypeError):  # gone already, or not started
+                    pass
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -89,14 +111,18 @@ def run_stoppable(task: Callable, calls: Sequence[tuple], jobs: int, threads: Op
 
     Raises TrainingInterrupted once the running tasks have stopped, when the parent got a
     stop signal or a task was interrupted (then the others are stopped too: a scheduler that
-    stopped one stopped the job). Any other exception of a task is raised as it comes.
+    stopped one stopped the job). Any other exception of a task stops the others and is raised
+    once they have stopped.
     """
+    ctx = multiprocessing.get_context("spawn")
+    stop_flag = ctx.Event()
     queue = list(enumerate(calls))
     running: dict = {}
     interrupted: Optional[TrainingInterrupted] = None
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_start,
-                             initargs=(threads,)) as pool, _StopForwarder() as stop:
+    # The forwarder outlives the pool: a signal while the pool shuts down still reaches it.
+    with _StopForwarder(stop_flag) as stop, ProcessPoolExecutor(
+            max_workers=jobs, mp_context=ctx, initializer=_worker_start,
+            initargs=(threads, stop_flag)) as pool:
         try:
             while queue or running:
                 while queue and len(running) < jobs and stop.signal is None and interrupted is None:
@@ -104,13 +130,13 @@ def run_stoppable(task: Callable, calls: Sequence[tuple], jobs: int, threads: Op
                     running[pool.submit(_run_task, task, *args)] = i
                 if not running:
                     break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
                 for future in done:
                     i = running.pop(future)
                     try:
                         result = future.result()
                     except BrokenProcessPool:
-                        if stop.signal is None:
+                        if stop.signal is None and interrupted is None:
                             raise
                         continue  # a worker still starting when the stop came died of it
                     except TrainingInterrupted as e:
@@ -120,7 +146,8 @@ def run_stoppable(task: Callable, calls: Sequence[tuple], jobs: int, threads: Op
                         continue
                     on_result(i, result)
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            stop.stop_workers()
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
     if stop.signal is not None or interrupted is not None:
         signum = stop.signal or interrupted.signal

@@ -37,7 +37,10 @@ def run_label(run_dir: PathLike, raw: dict) -> str:
         amount = f"{data['num_images']} images"
     else:
         amount = f"{100 * float(data.get('fraction', 1.0)):g}% of data"
-    return f"{Path(run_dir).resolve().name}: {loss.get('matching', '?')}, {amount}"
+    run_dir = Path(run_dir).resolve()
+    if run_dir.name == "metrics.jsonl":  # the run named by its log
+        run_dir = run_dir.parent
+    return f"{run_dir.name}: {loss.get('matching', '?')}, {amount}"
 
 
 X_AXES = ("step", "epoch")
