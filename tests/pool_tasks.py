@@ -20,3 +20,23 @@ def fail_first(marks: str, i: int, seconds: float) -> int:
             time.sleep(0.02)
         raise ValueError("a cell's own error")
     return mark_then_sleep(marks, i, seconds)
+
+
+class _Cycle:
+    pass
+
+
+def loader_in_a_cycle(i: int) -> int:
+    """A DataLoader with a worker, reachable only through a reference cycle at the task's end
+    (collected late): the worker process must not outlive the pool's shutdown."""
+    from torch.utils.data import DataLoader
+
+    from glsd.data.workers import leave_stop_signals_to_the_trainer, stop_workers_at_exit
+
+    stop_workers_at_exit()
+    holder = _Cycle()
+    holder.me = holder
+    holder.loader = DataLoader(list(range(8)), batch_size=2, num_workers=1, persistent_workers=True,
+                               worker_init_fn=leave_stop_signals_to_the_trainer)
+    next(iter(holder.loader))
+    return i

@@ -93,3 +93,22 @@ def test_a_stop_during_the_hand_over_is_not_lost(monkeypatch):
         monkeypatch.setattr(process_pool, "_stop_flag", None)
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_a_task_that_leaves_a_loader_worker_behind_does_not_hang_the_pool(tmp_path):
+    """A pool worker runs no atexit hook; multiprocessing terminates and joins its children
+    instead, and a loader worker ignores that first SIGTERM: the join waited forever."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+              "from glsd.utils.process_pool import run_stoppable\n"
+              "from pool_tasks import loader_in_a_cycle\n"
+              "if __name__ == '__main__':\n"
+              "    run_stoppable(loader_in_a_cycle, [(0,)], 1, 1, lambda i, r: print('result', r))\n")
+    (tmp_path / "run.py").write_text(script)
+    done = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "result 0" in done.stdout

@@ -32,6 +32,10 @@ def stop_workers_at_exit() -> None:
     global _exit_hook_registered
     if not _exit_hook_registered:
         atexit.register(_kill_loader_workers)
+        # A multiprocessing child (a `glsd study --jobs` cell) runs no atexit hook: it runs
+        # these finalizers, then terminates and joins its daemonic children. A loader worker
+        # ignores that first SIGTERM, so the join would wait for it forever.
+        multiprocessing.util.Finalize(None, _kill_loader_workers, exitpriority=10)
         _exit_hook_registered = True
 
 
