@@ -526,3 +526,26 @@ def test_a_file_system_without_locks_computes_unlocked(tmp_path, monkeypatch):
     with exclusive(tmp_path / ".floor.lock"):
         ran.append(True)
     assert ran == [True]
+
+
+def test_a_stop_while_the_run_is_written_stops_the_study_before_its_evaluations(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM during the export after the last step: the run completes (a signal
+    waits for the export), but the study must stop there, not evaluate and go on."""
+    import os
+    import signal as signal_mod
+
+    from glsd.train import pretrain as pretrain_mod
+
+    finish = pretrain_mod._finish_run
+
+    def finish_then_signalled(ctx, state):
+        finish(ctx, state)
+        os.kill(os.getpid(), signal_mod.SIGTERM)  # taken by the run's handler: no stop at once
+
+    monkeypatch.setattr(pretrain_mod, "_finish_run", finish_then_signalled)
+    with pytest.raises(pretrain_mod.TrainingInterrupted, match="its run is complete"):
+        run_study(None, tmp_path / "s", TINY, fractions=[1.0], matchings=["none"], seeds=[0],
+                  evals=["knn"], device="cpu")
+    cell = tmp_path / "s" / "f1-none-s0"
+    assert (cell / "backbone.safetensors").exists()  # trained and written
+    assert not (cell / "cell.json").exists() and not (cell / "eval").exists()

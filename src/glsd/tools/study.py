@@ -26,6 +26,7 @@ from glsd.train.checkpoint import read_json_record
 from glsd.tools.study_records import cell_record, collected_record, write_outputs
 from glsd.utils.io import atomic_write_json, exclusive
 from glsd.utils.process_pool import raise_if_stopped
+from glsd.train.signals import take_late_stop
 
 
 @dataclass
@@ -252,8 +253,13 @@ def _run_locked_cell(cfg: Config, cell: Cell, out: Path, evals: list[str], devic
     start = time.time()
     try:
         cfg = with_step_budget(cfg)
+        take_late_stop()  # one left by an earlier run of this process is not this cell's
         pretrain(cfg)
-        raise_if_stopped()  # a stop during the run's last step or export ends the cell here
+        late = take_late_stop()  # a stop while the run was being written: it is complete
+        if late is not None:
+            raise TrainingInterrupted(f"stopped by signal {late} after training {cell.name} (its "
+                                      "run is complete); rerun the study to evaluate it", late)
+        raise_if_stopped()  # the parent of --jobs was told to stop meanwhile
         results = {kind: run_eval(kind, run_dir, device=device) for kind in evals}
         results["knn_random_init"] = knn_floor(cfg, run_dir, out / f"floor-f{cell.fraction:g}-s{cell.seed}.json", device)
         for kind in ("dense", "seg"):  # the dense evaluations' floors too, when they ran

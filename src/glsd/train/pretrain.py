@@ -46,7 +46,7 @@ from glsd.train.rng import seed_everything
 from glsd.train.saving import (checkpoint, end_of_epoch, export_teacher, log_step, nonfinite_told,
                                restore_kept_copy)
 from glsd.train.schedules import Schedules
-from glsd.train.signals import StopRequested
+from glsd.train.signals import StopRequested, note_late_stop
 from glsd.utils.device import device_type, resolve_device
 
 
@@ -89,6 +89,8 @@ def _pretrain(cfg: Config, device: torch.device, dinfo: DistInfo, run: RunFolder
             finished = train_loop(ctx, state, stop)
             if finished:  # a signal now waits for the export (seconds): the run is trained
                 _finish_run(ctx, state)
+                if stop.signal is not None:
+                    note_late_stop(stop.signal)
     except RuntimeError as e:  # torch's SIGCHLD handler raises it wherever the loop was
         if not is_worker_death(e):
             raise

@@ -10,6 +10,23 @@ from typing import Optional
 from glsd.errors import TrainingInterrupted
 
 
+_late_stop: Optional[int] = None  # a signal that came while a finished run was being written
+
+
+def take_late_stop() -> Optional[int]:
+    """The stop signal that came after a run's last step, while it was finishing (checkpoint,
+    export): the run is complete, but whoever runs more after it (a study's evaluations, its
+    next cell) should stop. Cleared on reading."""
+    global _late_stop
+    signum, _late_stop = _late_stop, None
+    return signum
+
+
+def note_late_stop(signum: int) -> None:
+    global _late_stop
+    _late_stop = int(signum)
+
+
 # The same SIGINT again this soon is one request delivered twice (a key repeat), not a second one.
 REPEAT_WINDOW_S = 0.1  # a person pressing Ctrl-C twice is slower than this
 

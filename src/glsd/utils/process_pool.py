@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Optional, Sequence
@@ -28,6 +29,19 @@ def _stop_here(signum, frame):
     raise TrainingInterrupted(f"stopped by signal {signum} ({signal.Signals(signum).name})", signum)
 
 
+def _while_idle(signum, frame):
+    """A worker between tasks holds nothing: once the pool is stopping, SIGTERM ends it (a
+    broken pool on Python 3.12+ waits for every worker to exit, sending no sentinel); before,
+    stop signals are ignored (a worker that died of one would break the pool)."""
+    if signum == signal.SIGTERM and _stop_flag is not None and _stop_flag.is_set():
+        os._exit(0)
+
+
+def _idle() -> None:
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _while_idle)
+
+
 def _worker_start(threads: Optional[int], stop_flag) -> None:
     """A worker's set-up: its share of the cores; stop signals ignored while it waits for a
     task (a worker that died of one would break the pool, and the tasks of the others with it)."""
@@ -36,8 +50,7 @@ def _worker_start(threads: Optional[int], stop_flag) -> None:
     if threads is not None:
         import torch
         torch.set_num_threads(threads)
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    _idle()
 
 
 def raise_if_stopped() -> None:
@@ -59,8 +72,7 @@ def _run_task(task: Callable, *args):
         raise_if_stopped()
         return task(*args)
     finally:
-        for sig in _STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
+        _idle()
 
 
 class _StopForwarder:
@@ -91,12 +103,21 @@ class _StopForwarder:
 
     def stop_workers(self, signum: int = signal.SIGTERM) -> None:
         self.stop_flag.set()
-        for child in multiprocessing.active_children():
-            if child.pid not in self._others:
-                try:
-                    os.kill(child.pid, signum)
-                except (OSError, TypeError):  # gone already, or not started
-                    pass
+        for child in self.workers():
+            try:
+                os.kill(child.pid, signum)
+            except (OSError, TypeError):  # gone already, or not started
+                pass
+
+    def workers(self) -> list:
+        return [c for c in multiprocessing.active_children() if c.pid not in self._others]
+
+    def stop_until_gone(self) -> None:
+        """SIGTERM every second until no worker is left: a task that was running stops (a
+        training run after its checkpoint; SIGTERM never stops one at once), then, idle, exits."""
+        while self.workers():
+            self.stop_workers()
+            time.sleep(1.0)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -138,7 +159,8 @@ def run_stoppable(task: Callable, calls: Sequence[tuple], jobs: int, threads: Op
                     except BrokenProcessPool:
                         if stop.signal is None and interrupted is None:
                             raise
-                        continue  # a worker still starting when the stop came died of it
+                        stop.stop_until_gone()  # a worker still starting when the stop came died of it
+                        continue
                     except TrainingInterrupted as e:
                         if interrupted is None and stop.signal is None:
                             stop.stop_workers()  # the others stop with it
@@ -146,7 +168,7 @@ def run_stoppable(task: Callable, calls: Sequence[tuple], jobs: int, threads: Op
                         continue
                     on_result(i, result)
         except BaseException:
-            stop.stop_workers()
+            stop.stop_until_gone()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     if stop.signal is not None or interrupted is not None:
