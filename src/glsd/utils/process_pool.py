@@ -12,7 +12,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Optional, Sequence
@@ -29,17 +28,12 @@ def _stop_here(signum, frame):
     raise TrainingInterrupted(f"stopped by signal {signum} ({signal.Signals(signum).name})", signum)
 
 
-def _while_idle(signum, frame):
-    """A worker between tasks holds nothing: once the pool is stopping, SIGTERM ends it (a
-    broken pool on Python 3.12+ waits for every worker to exit, sending no sentinel); before,
-    stop signals are ignored (a worker that died of one would break the pool)."""
-    if signum == signal.SIGTERM and _stop_flag is not None and _stop_flag.is_set():
-        os._exit(0)
-
-
 def _idle() -> None:
+    """Between tasks a worker ignores stop signals: one that died of one would break the pool,
+    and one that exited at once could do so holding the task queue's lock, leaving every other
+    worker blocked on it. The parent ends idle workers with the pool's shutdown."""
     for sig in _STOP_SIGNALS:
-        signal.signal(sig, _while_idle)
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _worker_start(threads: Optional[int], stop_flag) -> None:
@@ -112,13 +106,6 @@ class _StopForwarder:
     def workers(self) -> list:
         return [c for c in multiprocessing.active_children() if c.pid not in self._others]
 
-    def stop_until_gone(self) -> None:
-        """SIGTERM every second until no worker is left: a task that was running stops (a
-        training run after its checkpoint; SIGTERM never stops one at once), then, idle, exits."""
-        while self.workers():
-            self.stop_workers()
-            time.sleep(1.0)
-
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -159,8 +146,7 @@ def run_stoppable(task: Callable, calls: Sequence[tuple], jobs: int, threads: Op
                     except BrokenProcessPool:
                         if stop.signal is None and interrupted is None:
                             raise
-                        stop.stop_until_gone()  # a worker still starting when the stop came died of it
-                        continue
+                        continue  # a worker still starting when the stop came died of it
                     except TrainingInterrupted as e:
                         if interrupted is None and stop.signal is None:
                             stop.stop_workers()  # the others stop with it
@@ -168,7 +154,7 @@ def run_stoppable(task: Callable, calls: Sequence[tuple], jobs: int, threads: Op
                         continue
                     on_result(i, result)
         except BaseException:
-            stop.stop_until_gone()
+            stop.stop_workers()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     if stop.signal is not None or interrupted is not None:
