@@ -8,6 +8,7 @@ import time
 from typing import Optional
 
 from glsd.errors import TrainingInterrupted
+from glsd.utils import signal_handlers
 
 
 _late_stop: Optional[int] = None  # a signal that came while a finished run was being written
@@ -52,11 +53,7 @@ class StopRequested:
         self.under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
+        self._previous = signal_handlers.install((signal.SIGTERM, signal.SIGINT), self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -74,5 +71,4 @@ class StopRequested:
         return not (signum == self.signal and time.monotonic() - self._first_at < REPEAT_WINDOW_S)
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        signal_handlers.restore(self._previous)

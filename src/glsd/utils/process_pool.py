@@ -17,6 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Optional, Sequence
 
 from glsd.errors import TrainingInterrupted
+from glsd.utils import signal_handlers
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _stop_flag = None  # in a worker: the pool's stop event, set by the parent before it signals
@@ -83,11 +84,7 @@ class _StopForwarder:
 
     def __enter__(self):
         self._others = {p.pid for p in multiprocessing.active_children()}  # not the pool's
-        for sig in _STOP_SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
+        self._previous = signal_handlers.install(_STOP_SIGNALS, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -107,8 +104,7 @@ class _StopForwarder:
         return [c for c in multiprocessing.active_children() if c.pid not in self._others]
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        signal_handlers.restore(self._previous)
 
 
 def run_stoppable(task: Callable, calls: Sequence[tuple], jobs: int, threads: Optional[int],
