@@ -507,6 +507,10 @@ def test_a_dead_loader_worker_keeps_the_run(tmp_path, monkeypatch):
         reads[pid] = reads.get(pid, 0) + 1
         # In the worker's 7th batch of 6: with two batches in flight, the trainer has had 5.
         if pid != trainer and reads[pid] > 6 * 6:
+            # Die once the trainer has used the batches in flight and waits for this one: its
+            # SIGCHLD then lands between steps, not in a weight update (where no checkpoint
+            # can be written, by design), which made the test depend on timing.
+            time.sleep(2.0)
             os.kill(pid, signal.SIGKILL)
         return load(self, *args, **kwargs)
 
