@@ -25,7 +25,7 @@ from glsd.train import lock
 from glsd.train.checkpoint import read_json_record
 from glsd.tools.study_records import cell_record, collected_record, write_outputs
 from glsd.utils.io import atomic_write_json, exclusive
-from glsd.utils.process_pool import raise_if_stopped
+from glsd.utils.process_pool import raise_if_stopped, run_stoppable
 from glsd.train.signals import take_late_stop
 
 
@@ -203,8 +203,6 @@ def run_cells_in_parallel(config, overrides, cells, out, evals, device, jobs) ->
     """The same cells, ``jobs`` at a time, each in its own process; a stop signal stops them
     all (each training cell after its checkpoint) and starts no other. Records keep the grid's
     order whatever finishes first."""
-    from glsd.utils.process_pool import run_stoppable
-
     records = [collected_record(out, cell, status="running") for cell in cells]
     threads = threads_per_job(jobs)
     print(f"[study] {len(cells)} cells, {jobs} at a time"

@@ -24,8 +24,7 @@ _stop_flag = None  # in a worker: the pool's stop event, set by the parent befor
 
 
 def _stop_here(signum, frame):
-    for sig in _STOP_SIGNALS:  # raise once: a second signal would cut the first one's clean-up
-        signal.signal(sig, signal.SIG_IGN)
+    _idle()  # raise once: a second signal would cut the first one's clean-up
     raise TrainingInterrupted(f"stopped by signal {signum} ({signal.Signals(signum).name})", signum)
 
 
@@ -33,13 +32,12 @@ def _idle() -> None:
     """Between tasks a worker ignores stop signals: one that died of one would break the pool,
     and one that exited at once could do so holding the task queue's lock, leaving every other
     worker blocked on it. The parent ends idle workers with the pool's shutdown."""
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    signal_handlers.install(_STOP_SIGNALS, signal.SIG_IGN)
 
 
 def _worker_start(threads: Optional[int], stop_flag) -> None:
-    """A worker's set-up: its share of the cores; stop signals ignored while it waits for a
-    task (a worker that died of one would break the pool, and the tasks of the others with it)."""
+    """A worker's set-up: its share of the cores, and stop signals ignored while it waits for
+    a task (:func:`_idle`)."""
     global _stop_flag
     _stop_flag = stop_flag
     if threads is not None:
@@ -61,8 +59,7 @@ def _run_task(task: Callable, *args):
     floor); training installs its own handler meanwhile (finish the step, checkpoint, stop).
     A stop that came while the task was being handed over (signals ignored) is read from the
     pool's flag once the handler is in place."""
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, _stop_here)
+    signal_handlers.install(_STOP_SIGNALS, _stop_here)
     try:
         raise_if_stopped()
         return task(*args)
@@ -94,14 +91,13 @@ class _StopForwarder:
 
     def stop_workers(self, signum: int = signal.SIGTERM) -> None:
         self.stop_flag.set()
-        for child in self.workers():
+        for child in multiprocessing.active_children():
+            if child.pid in self._others:
+                continue
             try:
                 os.kill(child.pid, signum)
             except (OSError, TypeError):  # gone already, or not started
                 pass
-
-    def workers(self) -> list:
-        return [c for c in multiprocessing.active_children() if c.pid not in self._others]
 
     def __exit__(self, *exc):
         signal_handlers.restore(self._previous)

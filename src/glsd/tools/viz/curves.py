@@ -14,12 +14,16 @@ PLOT_METRICS = ("loss", "loss_global", "loss_local", "knn_top1",
                 "geo_valid_frac", "sim_geo_agree", "sim_dist_cells")
 
 
+def run_folder(path: PathLike) -> Path:
+    """The run folder, also when it is named by its log (``RUN/metrics.jsonl``)."""
+    path = Path(path)
+    return path.parent if path.name == "metrics.jsonl" and not path.is_dir() else path
+
+
 def read_run(run_dir: PathLike) -> tuple[list[dict], dict]:
     """(metrics records, config dict) of a run folder; a torn last line (a run still
     writing) is skipped."""
-    run_dir = Path(run_dir)
-    if run_dir.is_file() and run_dir.name == "metrics.jsonl":  # the run's log named itself
-        run_dir = run_dir.parent
+    run_dir = run_folder(run_dir)
     metrics, cfg_path = run_dir / "metrics.jsonl", run_dir / "config.yaml"
     if not run_dir.exists():
         raise VizError(f"{run_dir} does not exist: give a run folder (the output_dir of a glsd pretrain)")
@@ -37,10 +41,7 @@ def run_label(run_dir: PathLike, raw: dict) -> str:
         amount = f"{data['num_images']} images"
     else:
         amount = f"{100 * float(data.get('fraction', 1.0)):g}% of data"
-    run_dir = Path(run_dir).resolve()
-    if run_dir.name == "metrics.jsonl":  # the run named by its log
-        run_dir = run_dir.parent
-    return f"{run_dir.name}: {loss.get('matching', '?')}, {amount}"
+    return f"{run_folder(run_dir).resolve().name}: {loss.get('matching', '?')}, {amount}"
 
 
 X_AXES = ("step", "epoch")
