@@ -1,6 +1,7 @@
 """glsd embed: one row per readable image, the backbone's features under the eval preprocessing."""
 import csv
 import json
+import logging
 import stat
 import zipfile
 
@@ -281,3 +282,17 @@ def test_a_size_the_model_cannot_take_is_one_line_before_any_image_is_read(backb
               device="cpu", progress=False)
     with pytest.raises(ConfigError, match="eval.image_size=30 is not a multiple of the patch size"):
         load_config("cifar10-vit-tiny", ["eval.image_size=30"])
+
+
+def test_a_split_the_data_does_not_have_is_named(backbone_file, tmp_path, caplog):
+    """data.split=test on a folder without split folders reads every image: said before the
+    features are computed, not silently (a zip with the split reads only it, no note)."""
+    data = _image_folder(tmp_path / "data")
+    with caplog.at_level(logging.WARNING, logger="glsd"):
+        res = embed(backbone_file, str(data), device="cpu", progress=False, overrides=["data.split=test"])
+    assert len(res.keys) == 6
+    assert "has no split folders (no test/ in it): data.split=test reads all 7 of its images" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="glsd"):
+        embed(backbone_file, str(data), device="cpu", progress=False)
+    assert "split" not in caplog.text

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,10 @@ def embed(source: Union[str, Path], data: str, out: Union[str, Path, None] = Non
         images = open_source(cfg.data)
     except ConfigError as e:
         raise ConfigError(f"DATA {data}: {e}") from None
+    if images.split is None and cfg.data.split != "train":  # said now, not after the features
+        logging.getLogger("glsd").warning(
+            "DATA %s has no split folders (no %s/ in it): data.split=%s reads all %d of its images",
+            data, cfg.data.split, cfg.data.split, len(images))
     dev = eval_device(device, cfg)
     backbone.to(dev)
     feature = resolve_feature(backbone, cfg.eval.features)

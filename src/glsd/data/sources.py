@@ -49,6 +49,9 @@ class ImageSource:
     # The images' resolved place (real path, and split where the path holds several): two
     # sources with the same one are the same images however their paths were written.
     location: str = ""
+    # The split the images are: None where the data has no split folders, so that every
+    # data.split reads these same images (a caller that asked for one can say so).
+    split: Optional[str] = None
 
     @property
     def identity(self) -> str:
@@ -92,7 +95,7 @@ class ImageSource:
                 "split as it is now, delete RUN_DIR/subset.json")
         return ImageSource(self.name, list(keys), [self.labels[index[k]] for k in keys],
                            self.classes, self.read, self.read_timeout_s, read_reduced=self.read_reduced,
-                           location=self.location)
+                           location=self.location, split=self.split)
 
 
 def open_source(cfg: DataConfig, split: Optional[str] = None) -> ImageSource:
@@ -114,8 +117,10 @@ def _open_source(cfg: DataConfig, split: str) -> ImageSource:
     if kind == "synthetic":
         from glsd.data import synthetic
 
-        return synthetic.synthetic_source(cfg.synthetic_num_images, cfg.synthetic_image_size,
-                                          cfg.synthetic_num_classes, seed=0 if split == "train" else 1)
+        source = synthetic.synthetic_source(cfg.synthetic_num_images, cfg.synthetic_image_size,
+                                            cfg.synthetic_num_classes, seed=0 if split == "train" else 1)
+        source.split = split
+        return source
     if kind in TORCHVISION_SOURCES:
         return torchvision_source(kind, cfg.root or "data", split, cfg.download)
     root = Path(cfg.root).expanduser()  # data.root=~/photos: a shell leaves that ~ alone
@@ -166,7 +171,7 @@ def imagefolder_source(root: Path, split: str) -> ImageSource:
         raise no_images_error(str(base), all_names(base))
     reader = _FileReader(base)
     return ImageSource(f"imagefolder:{base}", keys, labels, classes, reader, read_reduced=reader,
-                       location=os.path.realpath(base))
+                       location=os.path.realpath(base), split=split if base != root else None)
 
 
 def flat_folder_source(root: Path) -> ImageSource:
@@ -254,7 +259,8 @@ def zip_source(path: Path, split: str) -> ImageSource:
     name = f"zip:{path}:{split}" if is_split else f"zip:{path}"
     reader = _ZipReader(path)
     location = os.path.realpath(path) + (f":{split}" if is_split else "")
-    return ImageSource(name, names, labels, classes, reader, read_reduced=reader, location=location)
+    return ImageSource(name, names, labels, classes, reader, read_reduced=reader, location=location,
+                       split=split if is_split else None)
 
 
 def torchvision_source(kind: str, root: str, split: str, download: bool) -> ImageSource:
@@ -279,7 +285,7 @@ def torchvision_source(kind: str, root: str, split: str, download: bool) -> Imag
     classes = list(getattr(ds, "classes", [])) or [str(c) for c in sorted(set(labels))]
 
     return ImageSource(f"{kind}:{split}", [str(i) for i in range(len(ds))], labels, classes,
-                       _DatasetReader(ds))
+                       _DatasetReader(ds), split=split)
 
 
 class _DatasetReader:
