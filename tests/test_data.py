@@ -133,6 +133,31 @@ def test_a_folder_of_photos_glsd_cannot_decode_says_so(tmp_path):
         open_source(DataConfig(root=str(tmp_path)))
 
 
+def test_photos_glsd_cannot_decode_among_images_are_counted(tmp_path):
+    """A phone folder of JPEGs and HEICs trains on the JPEGs; the HEICs are counted, by kind, in
+    every layout (folder, class folders, a zip's split), so that a note can say so."""
+    flat = tmp_path / "flat"
+    (flat / "2024").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(flat / "a.jpg")
+    for name in ("2024/b.HEIC", "2024/c.heic", "d.dng", ".hidden.heic", "notes.txt"):
+        (flat / name).write_bytes(b"x")
+    src = open_source(DataConfig(root=str(flat)))
+    assert src.keys == ["a.jpg"] and src.undecodable == {".heic": 2, ".dng": 1}
+    classes = tmp_path / "classes"
+    for c in ("cat", "dog"):
+        (classes / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(classes / c / "0.jpg")
+        (classes / c / "1.heic").write_bytes(b"x")
+    assert open_source(DataConfig(root=str(classes))).undecodable == {".heic": 2}
+    path = tmp_path / "d.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for split, extra in (("train", "x.heic"), ("test", "y.cr2")):
+            zf.writestr(f"mydata/{split}/cat/0.png", _png(Image.new("RGB", (6, 6))))
+            zf.writestr(f"mydata/{split}/cat/{extra}", b"x")
+    assert open_source(DataConfig(root=str(path), split="test")).undecodable == {".cr2": 1}
+    assert open_source(DataConfig(root=str(classes / "cat"), source="folder")).undecodable == {".heic": 1}
+
+
 def test_split_folders_without_classes_point_at_the_split_not_the_root(tmp_path):
     for split in ("train", "test"):
         (tmp_path / split).mkdir()

@@ -214,6 +214,21 @@ def test_preflight_plan_counts_the_subset(tmp_path):
     assert (plan.num_images, plan.steps_per_epoch, plan.total_steps) == (16, 2, 200)
 
 
+def test_photos_left_out_are_said_before_the_run(tmp_path):
+    for i in range(16):
+        _image(tmp_path / "photos" / f"{i}.jpg")
+    (tmp_path / "photos" / "raw").mkdir()
+    for name in ("IMG_1.HEIC", "IMG_2.heic", "raw/IMG_3.CR2"):
+        (tmp_path / "photos" / name).write_bytes(b"a photo PIL cannot decode")
+    cfg = tiny_config(tmp_path / "run", f"data.root={tmp_path / 'photos'}", "data.source=auto")
+    notes = preflight(cfg, open_source(cfg.data))[1].notes
+    assert any(f"data.root={tmp_path / 'photos'} holds 3 photos glsd cannot decode (1 .cr2, 2 .heic), "
+               "left out: convert them to JPEG or PNG" in n for n in notes), notes
+    for name in ("IMG_1.HEIC", "IMG_2.heic", "raw/IMG_3.CR2"):
+        (tmp_path / "photos" / name).unlink()
+    assert not any("cannot decode" in n for n in preflight(cfg, open_source(cfg.data))[1].notes)
+
+
 def test_a_floor_above_the_peak_learning_rate_is_said(tmp_path):
     # the peak is train.lr x global batch / 256: 1e-4 x 8 / 256 = 3.1e-6 < min_lr 1e-5
     cfg = tiny_config(tmp_path / "run", "train.lr=1e-4", "train.min_lr=1e-5", "data.synthetic_num_images=64")

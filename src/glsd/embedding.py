@@ -32,6 +32,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from glsd.config import ConfigError
+from glsd.data.layout import left_out_note
 from glsd.data.sources import open_source
 from glsd.eval.data_spec import data_config
 from glsd.eval.features import iter_features, load_backbone, resolve_feature
@@ -94,6 +95,9 @@ def embed(source: Union[str, Path], data: str, out: Union[str, Path, None] = Non
         logging.getLogger("glsd").warning(
             "DATA %s has no split folders (no %s/ in it): data.split=%s reads all %d of its images",
             data, cfg.data.split, cfg.data.split, len(images))
+    left_out = left_out_note(f"DATA {data}", images.undecodable)
+    if left_out:
+        logging.getLogger("glsd").warning(left_out)
     dev = eval_device(device, cfg)
     backbone.to(dev)
     feature = resolve_feature(backbone, cfg.eval.features)

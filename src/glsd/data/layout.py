@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -77,14 +78,15 @@ def list_folder(path: Path) -> list[Path]:
         raise ConfigError(f"cannot list {path}: {e.strerror or e}; check its permissions") from None
 
 
-def walk_images(base: Path, elsewhere: Sequence[str] = ()) -> list[str]:
-    """Image paths under ``base`` relative to it, sorted, skipping hidden files and folders.
+def walk_images(base: Path, elsewhere: Sequence[str] = ()) -> tuple[list[str], Counter]:
+    """Image paths under ``base`` relative to it, sorted, skipping hidden files and folders;
+    and the photos left out because glsd cannot decode them (HEIC, raw), by extension.
     Linked sub-folders are followed (each real folder once, so a link loop ends), except a link
     to ``base`` itself or a folder above it: it would pull in the images beside ``base`` (a
     link to ``..`` or to the home folder), never what was meant; it is skipped, and named. So
     is a link into one of the folders ``elsewhere`` (real paths; the other classes: its images
     would be listed twice, under two labels)."""
-    keys, seen = [], set()
+    keys, seen, undecodable = [], set(), Counter()
     above = _base_and_its_parents(base)
     others = [p for p in elsewhere if p != os.path.realpath(base)]
 
@@ -101,10 +103,11 @@ def walk_images(base: Path, elsewhere: Sequence[str] = ()) -> list[str]:
             seen.add(real)
             dirnames[:] = sorted(d for d in dirnames if not hidden(d) and not _links_out(dirpath, d, above, others))
             keys += [str(Path(dirpath, f).relative_to(base)) for f in files if is_image(f) and not hidden(f)]
+            undecodable += undecodable_photos(f for f in files if not hidden(f))
     except RecursionError:  # os.walk recurses (Python < 3.12)
         raise ConfigError(f"{base} nests folders deeper than Python can walk (about "
                           f"{sys.getrecursionlimit()} levels); move the images into a shallower tree") from None
-    return sorted(keys)
+    return sorted(keys), undecodable
 
 
 def _base_and_its_parents(base: Path) -> set[str]:
@@ -135,10 +138,26 @@ def is_image(name: str) -> bool:
 def no_images_error(where: str, names) -> ConfigError:
     """No readable image under ``where``: say which formats were looked for, and name the photo
     formats that were there but need converting (an iPhone's HEIC, raw files)."""
-    found = sorted({os.path.splitext(n)[1].lower() for n in names} & set(UNREADABLE_EXTENSIONS))
+    found = sorted(undecodable_photos(names))
     hint = (f"; it holds {', '.join(found)} files, which glsd cannot decode: convert them to JPEG "
             "or PNG" if found else "")
     return ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {where}{hint}")
+
+
+def undecodable_photos(names) -> Counter:
+    """How many of ``names`` are photos of a format glsd cannot decode, by extension."""
+    return Counter(ext for ext in (os.path.splitext(n)[1].lower() for n in names)
+                   if ext in UNREADABLE_EXTENSIONS)
+
+
+def left_out_note(where: str, undecodable: Counter) -> Optional[str]:
+    """The sentence a run or an embedding says when photos among the images are left out."""
+    if not undecodable:
+        return None
+    kinds = ", ".join(f"{n:,} {ext}" for ext, n in sorted(undecodable.items()))
+    total = sum(undecodable.values())
+    return (f"{where} holds {total:,} photo{'s' if total > 1 else ''} glsd cannot decode ({kinds}), "
+            "left out: convert them to JPEG or PNG to use them")
 
 
 def all_names(base: Path) -> list[str]:

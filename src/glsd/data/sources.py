@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,7 +22,7 @@ from glsd.data.image_file import (bomb_reason, decode_image, pixel_limit, read_d
                                    read_image_file, to_rgb)  # to_rgb: re-exported from its old home
 from glsd.data.layout import (FOLDER_RULE, TORCHVISION_SOURCES, all_names, detect_kind,
                                escapes, hidden, is_image, is_split_name, list_folder, no_images_error,
-                               walk_images, wrapper_folder)
+                               undecodable_photos, walk_images, wrapper_folder)
 from glsd.errors import DataError, MissingSplit
 
 
@@ -52,6 +53,8 @@ class ImageSource:
     # The split the images are: None where the data has no split folders, so that every
     # data.split reads these same images (a caller that asked for one can say so).
     split: Optional[str] = None
+    # Photos beside the images that cannot be decoded (HEIC, raw), by extension: left out, said.
+    undecodable: Counter = field(default_factory=Counter, repr=False, compare=False)
 
     @property
     def identity(self) -> str:
@@ -95,7 +98,7 @@ class ImageSource:
                 "split as it is now, delete RUN_DIR/subset.json")
         return ImageSource(self.name, list(keys), [self.labels[index[k]] for k in keys],
                            self.classes, self.read, self.read_timeout_s, read_reduced=self.read_reduced,
-                           location=self.location, split=self.split)
+                           location=self.location, split=self.split, undecodable=self.undecodable)
 
 
 def open_source(cfg: DataConfig, split: Optional[str] = None) -> ImageSource:
@@ -157,33 +160,35 @@ def imagefolder_source(root: Path, split: str) -> ImageSource:
                               f"val/: from LOC_val_solution.csv or the devkit's ground truth); to "
                               f"read them as unlabelled images use {unlabelled}")
         raise ConfigError(f"{base} has no class sub-folders; for unlabelled images there use {unlabelled}")
-    keys, labels = [], []
+    keys, labels, undecodable = [], [], Counter()
     class_folders = [os.path.realpath(base / c) for c in classes]  # a link into another is skipped
     same = sorted({c for c, r in zip(classes, class_folders) if class_folders.count(r) > 1})
     if same:  # kitty -> cat: the same images under two labels
         raise ConfigError(f"class folders {', '.join(same)} of {base} are one folder (linked): their "
                           "images would be listed under each label. Remove the link, or merge the classes")
     for label, cls in enumerate(classes):
-        found = walk_images(base / cls, elsewhere=class_folders)
+        found, left_out = walk_images(base / cls, elsewhere=class_folders)
+        undecodable += left_out
         keys += [str(Path(cls, k)) for k in found]
         labels += [label] * len(found)
     if not keys:
         raise no_images_error(str(base), all_names(base))
     reader = _FileReader(base)
     return ImageSource(f"imagefolder:{base}", keys, labels, classes, reader, read_reduced=reader,
-                       location=os.path.realpath(base), split=split if base != root else None)
+                       location=os.path.realpath(base), split=split if base != root else None,
+                       undecodable=undecodable)
 
 
 def flat_folder_source(root: Path) -> ImageSource:
     """Every image under ``root`` (recursively), unlabeled."""
     if root.is_file():
         raise ConfigError(f"data.root={root} is a file; give a folder of images or a .zip")
-    keys = walk_images(root)
+    keys, undecodable = walk_images(root)
     if not keys:
         raise no_images_error(str(root), all_names(root))
     reader = _FileReader(root)
     return ImageSource(f"folder:{root}", keys, [-1] * len(keys), [], reader, read_reduced=reader,
-                       location=os.path.realpath(root))
+                       location=os.path.realpath(root), undecodable=undecodable)
 
 
 class _FileReader:
@@ -259,8 +264,9 @@ def zip_source(path: Path, split: str) -> ImageSource:
     name = f"zip:{path}:{split}" if is_split else f"zip:{path}"
     reader = _ZipReader(path)
     location = os.path.realpath(path) + (f":{split}" if is_split else "")
+    in_split = [m for m in members if not is_split or m.split("/")[depth - 1:depth] == [split]]
     return ImageSource(name, names, labels, classes, reader, read_reduced=reader, location=location,
-                       split=split if is_split else None)
+                       split=split if is_split else None, undecodable=undecodable_photos(in_split))
 
 
 def torchvision_source(kind: str, root: str, split: str, download: bool) -> ImageSource:

@@ -26,6 +26,7 @@ import yaml
 from glsd.config import Config, ConfigError, from_dict
 from glsd.config_compare import diff_keys, identity
 from glsd.config_files import load_yaml
+from glsd.data.layout import left_out_note
 from glsd.data.subset import SUBSET_FILE, read_subset
 from glsd.data.sources import ImageSource, Unreadable, balanced_subset
 from glsd.errors import DataError
@@ -85,6 +86,8 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
         notes.append(f"data.num_images={cfg.data.num_images} is more than the {n} images there: "
                      "the run uses them all")
     notes += image_size_notes(cfg, source)
+    left_out = left_out_note(f"data.root={cfg.data.root}", source.undecodable)
+    notes += [left_out] if left_out else []
     notes += check_resume_schedule(cfg, Path(cfg.output_dir), derived)
     from glsd.eval.online import check_online_knn  # the splits the training loop will score on
 
