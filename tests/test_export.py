@@ -287,6 +287,24 @@ def test_an_earlier_checkpoint_never_replaces_the_final_models_records(tiny_run)
     earlier.unlink()
 
 
+def test_checkpoints_outside_a_run_keep_their_exports_and_records_apart(tiny_run, tmp_path):
+    """Two checkpoints copied into one folder (~/models/v1.pt, v2.pt) export to, and record their
+    evaluations under, their own names; neither replaces the other's."""
+    import shutil
+
+    from glsd.export import export_run
+
+    _, run = tiny_run
+    for name in ("v1.pt", "v2.pt"):
+        shutil.copy(run / "checkpoints" / "last.pt", tmp_path / name)
+    assert export_run(tmp_path / "v1.pt") == tmp_path / "export" / "v1"
+    assert export_run(tmp_path / "v2.pt") == tmp_path / "export" / "v2"
+    first = run_eval("knn", tmp_path / "v1.pt", ["eval.batch_size=8"], device="cpu", progress=False)
+    second = run_eval("knn", tmp_path / "v2.pt", ["eval.batch_size=8"], device="cpu", progress=False)
+    assert (first["output"], second["output"]) == (str(tmp_path / "eval" / "knn-v1.json"),
+                                                   str(tmp_path / "eval" / "knn-v2.json"))
+
+
 @pytest.mark.parametrize("name, extra", [
     ("vit pooled", ["model.backbone=vit_tiny_patch16_224", "model.patch_size=4", "model.global_feature=pooled",
                     "model.backbone_kwargs={embed_dim: 32, depth: 1, num_heads: 2}"]),

@@ -22,15 +22,16 @@ EXPORT_WEIGHTS = "model.safetensors"  # beside config.json in a `glsd export` fo
 def snapshot_name(checkpoint) -> str:
     """"" for a run's final weights, else the stem of the earlier checkpoint they came from
     (``checkpoints/epoch0010.pt`` -> ``epoch0010``): what keeps its records and export apart
-    from the final model's."""
+    from the final model's. A checkpoint outside any run (``~/models/v2.pt``) is named by its
+    stem too: two of them in one folder must not share an export or a record."""
     if checkpoint is None:
         return ""
     path = Path(checkpoint)
-    if path.parent.name == LAST_CHECKPOINT.parent.name and path.name != LAST_CHECKPOINT.name:
-        return path.stem
+    if path.parent.name == LAST_CHECKPOINT.parent.name:
+        return "" if path.name == LAST_CHECKPOINT.name else path.stem
     if path.parent.parent.name == "export" and path.parent.name != "timm":  # its export folder
         return path.parent.name
-    return ""
+    return path.stem if path.suffix == LAST_CHECKPOINT.suffix else ""
 
 
 def locate(path: Path):
