@@ -3,6 +3,7 @@ the pieces they rest on (matching of two views, CLS attention, PCA)."""
 import json
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,6 +133,12 @@ def test_plot_takes_a_runs_metrics_file_and_labels_the_current_folder(monkeypatc
     assert viz.run_label(run / "metrics.jsonl", {}).startswith("run-a: ")
     monkeypatch.chdir(run)
     assert viz.run_label(".", {}).startswith("run-a: ")
+    # one run named three ways is one curve and one legend entry
+    figures = []
+    monkeypatch.setattr(viz.curves, "save", lambda fig, out: figures.append(fig) or Path(out))
+    viz.plot_runs([run, run / "metrics.jsonl", "."], tmp_path / "p.png")
+    legend = next(ax.get_legend() for ax in figures[0].axes if ax.get_legend())
+    assert [t.get_text() for t in legend.get_texts()] == ["run-a: ?, 100% of data"]
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch, vit_run, tmp_path, capsys):

@@ -67,7 +67,8 @@ def plot_runs(run_dirs: Sequence[PathLike], out: PathLike, dpi: int = DPI, x: st
     if x not in X_AXES:
         raise VizError(f"x={x!r}: plot against one of {', '.join(X_AXES)}")
     runs = []
-    for d in run_dirs:
+    # A run named twice (run, run/metrics.jsonl, ./run) is drawn once.
+    for d in dict.fromkeys(run_folder(d).resolve() for d in run_dirs):
         records, raw = read_run(d)
         runs.append((run_label(d, raw), records, raw.get("loss", {}).get("matching")))
     fig = figure(PLOT_FIGSIZE, dpi)
