@@ -87,16 +87,15 @@ def eval_sources(cfg: Config, base: Path, train_data: Optional[str] = None, test
     test_spec = test_data if test_data is not None else train_data
     test_cfg = cfg.data if test_spec is None else data_config(test_spec, cfg.data, overrides)
     full = _open_named(train_cfg, train_split, train_data and f"--train-data {train_data}")
-    test = cap_test(_open_named(test_cfg, cfg.eval.test_split, test_spec and f"--test-data {test_spec}",
-                                opener=open_test_split), cfg)
+    test = _open_named(test_cfg, cfg.eval.test_split, test_spec and f"--test-data {test_spec}",
+                       opener=open_test_split)
     other_hint = ("; or give the held-out images with --test-data Y (or, as --train-data, the "
                   "folder that holds both train/ and test/)" if test_data is None else "")
     if not other_set_hint:
         other_hint = ""
     elif train_data is None:
         other_hint = "; or evaluate on another labelled set: --train-data X --test-data Y"
-    check_split_pair(full, test, train_split, cfg.eval.test_split, hint=other_hint, purpose=purpose)
-    train = train_subset(full, subset, cfg)
+    train, test = held_out_pair(full, test, subset, cfg, train_split, hint=other_hint, purpose=purpose)
     record = {**data_record(cfg), "train_data": train_data, "test_data": test_data,
               "train_source": full.name, "test_source": test.name,
               "train_split": train_split, "test_split": cfg.eval.test_split,
@@ -105,6 +104,16 @@ def eval_sources(cfg: Config, base: Path, train_data: Optional[str] = None, test
               "max_test_images": cfg.eval.max_test_images,
               "n_train": len(train), "n_test": len(test), "num_classes": len(full.classes)}
     return train, test, record
+
+
+def held_out_pair(full: ImageSource, test: ImageSource, subset: Optional[dict], cfg: Config,
+                  train_split: str, hint: str = "", purpose: str = "k-NN and linear evaluation"
+                  ) -> tuple[ImageSource, ImageSource]:
+    """(the pretraining images of ``full``, at most ``eval.max_test_images`` of ``test``), once
+    the two are checked to be a labelled, held-out pair: what every k-NN scores on, offline or
+    online, so that their numbers agree."""
+    check_split_pair(full, test, train_split, cfg.eval.test_split, hint=hint, purpose=purpose)
+    return train_subset(full, subset, cfg), cap_test(test, cfg)
 
 
 def _open_named(data_cfg: DataConfig, split: str, what: Optional[str], opener=open_cached) -> ImageSource:

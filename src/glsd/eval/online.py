@@ -11,8 +11,7 @@ from typing import Optional, Sequence, Union
 from glsd.config import Config, ConfigError
 from glsd.data.sources import ImageSource
 from glsd.data.subset import SUBSET_FILE, read_subset
-from glsd.eval.eval_data import (cap_test, check_split_pair, open_cached, open_test_split, remember_source,
-                                 train_subset)
+from glsd.eval.eval_data import held_out_pair, open_cached, open_test_split, remember_source
 from glsd.eval.features import Device, extract_features
 from glsd.eval.knn import knn_classify
 from glsd.models.backbone import Backbone
@@ -63,13 +62,12 @@ def _online_sources(cfg: Config, train_keys: Optional[Sequence[str]]) -> tuple[I
         try:
             full = open_cached(cfg, cfg.data.split)
             test = open_test_split(cfg, cfg.eval.test_split)
-            check_split_pair(full, test, cfg.data.split, cfg.eval.test_split)
-            test = cap_test(test, cfg)  # the images `glsd eval knn` scores on, so the numbers agree
+            subset = None if train_keys is None else {"keys": list(train_keys), "source": full.name}
+            sources = held_out_pair(full, test, subset, cfg, cfg.data.split)
         except ConfigError as e:
             raise ConfigError(f"online k-NN (eval.every_epochs={cfg.eval.every_epochs}): {e}; "
                               "or turn it off with eval.every_epochs=0") from None
-        subset = None if train_keys is None else {"keys": list(train_keys), "source": full.name}
-        _ONLINE.update(key=key, sources=(train_subset(full, subset, cfg), test))
+        _ONLINE.update(key=key, sources=sources)
     return _ONLINE["sources"]
 
 
