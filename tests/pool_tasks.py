@@ -40,3 +40,27 @@ def loader_in_a_cycle(i: int) -> int:
                                worker_init_fn=leave_stop_signals_to_the_trainer)
     next(iter(holder.loader))
     return i
+
+
+def one_killed_one_idle_one_checkpointing(marks: str, i: int) -> str:
+    """A pool broken under its workers: task 1 ends at once (its worker idles), task 2 runs
+    like a training cell (SIGTERM: finish, then write a checkpoint), and task 0 is killed (the
+    OOM killer) once both are under way."""
+    import os
+    import signal
+
+    Path(marks, f"started-{i}").touch()
+    if i == 1:
+        Path(marks, "done-1").touch()
+        return "idle"
+    if i == 0:
+        while not (Path(marks, "done-1").exists() and Path(marks, "started-2").exists()):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGKILL)
+    stops = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stops.append(signum))
+    deadline = time.monotonic() + 120
+    while not stops and time.monotonic() < deadline:
+        time.sleep(0.02)
+    Path(marks, "checkpoint-2").write_text(f"stopped by {stops[:1]}")
+    return "checkpointed"

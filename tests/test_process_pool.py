@@ -112,3 +112,41 @@ def test_a_task_that_leaves_a_loader_worker_behind_does_not_hang_the_pool(tmp_pa
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "result 0" in done.stdout
+
+
+BROKEN_POOL = """
+import sys
+from concurrent.futures.process import BrokenProcessPool
+from glsd.utils.process_pool import run_stoppable
+from pool_tasks import one_killed_one_idle_one_checkpointing
+
+if __name__ == "__main__":
+    try:
+        run_stoppable(one_killed_one_idle_one_checkpointing, [(sys.argv[1], i) for i in range(3)],
+                      jobs=3, threads=None, on_result=lambda i, r: None)
+    except BrokenProcessPool:
+        print("broken pool raised")
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_a_worker_killed_breaks_the_pool_without_waiting_on_the_others(tmp_path):
+    """A worker killed (the OOM killer): the error is raised once the running task has stopped
+    with its checkpoint; an idle worker (stop signals ignored) does not keep the pool waiting
+    for it, which on Python 3.12+ was forever. In a subprocess, so that a hang fails the test."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers_tiny import subprocess_env
+
+    script = tmp_path / "broken_pool.py"
+    script.write_text(BROKEN_POOL)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = subprocess_env()
+    env["PYTHONPATH"] = str(Path(__file__).parent) + os.pathsep + env["PYTHONPATH"]
+    out = subprocess.run([sys.executable, str(script), str(marks)], env=env, capture_output=True,
+                         text=True, timeout=90)
+    assert "broken pool raised" in out.stdout, out.stderr[-2000:]
+    assert (marks / "checkpoint-2").read_text() == f"stopped by [{int(signal.SIGTERM)}]"

@@ -20,7 +20,13 @@ from glsd.errors import TrainingInterrupted
 from glsd.utils import signal_handlers
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Sent to the workers of a broken pool (one was killed: the OOM killer): a worker exits once
+# it has no task (a running one is stopped by SIGTERM, with its checkpoint). Python 3.12+ joins
+# every worker of a broken pool, and an idle one ignores SIGTERM: without this it waited forever.
+_BROKEN_POOL_SIGNAL = getattr(signal, "SIGUSR1", None)  # None on Windows
 _stop_flag = None  # in a worker: the pool's stop event, set by the parent before it signals
+_in_task = False  # in a worker: a task is running
+_pool_broken = False  # in a worker: exit when the task ends
 
 
 def _stop_here(signum, frame):
@@ -35,14 +41,23 @@ def _idle() -> None:
     signal_handlers.install(_STOP_SIGNALS, signal.SIG_IGN)
 
 
+def _leave_broken_pool(signum, frame) -> None:
+    global _pool_broken
+    _pool_broken = True
+    if not _in_task:
+        os._exit(1)
+
+
 def _worker_start(threads: Optional[int], stop_flag) -> None:
-    """A worker's set-up: its share of the cores, and stop signals ignored while it waits for
-    a task (:func:`_idle`)."""
+    """A worker's set-up: its share of the cores, stop signals ignored while it waits for a
+    task (:func:`_idle`), and an exit when the pool is broken (_BROKEN_POOL_SIGNAL)."""
     global _stop_flag
     _stop_flag = stop_flag
     if threads is not None:
         import torch
         torch.set_num_threads(threads)
+    if _BROKEN_POOL_SIGNAL is not None:
+        signal.signal(_BROKEN_POOL_SIGNAL, _leave_broken_pool)
     _idle()
 
 
@@ -59,12 +74,17 @@ def _run_task(task: Callable, *args):
     floor); training installs its own handler meanwhile (finish the step, checkpoint, stop).
     A stop that came while the task was being handed over (signals ignored) is read from the
     pool's flag once the handler is in place."""
+    global _in_task
+    _in_task = True
     signal_handlers.install(_STOP_SIGNALS, _stop_here)
     try:
         raise_if_stopped()
         return task(*args)
     finally:
+        _in_task = False
         _idle()
+        if _pool_broken:  # nobody reads the result of a broken pool
+            os._exit(1)
 
 
 class _StopForwarder:
@@ -91,6 +111,14 @@ class _StopForwarder:
 
     def stop_workers(self, signum: int = signal.SIGTERM) -> None:
         self.stop_flag.set()
+        self._send(signum)
+
+    def end_idle_workers(self) -> None:
+        """The pool is broken: its idle workers exit (its running tasks were sent SIGTERM)."""
+        if _BROKEN_POOL_SIGNAL is not None:
+            self._send(_BROKEN_POOL_SIGNAL)
+
+    def _send(self, signum: int) -> None:
         for child in multiprocessing.active_children():
             if child.pid in self._others:
                 continue
@@ -136,6 +164,7 @@ def run_stoppable(task: Callable, calls: Sequence[tuple], jobs: int, threads: Op
                     try:
                         result = future.result()
                     except BrokenProcessPool:
+                        stop.end_idle_workers()
                         if stop.signal is None and interrupted is None:
                             raise
                         continue  # a worker still starting when the stop came died of it
