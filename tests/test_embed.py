@@ -288,11 +288,13 @@ def test_a_split_the_data_does_not_have_is_named(backbone_file, tmp_path, caplog
     """data.split=test on a folder without split folders reads every image: said before the
     features are computed, not silently (a zip with the split reads only it, no note)."""
     data = _image_folder(tmp_path / "data")
+    (data / "dog" / "IMG_1.HEIC").write_bytes(b"a phone's photo")
     with caplog.at_level(logging.WARNING, logger="glsd"):
         res = embed(backbone_file, str(data), device="cpu", progress=False, overrides=["data.split=test"])
     assert len(res.keys) == 6
     assert "has no split folders (no test/ in it): data.split=test reads all 7 of its images" in caplog.text
+    assert "holds 1 photo glsd cannot decode (1 .heic), left out" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="glsd"):
         embed(backbone_file, str(data), device="cpu", progress=False)
-    assert "split" not in caplog.text
+    assert "split" not in caplog.text and "cannot decode" in caplog.text

@@ -33,7 +33,7 @@ import torch
 
 from glsd.config import ConfigError
 from glsd.data.layout import left_out_note
-from glsd.data.sources import open_source
+from glsd.data.sources import ImageSource, open_source
 from glsd.eval.data_spec import data_config
 from glsd.eval.features import iter_features, load_backbone, resolve_feature
 from glsd.eval.runner import eval_device
@@ -87,17 +87,7 @@ def embed(source: Union[str, Path], data: str, out: Union[str, Path, None] = Non
         if batch_size < 1:
             raise ConfigError(f"--batch-size {batch_size} must be >= 1")
         cfg.eval.batch_size = batch_size
-    try:
-        images = open_source(cfg.data)
-    except ConfigError as e:
-        raise ConfigError(f"DATA {data}: {e}") from None
-    if images.split is None and cfg.data.split != "train":  # said now, not after the features
-        logging.getLogger("glsd").warning(
-            "DATA %s has no split folders (no %s/ in it): data.split=%s reads all %d of its images",
-            data, cfg.data.split, cfg.data.split, len(images))
-    left_out = left_out_note(f"DATA {data}", images.undecodable)
-    if left_out:
-        logging.getLogger("glsd").warning(left_out)
+    images = _open_data(data, cfg.data)
     dev = eval_device(device, cfg)
     backbone.to(dev)
     feature = resolve_feature(backbone, cfg.eval.features)
@@ -236,6 +226,23 @@ def index_csv(result: EmbedResult) -> str:
 def _write(path: Path, write) -> None:
     atomic_write(path, write)
     os.chmod(path, FILE_MODE)  # shareable outputs, whatever the umask of the temp file
+
+
+def _open_data(data: str, data_cfg) -> ImageSource:
+    """The images to embed; what they are not (the split asked for, photos left out) is said
+    now, not after the features."""
+    try:
+        images = open_source(data_cfg)
+    except ConfigError as e:
+        raise ConfigError(f"DATA {data}: {e}") from None
+    log = logging.getLogger("glsd")
+    if images.split is None and data_cfg.split != "train":
+        log.warning("DATA %s has no split folders (no %s/ in it): data.split=%s reads all %d of its "
+                    "images", data, data_cfg.split, data_cfg.split, len(images))
+    left_out = left_out_note(f"DATA {data}", images.undecodable)
+    if left_out:
+        log.warning(left_out)
+    return images
 
 
 def summary(result: EmbedResult) -> str:
