@@ -297,4 +297,4 @@ def test_a_split_the_data_does_not_have_is_named(backbone_file, tmp_path, caplog
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="glsd"):
         embed(backbone_file, str(data), device="cpu", progress=False)
-    assert "split" not in caplog.text and "cannot decode" in caplog.text
+    assert "no split folders" not in caplog.text and "cannot decode" in caplog.text
