@@ -64,3 +64,36 @@ def one_killed_one_idle_one_checkpointing(marks: str, i: int) -> str:
         time.sleep(0.02)
     Path(marks, "checkpoint-2").write_text(f"stopped by {stops[:1]}")
     return "checkpointed"
+
+
+def killed_after_a_result(marks: str, i: int) -> str:
+    """Task 1 ends at once; task 0 is killed once the parent has taken task 1's result (and is
+    busy with it, as a study drawing its report), so the pool breaks between a result and the
+    next hand-over; task 2 waits its turn."""
+    import os
+    import signal
+
+    Path(marks, f"started-{i}").touch()
+    if i == 0:
+        while not Path(marks, "handled-1").exists():
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "done"
+
+
+def _work_like_a_pool_worker(stop_flag, broken_flag, marks: str, name: str, task_seconds: float) -> None:
+    """A process set up as the pool's workers are; with ``task_seconds``, it runs a task that
+    long (``task-done`` marks its end); then it idles as a worker does between tasks."""
+    from glsd.utils import process_pool
+
+    process_pool._worker_start(None, stop_flag, broken_flag)
+    Path(marks, f"ready-{name}").touch()
+    if task_seconds:
+        process_pool._run_task(_sleep_then_mark, marks, name, task_seconds)
+        Path(marks, f"after-task-{name}").touch()
+    time.sleep(60)
+
+
+def _sleep_then_mark(marks: str, name: str, seconds: float) -> None:
+    time.sleep(seconds)
+    Path(marks, f"task-done-{name}").touch()

@@ -1,4 +1,5 @@
 """run_stoppable: tasks a few at a time in spawned processes, stopped as one by a signal."""
+import multiprocessing
 import os
 import signal
 import threading
@@ -45,8 +46,6 @@ def test_a_signal_to_the_parent_stops_the_running_tasks_and_starts_no_other(tmp_
 def test_a_task_stopped_on_its_own_stops_the_others(tmp_path):
     """One worker signalled (a scheduler preempting the job reaches every process, in any
     order): the others are stopped too rather than left training for hours."""
-    import multiprocessing
-
     def stop_one_worker():
         while len(list(tmp_path.iterdir())) < 2:
             time.sleep(0.05)
@@ -80,17 +79,17 @@ def test_a_stop_during_the_hand_over_is_not_lost():
     read from the pool's flag: the task does not start."""
     from glsd.utils import process_pool
 
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     flag = threading.Event()
     flag.set()
     try:
-        process_pool._worker_start(None, flag)
+        process_pool._worker_start(None, flag, multiprocessing.RawValue("b", 0))
         ran = []
         with pytest.raises(TrainingInterrupted):
             process_pool._run_task(ran.append, 1)
         assert ran == []
     finally:
-        process_pool._stop_flag = None  # this process is no worker: later tests must see no stop
+        process_pool._stop_flag = process_pool._broken_flag = None  # this process is no worker
         for sig, handler in saved.items():
             signal.signal(sig, handler)
 
@@ -116,24 +115,38 @@ def test_a_task_that_leaves_a_loader_worker_behind_does_not_hang_the_pool(tmp_pa
 
 BROKEN_POOL = """
 import sys
+import time
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
 from glsd.utils.process_pool import run_stoppable
-from pool_tasks import one_killed_one_idle_one_checkpointing
+import pool_tasks
+
+
+def slow_report(i, result):  # a study draws its report after each cell
+    Path(sys.argv[1], f"handled-{i}").touch()
+    time.sleep(1.0)
+
 
 if __name__ == "__main__":
+    task, jobs = {"idle and checkpointing": (pool_tasks.one_killed_one_idle_one_checkpointing, 3),
+                  "between result and hand-over": (pool_tasks.killed_after_a_result, 2)}[sys.argv[2]]
     try:
-        run_stoppable(one_killed_one_idle_one_checkpointing, [(sys.argv[1], i) for i in range(3)],
-                      jobs=3, threads=None, on_result=lambda i, r: None)
+        run_stoppable(task, [(sys.argv[1], i) for i in range(3)], jobs=jobs, threads=None,
+                      on_result=slow_report)
     except BrokenProcessPool:
         print("broken pool raised")
 """
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
-def test_a_worker_killed_breaks_the_pool_without_waiting_on_the_others(tmp_path):
+@pytest.mark.parametrize("scenario", ["idle and checkpointing", "between result and hand-over"])
+def test_a_worker_killed_breaks_the_pool_without_waiting_on_the_others(tmp_path, scenario):
     """A worker killed (the OOM killer): the error is raised once the running task has stopped
     with its checkpoint; an idle worker (stop signals ignored) does not keep the pool waiting
-    for it, which on Python 3.12+ was forever. In a subprocess, so that a hang fails the test."""
+    for it, also when the parent was busy between a result and the next hand-over. On Python
+    3.12+ both waited forever (3.11 ends idle workers itself: there the worker-side test below
+    is the one that fails without the fix). In a subprocess, so that a hang fails the test."""
     import subprocess
     import sys
     from pathlib import Path
@@ -146,7 +159,41 @@ def test_a_worker_killed_breaks_the_pool_without_waiting_on_the_others(tmp_path)
     marks.mkdir()
     env = subprocess_env()
     env["PYTHONPATH"] = str(Path(__file__).parent) + os.pathsep + env["PYTHONPATH"]
-    out = subprocess.run([sys.executable, str(script), str(marks)], env=env, capture_output=True,
-                         text=True, timeout=90)
+    out = subprocess.run([sys.executable, str(script), str(marks), scenario], env=env,
+                         capture_output=True, text=True, timeout=90)
     assert "broken pool raised" in out.stdout, out.stderr[-2000:]
-    assert (marks / "checkpoint-2").read_text() == f"stopped by [{int(signal.SIGTERM)}]"
+    if scenario == "idle and checkpointing":
+        assert (marks / "checkpoint-2").read_text() == f"stopped by [{int(signal.SIGTERM)}]"
+    else:
+        assert not (marks / "started-2").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_a_broken_pools_signal_ends_idle_workers_and_lets_tasks_finish(tmp_path):
+    """What the parent of a broken pool sends (SIGUSR1, its flag set): an idle worker exits at
+    once, a running task finishes before its worker exits. Without the flag (a scheduler's
+    SIGUSR1, e.g. Slurm's --signal) a worker dies of it, as any process whose parent does."""
+    from pool_tasks import _work_like_a_pool_worker
+
+    ctx = multiprocessing.get_context("spawn")
+    stop, broken, unbroken = ctx.Event(), ctx.RawValue("b", 0), ctx.RawValue("b", 0)
+    workers = {name: ctx.Process(target=_work_like_a_pool_worker,
+                                 args=(stop, flag, str(tmp_path), name, seconds))
+               for name, flag, seconds in (("idle", broken, 0), ("busy", broken, 3.0),
+                                           ("outside", unbroken, 0))}
+    for w in workers.values():
+        w.start()
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("ready-*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    broken.value = 1
+    sent = time.monotonic()
+    for w in workers.values():
+        os.kill(w.pid, signal.SIGUSR1)
+    for w in workers.values():
+        w.join(timeout=30)
+    assert workers["idle"].exitcode == 1 and workers["busy"].exitcode == 1
+    # the busy one finished its task, then exited (not back to idling)...
+    assert (tmp_path / "task-done-busy").exists() and not (tmp_path / "after-task-busy").exists()
+    assert workers["outside"].exitcode == -signal.SIGUSR1
+    assert time.monotonic() - sent < 25  # ...not after its 60 s of idling

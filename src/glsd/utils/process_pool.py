@@ -25,6 +25,7 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # every worker of a broken pool, and an idle one ignores SIGTERM: without this it waited forever.
 _BROKEN_POOL_SIGNAL = getattr(signal, "SIGUSR1", None)  # None on Windows
 _stop_flag = None  # in a worker: the pool's stop event, set by the parent before it signals
+_broken_flag = None  # in a worker: set by the parent before it sends _BROKEN_POOL_SIGNAL
 _in_task = False  # in a worker: a task is running
 _pool_broken = False  # in a worker: exit when the task ends
 
@@ -43,16 +44,20 @@ def _idle() -> None:
 
 def _leave_broken_pool(signum, frame) -> None:
     global _pool_broken
+    if not _broken_flag.value:  # not the parent's (a scheduler's SIGUSR1): its default, death
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     _pool_broken = True
     if not _in_task:
         os._exit(1)
 
 
-def _worker_start(threads: Optional[int], stop_flag) -> None:
+def _worker_start(threads: Optional[int], stop_flag, broken_flag) -> None:
     """A worker's set-up: its share of the cores, stop signals ignored while it waits for a
     task (:func:`_idle`), and an exit when the pool is broken (_BROKEN_POOL_SIGNAL)."""
-    global _stop_flag
-    _stop_flag = stop_flag
+    global _stop_flag, _broken_flag
+    _stop_flag, _broken_flag = stop_flag, broken_flag
     if threads is not None:
         import torch
         torch.set_num_threads(threads)
@@ -93,9 +98,10 @@ class _StopForwarder:
     second SIGINT as "stop at once", without its checkpoint), a later one as SIGINT (stop at
     once, as a second Ctrl-C does)."""
 
-    def __init__(self, stop_flag):
+    def __init__(self, stop_flag, broken_flag):
         self.signal: Optional[int] = None
         self.stop_flag = stop_flag
+        self.broken_flag = broken_flag
         self._previous = {}
         self._others = set()
 
@@ -113,9 +119,14 @@ class _StopForwarder:
         self.stop_flag.set()
         self._send(signum)
 
-    def end_idle_workers(self) -> None:
-        """The pool is broken: its idle workers exit (its running tasks were sent SIGTERM)."""
+    def end_idle_workers_if_broken(self, future) -> None:
+        """A future's done-callback: if the pool broke, its workers exit once they have no task
+        (its running tasks are sent SIGTERM by the pool). The pool's own thread runs it, before
+        it joins the workers: the parent's loop may be waiting on that thread meanwhile."""
+        if future.cancelled() or not isinstance(future.exception(), BrokenProcessPool):
+            return
         if _BROKEN_POOL_SIGNAL is not None:
+            self.broken_flag.value = 1
             self._send(_BROKEN_POOL_SIGNAL)
 
     def _send(self, signum: int) -> None:
@@ -143,19 +154,21 @@ def run_stoppable(task: Callable, calls: Sequence[tuple], jobs: int, threads: Op
     once they have stopped.
     """
     ctx = multiprocessing.get_context("spawn")
-    stop_flag = ctx.Event()
+    stop_flag, broken_flag = ctx.Event(), ctx.RawValue("b", 0)  # raw: read in a signal handler
     queue = list(enumerate(calls))
     running: dict = {}
     interrupted: Optional[TrainingInterrupted] = None
     # The forwarder outlives the pool: a signal while the pool shuts down still reaches it.
-    with _StopForwarder(stop_flag) as stop, ProcessPoolExecutor(
+    with _StopForwarder(stop_flag, broken_flag) as stop, ProcessPoolExecutor(
             max_workers=jobs, mp_context=ctx, initializer=_worker_start,
-            initargs=(threads, stop_flag)) as pool:
+            initargs=(threads, stop_flag, broken_flag)) as pool:
         try:
             while queue or running:
                 while queue and len(running) < jobs and stop.signal is None and interrupted is None:
                     i, args = queue.pop(0)
-                    running[pool.submit(_run_task, task, *args)] = i
+                    future = pool.submit(_run_task, task, *args)
+                    future.add_done_callback(stop.end_idle_workers_if_broken)
+                    running[future] = i
                 if not running:
                     break
                 done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
@@ -164,7 +177,6 @@ def run_stoppable(task: Callable, calls: Sequence[tuple], jobs: int, threads: Op
                     try:
                         result = future.result()
                     except BrokenProcessPool:
-                        stop.end_idle_workers()
                         if stop.signal is None and interrupted is None:
                             raise
                         continue  # a worker still starting when the stop came died of it
