@@ -286,7 +286,8 @@ def test_a_size_the_model_cannot_take_is_one_line_before_any_image_is_read(backb
 
 def test_a_split_the_data_does_not_have_is_named(backbone_file, tmp_path, caplog):
     """data.split=test on a folder without split folders reads every image: said before the
-    features are computed, not silently (a zip with the split reads only it, no note)."""
+    features are computed, not silently; so is data.source=folder on a folder that has the
+    split (it reads every split); a folder with the split reads only it, no note."""
     data = _image_folder(tmp_path / "data")
     (data / "dog" / "IMG_1.HEIC").write_bytes(b"a phone's photo")
     with caplog.at_level(logging.WARNING, logger="glsd"):
@@ -298,3 +299,15 @@ def test_a_split_the_data_does_not_have_is_named(backbone_file, tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="glsd"):
         embed(backbone_file, str(data), device="cpu", progress=False)
     assert "no split folders" not in caplog.text and "cannot decode" in caplog.text
+    splits = tmp_path / "splits"
+    _image_folder(splits / "train")
+    _image_folder(splits / "test", per_class=1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="glsd"):
+        res = embed(backbone_file, str(splits), device="cpu", progress=False, overrides=["data.split=test"])
+        assert len(res.keys) == 2 and not caplog.text
+        res = embed(backbone_file, str(splits), device="cpu", progress=False,
+                    overrides=["data.split=test", "data.source=folder"])
+    assert len(res.keys) == 8
+    assert (f"is read as one folder (data.source=folder): all 10 images under it, every split folder's; "
+            f"for the test split alone give DATA {splits / 'test'}") in caplog.text

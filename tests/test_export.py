@@ -295,10 +295,12 @@ def test_checkpoints_outside_a_run_keep_their_exports_and_records_apart(tiny_run
     from glsd.export import export_run
 
     _, run = tiny_run
-    for name in ("v1.pt", "v2.pt"):
+    for name in ("v1.pt", "v2.pt", "timm.pt"):
         shutil.copy(run / "checkpoints" / "last.pt", tmp_path / name)
     assert export_run(tmp_path / "v1.pt") == tmp_path / "export" / "v1"
     assert export_run(tmp_path / "v2.pt") == tmp_path / "export" / "v2"
+    # not export/timm, which is where a run's final model goes
+    assert export_run(tmp_path / "timm.pt") == tmp_path / "export" / "timm.pt"
     first = run_eval("knn", tmp_path / "v1.pt", ["eval.batch_size=8"], device="cpu", progress=False)
     second = run_eval("knn", tmp_path / "v2.pt", ["eval.batch_size=8"], device="cpu", progress=False)
     assert (first["output"], second["output"]) == (str(tmp_path / "eval" / "knn-v1.json"),

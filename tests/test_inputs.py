@@ -603,3 +603,6 @@ def test_an_image_over_the_pixel_limit_names_the_key_that_raises_it(tmp_path, mo
     src = open_source(load_config(None, [f"data.root={folder}", "data.source=folder",
                                          "data.max_image_pixels=100000"]).data)
     assert src.load(src.keys[0]).size == (200, 200) and Image.MAX_IMAGE_PIXELS == 1000
+    # a run's subset (data.fraction, data.num_images, its subset.json) keeps the limit
+    subset = src.subset(src.keys)
+    assert subset.max_image_pixels == 100000 and subset.load(subset.keys[0]).size == (200, 200)

@@ -236,9 +236,15 @@ def _open_data(data: str, data_cfg) -> ImageSource:
     except ConfigError as e:
         raise ConfigError(f"DATA {data}: {e}") from None
     log = logging.getLogger("glsd")
-    if images.split is None and data_cfg.split != "train":
-        log.warning("DATA %s has no split folders (no %s/ in it): data.split=%s reads all %d of its "
-                    "images", data, data_cfg.split, data_cfg.split, len(images))
+    split = data_cfg.split
+    if images.split is None and split != "train":
+        if data_cfg.root and (Path(data_cfg.root).expanduser() / split).is_dir():  # source=folder
+            log.warning("DATA %s is read as one folder (data.source=%s): all %d images under it, "
+                        "every split folder's; for the %s split alone give DATA %s",
+                        data, data_cfg.source, len(images), split, Path(data, split))
+        else:
+            log.warning("DATA %s has no split folders (no %s/ in it): data.split=%s reads all %d "
+                        "of its images", data, split, split, len(images))
     left_out = left_out_note(f"DATA {data}", images.undecodable)
     if left_out:
         log.warning(left_out)

@@ -6,6 +6,7 @@ chosen subset can be written to the run folder and reused by evaluation.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -96,9 +97,8 @@ class ImageSource:
                 "or, to pretrain on the data as it is now, start afresh (train.resume=false moves "
                 "the old run aside, or use a new output_dir); or, to evaluate on the whole train "
                 "split as it is now, delete RUN_DIR/subset.json")
-        return ImageSource(self.name, list(keys), [self.labels[index[k]] for k in keys],
-                           self.classes, self.read, self.read_timeout_s, read_reduced=self.read_reduced,
-                           location=self.location, split=self.split, undecodable=self.undecodable)
+        # every other setting (the read limits, the place) is the whole source's
+        return dataclasses.replace(self, keys=list(keys), labels=[self.labels[index[k]] for k in keys])
 
 
 def open_source(cfg: DataConfig, split: Optional[str] = None) -> ImageSource:

@@ -10,7 +10,7 @@ from glsd.config import ConfigError, from_dict
 from glsd.config_compare import diff_keys, identity
 from glsd.errors import CheckpointError
 from glsd.config_files import parse_yaml
-from glsd.export import export_folder_config
+from glsd.export import EXPORT_DIR, export_folder_config
 from glsd.run_layout import BACKBONE_FILE, LAST_CHECKPOINT
 from glsd.train.checkpoint import MAP_CHECKPOINTS, load_checkpoint, read_backbone_config
 from glsd.train.lock import run_of
@@ -27,11 +27,14 @@ def snapshot_name(checkpoint) -> str:
     if checkpoint is None:
         return ""
     path = Path(checkpoint)
-    if path.parent.name == LAST_CHECKPOINT.parent.name:
-        return "" if path.name == LAST_CHECKPOINT.name else path.stem
-    if path.parent.parent.name == "export" and path.parent.name != "timm":  # its export folder
-        return path.parent.name
-    return path.stem if path.suffix == LAST_CHECKPOINT.suffix else ""
+    if path.parent.parent.name == "export":  # a file of an export folder: the folder's name
+        return "" if path.parent.name == EXPORT_DIR.name else path.parent.name
+    if path.parent.name == LAST_CHECKPOINT.parent.name and path.name == LAST_CHECKPOINT.name:
+        return ""
+    if path.suffix != LAST_CHECKPOINT.suffix:  # backbone.safetensors: the final model's
+        return ""
+    # timm.pt must not take the final model's export folder, export/timm
+    return path.name if path.stem == EXPORT_DIR.name else path.stem
 
 
 def locate(path: Path):

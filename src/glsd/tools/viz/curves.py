@@ -66,9 +66,10 @@ def plot_runs(run_dirs: Sequence[PathLike], out: PathLike, dpi: int = DPI, x: st
         raise VizError("give at least one run folder")
     if x not in X_AXES:
         raise VizError(f"x={x!r}: plot against one of {', '.join(X_AXES)}")
-    runs = []
-    # A run named twice (run, run/metrics.jsonl, ./run) is drawn once.
-    for d in dict.fromkeys(run_folder(d).resolve() for d in run_dirs):
+    runs, named = [], {}
+    for d in run_dirs:  # a run named twice (run, run/metrics.jsonl, ./run) is drawn once
+        named.setdefault(run_folder(d).resolve(), d)
+    for d in named.values():  # as the user wrote it, for the messages
         records, raw = read_run(d)
         runs.append((run_label(d, raw), records, raw.get("loss", {}).get("matching")))
     fig = figure(PLOT_FIGSIZE, dpi)
