@@ -259,6 +259,19 @@ def test_unknown_preset_suggests_close_name():
         load_config(names[0] + "x")
 
 
+def test_a_preset_left_out_or_written_as_a_file_is_named(tmp_path, monkeypatch):
+    """glsd pretrain data.root=PHOTOS (no preset) and glsd pretrain cpu-default.yaml: the
+    message says what was meant, not 'unknown preset' or 'file does not exist' alone."""
+    with pytest.raises(ConfigError, match="'data.root=x' is an override, where the preset .* comes first"):
+        load_config("data.root=x")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"cpu-default.yaml does not exist \(the shipped preset is "
+                                          "named cpu-default, without .yaml\)"):
+        load_config("cpu-default.yaml")
+    with pytest.raises(ConfigError, match="mine.yaml does not exist$"):
+        load_config("mine.yaml")
+
+
 @pytest.mark.parametrize("name", preset_names())
 def test_shipped_presets_load(name):
     cfg = load_config(name)

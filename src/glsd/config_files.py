@@ -105,7 +105,9 @@ def read_yaml(name_or_path: str) -> tuple[dict, str]:
     # a study's --out) is not a config: the preset is meant.
     if path.suffix in (".yaml", ".yml") or path.is_file() or (path.exists() and name_or_path not in preset_names()):
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist" if not path.exists() else
+            preset = f" (the shipped preset is named {path.stem}, without .yaml)" \
+                if path.stem in preset_names() and not path.exists() else ""
+            raise ConfigError(f"config file {path} does not exist{preset}" if not path.exists() else
                               f"{path} is a folder, not a config file; give a YAML file or a preset "
                               f"({', '.join(preset_names())})")
         try:
@@ -128,6 +130,10 @@ def read_yaml(name_or_path: str) -> tuple[dict, str]:
         return raw, str(path)
     res = resources.files("glsd").joinpath(f"presets/{name_or_path}.yaml")
     if not res.is_file():
+        if "=" in name_or_path:  # glsd pretrain data.root=...: the preset was left out
+            raise ConfigError(f"'{name_or_path}' is an override, where the preset (or a YAML "
+                              f"file) comes first, then the overrides: e.g. cpu-default "
+                              f"{name_or_path}. Presets: {', '.join(preset_names())}")
         close = difflib.get_close_matches(name_or_path, preset_names(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown preset '{name_or_path}'.{hint} "

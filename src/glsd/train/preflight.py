@@ -213,7 +213,9 @@ def scale_warmup(cfg: Config, steps_per_epoch: int) -> tuple[Config, Optional[st
     asked = (f"train.warmup_steps={cfg.train.warmup_steps}" if cfg.train.warmup_steps is not None
              else f"train.warmup_epochs={cfg.train.warmup_epochs:g}")
     to = (f"{scaled} step{'' if scaled == 1 else 's'}" if scaled else "0 steps: no warm-up")
-    note = (f"warm-up {asked} ({warmup} steps) is longer than the run ({total} steps): scaled to "
+    as_long = "as long as" if warmup == total else "longer than"
+    note = (f"warm-up {asked} ({warmup} step{'' if warmup == 1 else 's'}) is {as_long} the run "
+            f"({total} step{'' if total == 1 else 's'}): scaled to "
             f"{to} (train.warmup_epochs={epochs:g}, {WARMUP_FRACTION:.0%} of the run); to choose, "
             f"set train.warmup_steps below {total}")
     return dataclasses.replace(cfg, train=dataclasses.replace(
