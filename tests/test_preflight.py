@@ -229,6 +229,37 @@ def test_photos_left_out_are_said_before_the_run(tmp_path):
     assert not any("cannot decode" in n for n in preflight(cfg, open_source(cfg.data))[1].notes)
 
 
+def test_images_added_to_a_resumed_runs_folder_are_said_unused(tmp_path):
+    from glsd.train.preflight import added_images_notes
+
+    for i in range(12):
+        _image(tmp_path / "photos" / f"{i}.jpg")
+    cfg = tiny_config(tmp_path / "run", f"data.root={tmp_path / 'photos'}", "data.source=auto")
+    source = open_source(cfg.data)
+    assert added_images_notes(cfg, source, 12) == []
+    assert added_images_notes(cfg, source, 9) == [
+        "3 images added to the data since the run started are not used: a resumed run pretrains on "
+        "the list in its subset.json; to use them, start afresh (train.resume=false moves this run "
+        "aside, or a new output_dir)"]
+    # a fraction of the data is a subset by choice: nothing to say
+    cfg = tiny_config(tmp_path / "run", f"data.root={tmp_path / 'photos'}", "data.source=auto", "data.fraction=0.5")
+    assert added_images_notes(cfg, source, 6) == []
+
+
+def test_class_folders_found_by_the_rule_are_named(tmp_path):
+    """Photos sorted by year are read as classes by data.source=auto: the summary names them
+    and says what that means, and how to read them as one unlabelled folder."""
+    from glsd.train.console import folder_reading
+
+    for year in ("2023", "2024"):
+        _image(tmp_path / "photos" / year / "0.jpg")
+    cfg = tiny_config(tmp_path / "run", f"data.root={tmp_path / 'photos'}", "data.source=auto")
+    lines = folder_reading(cfg.data, open_source(cfg.data))
+    assert lines[0].startswith("read as imagefolder (2 sub-folders")
+    assert lines[1].startswith("its sub-folders 2023, 2024 are the classes: pretraining does not use them")
+    assert lines[1].endswith("data.source=folder")
+
+
 def test_a_floor_above_the_peak_learning_rate_is_said(tmp_path):
     # the peak is train.lr x global batch / 256: 1e-4 x 8 / 256 = 3.1e-6 < min_lr 1e-5
     cfg = tiny_config(tmp_path / "run", "train.lr=1e-4", "train.min_lr=1e-5", "data.synthetic_num_images=64")

@@ -70,7 +70,7 @@ def _data_lines(cfg) -> list[str]:
     from glsd.train.console import folder_reading, labels_of
 
     lines = [f"data {source.name}: {len(source):,} images, {plan.num_images:,} used, {labels_of(source)}",
-             *(f"  {line}" for line in folder_reading(cfg.data)),
+             *(f"  {line}" for line in folder_reading(cfg.data, source)),
              f"schedule {plan.steps_per_epoch:,} steps/epoch x {cfg.train.epochs} epochs = "
              f"{plan.total_steps:,} steps (one process){stop}"]
     return lines + [f"note: {n}" for n in plan.notes]

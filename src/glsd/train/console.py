@@ -193,7 +193,7 @@ def labels_of(source) -> str:
             else "unlabelled")
 
 
-def folder_reading(d) -> list[str]:
+def folder_reading(d, source) -> list[str]:
     """How data.source=auto reads the folder (class folders or not), and the rule, for a user
     whose photo tree by year might be read as classes."""
     if not (d.source == "auto" and d.root and not d.root.lower().endswith(".zip")):
@@ -201,7 +201,13 @@ def folder_reading(d) -> list[str]:
     from glsd.data.sources import FOLDER_RULE, detect_kind
 
     kind, why = detect_kind(d.root)
-    return [f"read as {kind} ({why}; rule: {FOLDER_RULE})"]
+    lines = [f"read as {kind} ({why}; rule: {FOLDER_RULE})"]
+    if source.classes:
+        names = ", ".join(source.classes[:5]) + (", ..." if len(source.classes) > 5 else "")
+        lines.append(f"its sub-folders {names} are the classes: pretraining does not use them, k-NN "
+                     "and linear evaluation read them as labels; if they are not labels (photos "
+                     "by year, by trip), data.source=folder")
+    return lines
 
 
 def start_summary(cfg, source, plan, device, amp_dtype, world_size: int, run_root,
@@ -212,7 +218,7 @@ def start_summary(cfg, source, plan, device, amp_dtype, world_size: int, run_roo
     used = "all used" if plan.num_images == len(source) else f"{plan.num_images:,} images used"
     lines = [f"glsd pretrain {cfg.preset or '(defaults)'}",
              f"  data       {source.name}: {len(source):,} images found, {used}, {labels_of(source)}"]
-    lines += [f"             {line}" for line in folder_reading(d)]
+    lines += [f"             {line}" for line in folder_reading(d, source)]
     lines.append(f"             unreadable images are {'skipped and counted' if d.on_error == 'skip' else 'errors'}"
                  f" (data.on_error={d.on_error})" + (f"; {skipped} skipped so far" if skipped else ""))
     grids = ", ".join(f"{g[0]}x{g[1]} at {name}" for name, g in plan.grids.items())

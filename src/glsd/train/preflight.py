@@ -85,7 +85,7 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
     if cfg.data.num_images is not None and cfg.data.num_images > n:
         notes.append(f"data.num_images={cfg.data.num_images} is more than the {n} images there: "
                      "the run uses them all")
-    notes += image_size_notes(cfg, source)
+    notes += image_size_notes(cfg, source) + added_images_notes(cfg, source, n)
     left_out = left_out_note(f"data.root={cfg.data.root}", source.undecodable)
     notes += [left_out] if left_out else []
     notes += check_resume_schedule(cfg, Path(cfg.output_dir), derived)
@@ -197,6 +197,17 @@ def planned_images(cfg: Config, source: ImageSource) -> int:
     if recorded is not None:
         return len(recorded["keys"])
     return len(balanced_subset(source, cfg.data.fraction, cfg.data.num_images, cfg.data.subset_seed))
+
+
+def added_images_notes(cfg: Config, source: ImageSource, n: int) -> list[str]:
+    """A run on all of a folder, resumed after images were added to it: they are not used."""
+    added = len(source) - n
+    if added <= 0 or cfg.data.fraction != 1.0 or cfg.data.num_images is not None:
+        return []
+    return [f"{added:,} image{'s' if added > 1 else ''} added to the data since the run started "
+            f"{'are' if added > 1 else 'is'} not used: a resumed run pretrains on the list in its "
+            f"{SUBSET_FILE}; to use them, start afresh (train.resume=false moves this run aside, "
+            "or a new output_dir)"]
 
 
 def scale_warmup(cfg: Config, steps_per_epoch: int) -> tuple[Config, Optional[str]]:
