@@ -1,9 +1,11 @@
 """The exported backbone.safetensors: one call (glsd) or two lines (plain timm) rebuild the teacher."""
 import json
+import os
 
 import pytest
 import glsd
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from glsd.config import ConfigError, load_config, to_dict
@@ -339,13 +341,28 @@ def test_the_export_readme_line_gives_glsds_global_feature(tmp_path, name, extra
     torch.manual_seed(0)
     backbone = build_backbone(cfg.model, size).eval()
     write_timm_export(tmp_path, backbone.model, cfg)
-    line = re.search(r"^feats = (.*?)(?:  #.*)?$", (tmp_path / "README.md").read_text(), re.M).group(1)
+    readme = (tmp_path / "README.md").read_text()
+    line = re.search(r"^\s*feats = (.*?)(?:  #.*)?$", readme, re.M).group(1)
     model, _ = _plain_timm(tmp_path)
     x = torch.randn(2, 3, size, size)
+    feature = resolve_feature(backbone, cfg.eval.features)
     with torch.no_grad():
         feats = eval(line, {"model": model, "x": x})
-        expected = embed(backbone, x, resolve_feature(backbone, cfg.eval.features))
+        expected = embed(backbone, x, feature)
     torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-5)
+    # the README's whole snippet runs as written, on a photo
+    Image.new("RGB", (50, 40), (120, 30, 200)).save(tmp_path / "photo.jpg")
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    namespace = {}
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        exec(code, namespace)
+    finally:
+        os.chdir(cwd)
+    with torch.no_grad():
+        expected = embed(backbone, namespace["x"], feature)
+    torch.testing.assert_close(namespace["feats"], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_an_export_where_nothing_can_be_written_says_so_before_writing(tiny_run, tmp_path):

@@ -184,7 +184,7 @@ def _folder_readme(config: dict, out_dir: Path, layout: str) -> str:
 Plain timm, offline (no glsd needed):
 
 ```python
-import json, timm
+import json, PIL.Image, timm, torch
 folder = "{out_dir}"
 cfg = json.load(open(f"{{folder}}/config.json"))
 model = timm.create_model(cfg["architecture"], pretrained=True,
@@ -192,7 +192,9 @@ model = timm.create_model(cfg["architecture"], pretrained=True,
                           **cfg["model_args"]).eval()
 data_cfg = timm.data.resolve_data_config({{}}, model=model)  # training mean/std, input size
 transform = timm.data.create_transform(**data_cfg)
-feats = {feature}
+x = transform(PIL.Image.open("photo.jpg").convert("RGB")).unsqueeze(0)  # (1, 3, H, W)
+with torch.no_grad():
+    feats = {feature}
 ```
 
 or in one line: `timm.create_model(f"local-dir:{{folder}}", pretrained=True)`.
