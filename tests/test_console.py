@@ -54,6 +54,28 @@ def test_log_lines_say_the_time_so_far_and_left_and_warn_of_a_run_of_days(monkey
     assert "a stopped run resumes where it was" in out
 
 
+def test_the_first_step_says_the_run_is_alive_off_a_terminal(monkeypatch):
+    """On a CPU the first log line can be many minutes away: the first step of a run (or of
+    its resumption) is one line, with when the next comes; not when that step logs anyway."""
+    import glsd.train.console as console_mod
+
+    clock = [1000.0]
+    monkeypatch.setattr(console_mod.time, "perf_counter", lambda: clock[0])
+    stream = io.StringIO()
+    console = Console(progress=False, stream=stream)
+    console.begin(120, 1000, log_every=50)  # resumed at step 120
+    clock[0] += 95
+    console.update(121, 2.0, 1e-3, 8)
+    console.update(122, 2.0, 1e-3, 8)
+    assert stream.getvalue() == ("step 121/1000 done in 1m35s (start-up included); the next line at "
+                                 "step 150 (train.log_every=50)\n")
+    for every, first in ((1, 0), (50, 49)):  # that step logs anyway: nothing more
+        quiet = Console(progress=False, stream=io.StringIO())
+        quiet.begin(first, 1000, log_every=every)
+        quiet.update(first + 1, 2.0, 1e-3, 8)
+        assert quiet.stream.getvalue() == ""
+
+
 class _Tty(io.StringIO):
     def isatty(self):
         return True
@@ -89,7 +111,8 @@ def test_piped_stderr_shows_the_summary_and_log_lines(tmp_path):
                      f"glsd.load_backbone: not a timm model, {run / 'export' / 'timm'})"):
         assert expected in err, (expected, err)
     assert "image skipped" not in err and "images skipped" not in err  # only when some were
-    assert "step 1/4" not in err and "step 3/4" not in err  # log_every=2
+    assert "step 1/4 epoch" not in err and "step 3/4" not in err  # log_every=2
+    assert "step 1/4 done in " in err and "the next line at step 2 (train.log_every=2)" in err
     assert " lr 0 " not in err and "'lr': 0.0" not in (run / "train.log").read_text()
 
 

@@ -78,6 +78,7 @@ class Console:
         self._last = (time.perf_counter(), 0)  # (time, step) of the last bar refresh
         self.started = time.perf_counter()
         self.first_step: Optional[int] = None
+        self.log_every = 0
         self.told_long = False
         self._paced_from: Optional[tuple[float, int]] = None  # (time, step) after the first step
 
@@ -101,8 +102,8 @@ class Console:
             LOG.warning("%s", message)
 
     # -- the loop ----------------------------------------------------------------------
-    def begin(self, step: int, max_steps: int) -> None:
-        self.max_steps, self.first_step = max_steps, step
+    def begin(self, step: int, max_steps: int, log_every: int = 0) -> None:
+        self.max_steps, self.first_step, self.log_every = max_steps, step, log_every
         self.started = time.perf_counter()
         self._last = (self.started, step)
         if self.want_bar and self.is_main and step < max_steps:
@@ -115,6 +116,7 @@ class Console:
         """Every step: the pace check, and the bar (a terminal only)."""
         self._check_pace(step)
         if self.bar is None:
+            self._first_step_line(step)
             return
         self.bar.update(step - self.bar.n)
         now = time.perf_counter()
@@ -123,6 +125,17 @@ class Console:
             rate = (step - last_step) * global_batch / max(now - last_time, 1e-9)
             self.bar.set_postfix_str(f"loss {fmt(loss)} lr {fmt(lr)} img/s {fmt(rate)}", refresh=False)
             self._last = (now, step)
+
+    def _first_step_line(self, step: int) -> None:
+        """Off a terminal, the first step says the run is alive (on a CPU the first log line
+        may be many minutes away), and when the next line comes."""
+        every = self.log_every
+        if not (self.is_main and every > 1 and step == (self.first_step or 0) + 1 and step % every
+                and step < (self.max_steps or 0)):
+            return
+        following = min(step + every - step % every, self.max_steps)
+        self.print(f"step {step}/{self.max_steps} done in {duration(time.perf_counter() - self.started)} "
+                   f"(start-up included); the next line at step {following} (train.log_every={every})")
 
     def log(self, record: dict) -> None:
         """Every logging step: train.log always; the console when there is no bar."""

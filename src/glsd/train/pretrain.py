@@ -203,7 +203,7 @@ def train_loop(ctx: Context, state: TrainState, stop: StopRequested) -> bool:
     cfg, t = ctx.cfg, ctx.cfg.train
     max_steps = ctx.planned_steps
     console = ctx.console or Console(is_main=False)
-    console.begin(state.step, max_steps)
+    console.begin(state.step, max_steps, cfg.train.log_every)
     restore_kept_copy(ctx, state)  # a kill between last.pt and its epoch's kept copy
     _close_finished_epoch(ctx, state)  # a run stopped right after an epoch's last step
     while state.step < max_steps:
