@@ -150,6 +150,26 @@ def test_clear_errors(run_dir, tmp_path):
         load_backbone(run_dir, overrides=["eval.kk=3"])
 
 
+def test_a_run_whose_images_moved_says_how_to_point_at_them(tmp_path):
+    """The run's config names images that are no longer there: the message says they moved and
+    which override fixes it (not "data.root does not exist", a key the user never typed)."""
+    from glsd.models.backbone import build_backbone
+
+    cfg = load_config(None, ["model.backbone=glsd_convnet", "model.backbone_kwargs={widths: [8, 8, 16, 16]}",
+                             f"data.root={tmp_path / 'photos'}", "data.source=auto"])
+    weights = tmp_path / "backbone.safetensors"
+    export_backbone(weights, build_backbone(cfg.model, cfg.crops.global_size).model, to_dict(cfg))
+    for kind in ("knn", "dense"):
+        with pytest.raises(ConfigError, match=f"the images of {weights} were at data.root={tmp_path / 'photos'} "
+                                              r"\(its config\), which does not exist: if they moved, add "
+                                              "data.root=NEW_PLACE"):
+            run_eval(kind, weights, device="cpu", progress=False)
+    # another set given in their place: the run's own images are not needed
+    with pytest.raises(ConfigError) as other:
+        run_eval("dense", weights, device="cpu", progress=False, test_data=str(tmp_path / "elsewhere"))
+    assert "were at data.root" not in str(other.value)
+
+
 def test_online_knn(run_dir):
     backbone, cfg, _ = load_backbone(run_dir)
     backbone.train()

@@ -105,6 +105,8 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     run_overrides = [o for o in overrides if not (o.startswith("data.") and (train_data or test_data))]
     backbone, cfg, info = load_backbone(path, which, random_init, run_overrides)
     cfg = with_named_set_reading(cfg, train_data or test_data, overrides)
+    if (test_data if kind == "dense" else train_data) is None:  # the run's own images are read
+        check_run_data(cfg, path)
     dev = eval_device(device, cfg)
     backbone.to(dev)
     base = Path(info["run_dir"])  # the run's subset.json and eval/ (an export's too)
@@ -128,6 +130,16 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
         payload = json.dumps(record, indent=2).encode()
         atomic_write(out, lambda f: f.write(payload))
     return record
+
+
+def check_run_data(cfg: Config, path: Path) -> None:
+    """The run's images, where its config says they are: moved, the fix is one override (the
+    plain "data.root does not exist" names a key the user never typed)."""
+    root = cfg.data.root
+    if root and cfg.data.source in ("auto", "zip", "imagefolder", "folder") \
+            and not Path(root).expanduser().exists():
+        raise ConfigError(f"the images of {path} were at data.root={root} (its config), which does "
+                          f"not exist: if they moved, add data.root=NEW_PLACE to the command")
 
 
 # How images are read, not which: a named set's values serve every extraction of its evaluation.
