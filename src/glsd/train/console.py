@@ -232,8 +232,12 @@ def start_summary(cfg, source, plan, device, amp_dtype, world_size: int, run_roo
     lines = [f"glsd pretrain {cfg.preset or '(defaults)'}",
              f"  data       {source.name}: {len(source):,} images found, {used}, {labels_of(source)}"]
     lines += [f"             {line}" for line in folder_reading(d, source)]
-    lines.append(f"             unreadable images are {'skipped and counted' if d.on_error == 'skip' else 'errors'}"
-                 f" (data.on_error={d.on_error})" + (f"; {skipped} skipped so far" if skipped else ""))
+    reading = (f"unreadable images are {'skipped and counted' if d.on_error == 'skip' else 'errors'}"
+               f" (data.on_error={d.on_error})")
+    if skipped:
+        reading += (f"; {skipped} read{'s' if skipped > 1 else ''} skipped so far (an unreadable "
+                    "image counts once an epoch)")
+    lines.append(f"             {reading}")
     grids = ", ".join(f"{g[0]}x{g[1]} at {name}" for name, g in plan.grids.items())
     stride = f", stride {plan.stride}" if plan.stride else ""
     lines.append(f"  model      {cfg.model.backbone}{stride}: grid {grids}")
