@@ -170,6 +170,17 @@ def test_a_run_whose_images_moved_says_how_to_point_at_them(tmp_path):
     assert "were at data.root" not in str(other.value)
 
 
+def test_the_headline_gives_the_floor_once_it_was_measured(run_dir):
+    from glsd.eval.runner import headline
+
+    trained = run_eval("knn", run_dir, ["eval.batch_size=8"], device="cpu", progress=False)
+    (run_dir / "eval" / "knn-random-init.json").unlink(missing_ok=True)
+    assert "floor" not in headline(trained)
+    floor = run_eval("knn", run_dir, ["eval.batch_size=8"], random_init=True, device="cpu", progress=False)
+    assert headline(trained).endswith(f"; random-init floor {floor['results']['top1']:.1f} %")
+    assert "floor" not in headline(floor)
+
+
 def test_online_knn(run_dir):
     backbone, cfg, _ = load_backbone(run_dir)
     backbone.train()

@@ -291,7 +291,35 @@ def _seg(backbone: Backbone, cfg: Config, dev: torch.device, base: Path,
 
 
 def headline(record: dict) -> str:
-    """One line for the console, e.g. ``k-NN top-1 47.3 % (k=20, 2,500 train / 10,000 test)``."""
+    """One line for the console, e.g. ``k-NN top-1 47.3 % (k=20, 2,500 train / 10,000 test)``,
+    with the random-init floor of the same evaluation when it was measured (``--random-init``):
+    on little data the floor, not chance, says whether training helped."""
+    return _headline(record) + _floor_note(record)
+
+
+def _floor_note(record: dict) -> str:
+    out, kind = Path(record.get("output") or "."), record["kind"]
+    if record.get("model") != "teacher" or not out.name.startswith(kind):
+        return ""
+    try:
+        floor = json.loads(out.with_name(f"{kind}-random-init{out.name[len(kind):]}").read_text())
+        value = _main_value(floor)
+    except (OSError, ValueError, KeyError, TypeError):  # not measured, or another version's record
+        return ""
+    return f"; random-init floor {value:.1f} %"
+
+
+def _main_value(record: dict) -> float:
+    """The headline number of a record, in %."""
+    res = record["results"]
+    if record["kind"] == "dense":
+        return 100 * res["within_one"]
+    if record["kind"] == "seg":
+        return 100 * res["accuracy"]
+    return res["top1"]
+
+
+def _headline(record: dict) -> str:
     res, n_train, n_test = record["results"], record.get("n_train"), record.get("n_test")
     model = "" if record.get("model") == "teacher" else f" [{record.get('model')}]"
     if record.get("run_finished") is False:
