@@ -164,7 +164,8 @@ def _image_panel(ax, img: Image.Image, views: tuple[View, View], m: ViewMatches)
     ax.set_xlim(0, img.width)
     ax.set_ylim(img.height, 0)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=1, fontsize=8, frameon=False)
-    ax.set_title(f"image {img.width}x{img.height} px: crops and cell centres", fontsize=10, pad=16)
+    # two lines: one is wider than a portrait photo's panel
+    ax.set_title(f"image {img.width}x{img.height} px:\ncrops and cell centres", fontsize=10, pad=16)
     ax.set_axis_off()
 
 
