@@ -164,6 +164,11 @@ def test_a_run_whose_images_moved_says_how_to_point_at_them(tmp_path):
                                               r"\(its config\), which does not exist: if they moved, add "
                                               "data.root=NEW_PLACE"):
             run_eval(kind, weights, device="cpu", progress=False)
+    # the run's training images are still read with another test set: data.root would be that
+    # set's, so the fix named is another
+    with pytest.raises(ConfigError, match="if they moved, give data.root=NEW_PLACE without --test-data, "
+                                          "or --train-data NEW_PLACE"):
+        run_eval("knn", weights, device="cpu", progress=False, test_data=str(tmp_path / "elsewhere"))
     # another set given in their place: the run's own images are not needed
     with pytest.raises(ConfigError) as other:
         run_eval("dense", weights, device="cpu", progress=False, test_data=str(tmp_path / "elsewhere"))
@@ -179,6 +184,10 @@ def test_the_headline_gives_the_floor_once_it_was_measured(run_dir):
     floor = run_eval("knn", run_dir, ["eval.batch_size=8"], random_init=True, device="cpu", progress=False)
     assert headline(trained).endswith(f"; random-init floor {floor['results']['top1']:.1f} %")
     assert "floor" not in headline(floor)
+    # an earlier checkpoint's record has the same floor (random weights come from no checkpoint)
+    earlier = dict(trained, checkpoint=str(run_dir / "checkpoints" / "epoch0001.pt"),
+                   output=str(run_dir / "eval" / "knn-epoch0001.json"))
+    assert headline(earlier).endswith(f"; random-init floor {floor['results']['top1']:.1f} %")
 
 
 def test_online_knn(run_dir):

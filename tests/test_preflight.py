@@ -230,20 +230,39 @@ def test_photos_left_out_are_said_before_the_run(tmp_path):
 
 
 def test_images_added_to_a_resumed_runs_folder_are_said_unused(tmp_path):
+    """Counted against the run's own subset.json (not by the difference of two counts), and only
+    for a run that chose the whole folder in its config.yaml (not this command's)."""
+    import json
+
     from glsd.train.preflight import added_images_notes
 
+    photos = tmp_path / "photos"
     for i in range(12):
-        _image(tmp_path / "photos" / f"{i}.jpg")
-    cfg = tiny_config(tmp_path / "run", f"data.root={tmp_path / 'photos'}", "data.source=auto")
-    source = open_source(cfg.data)
-    assert added_images_notes(cfg, source, 12) == []
-    assert added_images_notes(cfg, source, 9) == [
+        _image(photos / f"{i}.jpg")
+    cfg = tiny_config(tmp_path / "run", f"data.root={photos}", "data.source=auto")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"a checkpoint")
+
+    def record(keys, data):
+        (run / "subset.json").write_text(json.dumps({"keys": keys}))
+        (run / "config.yaml").write_text(json.dumps({"data": data}))
+
+    record([f"{i}.jpg" for i in range(12)], {"fraction": 1.0})
+    assert added_images_notes(cfg, open_source(cfg.data)) == []
+    for i in range(3):  # 3 removed, 3 added: the counts agree, the lists do not
+        (photos / f"{i}.jpg").rename(photos / f"new-{i}.jpg")
+    assert added_images_notes(cfg, open_source(cfg.data)) == [
         "3 images added to the data since the run started are not used: a resumed run pretrains on "
         "the list in its subset.json; to use them, start afresh (train.resume=false moves this run "
         "aside, or a new output_dir)"]
-    # a fraction of the data is a subset by choice: nothing to say
-    cfg = tiny_config(tmp_path / "run", f"data.root={tmp_path / 'photos'}", "data.source=auto", "data.fraction=0.5")
-    assert added_images_notes(cfg, source, 6) == []
+    # a run that chose a subset (data.num_images) resumed by a command without it: nothing added
+    record([f"{i}.jpg" for i in range(3, 7)], {"fraction": 1.0, "num_images": 4})
+    assert added_images_notes(cfg, open_source(cfg.data)) == []
+    # a run that starts afresh has no list to compare with
+    (run / "checkpoints" / "last.pt").unlink()
+    record([f"{i}.jpg" for i in range(3, 12)], {"fraction": 1.0})
+    assert added_images_notes(cfg, open_source(cfg.data)) == []
 
 
 def test_class_folders_found_by_the_rule_are_named(tmp_path):

@@ -105,7 +105,7 @@ def read_yaml(name_or_path: str) -> tuple[dict, str]:
     # a study's --out) is not a config: the preset is meant.
     if path.suffix in (".yaml", ".yml") or path.is_file() or (path.exists() and name_or_path not in preset_names()):
         if not path.is_file():
-            preset = f" (the shipped preset is named {path.stem}, without .yaml)" \
+            preset = f" (the shipped preset is named {path.stem}, without {path.suffix})" \
                 if path.stem in preset_names() and not path.exists() else ""
             raise ConfigError(f"config file {path} does not exist{preset}" if not path.exists() else
                               f"{path} is a folder, not a config file; give a YAML file or a preset "

@@ -106,7 +106,7 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     backbone, cfg, info = load_backbone(path, which, random_init, run_overrides)
     cfg = with_named_set_reading(cfg, train_data or test_data, overrides)
     if (test_data if kind == "dense" else train_data) is None:  # the run's own images are read
-        check_run_data(cfg, path)
+        check_run_data(cfg, path, other_test_set=test_data is not None)
     dev = eval_device(device, cfg)
     backbone.to(dev)
     base = Path(info["run_dir"])  # the run's subset.json and eval/ (an export's too)
@@ -132,14 +132,19 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
     return record
 
 
-def check_run_data(cfg: Config, path: Path) -> None:
+def check_run_data(cfg: Config, path: Path, other_test_set: bool = False) -> None:
     """The run's images, where its config says they are: moved, the fix is one override (the
-    plain "data.root does not exist" names a key the user never typed)."""
+    plain "data.root does not exist" names a key the user never typed). With --test-data the
+    data.* keys are that set's, so the override cannot move the run's images there."""
     root = cfg.data.root
-    if root and cfg.data.source in ("auto", "zip", "imagefolder", "folder") \
-            and not Path(root).expanduser().exists():
-        raise ConfigError(f"the images of {path} were at data.root={root} (its config), which does "
-                          f"not exist: if they moved, add data.root=NEW_PLACE to the command")
+    if not (root and cfg.data.source in ("auto", "zip", "imagefolder", "folder")
+            and not Path(root).expanduser().exists()):
+        return
+    fix = ("give data.root=NEW_PLACE without --test-data, or --train-data NEW_PLACE (all of its "
+           "images, not the run's subset.json)" if other_test_set else "add data.root=NEW_PLACE to "
+           "the command")
+    raise ConfigError(f"the images of {path} were at data.root={root} (its config), which does not "
+                      f"exist: if they moved, {fix}")
 
 
 # How images are read, not which: a named set's values serve every extraction of its evaluation.
@@ -301,8 +306,12 @@ def _floor_note(record: dict) -> str:
     out, kind = Path(record.get("output") or "."), record["kind"]
     if record.get("model") != "teacher" or not out.name.startswith(kind):
         return ""
+    rest = out.name[len(kind):]
+    snapshot = snapshot_name(record.get("checkpoint"))  # random weights come from no checkpoint
+    if snapshot and rest.startswith(f"-{snapshot}"):
+        rest = rest[len(snapshot) + 1:]
     try:
-        floor = json.loads(out.with_name(f"{kind}-random-init{out.name[len(kind):]}").read_text())
+        floor = json.loads(out.with_name(f"{kind}-random-init{rest}").read_text())
         value = _main_value(floor)
     except (OSError, ValueError, KeyError, TypeError):  # not measured, or another version's record
         return ""

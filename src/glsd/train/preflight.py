@@ -82,10 +82,10 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
                      f"(train.lr={cfg.train.lr:g} x {global_batch}/256): the cosine schedule raises "
                      "the learning rate over the run; lower train.min_lr")
     notes += temperature_notes(cfg) + ignored_key_notes(cfg)
-    if cfg.data.num_images is not None and cfg.data.num_images > n:
-        notes.append(f"data.num_images={cfg.data.num_images} is more than the {n} images there: "
+    if cfg.data.num_images is not None and cfg.data.num_images > len(source):
+        notes.append(f"data.num_images={cfg.data.num_images} is more than the {len(source)} images there: "
                      "the run uses them all")
-    notes += image_size_notes(cfg, source) + added_images_notes(cfg, source, n)
+    notes += image_size_notes(cfg, source) + added_images_notes(cfg, source)
     left_out = left_out_note(f"data.root={cfg.data.root}", source.undecodable)
     notes += [left_out] if left_out else []
     notes += check_resume_schedule(cfg, Path(cfg.output_dir), derived)
@@ -191,18 +191,29 @@ def check_grids(cfg: Config) -> tuple[dict[str, tuple[int, int]], Optional[int]]
 def planned_images(cfg: Config, source: ImageSource) -> int:
     """How many images the run pretrains on: a resumed run's recorded subset (images added
     to the folder since do not join it), else the subset drawn now."""
-    run = Path(cfg.output_dir)  # resumed only from a checkpoint: else the folder is moved aside
-    resumes = cfg.train.resume and (run / LAST_CHECKPOINT).is_file()
-    recorded = read_subset(run / SUBSET_FILE) if resumes else None
+    recorded = recorded_subset(cfg)
     if recorded is not None:
         return len(recorded["keys"])
     return len(balanced_subset(source, cfg.data.fraction, cfg.data.num_images, cfg.data.subset_seed))
 
 
-def added_images_notes(cfg: Config, source: ImageSource, n: int) -> list[str]:
-    """A run on all of a folder, resumed after images were added to it: they are not used."""
-    added = len(source) - n
-    if added <= 0 or cfg.data.fraction != 1.0 or cfg.data.num_images is not None:
+def recorded_subset(cfg: Config) -> Optional[dict]:
+    """The subset.json of the run this command resumes; None when it starts afresh."""
+    run = Path(cfg.output_dir)  # resumed only from a checkpoint: else the folder is moved aside
+    resumes = cfg.train.resume and (run / LAST_CHECKPOINT).is_file()
+    return read_subset(run / SUBSET_FILE) if resumes else None
+
+
+def added_images_notes(cfg: Config, source: ImageSource) -> list[str]:
+    """A run on all of a folder (as the run itself chose, in its config.yaml), resumed after
+    images were added to it: they are not used."""
+    recorded = recorded_subset(cfg)
+    chosen = ((_recorded_config(Path(cfg.output_dir) / "config.yaml") or {}).get("data") or {})
+    if recorded is None or chosen.get("fraction", 1.0) != 1.0 or chosen.get("num_images") is not None:
+        return []
+    known = set(recorded["keys"])
+    added = sum(key not in known for key in source.keys)
+    if not added:
         return []
     return [f"{added:,} image{'s' if added > 1 else ''} added to the data since the run started "
             f"{'are' if added > 1 else 'is'} not used: a resumed run pretrains on the list in its "
