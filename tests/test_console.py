@@ -67,7 +67,7 @@ def test_the_first_step_says_the_run_is_alive_off_a_terminal(monkeypatch):
     clock[0] += 95
     console.update(121, 2.0, 1e-3, 8)
     console.update(122, 2.0, 1e-3, 8)
-    assert stream.getvalue() == ("step 121/1000 done in 1m35s (start-up included); the next line at "
+    assert stream.getvalue() == ("step 121/1000 done in 1m35s (start-up included); the next step line at "
                                  "step 150 (train.log_every=50)\n")
     for every, first in ((1, 0), (50, 49)):  # that step logs anyway: nothing more
         quiet = Console(progress=False, stream=io.StringIO())
@@ -112,7 +112,7 @@ def test_piped_stderr_shows_the_summary_and_log_lines(tmp_path):
         assert expected in err, (expected, err)
     assert "image skipped" not in err and "images skipped" not in err  # only when some were
     assert "step 1/4 epoch" not in err and "step 3/4" not in err  # log_every=2
-    assert "step 1/4 done in " in err and "the next line at step 2 (train.log_every=2)" in err
+    assert "step 1/4 done in " in err and "the next step line at step 2 (train.log_every=2)" in err
     assert " lr 0 " not in err and "'lr': 0.0" not in (run / "train.log").read_text()
 
 

@@ -275,7 +275,7 @@ def test_class_folders_found_by_the_rule_are_named(tmp_path):
     cfg = tiny_config(tmp_path / "run", f"data.root={tmp_path / 'photos'}", "data.source=auto")
     lines = folder_reading(cfg.data, open_source(cfg.data))
     assert lines[0].startswith("read as imagefolder (2 sub-folders")
-    assert lines[1].startswith("its sub-folders 2023, 2024 are the classes: pretraining does not use them")
+    assert lines[1].startswith("its class folders 2023, 2024 are read as labels: pretraining does not use them")
     assert lines[1].endswith("data.source=folder")
 
 

@@ -135,7 +135,7 @@ class Console:
             return
         following = min(step + every - step % every, self.max_steps)
         self.print(f"step {step}/{self.max_steps} done in {duration(time.perf_counter() - self.started)} "
-                   f"(start-up included); the next line at step {following} (train.log_every={every})")
+                   f"(start-up included); the next step line at step {following} (train.log_every={every})")
 
     def log(self, record: dict) -> None:
         """Every logging step: train.log always; the console when there is no bar."""
@@ -217,9 +217,9 @@ def folder_reading(d, source) -> list[str]:
     lines = [f"read as {kind} ({why}; rule: {FOLDER_RULE})"]
     if source.classes:
         names = ", ".join(source.classes[:5]) + (", ..." if len(source.classes) > 5 else "")
-        lines.append(f"its sub-folders {names} are the classes: pretraining does not use them, k-NN "
-                     "and linear evaluation read them as labels; if they are not labels (photos "
-                     "by year, by trip), data.source=folder")
+        lines.append(f"its class folders {names} are read as labels: pretraining does not use them, k-NN "
+                     "and linear evaluation do; if they are not labels (photos by year, by "
+                     "trip), data.source=folder")
     return lines
 
 
