@@ -234,7 +234,7 @@ def test_images_added_to_a_resumed_runs_folder_are_said_unused(tmp_path):
     for a run that chose the whole folder in its config.yaml (not this command's)."""
     import json
 
-    from glsd.train.preflight import added_images_notes
+    from glsd.train.preflight import added_images_notes, recorded_subset
 
     photos = tmp_path / "photos"
     for i in range(12):
@@ -249,20 +249,20 @@ def test_images_added_to_a_resumed_runs_folder_are_said_unused(tmp_path):
         (run / "config.yaml").write_text(json.dumps({"data": data}))
 
     record([f"{i}.jpg" for i in range(12)], {"fraction": 1.0})
-    assert added_images_notes(cfg, open_source(cfg.data)) == []
+    assert added_images_notes(cfg, open_source(cfg.data), recorded_subset(cfg)) == []
     for i in range(3):  # 3 removed, 3 added: the counts agree, the lists do not
         (photos / f"{i}.jpg").rename(photos / f"new-{i}.jpg")
-    assert added_images_notes(cfg, open_source(cfg.data)) == [
+    assert added_images_notes(cfg, open_source(cfg.data), recorded_subset(cfg)) == [
         "3 images added to the data since the run started are not used: a resumed run pretrains on "
         "the list in its subset.json; to use them, start afresh (train.resume=false moves this run "
         "aside, or a new output_dir)"]
     # a run that chose a subset (data.num_images) resumed by a command without it: nothing added
     record([f"{i}.jpg" for i in range(3, 7)], {"fraction": 1.0, "num_images": 4})
-    assert added_images_notes(cfg, open_source(cfg.data)) == []
+    assert added_images_notes(cfg, open_source(cfg.data), recorded_subset(cfg)) == []
     # a run that starts afresh has no list to compare with
     (run / "checkpoints" / "last.pt").unlink()
     record([f"{i}.jpg" for i in range(3, 12)], {"fraction": 1.0})
-    assert added_images_notes(cfg, open_source(cfg.data)) == []
+    assert added_images_notes(cfg, open_source(cfg.data), recorded_subset(cfg)) == []
 
 
 def test_class_folders_found_by_the_rule_are_named(tmp_path):

@@ -117,10 +117,8 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
         body, timing = _seg(backbone, cfg, dev, base, (train_data, test_data, overrides))
     else:
         body, timing = _classify(kind, backbone, cfg, dev, base, (train_data, test_data, overrides), progress)
-    suffix = "" if info["model"] == "teacher" else f"-{info['model']}"
     snapshot = snapshot_name(info.get("checkpoint"))  # an earlier checkpoint: not the final model's record
-    suffix += f"-{snapshot}" if snapshot else ""
-    out = base / "eval" / f"{kind}{suffix}{data_slug(train_data, test_data, kind != 'dense')}{settings_slug(overrides)}.json"
+    out = base / "eval" / record_name(kind, info["model"], snapshot, train_data, test_data, overrides)
     record = {"kind": kind, **_model_record(cfg, info), **body,
               "device": str(dev), "world_size": rank_world()[1], "overrides": list(overrides),
               "timing": {"load_s": loaded - start, **timing, "total_s": time.perf_counter() - start},
@@ -130,6 +128,13 @@ def run_eval(kind: str, path: Union[str, Path], overrides: Sequence[str] = (), r
         payload = json.dumps(record, indent=2).encode()
         atomic_write(out, lambda f: f.write(payload))
     return record
+
+
+def record_name(kind: str, model: str, snapshot: str, train_data: Optional[str],
+                test_data: Optional[str], overrides: Sequence[str]) -> str:
+    """``<kind>[-student|-random-init][-epochNNNN][-on-<data>][-<setting>].json``."""
+    suffix = ("" if model == "teacher" else f"-{model}") + (f"-{snapshot}" if snapshot else "")
+    return f"{kind}{suffix}{data_slug(train_data, test_data, kind != 'dense')}{settings_slug(overrides)}.json"
 
 
 def check_run_data(cfg: Config, path: Path, other_test_set: bool = False) -> None:
@@ -303,15 +308,13 @@ def headline(record: dict) -> str:
 
 
 def _floor_note(record: dict) -> str:
-    out, kind = Path(record.get("output") or "."), record["kind"]
-    if record.get("model") != "teacher" or not out.name.startswith(kind):
+    if record.get("model") != "teacher" or not record.get("output"):
         return ""
-    rest = out.name[len(kind):]
-    snapshot = snapshot_name(record.get("checkpoint"))  # random weights come from no checkpoint
-    if snapshot and rest.startswith(f"-{snapshot}"):
-        rest = rest[len(snapshot) + 1:]
+    # the same evaluation of random weights, which come from no checkpoint (no snapshot)
+    name = record_name(record["kind"], "random-init", "", record.get("train_data"),
+                       record.get("test_data"), record.get("overrides") or ())
     try:
-        floor = json.loads(out.with_name(f"{kind}-random-init{rest}").read_text())
+        floor = json.loads(Path(record["output"]).with_name(name).read_text())
         value = _main_value(floor)
     except (OSError, ValueError, KeyError, TypeError):  # not measured, or another version's record
         return ""

@@ -64,7 +64,8 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
     """Raise ConfigError naming every problem (and its fix); return the config to run (the
     warm-up possibly scaled) and the plan."""
     grids, stride = check_grids(cfg)
-    n = planned_images(cfg, source)
+    recorded = recorded_subset(cfg)  # read once: an ImageNet run's list is tens of MB of JSON
+    n = planned_images(cfg, source, recorded)
     global_batch = cfg.train.batch_size * world_size
     if n < global_batch:  # refused here, before the run folder is touched
         raise ConfigError(f"{n} images are fewer than one global batch of {global_batch} "
@@ -85,7 +86,7 @@ def preflight(cfg: Config, source: ImageSource, world_size: int = 1) -> tuple[Co
     if cfg.data.num_images is not None and cfg.data.num_images > len(source):
         notes.append(f"data.num_images={cfg.data.num_images} is more than the {len(source)} images there: "
                      "the run uses them all")
-    notes += image_size_notes(cfg, source) + added_images_notes(cfg, source)
+    notes += image_size_notes(cfg, source) + added_images_notes(cfg, source, recorded)
     left_out = left_out_note(f"data.root={cfg.data.root}", source.undecodable)
     notes += [left_out] if left_out else []
     notes += check_resume_schedule(cfg, Path(cfg.output_dir), derived)
@@ -188,10 +189,9 @@ def check_grids(cfg: Config) -> tuple[dict[str, tuple[int, int]], Optional[int]]
 # ----------------------------------------------------------------------------------------
 # Schedules
 
-def planned_images(cfg: Config, source: ImageSource) -> int:
-    """How many images the run pretrains on: a resumed run's recorded subset (images added
+def planned_images(cfg: Config, source: ImageSource, recorded: Optional[dict]) -> int:
+    """How many images the run pretrains on: a resumed run's ``recorded`` subset (images added
     to the folder since do not join it), else the subset drawn now."""
-    recorded = recorded_subset(cfg)
     if recorded is not None:
         return len(recorded["keys"])
     return len(balanced_subset(source, cfg.data.fraction, cfg.data.num_images, cfg.data.subset_seed))
@@ -204,10 +204,9 @@ def recorded_subset(cfg: Config) -> Optional[dict]:
     return read_subset(run / SUBSET_FILE) if resumes else None
 
 
-def added_images_notes(cfg: Config, source: ImageSource) -> list[str]:
+def added_images_notes(cfg: Config, source: ImageSource, recorded: Optional[dict]) -> list[str]:
     """A run on all of a folder (as the run itself chose, in its config.yaml), resumed after
-    images were added to it: they are not used."""
-    recorded = recorded_subset(cfg)
+    images were added to it (``recorded``: its subset.json): they are not used."""
     chosen = ((_recorded_config(Path(cfg.output_dir) / "config.yaml") or {}).get("data") or {})
     if recorded is None or chosen.get("fraction", 1.0) != 1.0 or chosen.get("num_images") is not None:
         return []
